@@ -1,0 +1,110 @@
+"""``fxopt.compile``: one call from a model to an optimized module with its history."""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from .capture import _check_finite, normalize_inputs, trace
+from .errors import InputError, PipelineError, RecipeError
+from .manager import History, Instrument, PassManager
+from .pipeline import Pipeline, as_pipeline
+from .recipes import recipes
+
+__all__ = ["compile", "resolve_recipe"]
+
+
+def resolve_recipe(recipe: Any) -> Pipeline:
+    """A recipe name, a pipeline string, a list of passes or a Pipeline -> Pipeline."""
+    if isinstance(recipe, str):
+        if recipe in recipes:
+            return as_pipeline(recipes[recipe].pipeline)
+        try:
+            return as_pipeline(recipe)
+        except PipelineError as e:
+            raise RecipeError(f"'{recipe}' is neither a recipe ({', '.join(recipes)}) nor a valid pipeline: "
+                              f"{e}") from e
+    try:
+        return as_pipeline(recipe)
+    except PipelineError as e:
+        raise RecipeError(str(e)) from e
+
+
+def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, recipe: Any = "default",
+            calibration: Iterable | None = None, *, dynamic: Any = None, strict: bool = False,
+            verify: bool = True, disable: Iterable[str] = (), stop_after: int | None = None,
+            instruments: Iterable[Instrument] = (), report: str | None = None,
+            **options: Any) -> fx.GraphModule:
+    """Capture ``model``, run ``recipe`` over it, and return the optimized module.
+
+    The result is called exactly like ``model`` (same positional and keyword
+    inputs, same output structure). ``model`` itself is never modified: fxopt
+    works on a deep copy in eval mode. ``result.fxopt_history`` holds the
+    per-pass records and the graphs before and after; ``print(result.fxopt_history)``
+    shows them.
+
+    ``recipe``: a name from ``fxopt.recipes``, a pipeline string
+    (``"cleanup,fold-bn"``), or a list of passes. ``dynamic``: see
+    :func:`fxopt.trace` (default: batch dimension symbolic). ``strict``: raise
+    ``PassError`` when a pass fails instead of rolling it back. ``disable`` and
+    ``stop_after`` bisect a pipeline. Other keyword options reach passes as
+    ``ctx.options``.
+
+    Example::
+
+        >>> import torch, fxopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.1), torch.nn.ReLU())
+        >>> fast = fxopt.compile(model, (torch.randn(4, 8),))
+        >>> torch.allclose(fast(torch.randn(3, 8)).shape[0] * torch.ones(1), torch.tensor([3.0]))
+        True
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"fxopt.compile expects a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(args, kwargs)
+    if not args and not kwargs:
+        raise InputError("fxopt.compile needs example inputs: compile(model, (x,)) or "
+                         "compile(model, kwargs={'input_ids': ids}); they fix dtypes and ranks and "
+                         "are used to verify every pass")
+    _check_finite(args, kwargs)
+    pipeline = resolve_recipe(recipe)
+    if calibration is not None and not hasattr(calibration, "__iter__"):
+        raise InputError(f"calibration must be an iterable of model inputs, got {type(calibration).__name__}")
+    try:
+        work = copy.deepcopy(model)
+    except Exception as e:
+        raise InputError(f"cannot copy the model ({type(e).__name__}: {e}); fxopt works on a copy so that "
+                         "your model is never changed; make it deep-copyable") from e
+    work.eval()
+    with torch.no_grad():
+        try:
+            reference = work(*args, **kwargs)
+        except Exception as e:
+            raise InputError(f"the model does not run on the example inputs: {type(e).__name__}: {e}") from e
+    for leaf in torch.utils._pytree.tree_leaves(reference):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
+            raise InputError("the model produces NaN or Inf on the example inputs; fxopt cannot verify passes "
+                             "against such outputs: check the weights and the inputs")
+    gm = trace(work, args, kwargs, dynamic=dynamic, copy_model=False)
+    pm = PassManager(pipeline, strict=strict, verify=verify, disable=disable, stop_after=stop_after,
+                     instruments=instruments, warn=False)
+    result = pm.run(gm, args, kwargs, reference=reference, calibration=calibration, options=options)
+    out = result.module
+    history: History = result.history
+    history.capture = gm.meta.get("fxopt_capture", {})  # type: ignore[attr-defined]
+    out.fxopt_history = history
+    out.meta["fxopt_history"] = history
+    if history.failures:
+        names = ", ".join(f"{r.name} ({r.error.splitlines()[0][:80]})" for r in history.failures)
+        warnings.warn(f"fxopt.compile: {len(history.failures)} pass(es) rolled back: {names}", stacklevel=2)
+    if report is not None:
+        _write_report(out, report)
+    return out
+
+
+def _write_report(out: fx.GraphModule, path: str) -> None:
+    """Plain-text report until the HTML report lands (issue: inspection)."""
+    with open(path, "w") as f:
+        f.write(out.fxopt_history.table() + "\n")

@@ -1,0 +1,200 @@
+"""The canonical dialect and helpers to match ops in it.
+
+Every pass sees one dialect, whatever captured the model: the functional ATen
+graph that ``torch.export`` produces after ``run_decompositions({})``. In it
+
+* parameters and buffers are ``get_attr`` nodes named after their module path
+  (``layer1_0_conv1_weight`` reads ``layer1.0.conv1.weight``);
+* compute is ``call_function`` on ``torch.ops.aten.*`` overloads; composite ops
+  that matter for optimization stay whole (``aten.linear``, ``aten.conv2d``,
+  ``aten.scaled_dot_product_attention``, ``aten.layer_norm``), batch norm in
+  eval mode is ``aten._native_batch_norm_legit_no_training`` followed by
+  ``getitem(.., 0)``;
+* there are no in-place ops;
+* ``node.meta["val"]`` holds a FakeTensor (shapes may be symbolic),
+  ``node.meta["nn_module_stack"]`` the module the op came from.
+
+Custom-pass authors match ops with the helpers here instead of spelling ATen
+overloads::
+
+    for node in gm.graph.nodes:
+        if is_linear(node):
+            x, weight, bias = linear_args(node)
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+__all__ = [
+    "aten",
+    "op_name",
+    "module_path",
+    "module_type",
+    "is_call",
+    "is_linear",
+    "is_conv",
+    "is_batch_norm",
+    "is_layer_norm",
+    "is_matmul",
+    "is_getitem",
+    "is_impure",
+    "linear_args",
+    "conv_args",
+    "tensor_meta",
+    "get_attr_tensor",
+    "param_nodes",
+    "compute_nodes",
+    "GUARD_MODULE",
+]
+
+aten = torch.ops.aten
+
+#: name of the shape-guard submodule that ``torch.export`` puts in unlifted graphs
+GUARD_MODULE = "_guards_fn"
+
+_LINEAR = {aten.linear.default}
+_CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+         aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+_BATCH_NORM = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default,
+               aten._native_batch_norm_legit.default, aten.native_batch_norm.default}
+_LAYER_NORM = {aten.layer_norm.default, aten.native_layer_norm.default}
+_MATMUL = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default,
+           aten.baddbmm.default}
+
+
+def op_name(node: fx.Node) -> str:
+    """Short name of what a node does: ``conv2d``, ``linear``, ``getitem``, the module name."""
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return t._schema.name.split("::")[-1]
+        return getattr(t, "__name__", str(t))
+    if node.op == "call_module":
+        return str(node.target)
+    return node.op
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module the node came from (``""`` for the root).
+
+    ``get_attr`` nodes take the owner of the attribute (``layer1.0.conv1`` for
+    ``layer1.0.conv1.weight``).
+    """
+    if node.op == "get_attr":
+        return str(node.target).rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # export writes paths like "L['self'].layer1" in some versions
+    return path.replace("L['self'].", "").replace("L['self']", "")
+
+
+def module_type(node: fx.Node) -> str:
+    """Qualified class name of the innermost module the node came from, or ``""``."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    t = list(stack.values())[-1][1]
+    return t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
+
+
+def is_call(node: fx.Node, targets: Iterable[Any]) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def is_linear(node: fx.Node) -> bool:
+    """``aten.linear(x, weight, bias=None)``."""
+    return is_call(node, _LINEAR)
+
+
+def is_conv(node: fx.Node) -> bool:
+    """Any convolution (1-3 d, transposed, or the generic ``aten.convolution``)."""
+    return is_call(node, _CONV)
+
+
+def is_batch_norm(node: fx.Node) -> bool:
+    """Batch norm in either training or inference form."""
+    return is_call(node, _BATCH_NORM)
+
+
+def is_layer_norm(node: fx.Node) -> bool:
+    return is_call(node, _LAYER_NORM)
+
+
+def is_matmul(node: fx.Node) -> bool:
+    return is_call(node, _MATMUL)
+
+
+def is_getitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def is_impure(node: fx.Node) -> bool:
+    """Whether removing or merging the node could change behaviour.
+
+    Placeholders, outputs, modules (the shape guard), asserts, random ops and
+    anything fx itself considers impure.
+    """
+    if node.op in ("placeholder", "output", "call_module"):
+        return True
+    if node.op == "get_attr":
+        return False
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            if torch.Tag.nondeterministic_seeded in t.tags:
+                return True
+            if t._schema.is_mutable:
+                return True
+            name = t._schema.name
+            if "assert" in name or name.endswith("print"):
+                return True
+    try:
+        return node.is_impure()
+    except Exception:  # is_impure inspects the target; unknown targets are impure
+        return True
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def linear_args(node: fx.Node) -> tuple[Any, Any, Any]:
+    """``(input, weight, bias)`` of a linear node; bias may be ``None``."""
+    return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+
+
+def conv_args(node: fx.Node) -> tuple[Any, Any, Any]:
+    """``(input, weight, bias)`` of a convolution node; bias may be ``None``."""
+    return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+
+
+def tensor_meta(node: Any) -> Any:
+    """The FakeTensor (or SymInt, or tuple of them) the node produces, or ``None``."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val")
+    return None
+
+
+def get_attr_tensor(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """The real tensor a ``get_attr`` node reads."""
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def param_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "get_attr"]
+
+
+def compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """``call_function`` nodes: everything that computes."""
+    return [n for n in gm.graph.nodes if n.op == "call_function"]

@@ -1,0 +1,208 @@
+"""Shared graph helpers: snapshots for rollback, output comparison, size statistics."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .dialect import module_path
+
+__all__ = ["Snapshot", "take_snapshot", "restore_snapshot", "changed_tensors", "max_abs_error",
+           "within_tolerance", "param_stats", "GraphSnapshot", "node_count", "remove_unused_attributes"]
+
+
+def _tensor_attrs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.__dict__.items() if isinstance(v, torch.Tensor)}
+
+
+@dataclass
+class Snapshot:
+    graph: fx.Graph
+    modules: list  # (module, params, buffers, submodules, tensor attrs, non-persistent set)
+    versions: list  # (name, tensor, version)
+    clones: dict = field(default_factory=dict)  # id(tensor) -> (tensor, clone) for deep snapshots
+
+
+def _all_tensors(gm: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for prefix, mod in gm.named_modules(remove_duplicate=False):
+        for d in (mod._parameters, mod._buffers, _tensor_attrs(mod)):
+            for k, v in d.items():
+                if v is not None:
+                    out.append((f"{prefix}.{k}" if prefix else k, v))
+    return out
+
+
+def take_snapshot(gm: fx.GraphModule, deep: bool = False) -> Snapshot:
+    """Everything needed to undo a pass: a copy of the graph, the module tree's
+    attribute tables (tensors by reference) and the tensors' version counters.
+    ``deep`` also clones tensor data, for passes that write into tensors in place."""
+    modules = []
+    for mod in gm.modules():
+        modules.append((mod, dict(mod._parameters), dict(mod._buffers), dict(mod._modules),
+                        _tensor_attrs(mod), set(mod._non_persistent_buffers_set)))
+    tensors = _all_tensors(gm)
+    clones = {}
+    if deep:
+        for _, t in tensors:
+            clones[id(t)] = (t, t.detach().clone())
+    return Snapshot(copy.deepcopy(gm.graph), modules, [(n, t, t._version) for n, t in tensors], clones)
+
+
+def restore_snapshot(gm: fx.GraphModule, snap: Snapshot) -> None:
+    for mod, params, buffers, subs, tattrs, nonpersistent in snap.modules:
+        mod._parameters = dict(params)
+        mod._buffers = dict(buffers)
+        mod._modules = dict(subs)
+        mod._non_persistent_buffers_set = set(nonpersistent)
+        for k in [k for k, v in mod.__dict__.items() if isinstance(v, torch.Tensor) and k not in tattrs]:
+            delattr(mod, k)
+        for k, v in tattrs.items():
+            mod.__dict__[k] = v
+    with torch.no_grad():
+        for t, clone in snap.clones.values():
+            t.data = clone
+    gm.graph = copy.deepcopy(snap.graph)
+    gm.recompile()
+
+
+def changed_tensors(snap: Snapshot) -> list[str]:
+    """Names of tensors that were written in place since the snapshot."""
+    return [name for name, t, v in snap.versions if t._version != v]
+
+
+def _leaves(out: Any) -> tuple[list, Any]:
+    return pytree.tree_flatten(out)
+
+
+def max_abs_error(a: Any, b: Any) -> float:
+    """Largest absolute difference between two output structures (inf on any mismatch)."""
+    la, sa = _leaves(a)
+    lb, sb = _leaves(b)
+    if sa != sb or len(la) != len(lb):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape:
+                return math.inf
+            if x.numel() == 0:
+                continue
+            xd, yd = x.detach().double(), y.detach().double()
+            nan = torch.isnan(xd) != torch.isnan(yd)
+            if bool(nan.any()):
+                return math.inf
+            both = ~torch.isnan(xd)
+            if bool(both.any()):
+                worst = max(worst, float((xd[both] - yd[both]).abs().max()))
+        elif isinstance(x, (int, float, bool)) and isinstance(y, (int, float, bool)):
+            worst = max(worst, abs(float(x) - float(y)))
+        elif type(x) is not type(y) or (not isinstance(x, torch.Tensor) and x != y):
+            return math.inf
+    return worst
+
+
+def within_tolerance(new: Any, ref: Any, atol: float, rtol: float) -> tuple[bool, float]:
+    """(all leaves satisfy |new-ref| <= atol + rtol*|ref|, max abs error)."""
+    err = max_abs_error(new, ref)
+    if math.isinf(err):
+        return False, err
+    for x, y in zip(_leaves(new)[0], _leaves(ref)[0]):
+        if isinstance(x, torch.Tensor) and x.numel():
+            xd, yd = x.detach().double(), y.detach().double()
+            ok = (xd - yd).abs() <= atol + rtol * yd.abs()
+            ok |= torch.isnan(xd) & torch.isnan(yd)
+            if not bool(ok.all()):
+                return False, err
+    return True, err
+
+
+def node_count(gm: fx.GraphModule) -> int:
+    return len(gm.graph.nodes)
+
+
+def param_stats(gm: torch.nn.Module) -> tuple[int, int]:
+    """(number of parameter/buffer elements, their bytes), counting shared tensors once."""
+    seen: set[int] = set()
+    numel = nbytes = 0
+    for _, t in _all_tensors(gm):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        numel += t.numel()
+        nbytes += t.numel() * t.element_size()
+    return numel, nbytes
+
+
+def remove_unused_attributes(gm: fx.GraphModule) -> int:
+    """Delete parameters, buffers and tensor attributes no ``get_attr`` reads. Returns how many."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    used_modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    removed = 0
+    for prefix, mod in list(gm.named_modules()):
+        if any(u == prefix or u.startswith(prefix + ".") for u in used_modules) and prefix:
+            continue
+        for d in (mod._parameters, mod._buffers):
+            for k in list(d):
+                full = f"{prefix}.{k}" if prefix else k
+                if full not in used:
+                    del d[k]
+                    mod._non_persistent_buffers_set.discard(k)
+                    removed += 1
+        for k in list(_tensor_attrs(mod)):
+            full = f"{prefix}.{k}" if prefix else k
+            if full not in used:
+                delattr(mod, k)
+                removed += 1
+    gm.delete_all_unused_submodules()
+    return removed
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    op: str
+    target: str
+    inputs: tuple
+    shape: str
+    dtype: str
+    module: str
+    created_by: str
+
+
+@dataclass(frozen=True)
+class GraphSnapshot:
+    """A light, immutable picture of a graph for history, diff and rendering."""
+
+    nodes: tuple
+    code: str
+
+    @staticmethod
+    def of(gm: fx.GraphModule) -> "GraphSnapshot":
+        infos = []
+        for n in gm.graph.nodes:
+            val = n.meta.get("val")
+            shape = dtype = ""
+            if isinstance(val, torch.Tensor):
+                shape = "x".join(str(s) for s in val.shape) or "scalar"
+                dtype = str(val.dtype).replace("torch.", "")
+            infos.append(NodeInfo(n.name, n.op, _target_str(n), tuple(a.name for a in n.all_input_nodes),
+                                  shape, dtype, module_path(n), n.meta.get("fxopt_created_by", "capture")))
+        return GraphSnapshot(tuple(infos), gm.code)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+def _target_str(n: fx.Node) -> str:
+    if n.op == "call_function":
+        t = n.target
+        if isinstance(t, torch._ops.OpOverload):
+            return str(t)
+        return getattr(t, "__name__", str(t))
+    return str(n.target)

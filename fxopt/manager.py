@@ -1,0 +1,490 @@
+"""The pass manager: runs a pipeline, verifies every pass, rolls back failures, records.
+
+After every pass that reports a change the manager checks, in order:
+
+1. ``graph.lint()`` and that the module recompiles;
+2. that no tensor was written in place unless the pass declared ``inplace_weights``;
+3. that the module still runs on the example inputs;
+4. for passes that declare ``preserves_semantics``, that the outputs match the
+   previous graph's within the pass's ``tolerance``;
+5. optionally (``check_preserved=True``) that every analysis the pass claims to
+   preserve equals a fresh computation.
+
+A pass that raises or fails a check is rolled back to the graph before it and
+recorded with status ``rolled-back`` and the error it introduced; ``strict=True``
+raises :class:`~fxopt.errors.PassError` instead. Every pass, changed or not, gets
+a :class:`PassRecord` in the :class:`History`.
+
+Example::
+
+    >>> import torch, fxopt
+    >>> gm = fxopt.trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Identity()), torch.randn(2, 4))
+    >>> result = fxopt.PassManager("cleanup").run(gm, (torch.randn(2, 4),))
+    >>> result.history.records[0].status in ("changed", "unchanged")
+    True
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, TextIO
+
+import torch
+import torch.fx as fx
+
+from .analysis import AnalysisManager
+from .errors import PassError
+from .graph_utils import (GraphSnapshot, changed_tensors, max_abs_error, param_stats, restore_snapshot,
+                          take_snapshot, within_tolerance)
+from .pass_base import Pass, PassContext, PassResult
+from .pipeline import Pipeline, PipelineAlias, Repeat, as_pipeline
+
+__all__ = ["PassManager", "PassRecord", "History", "ManagerResult", "Instrument", "PrintBeforeAfter",
+           "TimingReport"]
+
+
+@dataclass
+class PassRecord:
+    """What one pass did. ``status`` is one of ``changed``, ``unchanged``, ``rolled-back``,
+    ``disabled``, ``skipped`` (cut by ``stop_after``)."""
+
+    index: int
+    name: str
+    step: str                 # the pass as written in a pipeline, with options
+    path: str                 # where in the pipeline: "cleanup > repeat#2 > cse"
+    status: str
+    seconds: float = 0.0      # time inside the pass
+    verify_seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    added: int = 0
+    removed: int = 0
+    params: int = 0
+    model_bytes: int = 0
+    flops: Any = None         # int or sympy expression of the symbolic dimensions
+    error_vs_previous: float = 0.0
+    error_vs_original: float = 0.0
+    error: str = ""
+    info: dict = field(default_factory=dict)
+    graph_before: GraphSnapshot | None = None
+    graph_after: GraphSnapshot | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.status == "changed"
+
+
+@dataclass
+class History:
+    """The record of one pipeline run: per-pass records plus the start and end graphs."""
+
+    pipeline: str
+    records: list = field(default_factory=list)
+    initial: GraphSnapshot | None = None
+    final: GraphSnapshot | None = None
+    initial_stats: dict = field(default_factory=dict)
+    final_stats: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[PassRecord]:
+        return [r for r in self.records if r.status == "rolled-back"]
+
+    @property
+    def pass_seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+    @property
+    def verify_seconds(self) -> float:
+        return sum(r.verify_seconds for r in self.records)
+
+    def table(self) -> str:
+        """A plain-text table, one row per pass, then totals."""
+        head = ["#", "pass", "status", "ms", "verify ms", "nodes", "params", "bytes", "FLOPs", "max err"]
+        rows = []
+        for r in self.records:
+            delta = f"{r.nodes_after} ({r.nodes_after - r.nodes_before:+d})" if r.status == "changed" \
+                else str(r.nodes_after or r.nodes_before)
+            err = "-" if r.status in ("disabled", "skipped") else _fmt_err(r.error_vs_original)
+            rows.append([str(r.index), r.path, r.status + (f": {r.error.splitlines()[0][:60]}" if r.error else ""),
+                         f"{r.seconds * 1e3:.1f}", f"{r.verify_seconds * 1e3:.1f}", delta,
+                         _fmt_int(r.params), _fmt_int(r.model_bytes), _fmt_flops(r.flops), err])
+        s0, s1 = self.initial_stats, self.final_stats
+        if s0:
+            rows.append(["", "total", f"{len(self.failures)} rolled back", f"{self.pass_seconds * 1e3:.1f}",
+                         f"{self.verify_seconds * 1e3:.1f}", f"{s0.get('nodes')} -> {s1.get('nodes')}",
+                         f"{_fmt_int(s0.get('params'))} -> {_fmt_int(s1.get('params'))}",
+                         f"{_fmt_int(s0.get('model_bytes'))} -> {_fmt_int(s1.get('model_bytes'))}",
+                         f"{_fmt_flops(s0.get('flops'))} -> {_fmt_flops(s1.get('flops'))}", ""])
+        text = _render(head, rows) + f"\npipeline: {self.pipeline}"
+        symbols = self.initial_stats.get("symbols")
+        if symbols:
+            text += "\nsymbols: " + ", ".join(f"{k} = {v}" for k, v in symbols.items())
+        return text
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt_int(v: Any) -> str:
+    if v is None:
+        return "-"
+    v = int(v)
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{unit}"
+    return str(v)
+
+
+def _fmt_flops(v: Any) -> str:
+    if v is None:
+        return "-"
+    try:
+        return _fmt_int(int(v))
+    except (TypeError, ValueError):
+        import sympy
+        expr = sympy.nsimplify(v) if not isinstance(v, sympy.Expr) else v
+        terms = sympy.Poly(expr).terms() if expr.free_symbols else []
+        if terms:
+            parts = []
+            for monom, coef in terms:
+                syms = "*".join(str(s) if p == 1 else f"{s}^{p}" for s, p in zip(sympy.Poly(expr).gens, monom) if p)
+                parts.append(f"{_fmt_int(int(coef))}" + (f"*{syms}" if syms else ""))
+            return " + ".join(parts)
+        return str(expr)
+
+
+def _fmt_err(e: float) -> str:
+    if math.isinf(e):
+        return "inf"
+    return "0" if e == 0 else f"{e:.2e}"
+
+
+def _render(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+@dataclass
+class ManagerResult:
+    module: fx.GraphModule
+    history: History
+
+    @property
+    def changed(self) -> bool:
+        return any(r.changed for r in self.history.records)
+
+
+class Instrument:
+    """Hooks around every pass. Override what you need."""
+
+    def before_pass(self, p: Pass, gm: fx.GraphModule, ctx: PassContext) -> None:
+        pass
+
+    def after_pass(self, p: Pass, gm: fx.GraphModule, ctx: PassContext, record: PassRecord) -> None:
+        pass
+
+    def after_failure(self, p: Pass, gm: fx.GraphModule, ctx: PassContext, record: PassRecord,
+                      error: BaseException) -> None:
+        pass
+
+    def on_finish(self, history: History) -> None:
+        pass
+
+
+class PrintBeforeAfter(Instrument):
+    """Print the graph code around passes, as a unified diff (``only_changed``: skip no-ops)."""
+
+    def __init__(self, passes: Iterable[str] | None = None, only_changed: bool = True,
+                 file: TextIO | None = None):
+        self.passes = set(passes) if passes is not None else None
+        self.only_changed, self.file = only_changed, file
+        self._before = ""
+
+    def before_pass(self, p, gm, ctx):
+        self._before = gm.code
+
+    def after_pass(self, p, gm, ctx, record):
+        if self.passes is not None and p.name not in self.passes:
+            return
+        if self.only_changed and not record.changed:
+            return
+        import difflib
+        out = self.file or sys.stderr
+        print(f"*** after {record.path} ({record.status}) ***", file=out)
+        diff = difflib.unified_diff(self._before.splitlines(), gm.code.splitlines(), "before", "after",
+                                    lineterm="", n=1)
+        print("\n".join(diff) or "(no textual change)", file=out)
+
+
+class TimingReport(Instrument):
+    """Collect per-pass times; ``report()`` returns them sorted, slowest first."""
+
+    def __init__(self, file: TextIO | None = None, print_at_end: bool = False):
+        self.times: list[tuple[str, float, float]] = []
+        self.file, self.print_at_end = file, print_at_end
+
+    def after_pass(self, p, gm, ctx, record):
+        self.times.append((record.path, record.seconds, record.verify_seconds))
+
+    def after_failure(self, p, gm, ctx, record, error):
+        self.after_pass(p, gm, ctx, record)
+
+    def report(self) -> str:
+        rows = [[name, f"{s * 1e3:.2f}", f"{v * 1e3:.2f}"] for name, s, v in
+                sorted(self.times, key=lambda t: -t[1])]
+        return _render(["pass", "ms", "verify ms"], rows)
+
+    def on_finish(self, history):
+        if self.print_at_end:
+            print(self.report(), file=self.file or sys.stderr)
+
+
+class PassManager:
+    """Run a pipeline with verification, rollback, instrumentation and records.
+
+    ``pipeline``: a string (``"cleanup,fold-bn"``), a list of passes, or a Pipeline.
+    ``strict``: raise ``PassError`` instead of rolling back. ``verify``: run and
+    compare after each changed pass (``False`` only lints). ``stop_after=N``:
+    run only the first N passes (bisecting). ``disable``: pass names to skip.
+    ``check_preserved``: recompute analyses a pass claims to keep and fail it on
+    a mismatch. ``record_cost``: FLOPs per record (costs a little time).
+    """
+
+    def __init__(self, pipeline: Any, *, strict: bool = False, verify: bool = True,
+                 stop_after: int | None = None, disable: Iterable[str] = (),
+                 instruments: Iterable[Instrument] = (), check_preserved: bool = False,
+                 record_cost: bool = True, record_graphs: bool = True, progress: Callable | None = None,
+                 warn: bool = True):
+        self.pipeline = as_pipeline(pipeline)
+        self.strict, self.verify = strict, verify
+        if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
+            raise ValueError(f"stop_after must be a non-negative int, got {stop_after!r}")
+        self.stop_after = stop_after
+        self.disable = set(disable)
+        self.instruments = list(instruments)
+        self.check_preserved, self.record_cost, self.record_graphs = check_preserved, record_cost, record_graphs
+        self.progress = progress
+        self.warn = warn
+
+    # ------------------------------------------------------------------
+    def run(self, gm: fx.GraphModule, args: Any = (), kwargs: dict | None = None, *,
+            reference: Any = None, calibration: Any = None, options: dict | None = None,
+            ctx: PassContext | None = None) -> ManagerResult:
+        """Run the pipeline on ``gm`` (mutated in place and returned in the result)."""
+        from .capture import normalize_inputs
+        args, kwargs = normalize_inputs(args, kwargs)
+        self._analyses = AnalysisManager()
+        self._ctx = ctx or PassContext(args, kwargs, analyses=self._analyses, calibration=calibration,
+                                       options=options)
+        self._ctx.analyses = self._analyses
+        self._count = 0
+        self._index = 0
+        start = time.perf_counter()
+        self._prev_out = self._ctx.run(gm) if self.verify else None
+        self._reference = reference if reference is not None else self._prev_out
+        self.history = History(str(self.pipeline))
+        self._snapshot = GraphSnapshot.of(gm) if self.record_graphs else None
+        self.history.initial = self._snapshot
+        self.history.initial_stats = self._stats(gm)
+        self._run_pipeline(self.pipeline, gm, "")
+        self.history.final = self._snapshot if self.record_graphs else None
+        self.history.final_stats = self._stats(gm)
+        self.history.seconds = time.perf_counter() - start
+        for inst in self.instruments:
+            inst.on_finish(self.history)
+        return ManagerResult(gm, self.history)
+
+    def _stats(self, gm: fx.GraphModule) -> dict:
+        params, nbytes = param_stats(gm)
+        out = {"nodes": len(gm.graph.nodes), "params": params, "model_bytes": nbytes, "flops": None}
+        if self.record_cost:
+            try:
+                cost = self._ctx.analysis("cost", gm)
+                out["flops"], out["symbols"] = cost.total_flops, cost.symbols
+            except Exception:  # cost is informative; never fail a run over it
+                out["flops"] = None
+        return out
+
+    # ------------------------------------------------------------------
+    def _run_pipeline(self, pipeline: Pipeline, gm: fx.GraphModule, path: str) -> bool:
+        changed = False
+        for step in pipeline:
+            changed |= self._run_step(step, gm, path)
+        return changed
+
+    def _run_step(self, step: Any, gm: fx.GraphModule, path: str) -> bool:
+        join = (lambda name: f"{path} > {name}" if path else name)  # noqa: E731
+        if isinstance(step, Pipeline):
+            return self._run_pipeline(step, gm, path)
+        if isinstance(step, Repeat):
+            any_change = False
+            for round_ in range(1, step.max + 1):
+                if not self._run_pipeline(step.inner, gm, join(f"repeat#{round_}")):
+                    break
+                any_change = True
+            return any_change
+        if isinstance(step, PipelineAlias):
+            if step.name in self.disable:
+                self._record_skip(step, join(step.name), "disabled")
+                return False
+            return self._run_pipeline(step.expand(), gm, join(step.name))
+        if isinstance(step, Pass):
+            return self._run_pass(step, gm, join(step.name))
+        raise TypeError(f"unexpected pipeline step {step!r}")
+
+    def _record_skip(self, p: Pass, path: str, status: str) -> None:
+        self._index += 1
+        n = self._snapshot_nodes()
+        record = PassRecord(self._index, p.name, str(p), path, status, nodes_before=n, nodes_after=n)
+        self._fill_stats_from_previous(record)
+        self.history.records.append(record)
+
+    def _snapshot_nodes(self) -> int:
+        if self.history.records:
+            return self.history.records[-1].nodes_after
+        return self.history.initial_stats.get("nodes", 0)
+
+    def _run_pass(self, p: Pass, gm: fx.GraphModule, path: str) -> bool:
+        if p.name in self.disable:
+            self._record_skip(p, path, "disabled")
+            return False
+        if self.stop_after is not None and self._count >= self.stop_after:
+            self._record_skip(p, path, "skipped")
+            return False
+        self._count += 1
+        self._index += 1
+        ctx = self._ctx
+        record = PassRecord(self._index, p.name, str(p), path, "unchanged", nodes_before=len(gm.graph.nodes))
+        if self.progress is not None:
+            self.progress(record)
+        for inst in self.instruments:
+            inst.before_pass(p, gm, ctx)
+        before_ids = {id(n) for n in gm.graph.nodes}
+        snap = take_snapshot(gm, deep=p.inplace_weights)
+        t0 = time.perf_counter()
+        try:
+            result = p.run(gm, ctx)
+            if isinstance(result, bool):
+                result = PassResult(result)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"run() returned {type(result).__name__}; return a PassResult or a bool")
+        except Exception as e:  # noqa: BLE001 - a failing pass is rolled back and reported
+            record.seconds = time.perf_counter() - t0
+            return self._fail(p, gm, snap, record, f"raised {type(e).__name__}: {e}", e)
+        record.seconds = time.perf_counter() - t0
+        record.info = dict(result.info)
+        if not result.changed:
+            dirty = changed_tensors(snap)
+            if dirty and not p.inplace_weights:
+                return self._fail(p, gm, snap, record, "reported no change but wrote tensors in place: "
+                                  f"{', '.join(dirty[:5])}", None)
+            record.nodes_after = len(gm.graph.nodes)
+            record.error_vs_original = self.history.records[-1].error_vs_original if self.history.records else 0.0
+            self._fill_stats_from_previous(record)
+            self.history.records.append(record)
+            for inst in self.instruments:
+                inst.after_pass(p, gm, ctx, record)
+            return False
+
+        t1 = time.perf_counter()
+        try:
+            gm.graph.lint()
+            gm.recompile()
+        except Exception as e:  # noqa: BLE001
+            return self._fail(p, gm, snap, record, f"left an invalid graph: {e}", e)
+        dirty = changed_tensors(snap)
+        if dirty and not p.inplace_weights:
+            # cannot be rolled back: the old values are gone
+            restore_snapshot(gm, snap)
+            raise PassError(p.name, f"wrote tensors in place without declaring it: {', '.join(dirty[:5])}; "
+                                    "the graph was restored but those tensors keep the new values",
+                            remedy="set `inplace_weights = True` on the pass, or assign new tensors "
+                                   "instead of writing into existing ones")
+        if self.verify:
+            try:
+                out = ctx.run(gm)
+            except Exception as e:  # noqa: BLE001
+                return self._fail(p, gm, snap, record, f"the module no longer runs on the example inputs: "
+                                  f"{type(e).__name__}: {e}", e)
+            if p.preserves_semantics:
+                tol = p.tolerance
+                ok, err = within_tolerance(out, self._prev_out, tol.atol, tol.rtol)
+                record.error_vs_previous = err
+                if not ok:
+                    return self._fail(p, gm, snap, record,
+                                      f"changed the outputs by up to {err:.3g} (tolerance atol={tol.atol:g}, "
+                                      f"rtol={tol.rtol:g})", None)
+            else:
+                record.error_vs_previous = max_abs_error(out, self._prev_out)
+            record.error_vs_original = max_abs_error(out, self._reference)
+            self._prev_out = out
+        if self.check_preserved:
+            stale = self._check_preserved(result, gm)
+            if stale:
+                return self._fail(p, gm, snap, record, "claimed to preserve analyses it changed: "
+                                  f"{', '.join(stale)}", None)
+        record.verify_seconds = time.perf_counter() - t1
+        # provenance: stamp the nodes this pass created
+        added = 0
+        for n in gm.graph.nodes:
+            if id(n) not in before_ids:
+                n.meta["fxopt_created_by"] = p.name
+                added += 1
+        record.added = added
+        record.removed = record.nodes_before + added - len(gm.graph.nodes)
+        record.nodes_after = len(gm.graph.nodes)
+        record.status = "changed"
+        self._analyses.invalidate(result)
+        stats = self._stats(gm)
+        record.params, record.model_bytes, record.flops = stats["params"], stats["model_bytes"], stats["flops"]
+        if self.record_graphs:
+            record.graph_before = self._snapshot
+            self._snapshot = GraphSnapshot.of(gm)
+            record.graph_after = self._snapshot
+        self.history.records.append(record)
+        for inst in self.instruments:
+            inst.after_pass(p, gm, ctx, record)
+        return True
+
+    def _check_preserved(self, result: PassResult, gm: fx.GraphModule) -> list[str]:
+        from .analysis import get_analysis
+        stale = []
+        for key in self._analyses.cached():
+            if result.preserves(key):
+                analysis = get_analysis(key)()
+                cached = self._analyses.get(key, gm, self._ctx)
+                if not analysis.same(cached, analysis.run(gm, self._ctx), gm):
+                    stale.append(key)
+        return stale
+
+    def _fill_stats_from_previous(self, record: PassRecord) -> None:
+        prev = next((r for r in reversed(self.history.records) if r.status in ("changed", "unchanged",
+                                                                               "rolled-back")), None)
+        src = prev.__dict__ if prev else self.history.initial_stats
+        record.params = src.get("params", 0)
+        record.model_bytes = src.get("model_bytes", 0)
+        record.flops = src.get("flops")
+
+    def _fail(self, p: Pass, gm: fx.GraphModule, snap: Any, record: PassRecord, reason: str,
+              cause: BaseException | None) -> bool:
+        restore_snapshot(gm, snap)
+        self._analyses.invalidate()
+        record.status = "rolled-back"
+        record.error = reason
+        record.nodes_after = len(gm.graph.nodes)
+        record.error_vs_original = self.history.records[-1].error_vs_original if self.history.records else 0.0
+        self._fill_stats_from_previous(record)
+        self.history.records.append(record)
+        err = PassError(p.name, reason, remedy="disable it with disable=['%s'] or fix the pass" % p.name)
+        for inst in self.instruments:
+            inst.after_failure(p, gm, self._ctx, record, err)
+        if self.strict:
+            raise err from cause
+        if self.warn:
+            import warnings
+            warnings.warn(f"fxopt: pass '{p.name}' was rolled back: {reason}", stacklevel=5)
+        return False

@@ -1,0 +1,76 @@
+"""Recipes: named pipelines with a one-line doc. ``fxopt.recipes`` lists them.
+
+    >>> import fxopt
+    >>> "default" in fxopt.recipes
+    True
+    >>> fxopt.recipes["default"].pipeline
+    'cleanup'
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Iterator
+
+from .errors import RecipeError
+
+__all__ = ["Recipe", "RecipeRegistry", "recipes", "register_recipe", "get_recipe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    pipeline: str
+    doc: str
+
+    def __str__(self) -> str:
+        return f"{self.name:<14} {self.doc}  [{self.pipeline}]"
+
+
+class RecipeRegistry(Mapping):
+    """A read-only mapping name -> Recipe whose repr is a table; extend with :func:`register_recipe`."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Recipe] = {}
+
+    def __getitem__(self, name: str) -> Recipe:
+        if name not in self._items:
+            raise RecipeError(f"unknown recipe '{name}'. Known recipes: {', '.join(sorted(self._items))}. "
+                              "A pipeline string such as 'cleanup,cse' works too "
+                              "(`fxopt recipes` lists recipes with their docs)")
+        return self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return "\n".join(str(self._items[k]) for k in self)
+
+
+recipes = RecipeRegistry()
+
+
+def register_recipe(name: str, pipeline: str, doc: str, *, replace: bool = False) -> Recipe:
+    from .pipeline import parse_pipeline
+    if name in recipes._items and not replace:
+        raise RecipeError(f"recipe '{name}' already exists; pass replace=True to redefine it")
+    parse_pipeline(pipeline)
+    recipes._items[name] = Recipe(name, pipeline, doc)
+    return recipes._items[name]
+
+
+def get_recipe(name: str) -> Recipe:
+    return recipes[name]
+
+
+def _builtin() -> None:
+    register_recipe("default", "cleanup", "Exact graph cleanup (no-ops, constant folding, CSE, DCE); "
+                    "outputs match the original within float rounding.", replace=True)
+    register_recipe("cleanup", "cleanup", "Same as default: the exact cleanup passes to a fixed point.",
+                    replace=True)
