@@ -49,8 +49,8 @@ class Backend:
         inputs = []
         for x in example_inputs:
             if not isinstance(x, torch.Tensor):
-                self.fallbacks.append(f"graph with a non-tensor input ({type(x).__name__}); "
-                                      "use torch.compile(..., dynamic=False)")
+                self.fallbacks.append(f"graph with a non-tensor input ({type(x).__name__}: {x}); "
+                                      f"use torch.compile(..., dynamic=False)\n{gm.code}")
                 return gm.forward
             if isinstance(x, torch._subclasses.FakeTensor):
                 if any(isinstance(s, torch.SymInt) for s in x.shape):

@@ -241,6 +241,10 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
             raise InputError(f"cannot copy the model ({type(e).__name__}: {e}); fxopt copies the model "
                              "so that yours is never changed; make it deep-copyable or pass "
                              "copy_model=False") from e
+    # export on copies: it may tag the tensors it sees (dynamic-dim marks), and the user's
+    # inputs must come back exactly as they were
+    args, kwargs = torch.utils._pytree.tree_map(
+        lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     dyn = dynamic_shapes_for(model, args, kwargs, dynamic)
     start = time.perf_counter()
     try:
@@ -254,8 +258,7 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
     _readable_names(gm)
     gm.graph.lint()
     gm.recompile()
-    gm.meta["fxopt_example_inputs"] = torch.utils._pytree.tree_map(
-        lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+    gm.meta["fxopt_example_inputs"] = (args, kwargs)
     gm.meta["fxopt_capture"] = {
         "front_end": "torch.export",
         "seconds": time.perf_counter() - start,

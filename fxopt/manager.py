@@ -472,6 +472,18 @@ class PassManager:
     def _fail(self, p: Pass, gm: fx.GraphModule, snap: Any, record: PassRecord, reason: str,
               cause: BaseException | None) -> bool:
         restore_snapshot(gm, snap)
+        if self.verify and not snap.clones and self._prev_out is not None:
+            # writes through ``.data`` bypass the version counters: make sure the rollback really
+            # restored the model before going on
+            try:
+                again = self._ctx.run(gm)
+            except Exception as e:  # noqa: BLE001
+                again, reason = None, f"{reason}; and the restored module no longer runs ({e})"
+            if again is None or not within_tolerance(again, self._prev_out, 0.0, 0.0)[0]:
+                raise PassError(p.name, f"{reason}; rolling back did not restore the outputs, so the pass "
+                                        "wrote into tensors in place (for example through .data)",
+                                remedy="set `inplace_weights = True` on the pass so the manager copies "
+                                       "tensors before running it") from cause
         self._analyses.invalidate()
         record.status = "rolled-back"
         record.error = reason

