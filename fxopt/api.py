@@ -25,8 +25,10 @@ def resolve_recipe(recipe: Any) -> Pipeline:
         try:
             return as_pipeline(recipe)
         except PipelineError as e:
-            raise RecipeError(f"'{recipe}' is neither a recipe ({', '.join(recipes)}) nor a valid pipeline: "
-                              f"{e}") from e
+            first = str(e).splitlines()[0]
+            raise RecipeError(f"unknown recipe '{recipe}'. Known recipes: {', '.join(recipes)} "
+                              f"(`fxopt recipes` lists them); read as a pipeline string it fails too: "
+                              f"{first}") from e
     try:
         return as_pipeline(recipe)
     except PipelineError as e:

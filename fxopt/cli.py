@@ -58,6 +58,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     import fxopt
     from .graph_utils import max_abs_error
+    from .api import resolve_recipe
+    resolve_recipe(ns.recipe)  # fail before loading anything
     model, args, kwargs, title = _demo_model(ns.model)
     print(f"model: {title}")
     print(f"recipe: {ns.recipe}  ({fxopt.recipes[ns.recipe].doc if ns.recipe in fxopt.recipes else 'pipeline'})")

