@@ -11,11 +11,14 @@ source line that could not be captured, the reason and the remedy.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import inspect
 import linecache
 import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -247,12 +250,20 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
         lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     dyn = dynamic_shapes_for(model, args, kwargs, dynamic)
     start = time.perf_counter()
+    # torch dumps the partial graph to stderr when export fails; keep that out of the user's
+    # terminal (it is in TraceError.details) and replay whatever was printed when it succeeds
+    out, err = io.StringIO(), io.StringIO()
     try:
-        ep = _export(model, args, kwargs, dyn)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            ep = _export(model, args, kwargs, dyn)
     except Exception as e:  # noqa: BLE001 - every capture failure becomes a TraceError
         module, location, source = _user_frame(e, model)
         reason, remedy = _reason(e)
-        raise TraceError(reason, module=module, location=location, source=source, remedy=remedy) from e
+        error = TraceError(reason, module=module, location=location, source=source, remedy=remedy)
+        error.details = err.getvalue() + out.getvalue()
+        raise error from e
+    sys.stdout.write(out.getvalue())
+    sys.stderr.write(err.getvalue())
     gm = ep.module()
     install_input_guard(gm)
     _readable_names(gm)

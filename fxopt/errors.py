@@ -29,6 +29,7 @@ class TraceError(FxoptError):
                  source: str | None = None, remedy: str = ""):
         self.reason, self.module, self.location = reason, module, location
         self.source, self.remedy = source, remedy
+        self.details = ""  # what torch printed while failing, for bug reports
         where = ""
         if module is not None:
             where += f" in module '{module or '<root>'}'"

@@ -1,0 +1,15 @@
+"""Every example in a public docstring runs (STYLE: docstrings have a short example that runs)."""
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["fxopt", "fxopt.api", "fxopt.capture", "fxopt.manager", "fxopt.pipeline", "fxopt.recipes",
+           "fxopt.serialize", "fxopt.backend", "fxopt.passes.cleanup"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
