@@ -128,3 +128,16 @@ def test_newer_format_version_is_explained(saved, tmp_path):
 def test_save_needs_a_graph_module(tmp_path):
     with pytest.raises(fxopt.InputError, match="fxopt.compile"):
         fxopt.save(torch.nn.Linear(2, 2), tmp_path / "x.fxopt")
+
+
+@pytest.mark.slow
+def test_minilm_round_trip_with_dynamic_sequence(minilm, tmp_path):
+    model, kw = minilm
+    out = fxopt.compile(model, kwargs=kw, dynamic=True)
+    fxopt.save(out, tmp_path / "bert.fxopt")
+    loaded = fxopt.load(tmp_path / "bert.fxopt")
+    ids = torch.randint(0, 30000, (3, 31))
+    kw2 = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    a, b = loaded(**kw2), out(**kw2)
+    assert type(a) is type(b)
+    assert torch.equal(a.last_hidden_state, b.last_hidden_state)
