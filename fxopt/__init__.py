@@ -27,12 +27,15 @@ from .recipes import _builtin as _builtin_recipes  # noqa: E402
 from .api import compile  # noqa: E402
 from .serialize import load, save  # noqa: E402
 from .backend import Backend, _register as _register_backend  # noqa: E402
+from .summarize import summary  # noqa: E402
+from .graph_diff import diff  # noqa: E402
+from .graph_render import render  # noqa: E402
 
 _builtin_recipes()
 _register_backend()
 
 __all__ = [
-    "compile", "trace", "save", "load", "recipes", "Recipe", "register_recipe",
+    "compile", "trace", "save", "load", "summary", "diff", "render", "recipes", "Recipe", "register_recipe",
     "Pass", "PassResult", "PassContext", "Tolerance", "EXACT", "ALL", "graph_pass", "register_pass",
     "get_pass", "list_passes", "Analysis", "AnalysisManager", "register_analysis", "get_analysis",
     "list_analyses", "Pipeline", "Repeat", "parse_pipeline", "register_pipeline",

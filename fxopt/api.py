@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -39,7 +39,8 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
             calibration: Iterable | None = None, *, dynamic: Any = None, strict: bool = False,
             verify: bool = True, disable: Iterable[str] = (), stop_after: int | None = None,
             instruments: Iterable[Instrument] = (), report: str | None = None,
-            progress: bool | None = None, **options: Any) -> fx.GraphModule:
+            progress: bool | None = None, metric: Callable[[torch.nn.Module], float] | None = None,
+            latency_repeats: int = 10, **options: Any) -> fx.GraphModule:
     """Capture ``model``, run ``recipe`` over it, and return the optimized module.
 
     The result is called exactly like ``model`` (same positional and keyword
@@ -53,8 +54,12 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     :func:`fxopt.trace` (default: batch dimension symbolic). ``strict``: raise
     ``PassError`` when a pass fails instead of rolling it back. ``disable`` and
     ``stop_after`` bisect a pipeline. ``progress``: a progress bar on stderr
-    (default: when stderr is a terminal). Other keyword options reach passes
-    as ``ctx.options``.
+    (default: when stderr is a terminal). ``report``: write the HTML report
+    there (also ``result.fxopt_history.report(path)``); latency on the example
+    inputs is measured for it (median of ``latency_repeats``). ``metric``: a
+    function of a module returning a number (accuracy, say), evaluated on the
+    original and the result and shown in the report. Other keyword options
+    reach passes as ``ctx.options``.
 
     Example::
 
@@ -93,6 +98,12 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     import sys
 
     from tqdm.auto import tqdm
+    from .timing import median_ms
+    measured: dict = {}
+    if report is not None:
+        measured["original_ms"] = median_ms(lambda: work(*args, **kwargs), latency_repeats)
+    if metric is not None:
+        measured["metric_original"] = _run_metric(metric, work)
     show = sys.stderr.isatty() if progress is None else bool(progress)
     bar = tqdm(desc="fxopt: capture", unit=" pass", disable=not show, leave=False)
     try:
@@ -110,6 +121,14 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     out = result.module
     history: History = result.history
     history.capture = gm.meta.get("fxopt_capture", {})  # type: ignore[attr-defined]
+    history.symbol_values = _symbol_values(out)  # type: ignore[attr-defined]
+    if "original_ms" in measured:
+        history.latency = {"original_ms": measured["original_ms"], "repeats": latency_repeats,  # type: ignore[attr-defined]
+                           "compiled_ms": median_ms(lambda: out(*args, **kwargs), latency_repeats)}
+    if metric is not None:
+        name = getattr(metric, "__name__", "metric")
+        history.metric = {"name": "metric" if name == "<lambda>" else name,  # type: ignore[attr-defined]
+                          "original": measured["metric_original"], "compiled": _run_metric(metric, out)}
     out.fxopt_history = history
     out.meta["fxopt_history"] = history
     if history.failures:
@@ -121,6 +140,29 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
 
 
 def _write_report(out: fx.GraphModule, path: str) -> None:
-    """Plain-text report until the HTML report lands (issue: inspection)."""
-    with open(path, "w") as f:
-        f.write(out.fxopt_history.table() + "\n")
+    from .report import write_report
+    write_report(out.fxopt_history, path)
+
+
+def _run_metric(metric: Callable, module: torch.nn.Module) -> float:
+    with torch.no_grad():
+        try:
+            value = metric(module)
+        except Exception as e:
+            raise InputError(f"the metric function raised {type(e).__name__}: {e}") from e
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"metric must return a number, got {type(value).__name__}") from e
+
+
+def _symbol_values(gm: fx.GraphModule) -> dict:
+    """Example value of every size symbol (its hint), e.g. {'s77': 8}."""
+    out = {}
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if n.op == "placeholder" and isinstance(val, torch.Tensor):
+            for s in val.shape:
+                if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol and s.node.hint is not None:
+                    out[str(s.node.expr)] = int(s.node.hint)
+    return out

@@ -160,9 +160,6 @@ def _readable_names(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        path = node.meta.get("nn_module_stack")
-        if not path:
-            continue
         from .dialect import module_path
         mp = module_path(node)
         base = op_name(node)

@@ -110,13 +110,157 @@ def cmd_passes(ns: argparse.Namespace) -> int:
     return 0
 
 
+_MODEL_HELP = ("MODEL: path/to/file.py:NAME (class, factory or module; the file may define example_inputs), "
+               "torchvision:NAME (random weights), hf:LOCAL_DIR (a transformers model directory), "
+               "or FILE.fxopt (saved by fxopt.save)")
+
+_EPILOG_COMPILE = """examples:
+  fxopt compile torchvision:resnet50 --recipe default --out resnet50.fxopt --report resnet50.html
+  fxopt compile hf:/path/to/minilm --seq-len 128 --batch 8 --dynamic all --out bert.fxopt
+  fxopt compile models.py:Net --input-shape 8x1x28x28 --recipe "cleanup,cse" --out net.fxopt
+  fxopt compile models.py:Net --example inputs.pt --calibration calib.pt --out net.fxopt
+"""
+
+_EPILOG_INSPECT = """examples:
+  fxopt inspect torchvision:resnet50 --depth 2
+  fxopt inspect hf:/path/to/minilm --svg bert.svg
+  fxopt inspect models.py:Net --input-shape 1x3x32x32 --passes cleanup --svg after.svg --report r.html
+  fxopt inspect net.fxopt --max-rows 40
+"""
+
+
+def _status(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load(ns: argparse.Namespace) -> Any:
+    from .model_spec import load_model
+    _status(f"loading {ns.model} ...")
+    return load_model(ns.model, input_shape=ns.input_shape, example=ns.example, batch=ns.batch,
+                      seq_len=ns.seq_len, dtype=ns.dtype)
+
+
+_DYNAMIC = {"batch": None, "all": True, "none": False}
+
+
+def cmd_compile(ns: argparse.Namespace) -> int:
+    import fxopt
+    from .api import resolve_recipe
+    from .model_spec import load_inputs_file
+    resolve_recipe(ns.recipe)  # fail before loading anything
+    if not ns.out.endswith(".fxopt"):
+        raise fxopt.InputError(f"--out {ns.out}: use a .fxopt file name, e.g. --out model.fxopt")
+    loaded = _load(ns)
+    calibration = None
+    if ns.calibration:
+        args, kwargs = load_inputs_file(ns.calibration)
+        calibration = list(args) if args else [kwargs]
+        if not calibration:
+            raise fxopt.CalibrationError(f"{ns.calibration} holds no calibration inputs")
+    _status(f"compiling {loaded.description} with recipe '{ns.recipe}' ...")
+    out = fxopt.compile(loaded.model, loaded.args, loaded.kwargs, recipe=ns.recipe, calibration=calibration,
+                        dynamic=_DYNAMIC[ns.dynamic], strict=ns.strict,
+                        disable=[d for d in (ns.disable or "").split(",") if d], stop_after=ns.stop_after,
+                        report=ns.report, progress=None)
+    print(out.fxopt_history.table())
+    _status(f"saving {ns.out} ...")
+    fxopt.save(out, ns.out)
+    print(f"\nwrote {ns.out}" + (f" and {ns.report}" if ns.report else ""))
+    return 1 if (ns.strict and out.fxopt_history.failures) else 0
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    import fxopt
+    from .api import resolve_recipe
+    pipeline = resolve_recipe(ns.passes) if ns.passes else None
+    loaded = _load(ns)
+    model = loaded.model
+    import torch.fx as fx
+    if isinstance(model, fx.GraphModule) and ns.model.endswith(".fxopt"):
+        gm = model
+    else:
+        _status(f"capturing {loaded.description} ...")
+        gm = fxopt.trace(model, loaded.args, loaded.kwargs, dynamic=_DYNAMIC[ns.dynamic])
+    before = gm
+    history = None
+    if pipeline is not None or ns.report:
+        import copy
+        work = copy.deepcopy(gm)
+        _status(f"running passes '{pipeline}' ..." if pipeline else "analysing ...")
+        res = fxopt.PassManager(pipeline, warn=False).run(work, loaded.args, loaded.kwargs)
+        history = res.history
+        history.capture = gm.meta.get("fxopt_capture", {})  # type: ignore[attr-defined]
+        from .api import _symbol_values
+        history.symbol_values = _symbol_values(gm)  # type: ignore[attr-defined]
+        gm = res.module
+    color = None if not ns.no_color else False
+    print(f"{loaded.description}")
+    print(fxopt.summary(gm, depth=ns.depth).text(color=color, max_rows=ns.max_rows))
+    if pipeline is not None and history is not None:
+        print()
+        print(fxopt.diff(history.initial, history.final).text(color=bool(color) if color is not None
+                                                               else sys.stdout.isatty()))
+        print()
+        print(history.table())
+    if ns.svg:
+        fxopt.render(gm, ns.svg, previous=history.initial if pipeline is not None and history else None,
+                     depth=ns.depth, title=loaded.description)
+        print(f"wrote {ns.svg}")
+    if ns.dot:
+        fxopt.render(gm, ns.dot, previous=history.initial if pipeline is not None and history else None,
+                     depth=ns.depth, title=loaded.description, fmt="dot")
+        print(f"wrote {ns.dot}")
+    if ns.report and history is not None:
+        history.report(ns.report, title=f"fxopt inspect: {loaded.description}")
+        print(f"wrote {ns.report}")
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--input-shape", help="example input shapes, e.g. 1x3x224x224 (several: 2x16,2x16)")
+    p.add_argument("--example", metavar="FILE", help="example inputs saved with torch.save (tensor, tuple or dict)")
+    p.add_argument("--dtype", default="float32", help="dtype for --input-shape tensors (default float32)")
+    p.add_argument("--batch", type=int, default=1, help="batch size for torchvision/hf inputs (default 1)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sentence for hf models (default 128)")
+    p.add_argument("--dynamic", choices=sorted(_DYNAMIC), default="batch",
+                   help="which dimensions stay symbolic: batch (default), all, none")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxopt", description="fxopt: a model-optimization compiler for PyTorch.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n  fxopt demo\n  fxopt recipes\n  fxopt passes\n")
+                                epilog="examples:\n  fxopt demo\n  fxopt inspect torchvision:resnet18 --depth 1\n"
+                                       "  fxopt compile torchvision:resnet18 --out r18.fxopt --report r18.html\n"
+                                       "  fxopt recipes\n  fxopt passes\n\nEvery command has --help.")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     p.add_argument("--version", action="version", version=f"fxopt {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("compile", help="compile a model with a recipe and save it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG_COMPILE,
+                       description="Capture MODEL, run a recipe over it, print what each pass did, save the result.")
+    _model_args(c)
+    c.add_argument("--recipe", default="default", help="recipe name or pipeline string (default: default)")
+    c.add_argument("--out", required=True, help="where to save the compiled model (.fxopt)")
+    c.add_argument("--report", metavar="FILE", help="also write the HTML report")
+    c.add_argument("--calibration", metavar="FILE", help="calibration inputs saved with torch.save (a list)")
+    c.add_argument("--strict", action="store_true", help="fail instead of rolling back a failing pass")
+    c.add_argument("--disable", metavar="PASSES", help="comma-separated pass names to skip")
+    c.add_argument("--stop-after", type=int, metavar="N", help="run only the first N passes (bisecting)")
+    c.set_defaults(fn=cmd_compile)
+    i = sub.add_parser("inspect", help="print a model's graph summary; optionally run passes, draw, report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG_INSPECT,
+                       description="Capture MODEL and print one row per node (or per module with --depth).")
+    _model_args(i)
+    i.add_argument("--passes", metavar="PIPELINE", help="run these passes and show the diff and per-pass table")
+    i.add_argument("--depth", type=int, help="group rows (and collapse the drawing) by module at this depth")
+    i.add_argument("--svg", metavar="FILE", help="draw the graph (after --passes, changes highlighted)")
+    i.add_argument("--dot", metavar="FILE", help="write the graph as graphviz DOT text")
+    i.add_argument("--report", metavar="FILE", help="write the HTML report")
+    i.add_argument("--max-rows", type=int, default=None, help="print at most this many rows")
+    i.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
+    i.set_defaults(fn=cmd_inspect)
     d = sub.add_parser("demo", help="compile a bundled model and print what changed",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG_DEMO)
     d.add_argument("--model", default="bundled", choices=["bundled", "bert"], help="which model (default: bundled)")

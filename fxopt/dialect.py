@@ -49,6 +49,8 @@ __all__ = [
     "param_nodes",
     "compute_nodes",
     "GUARD_MODULE",
+    "op_family",
+    "FAMILIES",
 ]
 
 aten = torch.ops.aten
@@ -66,12 +68,18 @@ _MATMUL = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.de
            aten.baddbmm.default}
 
 
+_FRIENDLY = {"_native_batch_norm_legit_no_training": "batch_norm", "_native_batch_norm_legit": "batch_norm",
+             "native_batch_norm": "batch_norm", "native_layer_norm": "layer_norm",
+             "scaled_dot_product_attention": "sdpa", "_assert_tensor_metadata": "assert_meta"}
+
+
 def op_name(node: fx.Node) -> str:
     """Short name of what a node does: ``conv2d``, ``linear``, ``getitem``, the module name."""
     if node.op == "call_function":
         t = node.target
         if isinstance(t, torch._ops.OpOverload):
-            return t._schema.name.split("::")[-1]
+            name = t._schema.name.split("::")[-1]
+            return _FRIENDLY.get(name, name)
         return getattr(t, "__name__", str(t))
     if node.op == "call_module":
         return str(node.target)
@@ -90,6 +98,8 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
+    if path.startswith("_empty_nn_module_stack"):  # export's placeholder for nodes outside any module
+        return ""
     # export writes paths like "L['self'].layer1" in some versions
     return path.replace("L['self'].", "").replace("L['self']", "")
 
@@ -198,3 +208,53 @@ def param_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 def compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """``call_function`` nodes: everything that computes."""
     return [n for n in gm.graph.nodes if n.op == "call_function"]
+
+
+#: node families used for colouring and grouping, in legend order
+FAMILIES = ("input", "output", "param", "compute", "norm", "activation", "elementwise", "reduction",
+            "view", "cast", "quant", "sparse", "fused", "other")
+
+_ACTIVATIONS = {"relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "elu",
+                "softmax", "_softmax", "log_softmax", "_log_softmax", "mish", "hardtanh", "relu6", "clamp"}
+_CASTS = {"_to_copy", "to", "type_as", "convert_element_type", "_assert_tensor_metadata"}
+
+
+def op_family(node: fx.Node) -> str:
+    """Coarse family of a node, one of :data:`FAMILIES` (for colours and grouping)."""
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "output":
+        return "output"
+    if node.op == "get_attr":
+        return "param"
+    if node.op != "call_function":
+        return "other"
+    t = node.target
+    name = op_name(node)
+    ns = t.namespace if isinstance(t, torch._ops.OpOverload) else ""
+    if ns == "fxopt":
+        return "fused"
+    if "quantize" in name or "dequantize" in name or ns in ("quantized_decomposed", "quantized", "torchao"):
+        return "quant"
+    if "sparse" in name or "semi_structured" in name:
+        return "sparse"
+    if is_linear(node) or is_conv(node) or is_matmul(node) or name in ("sdpa",
+                                                                       "embedding", "bmm", "einsum"):
+        return "compute"
+    if is_batch_norm(node) or is_layer_norm(node) or "norm" in name:
+        return "norm"
+    if name in _ACTIVATIONS:
+        return "activation"
+    if name in _CASTS:
+        return "cast"
+    if is_getitem(node):
+        return "view"
+    if isinstance(t, torch._ops.OpOverload):
+        rets = t._schema.returns
+        if rets and rets[0].alias_info is not None:
+            return "view"
+        if torch.Tag.reduction in t.tags:
+            return "reduction"
+        if torch.Tag.pointwise in t.tags:
+            return "elementwise"
+    return "other"

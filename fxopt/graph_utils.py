@@ -163,46 +163,4 @@ def remove_unused_attributes(gm: fx.GraphModule) -> int:
     return removed
 
 
-@dataclass(frozen=True)
-class NodeInfo:
-    name: str
-    op: str
-    target: str
-    inputs: tuple
-    shape: str
-    dtype: str
-    module: str
-    created_by: str
-
-
-@dataclass(frozen=True)
-class GraphSnapshot:
-    """A light, immutable picture of a graph for history, diff and rendering."""
-
-    nodes: tuple
-    code: str
-
-    @staticmethod
-    def of(gm: fx.GraphModule) -> "GraphSnapshot":
-        infos = []
-        for n in gm.graph.nodes:
-            val = n.meta.get("val")
-            shape = dtype = ""
-            if isinstance(val, torch.Tensor):
-                shape = "x".join(str(s) for s in val.shape) or "scalar"
-                dtype = str(val.dtype).replace("torch.", "")
-            infos.append(NodeInfo(n.name, n.op, _target_str(n), tuple(a.name for a in n.all_input_nodes),
-                                  shape, dtype, module_path(n), n.meta.get("fxopt_created_by", "capture")))
-        return GraphSnapshot(tuple(infos), gm.code)
-
-    def __len__(self) -> int:
-        return len(self.nodes)
-
-
-def _target_str(n: fx.Node) -> str:
-    if n.op == "call_function":
-        t = n.target
-        if isinstance(t, torch._ops.OpOverload):
-            return str(t)
-        return getattr(t, "__name__", str(t))
-    return str(n.target)
+from .snapshot import GraphSnapshot, NodeInfo  # noqa: E402,F401  (re-exported)

