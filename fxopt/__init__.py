@@ -4,7 +4,7 @@
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
     >>> fast = fxopt.compile(model, (torch.randn(2, 8),))
     >>> print(fast.fxopt_history.pipeline)
-    cleanup
+    canonicalize,fold-bn,fuse-attention,simplify-activations,cleanup
 
 Entry points: :func:`compile`, :func:`trace`, :class:`PassManager`, :class:`Pass`,
 :func:`graph_pass`, :func:`save`, :func:`load`, ``torch.compile(m, backend="fxopt")``.
@@ -30,12 +30,14 @@ from .backend import Backend, _register as _register_backend  # noqa: E402
 from .summarize import summary  # noqa: E402
 from .graph_diff import diff  # noqa: E402
 from .graph_render import render  # noqa: E402
+from .patterns import Match, Rewrite, RewritePass, RewriteSet, register_rewrites  # noqa: E402
 
 _builtin_recipes()
 _register_backend()
 
 __all__ = [
-    "compile", "trace", "save", "load", "summary", "diff", "render", "recipes", "Recipe", "register_recipe",
+    "compile", "trace", "save", "load", "summary", "diff", "render",
+    "Rewrite", "RewriteSet", "RewritePass", "Match", "register_rewrites", "recipes", "Recipe", "register_recipe",
     "Pass", "PassResult", "PassContext", "Tolerance", "EXACT", "ALL", "graph_pass", "register_pass",
     "get_pass", "list_passes", "Analysis", "AnalysisManager", "register_analysis", "get_analysis",
     "list_analyses", "Pipeline", "Repeat", "parse_pipeline", "register_pipeline",

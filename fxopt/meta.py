@@ -16,8 +16,13 @@ __all__ = ["fake_mode_of", "propagate_meta", "same_shape", "size_expr"]
 
 
 def fake_mode_of(gm: fx.GraphModule) -> Any:
-    vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    mode = torch._guards.detect_fake_mode(vals) if vals else None
+    mode = None
+    for n in gm.graph.nodes:  # the inputs' fake mode is the graph's (it owns the size symbols)
+        val = n.meta.get("val")
+        if isinstance(val, torch._subclasses.FakeTensor):
+            mode = val.fake_mode
+            if n.op == "placeholder":
+                break
     if mode is None:
         from torch._subclasses.fake_tensor import FakeTensorMode
         mode = FakeTensorMode(allow_non_fake_inputs=True)

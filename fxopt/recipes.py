@@ -3,7 +3,7 @@
     >>> import fxopt
     >>> "default" in fxopt.recipes
     True
-    >>> fxopt.recipes["default"].pipeline
+    >>> fxopt.recipes["cleanup"].pipeline
     'cleanup'
 """
 from __future__ import annotations
@@ -70,7 +70,8 @@ def get_recipe(name: str) -> Recipe:
 
 
 def _builtin() -> None:
-    register_recipe("default", "cleanup", "Exact graph cleanup (no-ops, constant folding, CSE, DCE); "
-                    "outputs match the original within float rounding.", replace=True)
+    register_recipe("default", "canonicalize,fold-bn,fuse-attention,simplify-activations,cleanup",
+                    "The semantics-preserving rewrites and cleanup: linear canonicalization, batch-norm "
+                    "folding, attention fusion, canonical activations, then exact cleanup.", replace=True)
     register_recipe("cleanup", "cleanup", "Same as default: the exact cleanup passes to a fixed point.",
                     replace=True)

@@ -1,4 +1,6 @@
 """fxopt's built-in passes and analyses, one module per family. Importing registers them."""
-from . import cleanup, cost, graph_view, provenance, shapes  # noqa: F401
+from . import (activations, attention, canonicalize, cleanup, cost, fold_bn, fuse_qkv, graph_view,  # noqa: F401
+               low_rank, provenance, shapes)
 
-__all__ = ["cleanup", "cost", "graph_view", "provenance", "shapes"]
+__all__ = ["activations", "attention", "canonicalize", "cleanup", "cost", "fold_bn", "fuse_qkv", "graph_view",
+           "low_rank", "provenance", "shapes"]

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import xml.etree.ElementTree as ET
 import sys
@@ -27,8 +28,10 @@ def test_subcommand_help_has_examples(cmd, capsys):
 def test_demo_prints_what_changed(capsys):
     assert main(["demo", "--repeats", "3"]) == 0
     out = capsys.readouterr().out
-    assert "remove-noops" in out and "changed" in out and "pipeline: cleanup" in out
-    assert "max |compiled - original| on the example inputs: 0" in out
+    assert "fold-bn" in out and "remove-noops" in out and "changed" in out
+    assert "pipeline: canonicalize,fold-bn" in out
+    err = float(re.search(r"max \|compiled - original\| on the example inputs: (\S+)", out).group(1))
+    assert err < 1e-4
 
 
 def test_recipes_and_passes(capsys):

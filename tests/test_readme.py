@@ -27,3 +27,6 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert failed.name == "relu-to-gelu" and "changed the outputs" in failed.error
     assert any("relu-to-gelu" in str(w.message) for w in caught)
     assert os.path.exists(tmp_path / "model.fxopt")
+    # the user-defined rewrite matched once and kept the numerics
+    rec = ns["fused"].fxopt_history.records[0]
+    assert rec.status == "changed" and sum(rec.info["rewrites"].values()) == 1

@@ -28,9 +28,9 @@ def test_compile_matches_eval_outputs_and_attaches_history():
     out = fxopt.compile(model, (x,))
     assert torch.allclose(out(x), model(x), atol=1e-6)
     h = out.fxopt_history
-    assert h.pipeline == "cleanup" and h.records and not h.failures
+    assert h.pipeline == fxopt.recipes["default"].pipeline and h.records and not h.failures
     assert len(h.final) < len(h.initial)
-    assert "cleanup > repeat#1 > remove-noops" in h.table()
+    assert "cleanup > repeat#1 > remove-noops" in h.table() and "fold-bn" in h.table()
 
 
 def test_structured_outputs_survive_compile():
