@@ -5,7 +5,8 @@ import importlib
 import pytest
 
 MODULES = ["fxopt", "fxopt.api", "fxopt.capture", "fxopt.manager", "fxopt.pipeline", "fxopt.recipes",
-           "fxopt.serialize", "fxopt.backend", "fxopt.passes.cleanup"]
+           "fxopt.serialize", "fxopt.backend", "fxopt.passes.cleanup", "fxopt.summarize", "fxopt.graph_diff",
+           "fxopt.graph_render", "fxopt.training"]
 
 
 @pytest.mark.parametrize("name", MODULES)

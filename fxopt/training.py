@@ -1,0 +1,279 @@
+"""``fxopt.finetune``: recover accuracy after compression with mini-batch training.
+
+Works on plain modules and on modules returned by ``fxopt.compile`` (their graphs
+keep inference semantics: batch norm uses its running statistics, dropout is gone;
+fine-tuning updates the weights). The model you pass is copied unless
+``inplace=True``.
+
+    >>> import torch, fxopt
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    >>> data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    >>> model, hist = fxopt.finetune(torch.nn.Linear(4, 2), data, epochs=3, lr=0.1, progress=False)
+    >>> len(hist.epochs), hist.epochs[-1]["loss"] < hist.epochs[0]["loss"]
+    (3, True)
+
+Optimizers: ``"sgd"`` (mini-batch SGD with momentum, Nesterov and weight decay
+options; the core), ``"adam"``, ``"adamw"``. Schedules (per step, with optional
+linear warm-up): ``"constant"``, ``"cosine"``, ``"step"`` (``step_size`` epochs,
+``gamma``), ``"linear"`` (to zero), ``"onecycle"``. ``amp``: ``"bf16"`` autocast
+(CPU or GPU) or ``"fp16"`` with a gradient scaler (GPU). ``loss``:
+``"cross_entropy"``, ``"mse"``, ``"l1"``, or a callable ``loss(outputs, targets)``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .errors import InputError
+
+__all__ = ["finetune", "FinetuneHistory", "cubic_sparsity", "make_optimizer", "make_schedule"]
+
+
+@dataclass
+class FinetuneHistory:
+    """Per-epoch records: ``{"epoch", "loss", "accuracy", "lr", "seconds", "eval_loss", "eval_accuracy"}``."""
+
+    epochs: list = field(default_factory=list)
+    steps: int = 0
+
+    def table(self) -> str:
+        keys = [k for k in ("epoch", "loss", "accuracy", "eval_loss", "eval_accuracy", "lr", "seconds")
+                if any(k in e for e in self.epochs)]
+        rows = [[_fmt(e.get(k)) for k in keys] for e in self.epochs]
+        widths = [max(len(x) for x in col) for col in zip(keys, *rows)]
+        return "\n".join("  ".join(x.rjust(w) for x, w in zip(r, widths)) for r in [keys, *rows])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+_LOSSES: dict[str, Callable] = {
+    "cross_entropy": torch.nn.functional.cross_entropy,
+    "mse": torch.nn.functional.mse_loss,
+    "l1": torch.nn.functional.l1_loss,
+}
+
+
+def cubic_sparsity(step: int, final: float, begin: int, end: int, initial: float = 0.0) -> float:
+    """Zhu & Gupta's gradual pruning schedule: sparsity at ``step`` rising from ``initial`` at
+    ``begin`` to ``final`` at ``end`` as ``final + (initial - final) * (1 - t)^3``."""
+    if step <= begin:
+        return initial
+    if step >= end:
+        return final
+    t = (step - begin) / max(1, end - begin)
+    return final + (initial - final) * (1 - t) ** 3
+
+
+def make_optimizer(params: Iterable, name: str, lr: float, momentum: float, weight_decay: float,
+                   nesterov: bool) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise InputError("the model has no trainable parameters (requires_grad=True)")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov and momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise InputError(f"unknown optimizer '{name}'; use sgd, adam or adamw")
+
+
+def make_schedule(name: str, total_steps: int, steps_per_epoch: int, warmup_steps: int = 0,
+                  step_size: int = 1, gamma: float = 0.1) -> Callable[[int], float]:
+    """A multiplier of the base learning rate for each optimizer step."""
+    if name not in ("constant", "cosine", "step", "linear", "onecycle"):
+        raise InputError(f"unknown schedule '{name}'; use constant, cosine, step, linear or onecycle")
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        s = step - warmup_steps
+        n = max(1, total_steps - warmup_steps)
+        if name == "constant":
+            return 1.0
+        if name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(s, n) / n))
+        if name == "linear":
+            return max(0.0, 1 - s / n)
+        if name == "step":
+            return gamma ** ((step // max(1, steps_per_epoch)) // max(1, step_size))
+        # onecycle: up for 30% of the steps, then cosine down
+        up = max(1, int(0.3 * n))
+        if s < up:
+            return 0.1 + 0.9 * s / up
+        return 0.5 * (1 + math.cos(math.pi * (s - up) / max(1, n - up)))
+    return factor
+
+
+def _call(model: torch.nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "logits"):
+        return out.logits
+    raise InputError(f"cannot find the prediction in a model output of type {type(out).__name__}")
+
+
+def _batches(data: Iterable, epoch: int) -> Iterable:
+    for i, item in enumerate(data):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise InputError(f"batch {i} of epoch {epoch} is a {type(item).__name__}; fine-tuning data must "
+                             "yield (inputs, targets) pairs (a DataLoader over a TensorDataset does)")
+        yield item
+
+
+def _evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable) -> tuple[float, float | None]:
+    total, n, correct, counted = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for inputs, target in _batches(data, -1):
+            out = _logits(_call(model, inputs))
+            total += float(loss_fn(out, target)) * len(target)
+            n += len(target)
+            if out.dim() == target.dim() + 1 and not target.is_floating_point():
+                correct += int((out.argmax(-1) == target).sum())
+                counted += target.numel()
+    return total / max(n, 1), (100.0 * correct / counted if counted else None)
+
+
+def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimizer: str = "sgd",
+             lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
+             schedule: str = "cosine", warmup_steps: int = 0, step_size: int = 1, gamma: float = 0.1,
+             amp: str | None = None, loss: str | Callable = "cross_entropy", eval_data: Iterable | None = None,
+             clip_grad_norm: float | None = None, seed: int | None = 0, inplace: bool = False,
+             progress: bool | None = None, on_step: Callable[[int, torch.nn.Module], None] | None = None,
+             ) -> tuple[torch.nn.Module, FinetuneHistory]:
+    """Train ``model`` on ``data`` (an iterable of ``(inputs, targets)`` batches, re-iterable when
+    ``epochs > 1``); return ``(trained_model, history)``. See the module docstring.
+
+    ``on_step(step, model)`` runs after every optimizer step (gradual pruning hooks in here).
+    ``seed`` makes the run deterministic (torch, Python ``random``); ``None`` leaves RNGs alone.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"finetune expects a torch.nn.Module, got {type(model).__name__}")
+    if epochs < 1:
+        raise InputError(f"epochs must be >= 1, got {epochs}")
+    if iter(data) is data and epochs > 1:  # type: ignore[call-overload]
+        raise InputError("data is a one-shot iterator but epochs > 1; pass a list or a DataLoader")
+    loss_fn = _LOSSES.get(loss) if isinstance(loss, str) else loss
+    if loss_fn is None:
+        raise InputError(f"unknown loss '{loss}'; use {', '.join(_LOSSES)} or a callable")
+    if amp not in (None, "bf16", "fp16"):
+        raise InputError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
+        random.seed(seed)
+    if not inplace:
+        model = copy.deepcopy(model)
+    try:
+        steps_per_epoch = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = 0
+    if steps_per_epoch == 0 and hasattr(data, "__len__"):
+        raise InputError("the fine-tuning data is empty")
+    opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay, nesterov)
+    total = steps_per_epoch * epochs if steps_per_epoch else epochs * 1000
+    factor = make_schedule(schedule, total, steps_per_epoch or 1000, warmup_steps, step_size, gamma)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    use_scaler = amp == "fp16" and device.type == "cuda"
+    if amp == "fp16" and not use_scaler:
+        raise InputError("amp='fp16' needs a CUDA device (gradient scaling); on CPU use amp='bf16'")
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    from tqdm.auto import tqdm
+    import sys
+    show = sys.stderr.isatty() if progress is None else progress
+    history = FinetuneHistory()
+    step = 0
+    model.train()
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        total_loss, seen, correct, counted = 0.0, 0, 0, 0
+        bar = tqdm(total=steps_per_epoch or None, desc=f"epoch {epoch}/{epochs}", disable=not show, leave=False)
+        for inputs, target in _batches(data, epoch):
+            for g in opt.param_groups:
+                g["lr"] = lr * factor(step)
+            opt.zero_grad(set_to_none=True)
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16) \
+                if amp else _nullctx()
+            with ctx:
+                out = _logits(_call(model, inputs))
+                value = loss_fn(out.float() if amp else out, target)
+            if not torch.isfinite(value.detach()):
+                raise InputError(f"the loss became {float(value.detach())} at epoch {epoch}, step {step}; lower the "
+                                 "learning rate or check the data for NaN/Inf")
+            if scaler is not None:
+                scaler.scale(value).backward()
+                if clip_grad_norm:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                value.backward()
+                if clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                opt.step()
+            step += 1
+            if on_step is not None:
+                on_step(step, model)
+            n = len(target)
+            total_loss += float(value.detach()) * n
+            seen += n
+            if out.dim() == target.dim() + 1 and not target.is_floating_point():
+                correct += int((out.detach().argmax(-1) == target).sum())
+                counted += target.numel()
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        if seen == 0:
+            raise InputError("the fine-tuning data is empty")
+        record = {"epoch": epoch, "loss": total_loss / seen, "lr": opt.param_groups[0]["lr"],
+                  "seconds": time.perf_counter() - start}
+        if counted:
+            record["accuracy"] = 100.0 * correct / counted
+        if eval_data is not None:
+            model.eval()
+            record["eval_loss"], acc = _evaluate(model, eval_data, loss_fn)
+            if acc is not None:
+                record["eval_accuracy"] = acc
+            model.train()
+        history.epochs.append(record)
+    history.steps = step
+    model.eval()
+    return model, history
+
+
+class _nullctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None

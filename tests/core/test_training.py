@@ -1,0 +1,99 @@
+"""fxopt.finetune on plain and compiled modules, with the digits data the benchmarks use."""
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.models import DemoNet
+from models import state_hash
+
+
+@pytest.fixture(scope="module")
+def digits():
+    sk = pytest.importorskip("sklearn.datasets")
+    x, y = sk.load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
+    y = torch.tensor(y)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    tr, te = perm[:1400], perm[1400:]
+    train = [(x[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, 1400, 64)]
+    test = [(x[te], y[te])]
+    return train, test
+
+
+def test_sgd_with_cosine_learns_digits_and_is_deterministic(digits):
+    train, test = digits
+    torch.manual_seed(0)
+    model = DemoNet()
+    before = state_hash(model)
+    a, ha = fxopt.finetune(model, train, epochs=4, lr=0.05, momentum=0.9, schedule="cosine", eval_data=test,
+                           seed=1, progress=False)
+    b, hb = fxopt.finetune(model, train, epochs=4, lr=0.05, momentum=0.9, schedule="cosine", eval_data=test,
+                           seed=1, progress=False)
+    assert state_hash(model) == before  # the model passed in is untouched
+    assert ha.epochs[-1]["eval_accuracy"] > 80
+    assert [e["loss"] for e in ha.epochs] == [e["loss"] for e in hb.epochs]
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert ha.epochs[-1]["lr"] < 0.01 and "eval_accuracy" in ha.table()
+
+
+def test_finetune_a_compiled_model(digits):
+    from fxopt.training import _evaluate
+    train, test = digits
+    torch.manual_seed(0)
+    trained, _ = fxopt.finetune(DemoNet(), train, epochs=4, lr=0.05, progress=False)
+    compiled = fxopt.compile(trained, (train[0][0],))  # batch norm folded into the convs
+    loss0, acc0 = _evaluate(compiled, test, nn.functional.cross_entropy)
+    assert abs(acc0 - _evaluate(trained, test, nn.functional.cross_entropy)[1]) < 0.5
+    tuned, hist = fxopt.finetune(compiled, train, epochs=2, lr=0.01, eval_data=test, progress=False)
+    assert isinstance(tuned, torch.fx.GraphModule)
+    assert hist.epochs[-1]["eval_loss"] < loss0
+    assert tuned(train[0][0][:3]).shape == (3, 10)
+
+
+@pytest.mark.parametrize("opt,sched,amp", [("adam", "step", None), ("adamw", "linear", "bf16"),
+                                           ("sgd", "onecycle", None), ("sgd", "constant", "bf16")])
+def test_optimizers_schedules_and_amp(digits, opt, sched, amp):
+    train, _ = digits
+    _, hist = fxopt.finetune(DemoNet(), train[:6], epochs=2, optimizer=opt, schedule=sched, amp=amp,
+                             lr=0.01, warmup_steps=2, progress=False)
+    assert hist.epochs[-1]["loss"] < hist.epochs[0]["loss"] * 1.5 and hist.steps == 12
+
+
+def test_schedules_shape():
+    from fxopt.training import make_schedule
+    cos = make_schedule("cosine", 100, 10, warmup_steps=10)
+    assert cos(0) == pytest.approx(0.1) and cos(10) == pytest.approx(1.0) and cos(100) == pytest.approx(0.0)
+    step = make_schedule("step", 100, 10, step_size=2, gamma=0.5)
+    assert step(0) == 1.0 and step(25) == 0.5 and step(45) == 0.25
+
+
+def test_cubic_sparsity_schedule():
+    s = [fxopt.cubic_sparsity(t, 0.8, 10, 110) for t in range(0, 130, 10)]
+    assert s[0] == 0 and s[1] == 0 and s[-1] == pytest.approx(0.8) and s == sorted(s)
+    assert s[2] - s[1] > s[-2] - s[-3]  # prunes fast first, slowly at the end
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"optimizer": "lbfgs"}, "unknown optimizer"),
+    ({"schedule": "warp"}, "unknown schedule"),
+    ({"loss": "hinge"}, "unknown loss"),
+    ({"amp": "fp8"}, "amp must be"),
+    ({"amp": "fp16"}, "CUDA"),
+    ({"lr": 1e6, "momentum": 0.0}, "loss became"),
+])
+def test_bad_settings_are_clear_errors(digits, kwargs, match):
+    train, _ = digits
+    with pytest.raises(fxopt.InputError, match=match):
+        fxopt.finetune(DemoNet(), train[:3], epochs=2, progress=False, **kwargs)
+
+
+def test_bad_data_is_a_clear_error():
+    with pytest.raises(fxopt.InputError, match="empty"):
+        fxopt.finetune(nn.Linear(2, 2), [], progress=False)
+    with pytest.raises(fxopt.InputError, match="one-shot iterator"):
+        fxopt.finetune(nn.Linear(2, 2), iter([(torch.randn(2, 2), torch.tensor([0, 1]))]), epochs=2,
+                       progress=False)
+    with pytest.raises(fxopt.InputError, match="pairs"):
+        fxopt.finetune(nn.Linear(2, 2), [torch.randn(2, 2)], progress=False)
