@@ -142,6 +142,13 @@ def param_stats(gm: torch.nn.Module) -> tuple[int, int]:
 def remove_unused_attributes(gm: fx.GraphModule) -> int:
     """Delete parameters, buffers and tensor attributes no ``get_attr`` reads. Returns how many."""
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    # attributes passes asked to keep although no node reads them (sparsity masks), as long as
+    # the tensor they belong to is still read
+    for name, owner in dict(gm.meta.get("fxopt_keep_attrs", {})).items():
+        if owner in used:
+            used.add(name)
+        else:
+            del gm.meta["fxopt_keep_attrs"][name]
     used_modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     removed = 0
     for prefix, mod in list(gm.named_modules()):

@@ -73,5 +73,8 @@ def _builtin() -> None:
     register_recipe("default", "canonicalize,fold-bn,fuse-attention,simplify-activations,cleanup",
                     "The semantics-preserving rewrites and cleanup: linear canonicalization, batch-norm "
                     "folding, attention fusion, canonical activations, then exact cleanup.", replace=True)
+    register_recipe("sparse-2:4", "canonicalize,fold-bn,sparsify-2:4,cleanup",
+                    "2:4 semi-structured weight sparsity on convs and linears (output layer kept dense); "
+                    "fine-tune afterwards with fxopt.finetune, which keeps the zeros.", replace=True)
     register_recipe("cleanup", "cleanup", "Same as default: the exact cleanup passes to a fixed point.",
                     replace=True)

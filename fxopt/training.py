@@ -34,6 +34,11 @@ import torch
 
 from .errors import InputError
 
+
+def reapply_masks(model: torch.nn.Module) -> int:
+    from .passes.sparsity import reapply_masks as _reapply
+    return _reapply(model)
+
 __all__ = ["finetune", "FinetuneHistory", "cubic_sparsity", "make_optimizer", "make_schedule"]
 
 
@@ -170,11 +175,13 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
              amp: str | None = None, loss: str | Callable = "cross_entropy", eval_data: Iterable | None = None,
              clip_grad_norm: float | None = None, seed: int | None = 0, inplace: bool = False,
              progress: bool | None = None, on_step: Callable[[int, torch.nn.Module], None] | None = None,
-             ) -> tuple[torch.nn.Module, FinetuneHistory]:
+             keep_sparsity: bool = True) -> tuple[torch.nn.Module, FinetuneHistory]:
     """Train ``model`` on ``data`` (an iterable of ``(inputs, targets)`` batches, re-iterable when
     ``epochs > 1``); return ``(trained_model, history)``. See the module docstring.
 
     ``on_step(step, model)`` runs after every optimizer step (gradual pruning hooks in here).
+    ``keep_sparsity``: weights pruned by fxopt's sparsity passes stay zero (their masks are
+    re-applied after every step).
     ``seed`` makes the run deterministic (torch, Python ``random``); ``None`` leaves RNGs alone.
     """
     if not isinstance(model, torch.nn.Module):
@@ -242,6 +249,8 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
                 opt.step()
             step += 1
+            if keep_sparsity:
+                reapply_masks(model)
             if on_step is not None:
                 on_step(step, model)
             n = len(target)

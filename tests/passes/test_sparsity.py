@@ -1,0 +1,102 @@
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.dialect import is_conv, is_linear
+from fxopt.passes.sparsity import mask_24, reapply_masks, sparsity_report
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def weights_of(gm):
+    out = {}
+    for n in gm.graph.nodes:
+        if is_conv(n) or is_linear(n):
+            w = n.args[1]
+            t = gm
+            for part in str(w.target).split("."):
+                t = getattr(t, part)
+            out[n.name] = (n, t)
+    return out
+
+
+def test_mask_24_keeps_two_of_every_four():
+    w = torch.randn(6, 12)
+    m = mask_24(w)
+    assert m.reshape(6, 3, 4).sum(-1).eq(2).all()
+    kept = torch.where(m, w.abs(), torch.inf).reshape(6, 3, 4).amin(-1)
+    dropped = torch.where(~m, w.abs(), -torch.inf).reshape(6, 3, 4).amax(-1)
+    assert (kept >= dropped).all()
+
+
+def test_sparsify_24_structure_metadata_and_output_layer():
+    x = torch.randn(2, 4, 6, 6)
+    out = fxopt.compile(Net().eval(), (x,), recipe="sparsify-2:4", strict=True)
+    rec = out.fxopt_history.records[0]
+    assert rec.status == "changed" and rec.info["layers"] == 2 and rec.error_vs_original > 0
+    ws = weights_of(out)
+    for name, (node, w) in ws.items():
+        if name.startswith("fc2"):
+            assert "fxopt_sparsity" not in node.meta and (w != 0).all()  # output layer kept dense
+        else:
+            assert node.meta["fxopt_sparsity"] == {"pattern": "2:4", "density": 0.5}
+            assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).eq(2).all()
+    assert out(torch.randn(5, 4, 6, 6)).shape == (5, 10)
+
+
+def test_magnitude_prune_layer_and_global():
+    x = torch.randn(2, 4, 6, 6)
+    out = fxopt.compile(Net().eval(), (x,), recipe="magnitude-prune(ratio=0.75)", strict=True)
+    dens = out.fxopt_history.records[0].info["density"]
+    assert set(dens) == {"conv", "fc1"} and all(abs(d - 0.25) < 0.01 for d in dens.values())
+    out = fxopt.compile(Net().eval(), (x,), recipe="magnitude-prune(ratio=0.5,scope=global,keep_output=false)")
+    dens = out.fxopt_history.records[0].info["density"]
+    assert set(dens) == {"conv", "fc1", "fc2"} and not all(abs(d - 0.5) < 0.01 for d in dens.values())
+    total = sum(w.numel() for _, w in weights_of(out).values())
+    zeros = sum(int((w == 0).sum()) for _, w in weights_of(out).values())
+    assert abs(zeros / total - 0.5) < 0.01
+    with pytest.raises(fxopt.PipelineError, match="ratio"):
+        fxopt.parse_pipeline("magnitude-prune(ratio=1.5)")
+
+
+def test_finetune_keeps_the_zeros():
+    x = torch.randn(32, 4, 6, 6)
+    y = torch.randint(0, 10, (32,))
+    sparse = fxopt.compile(Net().eval(), (x[:2],), recipe="sparse-2:4")
+    tuned, _ = fxopt.finetune(sparse, [(x, y)] * 3, epochs=2, lr=0.1, progress=False)
+    report = sparsity_report(tuned)
+    assert len(report) == 2 and all(abs(v - 0.5) < 1e-6 for v in report.values())
+    free, _ = fxopt.finetune(sparse, [(x, y)] * 3, epochs=1, lr=0.1, keep_sparsity=False, progress=False)
+    assert all(v < 0.5 for v in sparsity_report(free).values())
+    assert reapply_masks(free) == 2 and all(abs(v - 0.5) < 1e-6 for v in sparsity_report(free).values())
+
+
+def test_sparse_24_on_digits_recovers_with_finetuning():
+    sk = pytest.importorskip("sklearn.datasets")
+    from fxopt.models import DemoNet
+    x, y = sk.load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
+    y = torch.tensor(y)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1400], perm[1400:]
+    train = [(x[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, 1400, 64)]
+    test = [(x[te], y[te])]
+    torch.manual_seed(0)
+    dense, _ = fxopt.finetune(DemoNet(width=32), train, epochs=6, lr=0.05, progress=False)
+    from fxopt.training import _evaluate
+    acc_dense = _evaluate(dense, test, nn.functional.cross_entropy)[1]
+    sparse = fxopt.compile(dense, (train[0][0],), recipe="sparse-2:4")
+    tuned, hist = fxopt.finetune(sparse, train, epochs=3, lr=0.01, eval_data=test, progress=False)
+    assert hist.epochs[-1]["eval_accuracy"] >= acc_dense - 2.0
+    assert all(abs(v - 0.5) < 1e-6 for v in sparsity_report(tuned).values())
