@@ -62,6 +62,12 @@ def register_recipe(name: str, pipeline: str, doc: str, *, replace: bool = False
         raise RecipeError(f"recipe '{name}' already exists; pass replace=True to redefine it")
     parse_pipeline(pipeline)
     recipes._items[name] = Recipe(name, pipeline, doc)
+    # a recipe is also a pipeline step ("default,magnitude-prune"), unless a pass owns the name
+    from .pass_base import PASS_REGISTRY
+    from .pipeline import PipelineAlias, register_pipeline
+    if name not in PASS_REGISTRY or issubclass(PASS_REGISTRY[name], PipelineAlias) and \
+            getattr(PASS_REGISTRY[name], "from_recipe", False):
+        register_pipeline(name, pipeline, doc.split(";")[0]).from_recipe = True
     return recipes._items[name]
 
 
