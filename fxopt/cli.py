@@ -95,9 +95,21 @@ def cmd_recipes(ns: argparse.Namespace) -> int:
 
 def cmd_passes(ns: argparse.Namespace) -> int:
     import dataclasses
+    import inspect as pyinspect
 
     import fxopt
     from .pipeline import PipelineAlias
+    if ns.name:
+        cls = fxopt.get_pass(ns.name)
+        print(f"{ns.name}\n{'=' * len(ns.name)}\n")
+        print(pyinspect.getdoc(cls) or "")
+        module_doc = pyinspect.getdoc(sys.modules.get(cls.__module__))
+        if module_doc and module_doc != pyinspect.getdoc(cls):
+            print("\n" + module_doc)
+        opts = [f"  {f.name} = {f.default!r}" for f in dataclasses.fields(cls.Config)]
+        if opts:
+            print("\noptions:\n" + "\n".join(opts))
+        return 0
     for name, cls in fxopt.list_passes().items():
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
         kind = "pipeline" if issubclass(cls, PipelineAlias) else \
@@ -181,7 +193,6 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     else:
         _status(f"capturing {loaded.description} ...")
         gm = fxopt.trace(model, loaded.args, loaded.kwargs, dynamic=_DYNAMIC[ns.dynamic])
-    before = gm
     history = None
     if pipeline is not None or ns.report:
         import copy
@@ -274,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_recipes)
     r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     q = sub.add_parser("passes", help="list the passes with their docs and options",
-                       epilog="example:\n  fxopt passes", formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="examples:\n  fxopt passes\n  fxopt passes fold-bn      (the full documentation)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("name", nargs="?", help="show one pass's full documentation")
     q.set_defaults(fn=cmd_passes)
     q.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return p

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .snapshot import GraphSnapshot, NodeInfo
+from .snapshot import NodeInfo
 from .summarize import as_snapshot
 
 __all__ = ["GraphDiff", "diff"]

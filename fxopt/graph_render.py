@@ -185,7 +185,7 @@ def _svg(boxes: dict, edges: list, size: tuple, title: str, counts: dict, groups
            f'viewBox="0 0 {int(width)} {int(height)}" font-family="Helvetica, Arial, sans-serif" font-size="11">',
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
            'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#777"/></marker></defs>',
-           f'<rect width="100%" height="100%" fill="white"/>',
+           '<rect width="100%" height="100%" fill="white"/>',
            f'<text x="20" y="22" font-size="14" font-weight="bold">{escape(_fit(title, width))}</text>']
     if groups:  # light frames around top-level modules
         frames: dict[str, list] = {}

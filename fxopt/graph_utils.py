@@ -10,7 +10,6 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .dialect import module_path
 
 __all__ = ["Snapshot", "take_snapshot", "restore_snapshot", "changed_tensors", "max_abs_error",
            "within_tolerance", "param_stats", "GraphSnapshot", "node_count", "remove_unused_attributes"]

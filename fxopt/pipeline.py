@@ -18,7 +18,6 @@ one line its history prints::
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, Union
 
 from .errors import PipelineError

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.dialect import GUARD_MODULE, aten, get_attr_tensor, is_impure
+from fxopt.dialect import aten, get_attr_tensor, is_impure
 from fxopt.graph_utils import remove_unused_attributes
 from fxopt.meta import propagate_meta, same_shape
 from fxopt.pass_base import EXACT, Pass, PassContext, PassResult, Tolerance, register_pass

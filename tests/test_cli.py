@@ -42,6 +42,14 @@ def test_recipes_and_passes(capsys):
     assert "fold-constants" in out and "[exact]" in out and "[pipeline]" in out
 
 
+def test_passes_shows_one_pass_in_full(capsys):
+    assert main(["passes", "fold-bn"]) == 0
+    out = capsys.readouterr().out
+    assert "Preconditions" in out and "Tolerance" in out
+    assert main(["passes", "fold-bnn"]) == 1
+    assert "Did you mean fold-bn" in capsys.readouterr().err
+
+
 def test_bad_recipe_is_one_clear_line(capsys):
     assert main(["demo", "--recipe", "turbo"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
