@@ -82,5 +82,8 @@ def _builtin() -> None:
     register_recipe("sparse-2:4", "canonicalize,fold-bn,sparsify-2:4,cleanup",
                     "2:4 semi-structured weight sparsity on convs and linears (output layer kept dense); "
                     "fine-tune afterwards with fxopt.finetune, which keeps the zeros.", replace=True)
+    register_recipe("prune-50", "canonicalize,prune(ratio=0.5),fold-bn,cleanup",
+                    "Structured pruning: remove 50% of the channels of every prunable channel group "
+                    "(the model really shrinks); fine-tune afterwards with fxopt.finetune.", replace=True)
     register_recipe("cleanup", "cleanup", "Same as default: the exact cleanup passes to a fixed point.",
                     replace=True)

@@ -1,6 +1,6 @@
 """fxopt's built-in passes and analyses, one module per family. Importing registers them."""
-from . import (activations, attention, canonicalize, cleanup, cost, fold_bn, fuse_qkv, graph_view,  # noqa: F401
-               low_rank, provenance, shapes, sparsity)
+from . import (activations, attention, canonicalize, cleanup, cost, dependency, fold_bn, fuse_qkv,  # noqa: F401
+               graph_view, low_rank, provenance, prune, shapes, sparsity)
 
-__all__ = ["activations", "attention", "canonicalize", "cleanup", "cost", "fold_bn", "fuse_qkv", "graph_view",
+__all__ = ["activations", "attention", "canonicalize", "cleanup", "cost", "dependency", "fold_bn", "prune", "fuse_qkv", "graph_view",
            "low_rank", "provenance", "shapes", "sparsity"]

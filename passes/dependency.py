@@ -1,0 +1,250 @@
+"""``channel-groups``: which tensors must lose the same channels together.
+
+Structured pruning removes whole output channels of a convolution or linear. Every
+tensor coupled to those channels must lose the same indices: the batch norm after it,
+the layers that read it, and through residual adds and gating multiplies, the other
+producers added to it. This analysis finds those groups with a union-find over
+*channel spaces*:
+
+* a conv/linear output opens a space (its weight's dim 0);
+* batch/layer norm, activations, unary elementwise ops, pooling, reductions over other
+  dims, and flattening ``[N, C, H, W] -> [N, C*H*W]`` carry the space through;
+* a binary elementwise op joins the spaces of its two inputs (residual adds, SE gates);
+* a depthwise convolution carries its input space to its output (and must shrink with it);
+* conv/linear inputs, norm parameters and flatten sizes are recorded as consumers.
+
+Anything else that touches a space (concat, split, other reshapes, the graph outputs,
+ops this analysis does not know) marks it *unprunable*, so pruning never breaks a model
+it does not understand; the result records why. Groups are the roots of the union-find.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxopt.analysis import Analysis, register_analysis
+from fxopt.dialect import aten, is_conv, is_linear, module_path
+from fxopt.meta import size_expr
+from fxopt.rewrite_utils import arg, attr_tensor
+
+__all__ = ["ChannelGroup", "ChannelGroupsAnalysis", "channel_groups"]
+
+_BN = aten._native_batch_norm_legit_no_training.default
+_POOL = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+         aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default,
+         aten.max_pool3d.default, aten.avg_pool3d.default}
+_BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
+_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
+_UNARY = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.hardswish.default,
+          aten.hardsigmoid.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+          aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.clamp.default,
+          aten.clamp_min.default, aten.clamp_max.default, aten.neg.default, aten.abs.default, aten.exp.default}
+
+
+@dataclass
+class ChannelGroup:
+    """One set of coupled channels: ``size`` channels, who produces and who consumes them."""
+
+    size: int
+    producers: list = field(default_factory=list)   # conv/linear nodes whose output channels these are
+    members: list = field(default_factory=list)     # (kind, node, extra): see ChannelGroupsAnalysis
+    reasons: list = field(default_factory=list)     # why unprunable, empty when prunable
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons and bool(self.producers)
+
+    def describe(self) -> str:
+        names = ", ".join(module_path(p) or p.name for p in self.producers)
+        state = "prunable" if self.prunable else "kept: " + "; ".join(self.reasons[:2])
+        return f"{self.size} channels of [{names}] ({state})"
+
+
+class _UF:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.groups: list[ChannelGroup] = []
+
+    def new(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.groups.append(ChannelGroup(size))
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        ga, gb = self.groups[ra], self.groups[rb]
+        if ga.size != gb.size:
+            ga.reasons.append(f"joined with a space of {gb.size} channels")
+        ga.producers += gb.producers
+        ga.members += gb.members
+        ga.reasons += gb.reasons
+        self.parent[rb] = ra
+        return ra
+
+    def group(self, i: int) -> ChannelGroup:
+        return self.groups[self.find(i)]
+
+
+def _val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
+    """The channel groups of ``gm`` (see the module docstring)."""
+    uf = _UF()
+    space: dict[fx.Node, tuple[int, int, int]] = {}   # node -> (space id, channel dim, flatten factor)
+
+    def mark(node: fx.Node, why: str) -> None:
+        if node in space:
+            uf.group(space[node][0]).reasons.append(f"{why} at {node.name}")
+
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            for a in node.all_input_nodes:
+                mark(a, "reaches the model output")
+            continue
+        if node.op != "call_function":
+            continue
+        t = node.target
+        out = _val(node)
+        ins = [a for a in node.all_input_nodes if a in space]
+        if is_conv(node) or is_linear(node):
+            x = node.args[0]
+            w = attr_tensor(gm, node.args[1])
+            if w is None or (is_conv(node) and t is not aten.conv2d.default and t is not aten.conv1d.default):
+                for a in ins:
+                    mark(a, f"read by {t}")
+                continue
+            groups = arg(node, 6, "groups", 1) if is_conv(node) else 1
+            if x in space:
+                sid, cdim, factor = space[x]
+                want = 1 if is_conv(node) else (_val(x).dim() - 1 if isinstance(_val(x), torch.Tensor) else -1)
+                if cdim != want:
+                    mark(x, f"channel dim {cdim} read as features by {node.name}")
+                elif groups == 1:
+                    uf.group(sid).members.append(("in", node, factor))
+                elif groups == int(w.shape[0]) and int(w.shape[1]) == 1 and factor == 1:
+                    uf.group(sid).members.append(("dw", node, 1))   # depthwise: output space = input space
+                    space[node] = (sid, 1, 1)
+                    continue
+                else:
+                    mark(x, f"grouped conv {node.name}")
+            if groups != 1 and x not in space:
+                continue
+            if groups == 1 and isinstance(out, torch.Tensor):
+                sid = uf.new(int(w.shape[0]))
+                uf.group(sid).producers.append(node)
+                uf.group(sid).members.append(("out", node, 1))
+                space[node] = (sid, 1 if is_conv(node) else out.dim() - 1, 1)
+            continue
+        if not ins:
+            continue
+        if t is _BN and node.args[0] in space and space[node.args[0]][1] == 1:
+            sid, cdim, f = space[node.args[0]]
+            uf.group(sid).members.append(("bn", node, 1))
+            space[node] = (sid, cdim, f)
+            continue
+        if t is operator.getitem and node.args[0] in space and node.args[0].target is _BN and node.args[1] == 0:
+            space[node] = space[node.args[0]]
+            continue
+        if t in (aten.layer_norm.default,) and node.args[0] in space:
+            sid, cdim, f = space[node.args[0]]
+            if isinstance(out, torch.Tensor) and cdim == out.dim() - 1 and len(node.args[1]) == 1 and f == 1:
+                uf.group(sid).members.append(("ln", node, 1))
+                space[node] = (sid, cdim, f)
+            else:
+                mark(node.args[0], "layer norm over other dims")
+            continue
+        if t in _POOL and node.args[0] in space and space[node.args[0]][1] == 1:
+            space[node] = space[node.args[0]]
+            continue
+        if t in _REDUCE and node.args[0] in space:
+            sid, cdim, f = space[node.args[0]]
+            x = _val(node.args[0])
+            dims = [d % x.dim() for d in node.args[1]] if isinstance(x, torch.Tensor) else []
+            keep = bool(arg(node, 2, "keepdim", False))
+            if f == 1 and dims and cdim not in dims:
+                space[node] = (sid, cdim if keep else cdim - sum(d < cdim for d in dims), 1)
+            else:
+                mark(node.args[0], f"reduction {node.name}")
+            continue
+        if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints):
+            src = node.args[0]
+            x, sid_c = _val(src), space.get(src)
+            ok = False
+            if sid_c is not None and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and \
+                    sid_c[1] == 1 and out.dim() == 2 and x.dim() >= 2 and sid_c[2] == 1:
+                spatial = [size_expr(s) for s in x.shape[2:]]
+                if all(isinstance(s, int) for s in spatial) and size_expr(out.shape[1]) == \
+                        int(size_expr(x.shape[1])) * int(torch.tensor(spatial).prod().item() if spatial else 1):
+                    hw = int(torch.tensor(spatial).prod().item()) if spatial else 1
+                    uf.group(sid_c[0]).members.append(("flatten", node, hw))
+                    space[node] = (sid_c[0], 1, hw)
+                    ok = True
+            if not ok:
+                for a in ins:
+                    mark(a, f"reshape {node.name}")
+            continue
+        if t in _BINARY and len(ins) >= 1:
+            tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+            if len(tensors) == 2 and all(a in space for a in tensors):
+                (s1, c1, f1), (s2, c2, f2) = space[tensors[0]], space[tensors[1]]
+                v1, v2 = _val(tensors[0]), _val(tensors[1])
+                if f1 == f2 == 1 and v1.dim() - c1 == v2.dim() - c2:
+                    sid = uf.union(s1, s2)
+                    space[node] = (sid, c1 if v1.dim() >= v2.dim() else c2, 1)
+                else:
+                    mark(tensors[0], f"mismatched channel dims at {node.name}")
+                    mark(tensors[1], f"mismatched channel dims at {node.name}")
+                continue
+            other = next((a for a in tensors if a not in space), None)
+            src = ins[0]
+            if other is not None:
+                ov = _val(other)
+                sid, cdim, f = space[src]
+                sv = _val(src)
+                # a tensor that broadcasts over the channel dim is fine (scalars, [N,1,H,W])
+                lead = sv.dim() - ov.dim() if isinstance(ov, torch.Tensor) else 0
+                k = cdim - lead
+                if isinstance(ov, torch.Tensor) and 0 <= k < ov.dim() and size_expr(ov.shape[k]) != 1:
+                    mark(src, f"{node.name} mixes in a per-channel tensor")
+                    continue
+            space[node] = space[src]
+            continue
+        if (t in _UNARY or isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags) and len(ins) == 1 and \
+                isinstance(out, torch.Tensor) and isinstance(_val(ins[0]), torch.Tensor) and \
+                tuple(out.shape) == tuple(_val(ins[0]).shape) and len(node.all_input_nodes) == 1:
+            space[node] = space[ins[0]]
+            continue
+        if t in (aten.clone.default, aten.dropout.default, aten.contiguous.default, aten.alias.default):
+            space[node] = space[ins[0]]
+            continue
+        for a in ins:
+            mark(a, f"used by {getattr(t, '__name__', str(t))}")
+    roots = sorted({uf.find(i) for i in range(len(uf.parent))})
+    return [uf.groups[r] for r in roots if uf.groups[r].producers]
+
+
+@register_analysis
+class ChannelGroupsAnalysis(Analysis):
+    """The list of :class:`ChannelGroup` of the graph (see module docs)."""
+
+    name = "channel-groups"
+
+    def run(self, gm: fx.GraphModule, ctx: Any = None) -> list[ChannelGroup]:
+        return channel_groups(gm)
+
+    def same(self, cached: Any, fresh: Any, gm: fx.GraphModule) -> bool:
+        return [g.describe() for g in cached] == [g.describe() for g in fresh]
