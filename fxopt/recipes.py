@@ -82,8 +82,9 @@ def _builtin() -> None:
     register_recipe("sparse-2:4", "canonicalize,fold-bn,sparsify-2:4,cleanup",
                     "2:4 semi-structured weight sparsity on convs and linears (output layer kept dense); "
                     "fine-tune afterwards with fxopt.finetune, which keeps the zeros.", replace=True)
-    register_recipe("prune-50", "canonicalize,prune(ratio=0.5),fold-bn,cleanup",
+    register_recipe("prune-50", "canonicalize,prune(ratio=0.5),cleanup",
                     "Structured pruning: remove 50% of the channels of every prunable channel group "
-                    "(the model really shrinks); fine-tune afterwards with fxopt.finetune.", replace=True)
+                    "(the model really shrinks); batch norms stay so fxopt.finetune can re-estimate them "
+                    "(compile with 'fold-bn' after fine-tuning).", replace=True)
     register_recipe("cleanup", "cleanup", "Same as default: the exact cleanup passes to a fixed point.",
                     replace=True)

@@ -35,6 +35,27 @@ import torch
 from .errors import InputError
 
 
+def _train_bn(x, weight, bias, running_mean, running_var, momentum, eps):  # noqa: ANN001
+    """Training-mode batch norm with the inference op's signature (updates the running stats)."""
+    out = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    return out, None, None
+
+
+def _swap_bn(model: torch.nn.Module, train: bool) -> int:
+    """Switch a compiled graph's inference batch norms to training mode (and back)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return 0
+    frozen = torch.ops.aten._native_batch_norm_legit_no_training.default
+    n = 0
+    for node in model.graph.nodes:
+        if node.op == "call_function" and node.target is (frozen if train else _train_bn):
+            node.target = _train_bn if train else frozen
+            n += 1
+    if n:
+        model.recompile()
+    return n
+
+
 def reapply_masks(model: torch.nn.Module) -> int:
     from .passes.sparsity import reapply_masks as _reapply
     return _reapply(model)
@@ -175,13 +196,15 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
              amp: str | None = None, loss: str | Callable = "cross_entropy", eval_data: Iterable | None = None,
              clip_grad_norm: float | None = None, seed: int | None = 0, inplace: bool = False,
              progress: bool | None = None, on_step: Callable[[int, torch.nn.Module], None] | None = None,
-             keep_sparsity: bool = True) -> tuple[torch.nn.Module, FinetuneHistory]:
+             keep_sparsity: bool = True, train_bn: bool = True) -> tuple[torch.nn.Module, FinetuneHistory]:
     """Train ``model`` on ``data`` (an iterable of ``(inputs, targets)`` batches, re-iterable when
     ``epochs > 1``); return ``(trained_model, history)``. See the module docstring.
 
     ``on_step(step, model)`` runs after every optimizer step (gradual pruning hooks in here).
     ``keep_sparsity``: weights pruned by fxopt's sparsity passes stay zero (their masks are
-    re-applied after every step).
+    re-applied after every step). ``train_bn``: a compiled graph's batch norms train like
+    ``nn.BatchNorm`` in train mode (batch statistics, running statistics updated), which
+    is what lets a pruned network recover; they are inference batch norms again afterwards.
     ``seed`` makes the run deterministic (torch, Python ``random``); ``None`` leaves RNGs alone.
     """
     if not isinstance(model, torch.nn.Module):
@@ -220,6 +243,8 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
     history = FinetuneHistory()
     step = 0
     model.train()
+    if train_bn:
+        _swap_bn(model, True)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         total_loss, seen, correct, counted = 0.0, 0, 0, 0
@@ -270,12 +295,16 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
             record["accuracy"] = 100.0 * correct / counted
         if eval_data is not None:
             model.eval()
+            _swap_bn(model, False)
             record["eval_loss"], acc = _evaluate(model, eval_data, loss_fn)
             if acc is not None:
                 record["eval_accuracy"] = acc
             model.train()
+            if train_bn:
+                _swap_bn(model, True)
         history.epochs.append(record)
     history.steps = step
+    _swap_bn(model, False)
     model.eval()
     return model, history
 

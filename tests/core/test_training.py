@@ -97,3 +97,19 @@ def test_bad_data_is_a_clear_error():
                        progress=False)
     with pytest.raises(fxopt.InputError, match="pairs"):
         fxopt.finetune(nn.Linear(2, 2), [torch.randn(2, 2)], progress=False)
+
+
+def test_compiled_batch_norm_trains_then_freezes_again():
+    from models import ResCNN
+    torch.manual_seed(0)
+    model = ResCNN().eval()
+    x, y = torch.randn(16, 3, 8, 8) * 3 + 1, torch.randint(0, 10, (16,))
+    gm = fxopt.compile(model, (x[:2],), recipe="cleanup")   # batch norm kept (not folded)
+    frozen = torch.ops.aten._native_batch_norm_legit_no_training.default
+    assert sum(n.target is frozen for n in gm.graph.nodes) == 2
+    tuned, _ = fxopt.finetune(gm, [(x, y)] * 2, epochs=1, lr=0.0, momentum=0.0, progress=False)
+    stats = {k: v for k, v in tuned.state_dict().items() if "running_mean" in k}
+    assert stats and all(not torch.allclose(v, torch.zeros_like(v)) for v in stats.values())  # re-estimated
+    assert sum(n.target is frozen for n in tuned.graph.nodes) == 2                            # frozen again
+    same, _ = fxopt.finetune(gm, [(x, y)] * 2, epochs=1, lr=0.0, momentum=0.0, train_bn=False, progress=False)
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in same.state_dict().items() if "running" in k)

@@ -167,5 +167,6 @@ def test_prune_50_then_finetune_on_digits():
     acc0 = _evaluate(small, test, nn.functional.cross_entropy)[1]
     tuned, hist = fxopt.finetune(small, train, epochs=5, optimizer="adam", lr=3e-3, eval_data=test,
                                  progress=False)
-    # measured: 98.5% dense, ~10% right after pruning this small net, ~88.7% after 5 epochs
-    assert acc > 95 and acc0 < hist.epochs[-1]["eval_accuracy"] and hist.epochs[-1]["eval_accuracy"] > 80
+    # measured: 98.5% dense, ~10% right after pruning this small net, ~98% after 5 epochs
+    # (batch norms re-estimate their statistics while fine-tuning)
+    assert acc > 95 and acc0 < 50 and hist.epochs[-1]["eval_accuracy"] >= acc - 1.5
