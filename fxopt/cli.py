@@ -138,6 +138,7 @@ _EPILOG_INSPECT = """examples:
   fxopt inspect hf:/path/to/minilm --svg bert.svg
   fxopt inspect models.py:Net --input-shape 1x3x32x32 --passes cleanup --svg after.svg --report r.html
   fxopt inspect net.fxopt --max-rows 40
+  fxopt inspect torchvision:densenet121 --depth 1 --groups
 """
 
 
@@ -213,6 +214,12 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
                                                                else sys.stdout.isatty()))
         print()
         print(history.table())
+    if ns.groups:
+        from .passes.dependency import channel_groups
+        groups = channel_groups(gm)
+        print(f"\nchannel groups ({sum(g.prunable for g in groups)} of {len(groups)} prunable):")
+        for g in groups:
+            print(f"  {g.describe()}")
     if ns.svg:
         fxopt.render(gm, ns.svg, previous=history.initial if pipeline is not None and history else None,
                      depth=ns.depth, title=loaded.description)
@@ -270,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dot", metavar="FILE", help="write the graph as graphviz DOT text")
     i.add_argument("--report", metavar="FILE", help="write the HTML report")
     i.add_argument("--max-rows", type=int, default=None, help="print at most this many rows")
+    i.add_argument("--groups", action="store_true",
+                   help="list the channel groups structured pruning sees (and why some are kept whole)")
     i.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
     i.set_defaults(fn=cmd_inspect)
     d = sub.add_parser("demo", help="compile a bundled model and print what changed",

@@ -87,9 +87,10 @@ def test_compile_then_inspect_the_saved_file(tmp_path, capsys):
 
 def test_inspect_torchvision_grouped(capsys):
     pytest.importorskip("torchvision")
-    assert main(["inspect", "torchvision:resnet18", "--depth", "1", "--no-color"]) == 0
+    assert main(["inspect", "torchvision:resnet18", "--depth", "1", "--no-color", "--groups"]) == 0
     out = capsys.readouterr().out
     assert "layer4" in out and "11.70M" in out
+    assert "channel groups (12 of 13 prunable)" in out and "reaches the model output" in out
 
 
 def test_inspect_hf_directory(capsys, tmp_path):
