@@ -64,7 +64,8 @@ def propagate_meta(gm: fx.GraphModule, nodes: list[fx.Node] | None = None) -> in
                 return a
             args = pytree.tree_map(val, node.args)
             kwargs = pytree.tree_map(val, node.kwargs)
-            with mode:
+            # like capture: sizes of 1 in symbolic dims must not specialize the symbol
+            with mode, torch.fx.experimental._config.patch(backed_size_oblivious=True):
                 node.meta["val"] = node.target(*args, **kwargs)
             filled += 1
         except Exception:  # unknown meta stays unknown; analyses say so
