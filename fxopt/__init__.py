@@ -30,14 +30,14 @@ from .backend import Backend, _register as _register_backend  # noqa: E402
 from .summarize import summary  # noqa: E402
 from .graph_diff import diff  # noqa: E402
 from .graph_render import render  # noqa: E402
-from .training import FinetuneHistory, cubic_sparsity, finetune  # noqa: E402
+from .training import FinetuneHistory, cubic_sparsity, finetune, gradual_prune  # noqa: E402
 from .patterns import Match, Rewrite, RewritePass, RewriteSet, register_rewrites  # noqa: E402
 
 _builtin_recipes()
 _register_backend()
 
 __all__ = [
-    "compile", "trace", "save", "load", "summary", "diff", "render", "finetune", "FinetuneHistory", "cubic_sparsity",
+    "compile", "trace", "save", "load", "summary", "diff", "render", "finetune", "gradual_prune", "FinetuneHistory", "cubic_sparsity",
     "Rewrite", "RewriteSet", "RewritePass", "Match", "register_rewrites", "recipes", "Recipe", "register_recipe",
     "Pass", "PassResult", "PassContext", "Tolerance", "EXACT", "ALL", "graph_pass", "register_pass",
     "get_pass", "list_passes", "Analysis", "AnalysisManager", "register_analysis", "get_analysis",

@@ -60,7 +60,7 @@ def reapply_masks(model: torch.nn.Module) -> int:
     from .passes.sparsity import reapply_masks as _reapply
     return _reapply(model)
 
-__all__ = ["finetune", "FinetuneHistory", "cubic_sparsity", "make_optimizer", "make_schedule"]
+__all__ = ["finetune", "gradual_prune", "FinetuneHistory", "cubic_sparsity", "make_optimizer", "make_schedule"]
 
 
 @dataclass
@@ -315,3 +315,44 @@ class _nullctx:
 
     def __exit__(self, *a: Any) -> None:
         return None
+
+
+def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: float = 0.8, epochs: int = 4,
+                  begin_epoch: int = 0, end_epoch: int | None = None, every: int = 10,
+                  **finetune_options: Any) -> tuple[torch.nn.Module, FinetuneHistory]:
+    """Magnitude pruning interleaved with training (Zhu & Gupta): every ``every`` steps, each
+    conv/linear (output layer excepted) is pruned to ``cubic_sparsity(step)``, rising from 0 at
+    ``begin_epoch`` to ``final_sparsity`` at ``end_epoch`` (default: the last epoch), and training
+    continues with the pruned weights held at zero. ``model`` may be a plain module (compiled
+    first, on the first batch's inputs) or a compiled one. Other options go to :func:`finetune`.
+    """
+    from .passes.sparsity import set_sparsity
+    if not 0 <= final_sparsity < 1:
+        raise InputError(f"final_sparsity must be in [0, 1), got {final_sparsity}")
+    try:
+        steps_per_epoch = len(data)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise InputError("gradual_prune needs data with a length (a list or a DataLoader)") from e
+    if not steps_per_epoch:
+        raise InputError("the fine-tuning data is empty")
+    if not any(n.endswith("_mask") for n, _ in model.named_buffers()):
+        from .api import compile as fxopt_compile
+        inputs = next(iter(data))[0]
+        if isinstance(inputs, dict):
+            args, kwargs = (), inputs
+        else:
+            args, kwargs = (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+        model = fxopt_compile(model, args, kwargs, recipe="magnitude-prune(ratio=1e-12)")
+    end = (epochs - 1 if end_epoch is None else end_epoch) * steps_per_epoch
+    begin = begin_epoch * steps_per_epoch
+
+    def hook(step: int, m: torch.nn.Module) -> None:
+        if step % every == 0 or step >= end:
+            set_sparsity(m, cubic_sparsity(step, final_sparsity, begin, end))
+    user_hook = finetune_options.pop("on_step", None)
+
+    def both(step: int, m: torch.nn.Module) -> None:
+        hook(step, m)
+        if user_hook is not None:
+            user_hook(step, m)
+    return finetune(model, data, epochs=epochs, on_step=both, **finetune_options)

@@ -160,3 +160,28 @@ def sparsity_report(model: torch.nn.Module) -> dict[str, float]:
             w = getattr(mod, attr)
             out[name[: -len(MASK_SUFFIX)]] = float((w == 0).float().mean())
     return out
+
+
+def set_sparsity(model: torch.nn.Module, sparsity: float) -> int:
+    """Recompute every pruning mask so each masked weight has ``sparsity`` of its entries at zero
+    (smallest magnitudes first), and apply it. Returns how many weights it touched."""
+    n = 0
+    with torch.no_grad():
+        for name, buf in list(model.named_buffers()):
+            if not name.endswith(MASK_SUFFIX):
+                continue
+            owner, _, attr = name[: -len(MASK_SUFFIX)].rpartition(".")
+            mod = model.get_submodule(owner) if owner else model
+            w = getattr(mod, attr, None)
+            if not isinstance(w, torch.Tensor):
+                continue
+            k = int(sparsity * w.numel())
+            if k <= 0:
+                mask = torch.ones_like(w, dtype=torch.bool)
+            else:
+                cut = w.abs().flatten().kthvalue(k).values
+                mask = w.abs() > cut
+            buf.copy_(mask.to(buf.dtype))
+            w.mul_(buf)
+            n += 1
+    return n

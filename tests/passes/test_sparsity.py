@@ -100,3 +100,29 @@ def test_sparse_24_on_digits_recovers_with_finetuning():
     tuned, hist = fxopt.finetune(sparse, train, epochs=3, lr=0.01, eval_data=test, progress=False)
     assert hist.epochs[-1]["eval_accuracy"] >= acc_dense - 2.0
     assert all(abs(v - 0.5) < 1e-6 for v in sparsity_report(tuned).values())
+
+
+def test_gradual_pruning_follows_the_cubic_schedule():
+    sk = pytest.importorskip("sklearn.datasets")
+    from fxopt.models import DemoNet
+    from fxopt.training import _evaluate
+    x, y = sk.load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
+    y = torch.tensor(y)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1400], perm[1400:]
+    train = [(x[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, 1400, 64)]
+    test = [(x[te], y[te])]
+    torch.manual_seed(0)
+    dense, _ = fxopt.finetune(DemoNet(width=32), train, epochs=4, lr=0.05, progress=False)
+    seen = []
+
+    def watch(step, m):
+        if step % 22 == 0:
+            seen.append(sum(sparsity_report(m).values()) / len(sparsity_report(m)))
+    pruned, hist = fxopt.gradual_prune(dense, train, final_sparsity=0.8, epochs=4, lr=0.01, on_step=watch,
+                                       progress=False)
+    report = sparsity_report(pruned)
+    assert report and all(abs(v - 0.8) < 0.01 for v in report.values())
+    assert seen == sorted(seen) and seen[0] < 0.8
+    assert _evaluate(pruned, test, nn.functional.cross_entropy)[1] > 85
