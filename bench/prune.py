@@ -25,9 +25,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 import fxopt  # noqa: E402
+from common import table  # noqa: E402
 from fxopt.models import DemoNet  # noqa: E402
 from fxopt.passes.sparsity import sparsity_report  # noqa: E402
+from fxopt.timing import median_ms  # noqa: E402
 from fxopt.training import _evaluate  # noqa: E402
 
 
@@ -39,24 +42,6 @@ def digits():
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     tr, te = perm[:1400], perm[1400:]
     return [(x[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, 1400, 64)], [(x[te], y[te])]
-
-
-def table(rows):
-    cols = list(rows[0])
-    widths = [max(len(str(r[c])) for r in rows + [dict(zip(cols, cols))]) for c in cols]
-    line = lambda r: "  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths))  # noqa: E731
-    return "\n".join([line(dict(zip(cols, cols))), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
-
-
-def median_ms(fn, repeats):
-    with torch.no_grad():
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def sparsity_rows(repeats):

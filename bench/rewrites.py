@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 import fxopt  # noqa: E402
+from common import table  # noqa: E402
 from fxopt.graph_utils import max_abs_error  # noqa: E402
 
 
@@ -87,13 +89,6 @@ def compare(rewrite, label, model, args, kwargs, repeats, dynamic=None):
     return {"rewrite": rewrite, "model": label, "status": rec.status, "baseline ms": f"{tb:.2f}",
             "rewritten ms": f"{tn:.2f}", "speedup": f"{ratio:.2f}x", "verdict": verdict,
             "max |diff|": f"{err:.1e}", "what": info[:60]}
-
-
-def table(rows):
-    cols = list(rows[0])
-    widths = [max(len(str(r[c])) for r in rows + [dict(zip(cols, cols))]) for c in cols]
-    line = lambda r: "  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths))  # noqa: E731
-    return "\n".join([line(dict(zip(cols, cols))), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
 def minilm():

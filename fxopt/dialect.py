@@ -49,6 +49,8 @@ __all__ = [
     "param_nodes",
     "compute_nodes",
     "GUARD_MODULE",
+    "arg",
+    "is_view_target",
     "op_family",
     "FAMILIES",
 ]
@@ -71,6 +73,16 @@ _MATMUL = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.de
 _FRIENDLY = {"_native_batch_norm_legit_no_training": "batch_norm", "_native_batch_norm_legit": "batch_norm",
              "native_batch_norm": "batch_norm", "native_layer_norm": "layer_norm",
              "scaled_dot_product_attention": "sdpa", "_assert_tensor_metadata": "assert_meta"}
+
+
+def is_view_target(target: Any) -> bool:
+    """Whether an op returns a view of its input (``getitem`` included): free at run time."""
+    if target is operator.getitem:
+        return True
+    if isinstance(target, torch._ops.OpOverload):
+        rets = target._schema.returns
+        return bool(rets) and rets[0].alias_info is not None and not target._schema.is_mutable
+    return False
 
 
 def op_name(node: fx.Node) -> str:
@@ -170,7 +182,8 @@ def is_impure(node: fx.Node) -> bool:
         return True
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` of a call, or keyword ``name``, or ``default``."""
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
@@ -178,12 +191,12 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 def linear_args(node: fx.Node) -> tuple[Any, Any, Any]:
     """``(input, weight, bias)`` of a linear node; bias may be ``None``."""
-    return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    return arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
 
 
 def conv_args(node: fx.Node) -> tuple[Any, Any, Any]:
     """``(input, weight, bias)`` of a convolution node; bias may be ``None``."""
-    return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    return arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
 
 
 def tensor_meta(node: Any) -> Any:
@@ -247,12 +260,9 @@ def op_family(node: fx.Node) -> str:
         return "activation"
     if name in _CASTS:
         return "cast"
-    if is_getitem(node):
+    if is_view_target(t):
         return "view"
     if isinstance(t, torch._ops.OpOverload):
-        rets = t._schema.returns
-        if rets and rets[0].alias_info is not None:
-            return "view"
         if torch.Tag.reduction in t.tags:
             return "reduction"
         if torch.Tag.pointwise in t.tags:

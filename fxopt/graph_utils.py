@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 
 __all__ = ["Snapshot", "take_snapshot", "restore_snapshot", "changed_tensors", "max_abs_error",
-           "within_tolerance", "param_stats", "GraphSnapshot", "node_count", "remove_unused_attributes"]
+           "within_tolerance", "param_stats", "GraphSnapshot", "remove_unused_attributes"]
 
 
 def _tensor_attrs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -119,10 +119,6 @@ def within_tolerance(new: Any, ref: Any, atol: float, rtol: float) -> tuple[bool
             if not bool(ok.all()):
                 return False, err
     return True, err
-
-
-def node_count(gm: fx.GraphModule) -> int:
-    return len(gm.graph.nodes)
 
 
 def param_stats(gm: torch.nn.Module) -> tuple[int, int]:

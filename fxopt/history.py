@@ -102,31 +102,13 @@ class History:
 
 
 def _fmt_int(v: Any) -> str:
-    if v is None:
-        return "-"
-    v = int(v)
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= div:
-            return f"{v / div:.2f}{unit}"
-    return str(v)
+    from .summarize import fmt_count
+    return "-" if v is None else fmt_count(int(v))
 
 
 def _fmt_flops(v: Any) -> str:
-    if v is None:
-        return "-"
-    try:
-        return _fmt_int(int(v))
-    except (TypeError, ValueError):
-        import sympy
-        expr = sympy.nsimplify(v) if not isinstance(v, sympy.Expr) else v
-        terms = sympy.Poly(expr).terms() if expr.free_symbols else []
-        if terms:
-            parts = []
-            for monom, coef in terms:
-                syms = "*".join(str(s) if p == 1 else f"{s}^{p}" for s, p in zip(sympy.Poly(expr).gens, monom) if p)
-                parts.append(f"{_fmt_int(int(coef))}" + (f"*{syms}" if syms else ""))
-            return " + ".join(parts)
-        return str(expr)
+    from .summarize import fmt_count
+    return "-" if v is None else fmt_count(v)
 
 
 def _fmt_err(e: float) -> str:

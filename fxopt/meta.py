@@ -46,9 +46,8 @@ def propagate_meta(gm: fx.GraphModule, nodes: list[fx.Node] | None = None) -> in
             continue
         try:
             if node.op == "get_attr":
-                obj: Any = gm
-                for part in str(node.target).split("."):
-                    obj = getattr(obj, part)
+                from .dialect import get_attr_tensor
+                obj = get_attr_tensor(gm, node)
                 if isinstance(obj, torch.Tensor):
                     node.meta["val"] = mode.from_tensor(obj, static_shapes=True)
                     filled += 1

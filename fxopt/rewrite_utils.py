@@ -6,7 +6,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .dialect import get_attr_tensor, is_impure
+from .dialect import arg, get_attr_tensor, is_impure
 from .graph_utils import remove_unused_attributes
 
 __all__ = ["add_param", "attr_tensor", "arg", "erase_dead", "copy_meta"]
@@ -33,12 +33,6 @@ def add_param(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.Nod
         gm.register_buffer(name, value)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
-
-
-def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def erase_dead(gm: fx.GraphModule) -> int:

@@ -189,6 +189,8 @@ def summary(obj: Any, depth: int | None = None, include_params: bool = True) -> 
 
 
 def _param_bytes(nodes: list[NodeInfo]) -> int:
-    size = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int32": 4,
-            "int64": 8, "bool": 1, "int16": 2}
-    return sum(n.params * size.get(n.dtype, 4) for n in nodes if n.op == "get_attr")
+    import torch
+    def itemsize(dtype: str) -> int:
+        d = getattr(torch, dtype, None)
+        return d.itemsize if isinstance(d, torch.dtype) else 4
+    return sum(n.params * itemsize(n.dtype) for n in nodes if n.op == "get_attr")

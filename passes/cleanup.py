@@ -18,13 +18,12 @@ Example::
 """
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from fxopt.dialect import aten, get_attr_tensor, is_impure
+from fxopt.dialect import aten, get_attr_tensor, is_impure, is_view_target
 from fxopt.graph_utils import remove_unused_attributes
 from fxopt.meta import propagate_meta, same_shape
 from fxopt.pass_base import EXACT, Pass, PassContext, PassResult, Tolerance, register_pass
@@ -134,12 +133,12 @@ class FoldConstantsPass(Pass):
                 inputs = node.all_input_nodes
                 if all(a in const for a in inputs) and inputs:
                     const.add(node)
-                    has_compute[node] = any(has_compute[a] for a in inputs) or not _is_view_op(node.target)
+                    has_compute[node] = any(has_compute[a] for a in inputs) or not is_view_target(node.target)
         # fold where constant compute meets the rest of the graph; views of a folded value stay
         # views (they are free), so a node consumed only through views is folded itself
         frontier = [n for n in const if n.op == "call_function" and has_compute[n]
-                    and not _is_view_op(n.target)
-                    and any(u not in const or _is_view_op(u.target) for u in n.users)]
+                    and not is_view_target(n.target)
+                    and any(u not in const or is_view_target(u.target) for u in n.users)]
         if not frontier:
             return PassResult(False)
         env: dict[fx.Node, Any] = {}
@@ -198,15 +197,6 @@ def _free_attr_name(gm: fx.GraphModule, base: str) -> str:
     while hasattr(gm, name):
         name, i = f"{base}_{i}", i + 1
     return name
-
-
-def _is_view_op(target: Any) -> bool:
-    if target is operator.getitem:
-        return True
-    if isinstance(target, torch._ops.OpOverload):
-        rets = target._schema.returns
-        return bool(rets) and rets[0].alias_info is not None
-    return False
 
 
 # ----------------------------------------------------------------- no-ops

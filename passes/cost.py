@@ -11,7 +11,6 @@ bytes of the tensors an op reads plus those it writes.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.analysis import Analysis, register_analysis
-from fxopt.dialect import aten
+from fxopt.dialect import aten, get_attr_tensor, is_view_target
 from fxopt.meta import propagate_meta, size_expr
 
 __all__ = ["NodeCost", "CostResult", "CostAnalysis", "node_cost"]
@@ -79,15 +78,6 @@ def _val(a: Any) -> Any:
     return a.meta.get("val") if isinstance(a, fx.Node) else None
 
 
-def _is_view(target: Any) -> bool:
-    if target is operator.getitem:
-        return True
-    if isinstance(target, torch._ops.OpOverload):
-        rets = target._schema.returns
-        return bool(rets) and rets[0].alias_info is not None and not target._schema.is_mutable
-    return False
-
-
 _LINEAR = {aten.linear.default}
 _MM = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default, aten.baddbmm.default}
 _CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
@@ -102,7 +92,7 @@ def node_cost(node: fx.Node) -> NodeCost:
     """Cost of one ``call_function`` node from the metadata of it and its inputs."""
     t = node.target
     out = node.meta.get("val")
-    if _is_view(t) or t in (aten.sym_size.int, aten._assert_tensor_metadata.default):
+    if is_view_target(t) or t in (aten.sym_size.int, aten._assert_tensor_metadata.default):
         return NodeCost()
     in_bytes = sum((_nbytes(_val(a)) for a in node.all_input_nodes), 0)
     nbytes = in_bytes + _nbytes(out)
@@ -158,19 +148,15 @@ class CostAnalysis(Analysis):
         propagate_meta(gm)
         res = CostResult(symbols=input_symbols(gm))
         flops, macs, nbytes = [], [], []
-        seen: set[int] = set()
+        seen: set[str] = set()
         for node in gm.graph.nodes:
             if node.op == "get_attr":
                 val = node.meta.get("val")
-                obj = None
-                if not isinstance(val, torch.Tensor):
-                    obj = gm
-                    for part in str(node.target).split("."):
-                        obj = getattr(obj, part, None)
-                    val = obj
+                if not isinstance(val, torch.Tensor):  # a non-tensor attribute, or meta that failed
+                    val = get_attr_tensor(gm, node)
                 n = int(_numel(val)) if isinstance(val, torch.Tensor) else 0
                 if str(node.target) not in seen:
-                    seen.add(str(node.target))  # type: ignore[arg-type]
+                    seen.add(str(node.target))
                     res.total_params += n
                     res.param_bytes += int(_nbytes(val)) if isinstance(val, torch.Tensor) else 0
                 res.per_node[node.name] = NodeCost(params=n)

@@ -27,3 +27,15 @@ def minilm():
 @pytest.fixture(scope="session")
 def torchvision_models():
     return pytest.importorskip("torchvision").models
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits as 8x8 images scaled to [0, 1]: 22 training batches of 64, one test batch of 397."""
+    sk = pytest.importorskip("sklearn.datasets")
+    x, y = sk.load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
+    y = torch.tensor(y)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1400], perm[1400:]
+    return [(x[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, 1400, 64)], [(x[te], y[te])]

@@ -1,5 +1,3 @@
-import copy
-
 import pytest
 import torch
 
@@ -110,3 +108,11 @@ def test_compile_minilm_with_keyword_inputs(minilm):
     assert (res.pooler_output - ref.pooler_output).abs().max() <= 1e-5
     assert state_hash(model) == before
     assert not out.fxopt_history.failures
+
+
+def test_progress_bar_is_shown_on_request(capsys):
+    fxopt.compile(MLP().eval(), (torch.randn(2, 16),), progress=True)
+    err = capsys.readouterr().err
+    assert "fxopt" in err and "pass" in err
+    fxopt.compile(MLP().eval(), (torch.randn(2, 16),), progress=False)
+    assert capsys.readouterr().err == ""

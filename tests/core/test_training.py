@@ -8,20 +8,6 @@ from fxopt.models import DemoNet
 from models import state_hash
 
 
-@pytest.fixture(scope="module")
-def digits():
-    sk = pytest.importorskip("sklearn.datasets")
-    x, y = sk.load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
-    y = torch.tensor(y)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(x), generator=g)
-    tr, te = perm[:1400], perm[1400:]
-    train = [(x[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, 1400, 64)]
-    test = [(x[te], y[te])]
-    return train, test
-
-
 def test_sgd_with_cosine_learns_digits_and_is_deterministic(digits):
     train, test = digits
     torch.manual_seed(0)

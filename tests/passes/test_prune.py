@@ -4,20 +4,16 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.dialect import is_conv, is_linear
+from fxopt.models import DemoNet
+from fxopt.training import _evaluate
+from fxopt.dialect import get_attr_tensor, is_conv, is_linear
 from fxopt.passes.dependency import channel_groups
 from models import ResCNN, state_hash
 
 
 def widths(gm):
-    out = {}
-    for n in gm.graph.nodes:
-        if is_conv(n) or is_linear(n):
-            w = gm
-            for part in str(n.args[1].target).split("."):
-                w = getattr(w, part)
-            out[n.name] = tuple(w.shape)
-    return out
+    return {n.name: tuple(get_attr_tensor(gm, n.args[1]).shape) for n in gm.graph.nodes
+            if is_conv(n) or is_linear(n)}
 
 
 def prune(model, x, recipe="prune(ratio=0.5)", **kw):
@@ -151,17 +147,8 @@ def test_prune_50_on_torchvision(torchvision_models, name):
     assert state_hash(model) == before
 
 
-def test_prune_50_then_finetune_on_digits():
-    sk = pytest.importorskip("sklearn.datasets")
-    from fxopt.models import DemoNet
-    from fxopt.training import _evaluate
-    x, y = sk.load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
-    y = torch.tensor(y)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1400], perm[1400:]
-    train = [(x[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, 1400, 64)]
-    test = [(x[te], y[te])]
+def test_prune_50_then_finetune_on_digits(digits):
+    train, test = digits
     torch.manual_seed(0)
     dense, _ = fxopt.finetune(DemoNet(width=32), train, epochs=6, lr=0.05, progress=False)
     acc = _evaluate(dense, test, nn.functional.cross_entropy)[1]

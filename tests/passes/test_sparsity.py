@@ -3,7 +3,9 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.dialect import is_conv, is_linear
+from fxopt.models import DemoNet
+from fxopt.training import _evaluate
+from fxopt.dialect import get_attr_tensor, is_conv, is_linear
 from fxopt.passes.sparsity import mask_24, reapply_masks, sparsity_report
 
 
@@ -20,15 +22,7 @@ class Net(nn.Module):
 
 
 def weights_of(gm):
-    out = {}
-    for n in gm.graph.nodes:
-        if is_conv(n) or is_linear(n):
-            w = n.args[1]
-            t = gm
-            for part in str(w.target).split("."):
-                t = getattr(t, part)
-            out[n.name] = (n, t)
-    return out
+    return {n.name: (n, get_attr_tensor(gm, n.args[1])) for n in gm.graph.nodes if is_conv(n) or is_linear(n)}
 
 
 def test_mask_24_keeps_two_of_every_four():
@@ -82,16 +76,8 @@ def test_finetune_keeps_the_zeros():
     assert reapply_masks(free) == 2 and all(abs(v - 0.5) < 1e-6 for v in sparsity_report(free).values())
 
 
-def test_sparse_24_on_digits_recovers_with_finetuning():
-    sk = pytest.importorskip("sklearn.datasets")
-    from fxopt.models import DemoNet
-    x, y = sk.load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
-    y = torch.tensor(y)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1400], perm[1400:]
-    train = [(x[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, 1400, 64)]
-    test = [(x[te], y[te])]
+def test_sparse_24_on_digits_recovers_with_finetuning(digits):
+    train, test = digits
     torch.manual_seed(0)
     dense, _ = fxopt.finetune(DemoNet(width=32), train, epochs=6, lr=0.05, progress=False)
     from fxopt.training import _evaluate
@@ -102,17 +88,8 @@ def test_sparse_24_on_digits_recovers_with_finetuning():
     assert all(abs(v - 0.5) < 1e-6 for v in sparsity_report(tuned).values())
 
 
-def test_gradual_pruning_follows_the_cubic_schedule():
-    sk = pytest.importorskip("sklearn.datasets")
-    from fxopt.models import DemoNet
-    from fxopt.training import _evaluate
-    x, y = sk.load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
-    y = torch.tensor(y)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1400], perm[1400:]
-    train = [(x[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, 1400, 64)]
-    test = [(x[te], y[te])]
+def test_gradual_pruning_follows_the_cubic_schedule(digits):
+    train, test = digits
     torch.manual_seed(0)
     dense, _ = fxopt.finetune(DemoNet(width=32), train, epochs=4, lr=0.05, progress=False)
     seen = []
