@@ -245,10 +245,10 @@ def op_family(node: fx.Node) -> str:
     t = node.target
     name = op_name(node)
     ns = t.namespace if isinstance(t, torch._ops.OpOverload) else ""
+    if "quantize" in name or name == "dynamic_scale" or ns in ("quantized_decomposed", "quantized", "torchao"):
+        return "quant"
     if ns == "fxopt":
         return "fused"
-    if "quantize" in name or "dequantize" in name or ns in ("quantized_decomposed", "quantized", "torchao"):
-        return "quant"
     if "sparse" in name or "semi_structured" in name:
         return "sparse"
     if is_linear(node) or is_conv(node) or is_matmul(node) or name in ("sdpa",

@@ -86,5 +86,23 @@ def _builtin() -> None:
                     "Structured pruning: remove 50% of the channels of every prunable channel group "
                     "(the model really shrinks); batch norms stay so fxopt.finetune can re-estimate them "
                     "(compile with 'fold-bn' after fine-tuning).", replace=True)
+    register_recipe("int8", "canonicalize,fold-bn,insert-qdq(embedding=int8/channel),lower-quant,cleanup",
+                    "Static W8A8: int8 per-channel weights, uint8 per-tensor activations calibrated on "
+                    "`calibration=` data, fbgemm int8 linear/conv kernels; int8 embeddings. Needs calibration data.",
+                    replace=True)
+    register_recipe("int8-dynamic", "canonicalize,fold-bn,smooth-quant,insert-qdq(activation=int8/token,"
+                    "embedding=int8/channel),lower-quant,cleanup",
+                    "Dynamic W8A8: int8 per-channel weights, int8 per-token activations scaled at run time "
+                    "(no calibration), fbgemm int8 linears; int8 embeddings. smoothquant=ALPHA turns on "
+                    "SmoothQuant (calibration= data, or the example inputs, give the activation ranges).",
+                    replace=True)
+    register_recipe("int8-weight", "canonicalize,fold-bn,insert-qdq(activation=none,embedding=int8/channel),"
+                    "lower-quant,cleanup",
+                    "Weight-only int8 (per channel) for linears, convs and embeddings: 4x smaller weights, "
+                    "fp32 math; no calibration.", replace=True)
+    register_recipe("int4-weight", "canonicalize,fold-bn,insert-qdq(weight=int4/group128,activation=none,"
+                    "embedding=int4/group128),lower-quant,cleanup",
+                    "Weight-only int4, group-wise scales (group_size=N option, default 128; convs per channel), "
+                    "two weights per byte: ~8x smaller weights, fp32 math; no calibration.", replace=True)
     register_recipe("cleanup", "cleanup", "Same as default: the exact cleanup passes to a fixed point.",
                     replace=True)

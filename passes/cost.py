@@ -85,6 +85,8 @@ _CONV_T = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv
 _NORM = {aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
          aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default,
          aten.native_batch_norm.default, aten._native_batch_norm_legit.default}
+_FXOPT_LINEAR = {"fxopt::linear_int8", "fxopt::linear_int8_dynamic", "fxopt::linear_wq"}
+_FXOPT_CONV = {"fxopt::conv2d_int8", "fxopt::conv2d_wq"}
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int}
 
 
@@ -98,7 +100,17 @@ def node_cost(node: fx.Node) -> NodeCost:
     nbytes = in_bytes + _nbytes(out)
     macs: Any = 0
     flops: Any = 0
-    if t in _LINEAR or t in _MM:
+    qname = t.name() if isinstance(t, torch._ops.OpOverload) and t.namespace == "fxopt" else ""
+    if qname in _FXOPT_LINEAR:  # integer kernels do the same multiply-accumulates as float ones
+        x = _val(node.args[0])
+        macs = _numel(out) * (size_expr(x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() else 0)
+        flops = 2 * macs
+    elif qname in _FXOPT_CONV:
+        w = _val(node.args[1])
+        if isinstance(w, torch.Tensor):
+            macs = _numel(out) * math.prod(int(size_expr(s)) for s in w.shape[1:])
+            flops = 2 * macs
+    elif t in _LINEAR or t in _MM:
         a = _val(node.args[0] if t not in (aten.addmm.default, aten.baddbmm.default) else node.args[1])
         k = size_expr(a.shape[-1]) if isinstance(a, torch.Tensor) and a.dim() else 0
         macs = _numel(out) * k

@@ -1,0 +1,406 @@
+"""``insert-qdq``: explicit quantize/dequantize nodes around linears, convs and embeddings.
+
+The pass turns ``linear(x, W, b)`` into::
+
+    q  = fxopt.quantize(x, s_x, z_x, 0, 255)          # activation (static: calibrated s_x, z_x)
+    xd = fxopt.dequantize(q, s_x, z_x)
+    wd = fxopt.dequantize(W_int8, s_W, z_W)            # weight stored as int8, scale per channel
+    y  = linear(xd, wd, b)
+
+so the graph *simulates* integer arithmetic exactly in float, can be inspected, and
+``lower-quant`` can swap each pattern for a real integer kernel. Weights are quantized
+right away (their int8 tensors replace the fp32 ones, so model bytes already drop).
+
+Config (all strings are :class:`~fxopt.qspec.QSpec` text):
+
+* ``weight``: ``int8/channel`` (default), ``int4/group128``, ``int8/channel/mse`` ...
+* ``activation``: ``uint8/tensor`` (static, calibrated; default), ``int8/token``
+  (dynamic per-token, no calibration), ``none`` (weight-only);
+  ``uint8/tensor/percentile`` or ``/mse`` choose the observer;
+* ``embedding``: weight spec for embedding tables (``none`` keeps them fp32);
+* ``ops``: which ops to quantize, from ``linear``, ``conv``, ``embedding``;
+* ``skip``: module-path globs kept in float; ``overrides``: ``"GLOB=WEIGHT[;ACT]"``
+  per-layer specs (``"encoder.layer.5.*=int8/channel;none"``; ``float`` skips);
+* ``budget``: a minimum output cosine similarity to the float model over the
+  calibration data; the most quantization-sensitive layers are kept in float until it
+  holds (the chosen layers are in the pass record).
+
+Static convolutions also quantize their output (after a ReLU that follows them), the
+form fbgemm's int8 conv produces. One quantize/dequantize pair serves every consumer of
+a tensor (the Q, K and V projections share theirs), so consumers agree on its scale.
+
+Static activation specs need calibration data: ``compile(..., calibration=batches)``;
+``calibration_inputs=0`` picks inputs from ``(inputs, target)`` pairs,
+``calibration_batches=N`` caps the number of batches.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+import fxopt.qops  # noqa: F401  (registers torch.ops.fxopt.quantize/dequantize)
+from fxopt.calibrate import iter_calibration, observe
+from fxopt.dialect import aten, module_path
+from fxopt.errors import CalibrationError, PipelineError
+from fxopt.meta import propagate_meta
+from fxopt.observers import make_observer, weight_qparams
+from fxopt.pass_base import Pass, PassContext, PassResult, register_pass
+from fxopt.qspec import QSpec
+from fxopt.qspec import quantize as quantize_tensor
+from fxopt.rewrite_utils import attr_tensor, copy_meta, erase_dead
+
+__all__ = ["InsertQDQPass", "QuantTarget", "plan_targets", "materialize", "collect_qparams",
+           "output_similarity", "sensitivity_scores"]
+
+fxq = torch.ops.fxopt
+_OPS = {"linear": {aten.linear.default}, "conv": {aten.conv2d.default}, "embedding": {aten.embedding.default}}
+_RELU = {aten.relu.default, aten.relu_.default}
+
+
+def _spec(text: Any) -> QSpec | None:
+    if text is None or str(text).lower() in ("none", "float", ""):
+        return None
+    return QSpec.parse(text)
+
+
+@dataclass
+class QuantTarget:
+    node: fx.Node
+    kind: str
+    path: str
+    weight: QSpec
+    activation: QSpec | None
+
+    @property
+    def label(self) -> str:
+        return self.path or self.node.name
+
+
+def _weight_node(t_node: fx.Node, kind: str) -> Any:
+    return t_node.args[0] if kind == "embedding" else t_node.args[1]
+
+
+def plan_targets(gm: fx.GraphModule, config: Any) -> list[QuantTarget]:
+    """Which nodes get quantized, with which specs (after skip/overrides)."""
+    wspec, aspec, espec = _spec(config.weight), _spec(config.activation), _spec(config.embedding)
+    overrides = []
+    for o in config.overrides:
+        glob, eq, rest = str(o).partition("=")
+        if not eq:
+            raise PipelineError(f"insert-qdq: override {o!r} must read 'GLOB=WEIGHT[;ACTIVATION]'")
+        w, _, a = rest.partition(";")
+        overrides.append((glob.strip(), _spec(w), _spec(a) if a else aspec, not a))
+    out = []
+    for node in gm.graph.nodes:
+        kind = next((k for k in config.ops if node.op == "call_function" and node.target in _OPS[k]), None)
+        if kind is None:
+            continue
+        path = module_path(node)
+        if any(fnmatch.fnmatchcase(path, g) for g in config.skip):
+            continue
+        w_node = _weight_node(node, kind)
+        w = attr_tensor(gm, w_node)
+        if w is None or not w.is_floating_point():
+            continue
+        ws, a = (espec, None) if kind == "embedding" else (wspec, aspec)
+        for glob, ow, oa, weight_only_text in overrides:
+            if fnmatch.fnmatchcase(path, glob) or fnmatch.fnmatchcase(node.name, glob):
+                ws = ow
+                a = None if kind == "embedding" else oa
+        if ws is None:
+            continue
+        if kind == "conv":
+            x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+            if ws.granularity == "group":  # conv kernels are tiny along the last dim: use per channel
+                ws = QSpec(bits=ws.bits, signed=ws.signed, symmetric=ws.symmetric, granularity="channel",
+                           observer=ws.observer)
+            if a is not None and a.dynamic:
+                a = None  # no dynamic int8 conv kernel: weight-only
+        if ws.granularity == "group" and w.shape[-1] % ws.group_size:
+            continue  # the input dim does not split into groups: leave the layer in float
+        if kind != "embedding" and a is not None and isinstance(node.args[0], fx.Node):
+            v = node.args[0].meta.get("val")
+            if isinstance(v, torch.Tensor) and v.dtype != torch.float32:
+                a = None
+        out.append(QuantTarget(node, kind, path, ws, a))
+    return out
+
+
+def _output_node(t: QuantTarget) -> fx.Node:
+    """A static conv's quantized output: after its ReLU when the ReLU is its only user."""
+    users = list(t.node.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in _RELU:
+        return users[0]
+    return t.node
+
+
+def _needs_output(t: QuantTarget) -> bool:
+    return t.kind == "conv" and t.activation is not None and not t.activation.dynamic
+
+
+def _observed(targets: list[QuantTarget]) -> dict[fx.Node, QSpec]:
+    watch: dict[fx.Node, QSpec] = {}
+    for t in targets:
+        if t.activation is not None and not t.activation.dynamic and isinstance(t.node.args[0], fx.Node):
+            watch.setdefault(t.node.args[0], t.activation)
+            if _needs_output(t):
+                watch.setdefault(_output_node(t), QSpec(bits=8, signed=False, symmetric=False,
+                                                        observer=t.activation.observer))
+    return watch
+
+
+def collect_qparams(gm: fx.GraphModule, targets: list[QuantTarget], ctx: PassContext,
+                    percentile: float = 99.99) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Calibrate the static activations the targets need; node name -> (scale, zero_point)."""
+    watch = _observed(targets)
+    if not watch:
+        return {}
+    if ctx.calibration is None:
+        raise CalibrationError("static activation quantization needs calibration data: "
+                               "fxopt.compile(model, args, recipe=..., calibration=batches) (or `fxopt compile "
+                               "--calibration FILE`); or use a dynamic or weight-only recipe "
+                               "(int8-dynamic, int8-weight, int4-weight)")
+    observers = {n: make_observer(s, **({"percentile": percentile} if s.observer == "percentile" else {}))
+                 for n, s in watch.items()}
+    observe(gm, observers, ctx.calibration, inputs=ctx.options.get("calibration_inputs"),
+            example=(ctx.args, ctx.kwargs), max_batches=ctx.options.get("calibration_batches"),
+            progress=ctx.options.get("progress"))
+    return {n.name: o.qparams() for n, o in observers.items()}
+
+
+# ---------------------------------------------------------------- materialize
+def _buffer(gm: fx.GraphModule, owner: str, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    mod = gm.get_submodule(owner) if owner else gm
+    base, i = name, 1
+    while hasattr(mod, name):
+        name, i = f"{base}_{i}", i + 1
+    mod.register_buffer(name, value.detach().contiguous())
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(f"{owner}.{name}" if owner else name)
+
+
+def _first_user(node: fx.Node) -> fx.Node:
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return min(node.users, key=lambda u: order[u])
+
+
+def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
+                qparams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
+    """Write the QDQ nodes for ``targets`` into ``gm`` (which must hold the targets' nodes)."""
+    counts = {"weights": 0, "activations": 0, "dynamic": 0, "outputs": 0}
+    weights: dict[tuple, tuple] = {}
+    acts: dict[fx.Node, fx.Node] = {}
+    g = gm.graph
+    for t in targets:
+        node = t.node
+        w_node = _weight_node(node, t.kind)
+        key = (str(w_node.target), str(t.weight))
+        if key not in weights:
+            w = attr_tensor(gm, w_node)
+            scale, zp = weight_qparams(w, t.weight)
+            gs = t.weight.group_size if t.weight.granularity == "group" else 0
+            q = quantize_tensor(w.detach().float(), scale, zp, t.weight.qmin, t.weight.qmax, gs)
+            owner, _, attr = str(w_node.target).rpartition(".")
+            anchor = w_node
+            nodes = (_buffer(gm, owner, f"{attr}_q", q, anchor), _buffer(gm, owner, f"{attr}_scale", scale, anchor),
+                     _buffer(gm, owner, f"{attr}_zp", zp, anchor))
+            weights[key] = (nodes, gs)
+            counts["weights"] += 1
+        (qn, sn, zn), gs = weights[key]
+        with g.inserting_before(node):
+            wd = g.call_function(fxq.dequantize.default, (qn, sn, zn, gs))
+        copy_meta(wd, node)
+        node.replace_input_with(w_node, wd)
+        node.meta["fxopt_quant"] = {"weight": str(t.weight), "activation": str(t.activation) if t.activation else None}
+        if t.activation is None or not isinstance(node.args[0], fx.Node):
+            continue
+        x = node.args[0]
+        if x.target is fxq.dequantize.default:  # already quantized (a static conv's output): share it
+            acts[x] = x
+        if x not in acts:
+            a = t.activation
+            anchor = _first_user(x)
+            if a.dynamic:
+                with g.inserting_before(anchor):
+                    s = g.call_function(fxq.dynamic_scale.default, (x, a.qmax))
+                z = _buffer(gm, "", f"{x.name}_zp", torch.zeros((), dtype=torch.int32), anchor)
+                counts["dynamic"] += 1
+            else:
+                scale, zp = qparams[x.name]
+                s = _buffer(gm, "", f"{x.name}_scale", scale, anchor)
+                z = _buffer(gm, "", f"{x.name}_zp", zp, anchor)
+                counts["activations"] += 1
+            with g.inserting_before(anchor):
+                q = g.call_function(fxq.quantize.default, (x, s, z, a.qmin, a.qmax, 0))
+                acts[x] = g.call_function(fxq.dequantize.default, (q, s, z, 0))
+            for n in (s, q, acts[x]):
+                copy_meta(n, node)
+        node.replace_input_with(x, acts[x])
+        if _needs_output(t):
+            out = _output_node(t)
+            scale, zp = qparams[out.name]
+            users = list(out.users)
+            nxt = out.next
+            s = _buffer(gm, "", f"{out.name}_scale", scale, nxt)
+            z = _buffer(gm, "", f"{out.name}_zp", zp, nxt)
+            with g.inserting_before(nxt):
+                q = g.call_function(fxq.quantize.default, (out, s, z, 0, 255, 0))
+                dq = g.call_function(fxq.dequantize.default, (q, s, z, 0))
+            for n in (q, dq):
+                copy_meta(n, node)
+            for u in users:
+                u.replace_input_with(out, dq)
+            counts["outputs"] += 1
+    erase_dead(gm)
+    propagate_meta(gm)
+    return counts
+
+
+# ---------------------------------------------------------------- sensitivity
+def _flat_outputs(out: Any) -> torch.Tensor:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        return torch.zeros(1, 1)
+    rows = leaves[0].shape[0] if leaves[0].dim() else 1
+    parts = [t.detach().float().reshape(rows, -1) if t.dim() and t.shape[0] == rows else
+             t.detach().float().reshape(1, -1).expand(rows, -1) for t in leaves]
+    return torch.cat(parts, 1)
+
+
+def output_similarity(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float]:
+    """Min per-sample cosine and SQNR (dB) of ``got`` against ``ref`` (lists of [rows, features])."""
+    cos = min(float(torch.nn.functional.cosine_similarity(a, b, dim=1).min()) for a, b in zip(ref, got))
+    sig = sum(float(a.pow(2).sum()) for a in ref)
+    noise = sum(float((a - b).pow(2).sum()) for a, b in zip(ref, got))
+    sqnr = 10 * math.log10(sig / noise) if noise > 0 else float("inf")
+    return {"cosine": cos, "sqnr": sqnr}
+
+
+def _eval_batches(ctx: PassContext, limit: int = 4) -> list[tuple[tuple, dict]]:
+    batches = [(ctx.args, ctx.kwargs)]
+    if ctx.calibration is not None:
+        for i, a, k in iter_calibration(ctx.calibration, inputs=ctx.options.get("calibration_inputs"),
+                                        example=(ctx.args, ctx.kwargs), max_batches=limit, progress=False):
+            batches.append((a, k))
+    return batches
+
+
+def _run(gm: fx.GraphModule, batches: list) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [_flat_outputs(gm(*a, **k)) for a, k in batches]
+
+
+def _quantized_copy(gm: fx.GraphModule, targets: list[QuantTarget], keep: set[str],
+                    qparams: dict) -> fx.GraphModule:
+    """A deep copy of ``gm`` with ``targets`` quantized except the layers labelled in ``keep``."""
+    memo: dict = {}
+    dup = copy.deepcopy(gm, memo)
+    by_name = {n.name: n for n in dup.graph.nodes}
+    sub = [QuantTarget(by_name[t.node.name], t.kind, t.path, t.weight, t.activation)
+           for t in targets if t.label not in keep]
+    materialize(dup, sub, qparams)
+    dup.recompile()
+    return dup
+
+
+def sensitivity_scores(gm: fx.GraphModule, targets: list[QuantTarget], qparams: dict,
+                       batches: list, progress: bool | None = None) -> list[dict]:
+    """Per layer: output cosine and SQNR when only that layer is quantized, worst first."""
+    from tqdm.auto import tqdm
+    ref = _run(gm, batches)
+    labels = list(dict.fromkeys(t.label for t in targets))
+    rows = []
+    for label in tqdm(labels, desc="fxopt: sensitivity", disable=not progress, leave=False):
+        only = [t for t in targets if t.label == label]
+        q = _quantized_copy(gm, only, set(), qparams)
+        sim = output_similarity(ref, _run(q, batches))
+        rows.append({"layer": label, "op": only[0].kind, "weight": str(only[0].weight),
+                     "activation": str(only[0].activation) if only[0].activation else "-", **sim})
+    rows.sort(key=lambda r: (r["sqnr"], r["cosine"]))
+    return rows
+
+
+def _within_budget(gm, targets, keep, qparams, ref, batches, budget) -> tuple[bool, float]:
+    q = _quantized_copy(gm, targets, keep, qparams)
+    cos = output_similarity(ref, _run(q, batches))["cosine"]
+    return cos >= budget, cos
+
+
+@register_pass
+class InsertQDQPass(Pass):
+    """Insert explicit quantize/dequantize nodes (simulated integer arithmetic); see the module docs."""
+
+    name = "insert-qdq"
+    preserves_semantics = False
+
+    @dataclass(frozen=True)
+    class Config:
+        weight: str = "int8/channel"
+        activation: Any = "uint8/tensor"
+        embedding: Any = None
+        ops: tuple = ("linear", "conv", "embedding")
+        skip: tuple = ()
+        overrides: tuple = ()
+        budget: float = 0.0
+        percentile: float = 99.99
+
+        def __post_init__(self) -> None:
+            for f in ("ops", "skip", "overrides"):
+                v = getattr(self, f)
+                object.__setattr__(self, f, (v,) if isinstance(v, str) else tuple(v))
+            bad = [o for o in self.ops if o not in _OPS]
+            if bad:
+                raise PipelineError(f"insert-qdq: unknown ops {bad}; choose from {sorted(_OPS)}")
+            if not 0 <= self.budget < 1:
+                raise PipelineError(f"insert-qdq: budget is a minimum cosine in [0, 1), got {self.budget}")
+            _spec(self.weight), _spec(self.activation), _spec(self.embedding)
+            a = _spec(self.activation)
+            if a is not None and a.granularity not in ("tensor", "token"):
+                raise PipelineError(f"insert-qdq: activations are quantized per tensor (static) or per token "
+                                    f"(dynamic), got {a}")
+            if a is not None and a.dynamic and (a.bits != 8 or a.granularity != "token"):
+                raise PipelineError("insert-qdq: dynamic activations are int8/token")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        config = self.config
+        group = ctx.options.get("group_size")
+        if group:  # compile(..., group_size=64) sets the group of every group-wise spec
+            swap = {f: str(dataclasses.replace(QSpec.parse(getattr(config, f)), group_size=int(group)))
+                    for f in ("weight", "embedding") if _spec(getattr(config, f)) is not None
+                    and QSpec.parse(getattr(config, f)).granularity == "group"}
+            config = dataclasses.replace(config, **swap)
+        targets = plan_targets(gm, config)
+        if not targets:
+            return PassResult(False, info={"quantized": 0})
+        qparams = collect_qparams(gm, targets, ctx, self.config.percentile)
+        info: dict[str, Any] = {}
+        if self.config.budget > 0:
+            keep = self._budget(gm, targets, qparams, ctx, info)
+            targets = [t for t in targets if t.label not in keep]
+        counts = materialize(gm, targets, qparams)
+        info.update({"quantized": len(targets), **counts})
+        return PassResult(True, frozenset({"shapes"}), info)
+
+    def _budget(self, gm, targets, qparams, ctx, info) -> set[str]:
+        batches = _eval_batches(ctx)
+        rows = sensitivity_scores(gm, targets, qparams, batches, ctx.options.get("progress"))
+        ref = _run(gm, batches)
+        order = [r["layer"] for r in rows]
+        keep: set[str] = set()
+        ok, cos = _within_budget(gm, targets, keep, qparams, ref, batches, self.config.budget)
+        k = 0
+        while not ok and k < len(order):  # keep the worst layers in float, one more each time
+            k += 1
+            keep = set(order[:k])
+            ok, cos = _within_budget(gm, targets, keep, qparams, ref, batches, self.config.budget)
+        info["kept_float"] = sorted(keep)
+        info["budget_cosine"] = round(cos, 5)
+        info["sensitivity"] = rows
+        return keep
