@@ -104,5 +104,11 @@ def _builtin() -> None:
                     "embedding=int4/group128),lower-quant,cleanup",
                     "Weight-only int4, group-wise scales (group_size=N option, default 128; convs per channel), "
                     "two weights per byte: ~8x smaller weights, fp32 math; no calibration.", replace=True)
+    register_recipe("bf16", "canonicalize,fold-bn,fuse-attention,cast(dtype=bf16),cleanup",
+                    "bfloat16 compute and weights with float32 islands (softmax, norms, reductions, losses); "
+                    "inputs and outputs keep their dtypes. keep=[...] in cast() adds islands.", replace=True)
+    register_recipe("fp16", "canonicalize,fold-bn,fuse-attention,cast(dtype=fp16),cleanup",
+                    "float16 compute and weights with float32 islands, like bf16 (fp16 matmuls are slow on "
+                    "CPUs without native fp16 GEMMs; meant for GPUs).", replace=True)
     register_recipe("cleanup", "cleanup", "Same as default: the exact cleanup passes to a fixed point.",
                     replace=True)

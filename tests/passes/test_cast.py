@@ -1,0 +1,92 @@
+"""The ``cast`` pass and the fp16/bf16 recipes: float32 islands, casts only at boundaries."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.dialect import op_name
+from models import state_hash
+
+
+def _dtypes(gm):
+    return {n.name: (op_name(n), n.meta["val"].dtype) for n in gm.graph.nodes
+            if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)}
+
+
+def _casts(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten._to_copy.default]
+
+
+def _compile(model, args=(), kwargs=None, recipe="bf16"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fxopt.compile(model, args, kwargs, recipe=recipe)
+
+
+def test_an_mlp_casts_only_at_the_input_and_output():
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(5, 8)
+    q = _compile(model, (x,))
+    assert len(_casts(q)) == 2
+    assert all(d == torch.bfloat16 for name, (op, d) in _dtypes(q).items() if op in ("linear", "gelu"))
+    assert q(x).dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in q.parameters())  # weights stored in bf16
+    torch.testing.assert_close(q(x), model(x), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("recipe, min_cos", [("bf16", 0.99), ("fp16", 0.999)])
+def test_minilm_keeps_islands_in_float32(minilm, recipe, min_cos):
+    model, kw = minilm
+    before = state_hash(model)
+    q = _compile(model, kwargs=kw, recipe=recipe)
+    assert state_hash(model) == before
+    low = torch.bfloat16 if recipe == "bf16" else torch.float16
+    ops = _dtypes(q)
+    seen = {op for op, _ in ops.values()}
+    assert {"layer_norm", "linear"} <= seen
+    for name, (op, d) in ops.items():
+        if op in ("layer_norm", "softmax", "_softmax", "sum", "mean"):
+            assert d == torch.float32, (name, op, d)
+        if op == "linear":
+            assert d == low, (name, d)
+    # every cast sits on an island boundary: a float32 <-> low transition
+    for c in _casts(q):
+        src = c.args[0].meta["val"].dtype
+        if src.is_floating_point and c.meta["val"].dtype.is_floating_point:
+            assert {src, c.meta["val"].dtype} == {torch.float32, low}
+    out = q(**kw)
+    h = out["last_hidden_state"] if isinstance(out, dict) else out[0]
+    assert h.dtype == torch.float32
+    ref = model(**kw).last_hidden_state
+    cos = nn.functional.cosine_similarity(h.flatten(1), ref.flatten(1)).min()
+    assert cos > min_cos
+    bytes_ratio = fxopt.graph_utils.param_stats(q)[1] / fxopt.graph_utils.param_stats(model)[1]
+    assert bytes_ratio < 0.51
+
+
+def test_keep_list_and_integer_inputs():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.fc(self.emb(ids))))
+
+    ids = torch.randint(0, 10, (3, 5))
+    q = _compile(Net().eval(), (ids,), recipe="cast(dtype=bf16,keep=[head])")
+    ops = _dtypes(q)
+    assert ops["head_linear"][1] == torch.float32 and ops["fc_linear"][1] == torch.bfloat16
+    assert q.emb.weight.dtype == torch.bfloat16 and q.head.weight.dtype == torch.float32
+    assert q(ids).dtype == torch.float32
+    q = _compile(Net().eval(), (ids,), recipe="cast(dtype=fp16,keep=[relu])")
+    assert _dtypes(q)["relu"][1] == torch.float32
+
+
+def test_bad_dtype():
+    with pytest.raises(fxopt.RecipeError, match="dtype must be one of"):
+        fxopt.compile(nn.Linear(2, 2), (torch.randn(1, 2),), recipe="cast(dtype=int8)")

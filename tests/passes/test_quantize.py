@@ -1,0 +1,230 @@
+"""insert-qdq, smooth-quant, lower-quant and the quantization recipes."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.errors import CalibrationError
+from fxopt.kernels.cpu_quant import pack_int4, unpack_int4
+from models import MLP, ResCNN, state_hash
+
+fxq = torch.ops.fxopt
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _cos(a, b):
+    a, b = a.detach(), b.detach()
+    return float(nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min())
+
+
+def _compile(model, x, recipe, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rolled-back pass warns: make it fail the test
+        return fxopt.compile(model, (x,), recipe=recipe, **kw)
+
+
+def test_insert_qdq_writes_explicit_nodes_and_int8_weights():
+    torch.manual_seed(0)
+    model, x = MLP(16, 64, 8).eval(), torch.randn(32, 16)
+    gm = _compile(model, x, "insert-qdq", calibration=[torch.randn(32, 16) for _ in range(4)])
+    t = _targets(gm)
+    assert t.count(fxq.quantize.default) == 2 and t.count(fxq.dequantize.default) == 4
+    assert gm.fc1.weight_q.dtype == torch.int8 and gm.fc1.weight_scale.shape == (64, 1)
+    assert not hasattr(gm.fc1, "weight")  # the fp32 weight is gone: bytes really drop
+    assert _cos(gm(x), model(x)) > 0.999
+    rec = gm.fxopt_history.records[0]
+    assert rec.info["quantized"] == 2 and rec.info["activations"] == 2
+
+
+def test_static_int8_needs_calibration():
+    with pytest.raises(fxopt.PassError, match="calibration"):
+        fxopt.compile(MLP(), (torch.randn(2, 16),), recipe="int8", strict=True)
+    with pytest.warns(UserWarning, match="insert-qdq"):  # not strict: rolled back and named
+        out = fxopt.compile(MLP(), (torch.randn(2, 16),), recipe="int8")
+    assert out.fxopt_history.failures[0].name == "insert-qdq"
+    assert "CalibrationError" in out.fxopt_history.failures[0].error
+
+
+@pytest.mark.parametrize("recipe, kernel", [("int8", fxq.linear_int8.default),
+                                            ("int8-dynamic", fxq.linear_int8_dynamic.default),
+                                            ("int8-weight", fxq.linear_wq.default),
+                                            ("int4-weight", fxq.linear_wq.default)])
+def test_recipes_lower_linears_and_agree_with_the_simulation(recipe, kernel):
+    torch.manual_seed(0)
+    model, x = MLP(128, 256, 64).eval(), torch.randn(16, 128)
+    calib = [torch.randn(16, 128) for _ in range(4)]
+    before = state_hash(model)
+    q = _compile(model, x, recipe, calibration=calib)
+    assert state_hash(model) == before
+    assert _targets(q).count(kernel) == 2
+    assert not any(t in (fxq.quantize.default, fxq.dequantize.default) for t in _targets(q))
+    # the simulated QDQ graph (the same pipeline without lower-quant) computes the same numbers
+    sim = fxopt.compile(model, (x,), recipe=recipe, calibration=calib, disable=["lower-quant"])
+    err = (q(x) - sim(x)).abs().max()
+    assert err <= 1e-4 * sim(x).abs().max(), err
+    low = q.fxopt_history.records[[r.name for r in q.fxopt_history.records].index("lower-quant")]
+    assert low.info["worst_layer_error"] <= 1e-4
+    ratio = fxopt.graph_utils.param_stats(q)[1] / fxopt.graph_utils.param_stats(model)[1]
+    assert ratio < (0.15 if recipe == "int4-weight" else 0.27), ratio
+    assert _cos(q(x), model(x)) > (0.99 if recipe == "int4-weight" else 0.999)
+    assert q(torch.randn(3, 128)).shape == (3, 64)  # batch stays dynamic
+
+
+def test_static_conv_lowering_matches_the_simulation_to_one_output_step():
+    torch.manual_seed(0)
+    model, x = ResCNN(16).eval(), torch.rand(4, 3, 12, 12)
+    calib = [torch.rand(4, 3, 12, 12) for _ in range(4)]
+    q = _compile(model, x, "int8", calibration=calib)
+    t = _targets(q)
+    assert fxq.conv2d_int8.default in t and fxq.linear_int8.default in t
+    sim = fxopt.compile(model, (x,), recipe="int8", calibration=calib, disable=["lower-quant"])
+    assert (q(x) - sim(x)).abs().max() < 0.05 * sim(x).abs().max()
+    assert _cos(q(x), model(x)) > 0.99
+
+
+def test_a_wrong_kernel_is_caught_and_rolled_back(monkeypatch):
+    import fxopt.passes.lower_quant as lq
+
+    def bad(x, w_q, w_scale, bias):  # drops the bias: disagrees with the simulation
+        return fxq.linear_int8_dynamic(x, w_q, w_scale, None)
+    monkeypatch.setitem(lq._SIM, fxq.linear_int8_dynamic.default, lambda *a: lq._sim_linear_dynamic(*a) + 1)
+    with pytest.warns(UserWarning, match="lower-quant"):
+        q = fxopt.compile(MLP(), (torch.randn(4, 16),), recipe="int8-dynamic")
+    fail = q.fxopt_history.failures[0]
+    assert fail.name == "lower-quant" and "differs from its simulated QDQ form" in fail.error
+    assert fxq.dequantize.default in _targets(q)  # the simulated graph stands
+
+
+def test_int4_packing_round_trips():
+    q = torch.randint(-8, 8, (5, 12), dtype=torch.int8)
+    p = pack_int4(q)
+    assert p.dtype == torch.uint8 and p.shape == (5, 6)
+    assert torch.equal(unpack_int4(p), q)
+
+
+def test_group_size_option_and_skip_and_overrides():
+    torch.manual_seed(0)
+    model, x = MLP(128, 256, 64).eval(), torch.randn(4, 128)
+    q = _compile(model, x, "int4-weight", group_size=32)
+    assert q.fc1.weight_scale.shape == (256, 4)
+    q = _compile(model, x, "insert-qdq(activation=int8/token,skip=[fc2])")
+    assert hasattr(q.fc2, "weight") and hasattr(q.fc1, "weight_q")
+    q = _compile(model, x, "insert-qdq(activation=int8/token,overrides=['fc2=int4/group64;none'])")
+    assert q.fc2.weight_scale.shape == (64, 4)
+    node = next(n for n in q.graph.nodes if n.meta.get("fxopt_quant") and "fc2" in n.name)
+    assert node.meta["fxopt_quant"] == {"weight": "int4/group64", "activation": None}
+
+
+def test_budget_keeps_the_most_sensitive_layers_in_float():
+    torch.manual_seed(0)
+
+    class Outlier(nn.Module):  # fc2's input has one channel 1000x the rest: per-tensor int8 ruins it
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            h = h * torch.cat([torch.full((1,), 1000.0), torch.ones(31)])
+            return self.fc3(torch.relu(self.fc2(h)))
+
+    model, x = Outlier().eval(), torch.randn(16, 16)
+    calib = [torch.randn(16, 16) for _ in range(4)]
+    rep = fxopt.sensitivity(model, (x,), recipe="int8", calibration=calib)
+    assert rep.rows[0]["layer"] == "fc2" and "fc2" in rep.table()
+    q = _compile(model, x, "canonicalize,insert-qdq(budget=0.999),lower-quant", calibration=calib)
+    info = next(r for r in q.fxopt_history.records if r.name == "insert-qdq").info
+    assert "fc2" in info["kept_float"] and len(info["kept_float"]) < 3 and info["budget_cosine"] >= 0.999
+    assert [r["layer"] for r in info["sensitivity"]] == [r["layer"] for r in rep.rows]
+    assert _cos(q(x), model(x)) > 0.99
+
+
+def test_smooth_quant_is_exact_in_float_and_helps_int8():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc1, self.fc2 = nn.LayerNorm(64), nn.Linear(64, 64), nn.Linear(64, 64)
+            with torch.no_grad():
+                self.ln.weight[:4] = 40.0  # outlier channels, as in trained transformers
+
+        def forward(self, x):
+            h = self.ln(x)
+            return self.fc1(h) + self.fc2(h)
+
+    model, x = Block().eval(), torch.randn(8, 10, 64)
+    sq = _compile(model, x, "smooth-quant(alpha=0.5)")
+    info = sq.fxopt_history.records[0].info
+    assert info["folded_into_norm"] == 1 and info["scale_ops"] == 0
+    assert torch.allclose(sq(x), model(x), atol=1e-4, rtol=1e-3)
+    plain = _compile(model, x, "int8-dynamic")
+    smooth = _compile(model, x, "int8-dynamic", smoothquant=0.5)
+    err = lambda m: float((m(x) - model(x)).detach().pow(2).mean())  # noqa: E731
+    assert err(smooth) < err(plain) / 2
+
+
+def test_smooth_quant_inserts_a_scale_when_the_norm_has_other_users():
+    torch.manual_seed(0)
+
+    class PostNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc = nn.LayerNorm(32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            h = self.ln(x)
+            return h + self.fc(h)  # the residual reads h too
+
+    model, x = PostNorm().eval(), torch.randn(4, 32)
+    sq = _compile(model, x, "smooth-quant(alpha=0.5)")
+    assert sq.fxopt_history.records[0].info["scale_ops"] == 1
+    assert torch.allclose(sq(x), model(x), atol=1e-4, rtol=1e-3)
+
+
+def test_quantized_model_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model, x = ResCNN(8).eval(), torch.rand(2, 3, 8, 8)
+    for recipe in ("int8", "int4-weight"):
+        q = _compile(model, x, recipe, calibration=[torch.rand(2, 3, 8, 8)])
+        fxopt.save(q, tmp_path / f"{recipe}.fxopt")
+        back = fxopt.load(tmp_path / f"{recipe}.fxopt")
+        assert torch.allclose(back(x), q(x), atol=1e-6)
+
+
+def test_digits_cnn_int8_keeps_accuracy(digits):
+    from fxopt.models import DemoNet
+    from fxopt.training import _evaluate
+    train, test = digits
+    torch.manual_seed(0)
+    dense, _ = fxopt.finetune(DemoNet(width=32), train, epochs=6, lr=0.05, progress=False)
+    ce = nn.functional.cross_entropy
+    acc = _evaluate(dense, test, ce)[1]
+    q = _compile(dense, train[0][0], "int8", calibration=train, calibration_inputs=0)
+    assert fxq.conv2d_int8.default in _targets(q)
+    assert _evaluate(q, test, ce)[1] >= acc - 0.3
+    assert fxopt.graph_utils.param_stats(q)[1] <= 0.27 * fxopt.graph_utils.param_stats(dense)[1]
+
+
+def test_minilm_int8_dynamic(minilm):
+    model, kw = minilm
+    before = state_hash(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = fxopt.compile(model, kwargs=kw, recipe="int8-dynamic")
+    assert state_hash(model) == before
+    ref, out = model(**kw).last_hidden_state, q(**kw)
+    out = out["last_hidden_state"] if isinstance(out, dict) else out[0]
+    mask = kw["attention_mask"].unsqueeze(-1)
+    pool = lambda h: (h * mask).sum(1) / mask.sum(1)  # noqa: E731
+    assert _cos(pool(out), pool(ref)) > 0.99
+    assert _targets(q).count(fxq.linear_int8_dynamic.default) == 37
+    assert fxopt.graph_utils.param_stats(q)[1] < 0.27 * fxopt.graph_utils.param_stats(model)[1]
