@@ -24,7 +24,7 @@ Specs have a short text form used in pipeline strings and configs::
 Integer ranges: symmetric signed specs use ``[-(2^(b-1)-1), 2^(b-1)-1]`` (-127..127
 for int8, so that zero is exact and the range is symmetric); unsigned affine specs use
 ``[0, 2^b-1]``. ``quantize``/``dequantize`` are the exact formulas the QDQ graph and the
-lowered kernels both follow: ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``
+lowered kernels both follow: ``q = clamp(round(x * (1/scale)) + zero_point, qmin, qmax)``
 (round half to even) and ``x' = (q - zero_point) * scale``.
 """
 from __future__ import annotations
@@ -164,16 +164,20 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
              group_size: int = 0) -> torch.Tensor:
-    """``clamp(round(x / scale) + zero_point, qmin, qmax)`` as int8 (signed ranges) or uint8.
+    """``clamp(round(x * (1 / scale)) + zero_point, qmin, qmax)`` as int8 (signed ranges) or uint8.
+
+    The float32 reciprocal (not a division) is what fbgemm's kernels use, so the
+    simulation rounds exactly like them.
 
     ``scale``/``zero_point`` broadcast against ``x``; with ``group_size > 0`` they have
     shape ``[..., K // group_size]`` and apply to groups of the last dimension.
     """
     dtype = torch.int8 if qmin < 0 else torch.uint8
+    inv = 1.0 / scale.float()  # multiply by the float32 reciprocal, as fbgemm's vectorized quantize does
     if group_size > 0:
-        q = torch.round(_grouped(x, group_size) / scale.unsqueeze(-1)) + zero_point.unsqueeze(-1)
+        q = torch.round(_grouped(x, group_size) * inv.unsqueeze(-1)) + zero_point.unsqueeze(-1)
         return q.clamp_(qmin, qmax).reshape(x.shape).to(dtype)
-    return (torch.round(x / scale) + zero_point).clamp_(qmin, qmax).to(dtype)
+    return (torch.round(x * inv) + zero_point).clamp_(qmin, qmax).to(dtype)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int = 0,

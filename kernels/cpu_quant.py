@@ -88,7 +88,7 @@ def linear_int8_dynamic(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tenso
     packed = _packed(w_q, w_scale, "linear")
     x2 = x.reshape(-1, x.shape[-1]).float()
     row_scale = x2.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps) / 127
-    out = _gemm((x2 / row_scale).contiguous(), packed, 1.0, 128)
+    out = _gemm((x2 * (1.0 / row_scale)).contiguous(), packed, 1.0, 128)
     out.mul_(row_scale)
     if bias is not None:
         out.add_(bias)

@@ -207,6 +207,8 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
             scale, zp = weight_qparams(w, t.weight)
             gs = t.weight.group_size if t.weight.granularity == "group" else 0
             q = quantize_tensor(w.detach().float(), scale, zp, t.weight.qmin, t.weight.qmax, gs)
+            if -128 <= t.weight.qmin and t.weight.qmax <= 127:
+                zp = zp.to(torch.int8)  # one byte per zero point (a group of 128 int4 weights is 64 bytes)
             owner, _, attr = str(w_node.target).rpartition(".")
             anchor = w_node
             nodes = (_buffer(gm, owner, f"{attr}_q", q, anchor), _buffer(gm, owner, f"{attr}_scale", scale, anchor),

