@@ -118,7 +118,8 @@ _EPILOG_COMPILE = """examples:
   fxopt compile torchvision:resnet50 --recipe default --out resnet50.fxopt --report resnet50.html
   fxopt compile hf:/path/to/minilm --seq-len 128 --batch 8 --dynamic all --out bert.fxopt
   fxopt compile models.py:Net --input-shape 8x1x28x28 --recipe "cleanup,cse" --out net.fxopt
-  fxopt compile models.py:Net --example inputs.pt --calibration calib.pt --out net.fxopt
+  fxopt compile models.py:Net --example inputs.pt --calibration calib.pt --recipe int8 --out net.fxopt
+  fxopt compile hf:/path/to/minilm --batch 8 --recipe int8-dynamic --smoothquant 0.5 --out bert8.fxopt
 """
 
 _EPILOG_INSPECT = """examples:
@@ -147,27 +148,66 @@ _DYNAMIC = {"batch": None, "all": True, "none": False}
 def cmd_compile(ns: argparse.Namespace) -> int:
     import fxopt
     from .api import resolve_recipe
-    from .model_spec import load_inputs_file
     resolve_recipe(ns.recipe)  # fail before loading anything
     if not ns.out.endswith(".fxopt"):
         raise fxopt.InputError(f"--out {ns.out}: use a .fxopt file name, e.g. --out model.fxopt")
     loaded = _load(ns)
-    calibration = None
-    if ns.calibration:
-        args, kwargs = load_inputs_file(ns.calibration)
-        calibration = list(args) if args else [kwargs]
-        if not calibration:
-            raise fxopt.CalibrationError(f"{ns.calibration} holds no calibration inputs")
+    calibration = _calibration(ns)
     _status(f"compiling {loaded.description} with recipe '{ns.recipe}' ...")
     out = fxopt.compile(loaded.model, loaded.args, loaded.kwargs, recipe=ns.recipe, calibration=calibration,
                         dynamic=_DYNAMIC[ns.dynamic], strict=ns.strict,
                         disable=[d for d in (ns.disable or "").split(",") if d], stop_after=ns.stop_after,
-                        report=ns.report, progress=None)
+                        report=ns.report, progress=None, **_quant_options(ns))
     print(out.fxopt_history.table())
     _status(f"saving {ns.out} ...")
     fxopt.save(out, ns.out)
     print(f"\nwrote {ns.out}" + (f" and {ns.report}" if ns.report else ""))
     return 1 if (ns.strict and out.fxopt_history.failures) else 0
+
+
+def _calibration(ns: argparse.Namespace) -> Any:
+    """The --calibration file as a list of model inputs (None without the flag)."""
+    import fxopt
+    from .model_spec import load_inputs_file
+    if not getattr(ns, "calibration", None):
+        return None
+    args, kwargs = load_inputs_file(ns.calibration)
+    calibration = list(args) if args else ([kwargs] if kwargs else [])
+    if not calibration:
+        raise fxopt.CalibrationError(f"{ns.calibration} holds no calibration inputs")
+    return calibration
+
+
+def _quant_options(ns: argparse.Namespace) -> dict:
+    out = {}
+    if getattr(ns, "smoothquant", None) is not None:
+        out["smoothquant"] = ns.smoothquant
+    if getattr(ns, "group_size", None):
+        out["group_size"] = ns.group_size
+    if getattr(ns, "calibration_batches", None):
+        out["calibration_batches"] = ns.calibration_batches
+    return out
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibration inputs saved with torch.save: a list of batches (tensors, tuples or dicts)")
+    p.add_argument("--calibration-batches", type=int, metavar="N", help="use at most N calibration batches")
+    p.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                   help="SmoothQuant strength for the int8 recipes (0..1, e.g. 0.5)")
+    p.add_argument("--group-size", type=int, metavar="N", help="group size of group-wise (int4) weight scales")
+
+
+def cmd_sensitivity(ns: argparse.Namespace) -> int:
+    import fxopt
+    from .api import resolve_recipe
+    resolve_recipe(ns.recipe)
+    loaded = _load(ns)
+    _status(f"quantizing each layer of {loaded.description} alone with '{ns.recipe}' ...")
+    rep = fxopt.sensitivity(loaded.model, loaded.args, loaded.kwargs, recipe=ns.recipe,
+                            calibration=_calibration(ns), progress=None, **_quant_options(ns))
+    print(rep.table(ns.max_rows))
+    return 0
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
@@ -247,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", default="default", help="recipe name or pipeline string (default: default)")
     c.add_argument("--out", required=True, help="where to save the compiled model (.fxopt)")
     c.add_argument("--report", metavar="FILE", help="also write the HTML report")
-    c.add_argument("--calibration", metavar="FILE", help="calibration inputs saved with torch.save (a list)")
+    _quant_args(c)
     c.add_argument("--strict", action="store_true", help="fail instead of rolling back a failing pass")
     c.add_argument("--disable", metavar="PASSES", help="comma-separated pass names to skip")
     c.add_argument("--stop-after", type=int, metavar="N", help="run only the first N passes (bisecting)")
@@ -266,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the channel groups structured pruning sees (and why some are kept whole)")
     i.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
     i.set_defaults(fn=cmd_inspect)
+    sn = sub.add_parser("sensitivity", help="per-layer quantization sensitivity (cosine, SQNR), worst first",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  fxopt sensitivity hf:/path/to/minilm --batch 8 --recipe int8-dynamic\n"
+                               "  fxopt sensitivity models.py:Net --input-shape 8x1x8x8 --recipe int8 "
+                               "--calibration calib.pt",
+                        description="Quantize one layer at a time (as RECIPE's insert-qdq would) and print how "
+                                    "far the outputs move from the float model.")
+    _model_args(sn)
+    sn.add_argument("--recipe", default="int8-dynamic", help="a quantization recipe (default: int8-dynamic)")
+    sn.add_argument("--max-rows", type=int, default=None, help="print at most this many rows")
+    _quant_args(sn)
+    sn.set_defaults(fn=cmd_sensitivity)
     d = sub.add_parser("demo", help="compile a bundled model and print what changed",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG_DEMO)
     d.add_argument("--model", default="bundled", choices=["bundled", "bert"], help="which model (default: bundled)")

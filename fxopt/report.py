@@ -217,7 +217,7 @@ def report_html(history: Any, title: str | None = None) -> str:
     for r in h.records:
         cls = "bad" if r.status == "rolled-back" else ("ok" if r.status == "changed" else "")
         delta = f"{r.nodes_after} ({r.nodes_after - r.nodes_before:+d})" if r.changed else str(r.nodes_after)
-        notes = r.error or ", ".join(f"{k}={v}" for k, v in r.info.items())
+        notes = r.error or ", ".join(f"{k}={v}" for k, v in r.info.items() if k != "sensitivity")
         parts.append(f"<tr><td>{r.index}</td><td class='text'>{html.escape(r.path)}</td>"
                      f"<td class='{cls}'>{html.escape(r.status)}</td><td>{r.seconds * 1e3:.2f}</td>"
                      f"<td>{r.verify_seconds * 1e3:.2f}</td><td>{delta}</td><td>{fmt_count(r.params)}</td>"
@@ -225,6 +225,20 @@ def report_html(history: Any, title: str | None = None) -> str:
                      f"<td>{_err(r.error_vs_previous, r)}</td><td>{_err(r.error_vs_original, r)}</td>"
                      f"<td class='text'>{html.escape(notes)}</td></tr>")
     parts.append("</table>")
+    for r in h.records:  # insert-qdq(budget=...) scored every layer: show the table
+        rows = r.info.get("sensitivity") if isinstance(r.info, dict) else None
+        if rows:
+            kept = set(r.info.get("kept_float", []))
+            parts.append(f"<h2>Quantization sensitivity ({html.escape(r.path)})</h2><div class='muted'>Each row "
+                         "quantizes one layer alone; worst first. Layers kept in float to meet the budget are "
+                         "marked.</div><table><tr><th>layer</th><th>op</th><th>weight</th><th>activation</th>"
+                         "<th>cosine</th><th>SQNR dB</th><th>kept float</th></tr>")
+            for row in rows:
+                parts.append(f"<tr><td class='text'>{html.escape(row['layer'])}</td><td>{html.escape(row['op'])}</td>"
+                             f"<td>{html.escape(row['weight'])}</td><td>{html.escape(row['activation'])}</td>"
+                             f"<td>{row['cosine']:.5f}</td><td>{row['sqnr']:.2f}</td>"
+                             f"<td>{'yes' if row['layer'] in kept else ''}</td></tr>")
+            parts.append("</table>")
 
     changed = [r for r in h.records if r.changed and r.graph_before is not None and r.graph_after is not None]
     parts.append(f"<h2>Graphs before and after each change ({len(changed)})</h2>"

@@ -27,7 +27,10 @@ Config (all strings are :class:`~fxopt.qspec.QSpec` text):
 
 Static convolutions also quantize their output (after a ReLU that follows them), the
 form fbgemm's int8 conv produces. One quantize/dequantize pair serves every consumer of
-a tensor (the Q, K and V projections share theirs), so consumers agree on its scale.
+a tensor (the Q, K and V projections share theirs), so consumers agree on its scale, and
+tensors joined by pass-through ops (reshape, permute, max-pool, slicing) or a
+concatenation share one observer and one scale (:func:`share_groups`): a value
+quantized before such an op stays on the same integer grid after it.
 
 Static activation specs need calibration data: ``compile(..., calibration=batches)``;
 ``calibration_inputs=0`` picks inputs from ``(inputs, target)`` pairs,
@@ -56,7 +59,7 @@ from fxopt.qspec import QSpec
 from fxopt.qspec import quantize as quantize_tensor
 from fxopt.rewrite_utils import attr_tensor, copy_meta, erase_dead
 
-__all__ = ["InsertQDQPass", "QuantTarget", "plan_targets", "materialize", "collect_qparams",
+__all__ = ["InsertQDQPass", "QuantTarget", "plan_targets", "materialize", "collect_qparams", "share_groups",
            "output_similarity", "sensitivity_scores"]
 
 fxq = torch.ops.fxopt
@@ -156,9 +159,47 @@ def _observed(targets: list[QuantTarget]) -> dict[fx.Node, QSpec]:
     return watch
 
 
+#: ops whose output values are a subset of their input values: a quantization grid passes through them
+_SHARE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+          aten.transpose.int, aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims,
+          aten.unsqueeze.default, aten.clone.default, aten.contiguous.default, aten.max_pool2d.default,
+          aten.max_pool1d.default, aten.cat.default, aten.slice.Tensor, aten.select.int}
+
+
+def share_groups(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """node -> representative: tensors that must share quantization parameters.
+
+    The output of a pass-through op (reshape, permute, max-pool, slicing ...) and its
+    input, and a concatenation and all of its inputs, form one group, so a value
+    quantized before such an op stays on the same integer grid after it.
+    """
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(n: fx.Node) -> fx.Node:
+        while parent.get(n, n) is not n:
+            parent[n] = parent.get(parent[n], parent[n])
+            n = parent[n]
+        return n
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in _SHARE:
+            continue
+        ins = n.args[0] if n.target is aten.cat.default else [n.args[0]]
+        for a in ins:
+            v = a.meta.get("val") if isinstance(a, fx.Node) else None
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                ra, rn = find(a), find(n)
+                if ra is not rn:
+                    parent[rn] = ra
+    return {n: find(n) for n in list(parent)}
+
+
 def collect_qparams(gm: fx.GraphModule, targets: list[QuantTarget], ctx: PassContext,
                     percentile: float = 99.99) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Calibrate the static activations the targets need; node name -> (scale, zero_point)."""
+    """Calibrate the static activations the targets need; node name -> (scale, zero_point).
+
+    Tensors in one :func:`share_groups` group get one observer, fed by every watched
+    member, and the same parameters.
+    """
     watch = _observed(targets)
     if not watch:
         return {}
@@ -167,12 +208,19 @@ def collect_qparams(gm: fx.GraphModule, targets: list[QuantTarget], ctx: PassCon
                                "fxopt.compile(model, args, recipe=..., calibration=batches) (or `fxopt compile "
                                "--calibration FILE`); or use a dynamic or weight-only recipe "
                                "(int8-dynamic, int8-weight, int4-weight)")
-    observers = {n: make_observer(s, **({"percentile": percentile} if s.observer == "percentile" else {}))
-                 for n, s in watch.items()}
+    groups = share_groups(gm)
+    by_root: dict[fx.Node, Any] = {}
+    observers = {}
+    for n, s in watch.items():
+        root = groups.get(n, n)
+        if root not in by_root:
+            by_root[root] = make_observer(s, **({"percentile": percentile} if s.observer == "percentile" else {}))
+        observers[n] = by_root[root]
     observe(gm, observers, ctx.calibration, inputs=ctx.options.get("calibration_inputs"),
             example=(ctx.args, ctx.kwargs), max_batches=ctx.options.get("calibration_batches"),
             progress=ctx.options.get("progress"))
-    return {n.name: o.qparams() for n, o in observers.items()}
+    params = {id(o): o.qparams() for o in by_root.values()}
+    return {n.name: params[id(o)] for n, o in observers.items()}
 
 
 # ---------------------------------------------------------------- materialize

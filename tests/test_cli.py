@@ -125,3 +125,21 @@ def test_bad_arguments_give_one_clear_line(argv, needle, capsys):
 def test_debug_shows_the_traceback():
     with pytest.raises(Exception, match="cannot understand MODEL"):
         main(["inspect", "nonsense", "--debug"])
+
+
+def test_quantize_from_the_command_line(tmp_path, capsys):
+    import torch
+    calib = tmp_path / "calib.pt"
+    torch.save([torch.randn(4, 3, 8, 8) for _ in range(3)], calib)
+    out_file = tmp_path / "tiny_int8.fxopt"
+    assert main(["compile", f"{TINY}:build", "--input-shape", "4x3x8x8", "--recipe", "int8", "--calibration",
+                 str(calib), "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "insert-qdq" in out and "lower-quant" in out and "rolled" not in out.split("total")[0]
+    assert main(["sensitivity", f"{TINY}:build", "--input-shape", "4x3x8x8", "--recipe", "int8",
+                 "--calibration", str(calib)]) == 0
+    out = capsys.readouterr().out
+    assert "SQNR" in out and "conv" in out and "head" in out
+    # static int8 without calibration data: one clear line
+    assert main(["sensitivity", f"{TINY}:build", "--input-shape", "4x3x8x8", "--recipe", "int8"]) == 1
+    assert "calibration" in capsys.readouterr().err

@@ -228,3 +228,35 @@ def test_minilm_int8_dynamic(minilm):
     assert _cos(pool(out), pool(ref)) > 0.99
     assert _targets(q).count(fxq.linear_int8_dynamic.default) == 37
     assert fxopt.graph_utils.param_stats(q)[1] < 0.27 * fxopt.graph_utils.param_stats(model)[1]
+
+
+def test_report_shows_the_sensitivity_table(tmp_path):
+    torch.manual_seed(0)
+    model, x = MLP(16, 32, 4).eval(), torch.randn(8, 16)
+    fxopt.compile(model, (x,), recipe="insert-qdq(budget=0.99999),lower-quant",
+                  calibration=[torch.randn(8, 16)], report=str(tmp_path / "r.html"))
+    page = (tmp_path / "r.html").read_text()
+    assert "Quantization sensitivity" in page and "fc1" in page and "SQNR dB" in page
+
+
+def test_concat_and_pass_through_ops_share_quantization_parameters():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+            self.c = nn.Conv2d(8, 4, 3)
+
+        def forward(self, x):
+            h = torch.cat([torch.relu(self.a(x)), self.b(x)], 1)
+            return self.c(nn.functional.max_pool2d(h, 2))
+
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    gm = fxopt.compile(model, (x,), recipe="insert-qdq", calibration=[torch.randn(2, 3, 8, 8) for _ in range(3)])
+    scales = {n.target: float(getattr(gm, n.target)) for n in gm.graph.nodes
+              if n.op == "get_attr" and n.target.endswith("_scale") and "." not in n.target}
+    # the two conv outputs feeding the concat and the pooled input of conv c: one scale
+    shared = {v for k, v in scales.items() if k.startswith(("relu", "b_conv2d", "max_pool2d"))}
+    assert len(shared) == 1, scales
+    assert _cos(gm(x), model(x)) > 0.99
