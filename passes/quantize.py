@@ -23,7 +23,9 @@ Config (all strings are :class:`~fxopt.qspec.QSpec` text):
   per-layer specs (``"encoder.layer.5.*=int8/channel;none"``; ``float`` skips);
 * ``budget``: a minimum output cosine similarity to the float model over the
   calibration data; the most quantization-sensitive layers are kept in float until it
-  holds (the chosen layers are in the pass record).
+  holds (the chosen layers are in the pass record). A user metric works too:
+  ``compile(..., budget_metric=accuracy_fn, max_metric_drop=0.003)`` keeps layers in
+  float until ``accuracy_fn(model)`` is within ``max_metric_drop`` of the float model's.
 
 Static convolutions also quantize their output (after a ReLU that follows them), the
 form fbgemm's int8 conv produces. One quantize/dequantize pair serves every consumer of
@@ -377,10 +379,9 @@ def sensitivity_scores(gm: fx.GraphModule, targets: list[QuantTarget], qparams: 
     return rows
 
 
-def _within_budget(gm, targets, keep, qparams, ref, batches, budget) -> tuple[bool, float]:
-    q = _quantized_copy(gm, targets, keep, qparams)
-    cos = output_similarity(ref, _run(q, batches))["cosine"]
-    return cos >= budget, cos
+def _metric(fn: Any, module: fx.GraphModule) -> float:
+    with torch.no_grad():
+        return float(fn(module))
 
 
 @register_pass
@@ -402,6 +403,7 @@ class InsertQDQPass(Pass):
         percentile: float = 99.99
 
         def __post_init__(self) -> None:
+            object.__setattr__(self, "budget", float(self.budget))
             for f in ("ops", "skip", "overrides"):
                 v = getattr(self, f)
                 object.__setattr__(self, f, (v,) if isinstance(v, str) else tuple(v))
@@ -431,7 +433,7 @@ class InsertQDQPass(Pass):
             return PassResult(False, info={"quantized": 0})
         qparams = collect_qparams(gm, targets, ctx, self.config.percentile)
         info: dict[str, Any] = {}
-        if self.config.budget > 0:
+        if self.config.budget > 0 or ctx.options.get("budget_metric") is not None:
             keep = self._budget(gm, targets, qparams, ctx, info)
             targets = [t for t in targets if t.label not in keep]
         counts = materialize(gm, targets, qparams)
@@ -443,14 +445,29 @@ class InsertQDQPass(Pass):
         rows = sensitivity_scores(gm, targets, qparams, batches, ctx.options.get("progress"))
         ref = _run(gm, batches)
         order = [r["layer"] for r in rows]
+        metric = ctx.options.get("budget_metric")
+        if metric is not None and not callable(metric):
+            raise PipelineError("budget_metric must be a function of a module returning a number (accuracy)")
+        drop = float(ctx.options.get("max_metric_drop", 0.0))
+        floor = _metric(metric, gm) - drop if metric is not None else None
+
+        def ok(keep: set[str]) -> tuple[bool, float, float | None]:
+            q = _quantized_copy(gm, targets, keep, qparams)
+            cos = output_similarity(ref, _run(q, batches))["cosine"]
+            if metric is None:
+                return cos >= self.config.budget, cos, None
+            value = _metric(metric, q)
+            return value >= floor and cos >= self.config.budget, cos, value
         keep: set[str] = set()
-        ok, cos = _within_budget(gm, targets, keep, qparams, ref, batches, self.config.budget)
+        good, cos, value = ok(keep)
         k = 0
-        while not ok and k < len(order):  # keep the worst layers in float, one more each time
+        while not good and k < len(order):  # keep the worst layers in float, one more each time
             k += 1
             keep = set(order[:k])
-            ok, cos = _within_budget(gm, targets, keep, qparams, ref, batches, self.config.budget)
+            good, cos, value = ok(keep)
         info["kept_float"] = sorted(keep)
         info["budget_cosine"] = round(cos, 5)
+        if metric is not None:
+            info["budget_metric"] = {"float": round(floor + drop, 6), "quantized": value, "max_drop": drop}
         info["sensitivity"] = rows
         return keep

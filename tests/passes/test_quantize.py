@@ -260,3 +260,21 @@ def test_concat_and_pass_through_ops_share_quantization_parameters():
     shared = {v for k, v in scales.items() if k.startswith(("relu", "b_conv2d", "max_pool2d"))}
     assert len(shared) == 1, scales
     assert _cos(gm(x), model(x)) > 0.99
+
+
+def test_budget_with_a_user_metric():
+    torch.manual_seed(0)
+    model, x = MLP(16, 64, 4).eval(), torch.randn(64, 16)
+    labels = model(x).argmax(1)
+    calls = []
+
+    def agreement(m):  # share of the float model's predictions kept
+        calls.append(1)
+        return float((m(x).argmax(1) == labels).float().mean())
+    q = _compile(model, x, "insert-qdq(weight=int4/channel),lower-quant", calibration=[x],
+                 budget_metric=agreement, max_metric_drop=0.0)
+    info = next(r for r in q.fxopt_history.records if r.name == "insert-qdq").info
+    assert info["budget_metric"]["quantized"] >= info["budget_metric"]["float"]
+    assert agreement(q) == 1.0 and len(calls) >= 2
+    with pytest.raises(fxopt.PassError, match="budget_metric"):
+        fxopt.compile(model, (x,), recipe="insert-qdq", calibration=[x], budget_metric=3, strict=True)
