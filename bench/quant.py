@@ -148,16 +148,28 @@ def minilm_section(repeats: int) -> None:
             m = _torchao(model, cfg)
             return m, nbytes(m)
         return build
+    def fx_static():
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+        m = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (), )
+        for b in calib:
+            m(**b)
+        m = convert_fx(m)
+        return m, nbytes(m)
     cands = [("fxopt default (fp32)", fxopt_row(model, (), kw, "default")),
-             ("fxopt int8-dynamic", fxopt_row(model, (), kw, "int8-dynamic")),
-             ("fxopt int8-dynamic smoothquant=0.5", fxopt_row(model, (), kw, "int8-dynamic", calibration=calib,
-                                                             smoothquant=0.5)),
+             ("fxopt int8-dynamic (SmoothQuant 0.5 on example)", fxopt_row(model, (), kw, "int8-dynamic")),
+             ("fxopt int8-dynamic smoothquant=False", fxopt_row(model, (), kw, "int8-dynamic", smoothquant=False)),
+             ("fxopt int8-dynamic, calibrated SmoothQuant", fxopt_row(model, (), kw, "int8-dynamic",
+                                                                     calibration=calib)),
              ("fxopt int8 (static)", fxopt_row(model, (), kw, "int8", calibration=calib)),
+             ("fxopt int8 (static) smoothquant=0.5", fxopt_row(model, (), kw, "int8", calibration=calib,
+                                                              smoothquant=0.5)),
              ("fxopt int8-weight", fxopt_row(model, (), kw, "int8-weight")),
              ("fxopt int4-weight", fxopt_row(model, (), kw, "int4-weight")),
              ("fxopt bf16", fxopt_row(model, (), kw, "bf16")),
              ("fxopt fp16", fxopt_row(model, (), kw, "fp16")),
              ("torch quantize_dynamic", qdyn),
+             ("torch FX static (x86)", fx_static),
              ("torchao Int8WeightOnly", ao("Int8WeightOnlyConfig")),
              ("torchao Int8DynamicActInt8Weight", ao("Int8DynamicActivationInt8WeightConfig"))]
     rows = run_rows("minilm", model, cands, lambda m: m(**kw), accuracy, repeats)

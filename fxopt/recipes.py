@@ -86,15 +86,16 @@ def _builtin() -> None:
                     "Structured pruning: remove 50% of the channels of every prunable channel group "
                     "(the model really shrinks); batch norms stay so fxopt.finetune can re-estimate them "
                     "(compile with 'fold-bn' after fine-tuning).", replace=True)
-    register_recipe("int8", "canonicalize,fold-bn,insert-qdq(embedding=int8/channel),lower-quant,cleanup",
+    register_recipe("int8", "canonicalize,fold-bn,smooth-quant,insert-qdq(embedding=int8/channel),lower-quant,"
+                    "cleanup",
                     "Static W8A8: int8 per-channel weights, uint8 per-tensor activations calibrated on "
                     "`calibration=` data, fbgemm int8 linear/conv kernels; int8 embeddings. Needs calibration data.",
                     replace=True)
-    register_recipe("int8-dynamic", "canonicalize,fold-bn,smooth-quant,insert-qdq(activation=int8/token,"
+    register_recipe("int8-dynamic", "canonicalize,fold-bn,smooth-quant(default=0.5),insert-qdq(activation=int8/token,"
                     "embedding=int8/channel),lower-quant,cleanup",
                     "Dynamic W8A8: int8 per-channel weights, int8 per-token activations scaled at run time "
-                    "(no calibration), fbgemm int8 linears; int8 embeddings. smoothquant=ALPHA turns on "
-                    "SmoothQuant (calibration= data, or the example inputs, give the activation ranges).",
+                    "(no calibration), fbgemm int8 linears; int8 embeddings; SmoothQuant with alpha 0.5 "
+                    "(smoothquant=ALPHA|False; calibration= data, else the example inputs, give its ranges).",
                     replace=True)
     register_recipe("int8-weight", "canonicalize,fold-bn,insert-qdq(activation=none,embedding=int8/channel),"
                     "lower-quant,cleanup",

@@ -12,8 +12,9 @@ the FFN's GELU output) a ``mul`` by ``1/s`` is inserted before the linears (one 
 elementwise op). Linears that share an input (Q, K, V) share ``s``.
 
 ``alpha`` (0..1): how much of the activation range moves into the weights (0.5 is the
-paper's default). With ``alpha=none`` the pass reads ``compile(..., smoothquant=ALPHA)``
-and does nothing when that is not given (the int8 recipes include it that way).
+paper's default). With ``alpha=none`` the pass reads ``compile(..., smoothquant=ALPHA)``,
+falling back to ``default`` (``int8-dynamic`` sets ``default=0.5``; ``smoothquant=False``
+turns it off; ``int8`` leaves it off unless asked).
 Activation ranges come from the calibration data, or the example inputs.
 Tolerance: float reassociation, atol 1e-4 / rtol 1e-3.
 """
@@ -58,6 +59,7 @@ class SmoothQuantPass(Pass):
     @dataclass(frozen=True)
     class Config:
         alpha: Any = None
+        default: Any = None
         skip: tuple = ()
 
         def __post_init__(self) -> None:
@@ -66,7 +68,9 @@ class SmoothQuantPass(Pass):
                 raise PipelineError(f"smooth-quant: alpha must be in [0, 1], got {self.alpha}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        alpha = self.config.alpha if self.config.alpha is not None else ctx.options.get("smoothquant")
+        alpha = self.config.alpha
+        if alpha is None:
+            alpha = ctx.options.get("smoothquant", self.config.default)
         if alpha is None or alpha is False:
             return PassResult(False, info={"off": "pass smoothquant=ALPHA (e.g. 0.5) to turn it on"})
         alpha = float(alpha)

@@ -6,7 +6,8 @@ import pytest
 
 MODULES = ["fxopt", "fxopt.api", "fxopt.capture", "fxopt.manager", "fxopt.pipeline", "fxopt.recipes",
            "fxopt.serialize", "fxopt.backend", "fxopt.passes.cleanup", "fxopt.summarize", "fxopt.graph_diff",
-           "fxopt.graph_render", "fxopt.training"]
+           "fxopt.graph_render", "fxopt.training", "fxopt.qspec", "fxopt.observers", "fxopt.calibrate",
+           "fxopt.qops", "fxopt.sensitivity"]
 
 
 @pytest.mark.parametrize("name", MODULES)
