@@ -128,6 +128,7 @@ _EPILOG_INSPECT = """examples:
   fxopt inspect models.py:Net --input-shape 1x3x32x32 --passes cleanup --svg after.svg --report r.html
   fxopt inspect net.fxopt --max-rows 40
   fxopt inspect torchvision:densenet121 --depth 1 --groups
+  fxopt inspect models.py:Net --input-shape 8x1x8x8 --passes int8 --calibration calib.pt --svg int8.svg
 """
 
 
@@ -227,7 +228,8 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         import copy
         work = copy.deepcopy(gm)
         _status(f"running passes '{pipeline}' ..." if pipeline else "analysing ...")
-        res = fxopt.PassManager(pipeline, warn=False).run(work, loaded.args, loaded.kwargs)
+        res = fxopt.PassManager(pipeline, warn=False).run(work, loaded.args, loaded.kwargs,
+                                                          calibration=_calibration(ns), options=_quant_options(ns))
         history = res.history
         history.capture = gm.meta.get("fxopt_capture", {})  # type: ignore[attr-defined]
         from .api import _symbol_values
@@ -305,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--groups", action="store_true",
                    help="list the channel groups structured pruning sees (and why some are kept whole)")
     i.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
+    _quant_args(i)
     i.set_defaults(fn=cmd_inspect)
     sn = sub.add_parser("sensitivity", help="per-layer quantization sensitivity (cosine, SQNR), worst first",
                         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -140,6 +140,10 @@ def test_quantize_from_the_command_line(tmp_path, capsys):
                  "--calibration", str(calib)]) == 0
     out = capsys.readouterr().out
     assert "SQNR" in out and "conv" in out and "head" in out
+    assert main(["inspect", f"{TINY}:build", "--input-shape", "4x3x8x8", "--passes", "int8", "--calibration",
+                 str(calib), "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "conv2d_int8" in out and "lower-quant" in out
     # static int8 without calibration data: one clear line
     assert main(["sensitivity", f"{TINY}:build", "--input-shape", "4x3x8x8", "--recipe", "int8"]) == 1
     assert "calibration" in capsys.readouterr().err
