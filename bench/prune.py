@@ -144,11 +144,13 @@ def zoo_rows():
     import torchvision
     rows = []
     for name in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5",
-                 "densenet121"):
+                 "densenet121", "googlenet", "inception_v3"):
         torch.manual_seed(0)
-        model = getattr(torchvision.models, name)().eval()
-        out = fxopt.compile(model, (torch.randn(1, 3, 64, 64),), recipe="prune-50")
-        runs = all(out(torch.randn(b, 3, 64, 64)).shape == (b, 1000) for b in (1, 7))
+        kw = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+        size = 96 if name == "inception_v3" else 64   # inception needs at least 75x75
+        model = getattr(torchvision.models, name)(**kw).eval()
+        out = fxopt.compile(model, (torch.randn(1, 3, size, size),), recipe="prune-50")
+        runs = all(out(torch.randn(b, 3, size, size)).shape == (b, 1000) for b in (1, 7))
         rec = next(r for r in out.fxopt_history.records if r.name == "prune")
         rows.append({"model": name, "params ratio": f"{_params(out) / _params(model):.2f}",
                      "groups pruned": rec.info.get("groups_pruned", 0), "groups kept whole": rec.info.get("groups_kept", 0),
@@ -177,27 +179,29 @@ def sparse_matmul_rows(repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--section", choices=list("abcde"), action="append",
+                    help="run only these sections (repeatable; default: all)")
     ns = ap.parse_args()
-    a = structured_rows(ns.repeats)
-    b = resnet_rows(ns.repeats)
-    e = zoo_rows()
-    c = sparsity_rows(ns.repeats)
-    d = sparse_matmul_rows(ns.repeats)
+    want = set(ns.section or "abcde")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {ns.repeats}\n")
-    print("(a) structured pruning, DemoNet(width=32) trained 8 epochs on digits, 397 held-out images; "
-          "fine-tune: Adam 3e-3, 5 epochs\n")
-    print(table(a))
-    print("\n(b) ResNet-50, 1x3x224x224, random init, interleaved timing\n")
-    print(table(b))
-    print("\n(e) prune-50 across torchvision architectures (random init, 64x64 example)\n")
-    print(table(e))
-    print()
-    print("(c) weight sparsity, DemoNet(width=32) trained 8 epochs on digits, 397 held-out images; "
-          "pruned layers still run dense kernels (no sparse lowering yet), so latency differences are "
-          "timing noise\n")
-    print(table(c))
-    print("\n(d) CPU sparse matmul: linear 64x1024 @ 1024x1024, dense vs torch.sparse CSR\n")
-    print(table(d))
+    if "a" in want:
+        print("(a) structured pruning, DemoNet(width=32) trained 8 epochs on digits, 397 held-out images; "
+              "fine-tune: Adam 3e-3, 5 epochs\n")
+        print(table(structured_rows(ns.repeats)))
+    if "b" in want:
+        print("\n(b) ResNet-50, 1x3x224x224, random init, interleaved timing\n")
+        print(table(resnet_rows(ns.repeats)))
+    if "e" in want:
+        print("\n(e) prune-50 across torchvision architectures (random init, 64x64 example, 96x96 for inception)\n")
+        print(table(zoo_rows()))
+    if "c" in want:
+        print("\n(c) weight sparsity, DemoNet(width=32) trained 8 epochs on digits, 397 held-out images; "
+              "pruned layers still run dense kernels (no sparse lowering yet), so latency differences are "
+              "timing noise\n")
+        print(table(sparsity_rows(ns.repeats)))
+    if "d" in want:
+        print("\n(d) CPU sparse matmul: linear 64x1024 @ 1024x1024, dense vs torch.sparse CSR\n")
+        print(table(sparse_matmul_rows(ns.repeats)))
 
 
 if __name__ == "__main__":

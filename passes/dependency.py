@@ -13,9 +13,16 @@ producers added to it. This analysis finds those groups with a union-find over
 * a depthwise convolution carries its input space to its output (and must shrink with it);
 * conv/linear inputs, norm parameters and flatten sizes are recorded as consumers.
 
-Anything else that touches a space (concat, split, other reshapes, the graph outputs,
-ops this analysis does not know) marks it *unprunable*, so pruning never breaks a model
-it does not understand; the result records why. Groups are the roots of the union-find.
+A concatenation along the channel dim does not join its inputs: its output is a
+*layout* of segments (each input's space, in order), carried through batch norms,
+activations and pooling to the convs/linears that read it, which record it
+(``seg_in``/``seg_bn`` members); pruning then slices each reader at every segment's
+offset, so DenseNet/Inception-style concatenations prune per input.
+
+Anything else that touches a space (split, channel shuffle, other reshapes, the graph
+outputs, ops this analysis does not know) marks it *unprunable*, so pruning never breaks
+a model it does not understand; the result records why. Groups are the roots of the
+union-find.
 """
 from __future__ import annotations
 
@@ -105,10 +112,22 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
     """The channel groups of ``gm`` (see the module docstring)."""
     uf = _UF()
     space: dict[fx.Node, tuple[int, int, int]] = {}   # node -> (space id, channel dim, flatten factor)
+    # concatenations: node -> (layout, channel dim); a layout is a shared list of [space id | None, size]
+    # segments in channel order (None: channels no producer owns, e.g. the model input)
+    segs: dict[fx.Node, tuple[list, int]] = {}
+    layouts: list[list] = []
 
     def mark(node: fx.Node, why: str) -> None:
         if node in space:
             uf.group(space[node][0]).reasons.append(f"{why} at {node.name}")
+        if node in segs:
+            for sid, _ in segs[node][0]:
+                if sid is not None:
+                    uf.group(sid).reasons.append(f"{why} at {node.name} (after a concatenation)")
+
+    def seg_member(kind: str, node: fx.Node, layout: list) -> None:
+        for sid in {sid for sid, _ in layout if sid is not None}:
+            uf.group(sid).members.append((kind, node, layout))
 
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -119,6 +138,8 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
             continue
         t = node.target
         out = _val(node)
+        if _concat(node, space, segs, layouts, mark) or _through_concat(node, segs, seg_member, mark):
+            continue
         ins = [a for a in node.all_input_nodes if a in space]
         if is_conv(node) or is_linear(node):
             x = node.args[0]
@@ -233,8 +254,79 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
             continue
         for a in ins:
             mark(a, f"used by {getattr(t, '__name__', str(t))}")
+    for layout in layouts:  # segments name their space ids: resolve them to the final groups
+        for entry in layout:
+            if isinstance(entry[0], int):
+                entry[0] = uf.group(entry[0])
     roots = sorted({uf.find(i) for i in range(len(uf.parent))})
     return [uf.groups[r] for r in roots if uf.groups[r].producers]
+
+
+_SEG_THROUGH = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clone.default,
+                aten.dropout.default, aten.contiguous.default, aten.alias.default} | _POOL
+
+
+def _concat(node: fx.Node, space: dict, segs: dict, layouts: list, mark: Any) -> bool:
+    """``cat`` along the channel dim: the output is a layout of its inputs' spaces."""
+    if node.target is not aten.cat.default:
+        return False
+    tensors = list(node.args[0])
+    out = _val(node)
+    if not isinstance(out, torch.Tensor):
+        return False
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out.dim()
+    layout: list = []
+    for a in tensors:
+        v = _val(a)
+        if a in space and space[a][1] == dim and space[a][2] == 1:
+            layout.append([space[a][0], int(size_expr(v.shape[dim]))])
+        elif a in segs and segs[a][1] == dim:
+            layout.extend(list(e) for e in segs[a][0])
+        elif isinstance(v, torch.Tensor) and isinstance(size_expr(v.shape[dim]), int) and a not in space:
+            layout.append([None, int(size_expr(v.shape[dim]))])
+        else:
+            for b in tensors:
+                mark(b, f"concatenation {node.name} along another dim")
+            return True
+    layouts.append(layout)
+    segs[node] = (layout, dim)
+    return True
+
+
+def _through_concat(node: fx.Node, segs: dict, seg_member: Any, mark: Any) -> bool:
+    """Ops reading a concatenation: batch norm, activations, pooling carry it; convs consume it."""
+    seg_ins = [a for a in node.all_input_nodes if a in segs]
+    if not seg_ins:
+        return False
+    t = node.target
+    x = node.args[0] if node.args else None
+    if x in segs and len(seg_ins) == 1:
+        layout, cdim = segs[x]
+        if (is_conv(node) and t in (aten.conv2d.default, aten.conv1d.default) and cdim == 1
+                and arg(node, 6, "groups", 1) == 1) or (is_linear(node) and cdim == _val(x).dim() - 1):
+            seg_member("seg_in", node, layout)
+            return False  # the conv's own output is handled as usual
+        if t is _BN and cdim == 1:
+            seg_member("seg_bn", node, layout)
+            segs[node] = (layout, cdim)
+            return True
+        if t is operator.getitem and x.target is _BN and node.args[1] == 0:
+            segs[node] = segs[x]
+            return True
+        if t in _SEG_THROUGH and (t not in _POOL or cdim == 1):
+            segs[node] = segs[x]
+            return True
+        xv, ov = _val(x), _val(node)
+        if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints) \
+                and cdim == 1 and isinstance(ov, torch.Tensor) and ov.dim() == 2 and \
+                all(size_expr(d) == 1 for d in xv.shape[2:]) and size_expr(ov.shape[1]) == size_expr(xv.shape[1]):
+            # [N, C, 1, 1] -> [N, C] after global pooling: the layout carries to the classifier
+            seg_member("seg_flatten", node, layout)
+            segs[node] = (layout, 1)
+            return True
+    for a in seg_ins:
+        mark(a, f"used by {getattr(t, '__name__', str(t))}")
+    return not (is_conv(node) or is_linear(node))
 
 
 @register_analysis

@@ -14,8 +14,10 @@ norms, falling back to l1). Channel counts can be rounded up to a multiple
 (``round_to=8``) for fast kernels. Groups whose producers match ``ignore`` are kept, and
 so are the ones that reach the model outputs (the classifier keeps its classes).
 
-Not yet handled (their groups are left whole and named in the analysis): concatenations
-(DenseNet, channel shuffle), grouped non-depthwise convolutions, attention heads.
+Concatenations (DenseNet, Inception) prune per input: readers of a concatenation are
+sliced at each segment's offset after every group is decided. Not yet handled (their
+groups are left whole and named in the analysis): split/chunk and channel shuffle,
+grouped non-depthwise convolutions, attention heads.
 It changes numerics by design; fine-tune with ``fxopt.finetune`` afterwards.
 """
 from __future__ import annotations
@@ -107,6 +109,32 @@ def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None
                 n.args = (n.args[0], sizes) + tuple(n.args[2:])
 
 
+def apply_layout(gm: fx.GraphModule, node: fx.Node, kind: str, layout: list, decided: dict) -> None:
+    """Slice a reader of a concatenation at the kept channels of every segment."""
+    parts, offset, changed = [], 0, False
+    for group, size in layout:
+        keep = decided.get(id(group)) if group is not None else None
+        parts.append(offset + (keep if keep is not None else torch.arange(size)))
+        changed |= keep is not None
+        offset += size
+    if not changed:
+        return
+    idx = torch.cat(parts)
+    if kind == "seg_flatten":  # a literal [N, C] view size
+        if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+            sizes = list(node.args[1])
+            if len(sizes) == 2 and sizes[1] == offset:
+                sizes[1] = len(idx)
+                node.args = (node.args[0], sizes) + tuple(node.args[2:])
+        return
+    if kind == "seg_in":
+        _slice(gm, node, 1, 1, idx, "pruned_in")
+    else:
+        for i in (1, 2, 3, 4):
+            if node.args[i] is not None:
+                _slice(gm, node, i, 0, idx, "pruned")
+
+
 @register_pass
 class StructuredPrunePass(Pass):
     """Remove whole channels of convs/linears and everything coupled to them (see module docs)."""
@@ -133,7 +161,14 @@ class StructuredPrunePass(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         c = self.config
         pruned, kept = {}, []
-        for g in channel_groups(gm):
+        decided: dict[int, torch.Tensor] = {}
+        readers: dict[tuple, list] = {}   # (node, kind) -> layout, for readers of concatenations
+        groups = channel_groups(gm)
+        for g in groups:
+            for kind, n, extra in g.members:
+                if kind in ("seg_in", "seg_bn", "seg_flatten"):
+                    readers[(n, kind)] = extra
+        for g in groups:
             names = [module_path(p) or p.name for p in g.producers]
             if not g.prunable or any(fnmatch.fnmatch(nm, pat) for nm in names for pat in c.ignore):
                 kept.append(g.describe())
@@ -146,7 +181,10 @@ class StructuredPrunePass(Pass):
             scores = group_importance(gm, g, c.importance)
             keep = torch.sort(torch.topk(scores, k).indices).values
             apply_group(gm, g, keep)
+            decided[id(g)] = keep
             pruned["+".join(names)] = f"{g.size}->{k}"
+        for (n, kind), layout in readers.items():
+            apply_layout(gm, n, kind, layout, decided)
         if not pruned:
             return PassResult(False, frozenset(), {"kept": kept})
         for n in gm.graph.nodes:  # shapes changed downstream: recompute every fake value

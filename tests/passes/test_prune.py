@@ -102,18 +102,68 @@ def test_linear_and_layer_norm():
     assert widths(out)["fc1_linear"] == (8, 6) and widths(out)["fc2_linear"] == (2, 8)
 
 
-def test_concat_groups_are_kept_whole_with_a_reason():
+class DenseCat(nn.Module):
+    """DenseNet-style: two branches and the input itself concatenated, a batch norm over the concat,
+    then a conv reading it and a second concat of the concat with a new branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(19)
+        self.c = nn.Conv2d(19, 6, 1)
+        self.d = nn.Conv2d(25, 4, 1)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), x, torch.relu(self.b(x))], 1)
+        h = torch.relu(self.bn(h))
+        h2 = torch.cat([h, torch.relu(self.c(h))], 1)
+        return self.d(h2).mean(dim=(2, 3))
+
+
+def _silence_half(model):
+    """Zero half of the rows of a, b and c (lowest L1: the ones prune drops) and make the batch norm map
+    their zeros to zero, so removing those channels cannot change the output."""
+    with torch.no_grad():
+        for conv in (model.a, model.b, model.c):
+            conv.weight[::2] = 0
+            conv.bias[::2] = 0
+        bn = model.bn
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        for lo in (0, 11):  # the a- and b- segments of the concat
+            bn.running_mean[lo:lo + 8:2] = 0
+            bn.bias[lo:lo + 8:2] = 0
+
+
+def test_concat_prunes_each_input_and_slices_readers_at_offsets():
+    torch.manual_seed(0)
+    model = DenseCat().eval()
+    _silence_half(model)
+    x = torch.randn(2, 3, 6, 6)
+    out, rec = prune(model, x)
+    w = widths(out)
+    assert w["a_conv2d"][0] == 4 and w["b_conv2d"][0] == 4 and w["c_conv2d"] == (3, 11, 1, 1)
+    assert w["d_conv2d"] == (4, 14, 1, 1)          # 4 + 3 (input) + 4 + 3
+    assert rec.info["groups_pruned"] == 3
+    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+    groups = channel_groups(fxopt.trace(DenseCat().eval(), torch.randn(1, 3, 6, 6)))
+    assert sum(g.prunable for g in groups) == 3     # a, b, c; d reaches the output
+
+
+def test_concat_along_another_dim_is_kept_whole():
     class Cat(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
 
         def forward(self, x):
-            return self.c(torch.cat([self.a(x), self.b(x)], 1))
+            return self.c(torch.cat([self.a(x), self.b(x)], 2))
     gm = fxopt.trace(Cat().eval(), torch.randn(1, 3, 4, 4))
     groups = channel_groups(gm)
-    assert not any(g.prunable for g in groups)
-    assert any("cat" in r for g in groups for r in g.reasons)
+    assert not any(g.prunable for g in groups if g.size == 4)
+    assert any("concatenation" in r for g in groups for r in g.reasons)
 
 
 def test_options_round_ignore_importance():
@@ -129,7 +179,7 @@ def test_options_round_ignore_importance():
         fxopt.parse_pipeline("prune(importance=random)")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "densenet121"])
 def test_prune_50_on_torchvision(torchvision_models, name):
     model = getattr(torchvision_models, name)().eval()
     before = state_hash(model)
