@@ -92,7 +92,10 @@ def structured_rows(repeats):
              "after 5-epoch fine-tune": "-"}]
     ours = fxopt.compile(dense, (train[0][0],), recipe="prune-50")
     bn = fxopt.compile(dense, (train[0][0],), recipe="canonicalize,prune(ratio=0.5,importance=bn),cleanup")
-    candidates = [("fxopt prune-50 (L1)", ours), ("fxopt prune 50% importance=bn", bn)]
+    taylor = fxopt.compile(dense, (train[0][0],), recipe="canonicalize,prune(ratio=0.5,importance=taylor),cleanup",
+                           calibration=train, calibration_inputs=0)
+    candidates = [("fxopt prune-50 (L1)", ours), ("fxopt prune 50% importance=bn", bn),
+                  ("fxopt prune 50% importance=taylor", taylor)]
     try:
         candidates.append(("Torch-Pruning 50%", _tp_prune(dense, train[0][0][:2], 0.5, lambda m: [m.head])))
     except ImportError:

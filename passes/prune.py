@@ -9,8 +9,11 @@ statistics, depthwise ``groups``, and the literal sizes of flattening views. FLO
 parameters and bytes fall with the channel count, and the model runs at any batch size.
 
 Importance: ``l1`` / ``l2`` norms of the producers' weight rows (each producer normalized
-by its mean, so residual partners weigh alike) or ``bn`` (|gamma| of the group's batch
-norms, falling back to l1). Channel counts can be rounded up to a multiple
+by its mean, so residual partners weigh alike), ``bn`` (|gamma| of the group's batch
+norms, falling back to l1), or ``taylor``: first-order Taylor ``|w * dL/dw|`` summed per
+channel, with gradients from the calibration data (``compile(..., calibration=loader,
+calibration_inputs=0)`` for ``(inputs, labels)`` pairs: cross entropy; otherwise the
+mean squared output; the example inputs when no data is given). Channel counts can be rounded up to a multiple
 (``round_to=8``) for fast kernels. Groups whose producers match ``ignore`` are kept, and
 so are the ones that reach the model outputs (the classifier keeps its classes).
 
@@ -39,8 +42,64 @@ from .dependency import ChannelGroup, channel_groups
 __all__ = ["StructuredPrunePass", "group_importance"]
 
 
-def group_importance(gm: fx.GraphModule, g: ChannelGroup, kind: str) -> torch.Tensor:
+def taylor_gradients(gm: fx.GraphModule, ctx: PassContext, groups: list[ChannelGroup]) -> dict[int, torch.Tensor]:
+    """id(weight) -> accumulated dLoss/dweight of every producer, over the calibration batches.
+
+    The loss is cross entropy when calibration items are ``(inputs, labels)`` pairs (with
+    ``calibration_inputs=0``) and the output is ``[N, classes]`` logits; otherwise the mean
+    squared output (how much each weight moves the output's energy). Without calibration
+    data the example inputs are used.
+    """
+    from fxopt.calibrate import Inputs, _normalize
+    weights = {}
+    for g in groups:
+        for kind, n, _ in g.members:
+            if kind in ("out", "dw"):
+                w = attr_tensor(gm, n.args[1])
+                if isinstance(w, torch.nn.Parameter):
+                    weights[id(w)] = w
+    flags = {k: w.requires_grad for k, w in weights.items()}
+    grads = {k: torch.zeros_like(w) for k, w in weights.items()}
+    pick = ctx.options.get("calibration_inputs")
+    data = list(ctx.calibration) if ctx.calibration is not None else [Inputs(ctx.args, ctx.kwargs)]
+    limit = ctx.options.get("calibration_batches") or 8
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+            w.grad = None
+        with torch.enable_grad():
+            for item in data[:limit]:
+                args, kwargs = _normalize(item, pick)
+                out = gm(*args, **kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                labels = item[1] if pick is not None and isinstance(item, (tuple, list)) and len(item) > 1 else None
+                if isinstance(labels, torch.Tensor) and labels.dtype == torch.long and out.dim() == 2:
+                    loss = torch.nn.functional.cross_entropy(out, labels)
+                else:
+                    loss = out.float().pow(2).mean()
+                params = list(weights.values())
+                for k, gr in zip(weights, torch.autograd.grad(loss, params, allow_unused=True)):
+                    if gr is not None:
+                        grads[k] += gr
+    finally:
+        for k, w in weights.items():
+            w.requires_grad_(flags[k])
+    return grads
+
+
+def group_importance(gm: fx.GraphModule, g: ChannelGroup, kind: str,
+                     grads: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """One score per channel of the group (higher = keep)."""
+    if kind == "taylor" and grads is not None:
+        score = torch.zeros(g.size)
+        for k, n, _ in g.members:
+            if k in ("out", "dw"):
+                w = attr_tensor(gm, n.args[1])
+                gr = grads.get(id(w))
+                if gr is not None:
+                    s = (w.detach() * gr).abs().reshape(w.shape[0], -1).sum(1).float()
+                    score += s / s.mean().clamp_min(1e-12)
+        return score
     if kind == "bn":
         gammas = [attr_tensor(gm, n.args[1]) for k, n, _ in g.members if k == "bn" and n.args[1] is not None]
         if gammas:
@@ -153,8 +212,8 @@ class StructuredPrunePass(Pass):
         def __post_init__(self) -> None:
             if not 0 <= self.ratio < 1:
                 raise PipelineError(f"prune: ratio must be in [0, 1), got {self.ratio}")
-            if self.importance not in ("l1", "l2", "bn"):
-                raise PipelineError(f"prune: importance must be l1, l2 or bn, got {self.importance!r}")
+            if self.importance not in ("l1", "l2", "bn", "taylor"):
+                raise PipelineError(f"prune: importance must be l1, l2, bn or taylor, got {self.importance!r}")
             if isinstance(self.ignore, str):
                 object.__setattr__(self, "ignore", (self.ignore,))
 
@@ -164,6 +223,7 @@ class StructuredPrunePass(Pass):
         decided: dict[int, torch.Tensor] = {}
         readers: dict[tuple, list] = {}   # (node, kind) -> layout, for readers of concatenations
         groups = channel_groups(gm)
+        grads = taylor_gradients(gm, ctx, [g for g in groups if g.prunable]) if c.importance == "taylor" else None
         for g in groups:
             for kind, n, extra in g.members:
                 if kind in ("seg_in", "seg_bn", "seg_flatten"):
@@ -178,7 +238,7 @@ class StructuredPrunePass(Pass):
                 k = min(g.size, -(-k // c.round_to) * c.round_to)
             if k >= g.size:
                 continue
-            scores = group_importance(gm, g, c.importance)
+            scores = group_importance(gm, g, c.importance, grads)
             keep = torch.sort(torch.topk(scores, k).indices).values
             apply_group(gm, g, keep)
             decided[id(g)] = keep

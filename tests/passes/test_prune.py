@@ -210,3 +210,28 @@ def test_prune_50_then_finetune_on_digits(digits):
     # measured: 98.5% dense, ~10% right after pruning this small net, ~98% after 5 epochs
     # (batch norms re-estimate their statistics while fine-tuning)
     assert acc > 95 and acc0 < 50 and hist.epochs[-1]["eval_accuracy"] >= acc - 1.5
+
+
+def test_taylor_importance_drops_channels_nobody_uses():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Net().eval()
+    with torch.no_grad():
+        model.a.weight[:8] *= 10      # the first 8 channels have the largest weights (L1 keeps them) ...
+        model.b.weight[:, :8] = 0     # ... but nothing reads them: their gradient, and Taylor score, is 0
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    by_l1 = fxopt.compile(model, (x,), recipe="prune(ratio=0.5)", strict=True)
+    by_taylor = fxopt.compile(model, (x,), recipe="prune(ratio=0.5,importance=taylor)", strict=True,
+                              calibration=[(x, y)], calibration_inputs=0)
+    torch.testing.assert_close(by_taylor(x), model(x), atol=1e-5, rtol=1e-5)   # only dead channels went
+    assert not torch.allclose(by_l1(x), model(x), atol=1e-3)
+    # without calibration data the example inputs drive the gradients
+    assert fxopt.compile(model, (x,), recipe="prune(ratio=0.5,importance=taylor)", strict=True)(x).shape == (32, 4)
