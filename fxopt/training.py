@@ -317,14 +317,31 @@ class _nullctx:
         return None
 
 
+def _first_inputs(data: Iterable) -> tuple[tuple, dict]:
+    inputs = next(iter(data))[0]
+    if isinstance(inputs, dict):
+        return (), inputs
+    return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+
+
 def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: float = 0.8, epochs: int = 4,
                   begin_epoch: int = 0, end_epoch: int | None = None, every: int = 10,
+                  structured: bool = False, importance: str = "l1",
                   **finetune_options: Any) -> tuple[torch.nn.Module, FinetuneHistory]:
-    """Magnitude pruning interleaved with training (Zhu & Gupta): every ``every`` steps, each
-    conv/linear (output layer excepted) is pruned to ``cubic_sparsity(step)``, rising from 0 at
-    ``begin_epoch`` to ``final_sparsity`` at ``end_epoch`` (default: the last epoch), and training
-    continues with the pruned weights held at zero. ``model`` may be a plain module (compiled
-    first, on the first batch's inputs) or a compiled one. Other options go to :func:`finetune`.
+    """Pruning interleaved with training on Zhu & Gupta's cubic schedule.
+
+    Unstructured (default): every ``every`` steps, each conv/linear (output layer excepted) is
+    magnitude-pruned to ``cubic_sparsity(step)``, rising from 0 at ``begin_epoch`` to
+    ``final_sparsity`` at ``end_epoch`` (default: the last epoch), and training continues with
+    the pruned weights held at zero.
+
+    ``structured=True``: before each epoch from ``begin_epoch`` to ``end_epoch`` the model is
+    recompiled with ``prune`` (``importance=``) so that ``cubic_sparsity(epoch)`` of the channels
+    of every prunable group are gone, then fine-tuned one epoch: the model really shrinks step by
+    step (``final_sparsity=0.5`` ends like ``prune-50``). Learning-rate schedules span one epoch.
+
+    ``model`` may be a plain module (compiled first, on the first batch's inputs) or a compiled
+    one. Other options go to :func:`finetune`.
     """
     from .passes.sparsity import set_sparsity
     if not 0 <= final_sparsity < 1:
@@ -335,13 +352,12 @@ def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: flo
         raise InputError("gradual_prune needs data with a length (a list or a DataLoader)") from e
     if not steps_per_epoch:
         raise InputError("the fine-tuning data is empty")
+    if structured:
+        return _gradual_structured(model, data, final_sparsity, epochs, begin_epoch,
+                                   epochs - 1 if end_epoch is None else end_epoch, importance, finetune_options)
     if not any(n.endswith("_mask") for n, _ in model.named_buffers()):
         from .api import compile as fxopt_compile
-        inputs = next(iter(data))[0]
-        if isinstance(inputs, dict):
-            args, kwargs = (), inputs
-        else:
-            args, kwargs = (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+        args, kwargs = _first_inputs(data)
         model = fxopt_compile(model, args, kwargs, recipe="magnitude-prune(ratio=1e-12)")
     end = (epochs - 1 if end_epoch is None else end_epoch) * steps_per_epoch
     begin = begin_epoch * steps_per_epoch
@@ -356,3 +372,26 @@ def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: flo
         if user_hook is not None:
             user_hook(step, m)
     return finetune(model, data, epochs=epochs, on_step=both, **finetune_options)
+
+
+def _gradual_structured(model: torch.nn.Module, data: Iterable, final: float, epochs: int, begin: int, end: int,
+                        importance: str, options: dict) -> tuple[torch.nn.Module, FinetuneHistory]:
+    from .api import compile as fxopt_compile
+    args, kwargs = _first_inputs(data)
+    history = FinetuneHistory()
+    done = 0.0
+    for epoch in range(epochs):
+        target = cubic_sparsity(epoch, final, begin, end)
+        if target > done + 1e-9:
+            ratio = 1 - (1 - target) / (1 - done)   # of the channels still there
+            calib = {"calibration": data, "calibration_inputs": 0} if importance == "taylor" else {}
+            model = fxopt_compile(model, args, kwargs, progress=False,
+                                  recipe=f"canonicalize,prune(ratio={ratio:.6f},importance={importance}),cleanup",
+                                  **calib)
+            done = target
+        model, h = finetune(model, data, epochs=1, **options)
+        for e in h.epochs:
+            history.epochs.append({**e, "epoch": epoch + 1, "pruned": round(done, 4),
+                                   "params": sum(p.numel() for p in model.parameters())})
+        history.steps += h.steps
+    return model, history

@@ -99,3 +99,20 @@ def test_compiled_batch_norm_trains_then_freezes_again():
     assert sum(n.target is frozen for n in tuned.graph.nodes) == 2                            # frozen again
     same, _ = fxopt.finetune(gm, [(x, y)] * 2, epochs=1, lr=0.0, momentum=0.0, train_bn=False, progress=False)
     assert all(torch.equal(v, gm.state_dict()[k]) for k, v in same.state_dict().items() if "running" in k)
+
+
+def test_gradual_structured_pruning_shrinks_step_by_step(digits):
+    from fxopt.models import DemoNet
+    from fxopt.training import _evaluate
+    train, test = digits
+    torch.manual_seed(0)
+    dense, _ = fxopt.finetune(DemoNet(width=32), train, epochs=4, lr=0.05, progress=False)
+    pruned, hist = fxopt.gradual_prune(dense, train, final_sparsity=0.5, epochs=4, structured=True,
+                                       optimizer="sgd", lr=0.05, momentum=0.9, progress=False, seed=0)
+    params = [e["params"] for e in hist.epochs]
+    # epoch 1 trains the dense model (the cubic schedule starts at 0), then each epoch removes more
+    assert params[0] == sum(p.numel() for p in dense.parameters())
+    assert params[0] > params[1] > params[2] >= params[3] and params[-1] < 0.35 * params[0]
+    assert [e["pruned"] for e in hist.epochs][-1] == 0.5
+    assert _evaluate(pruned, test, torch.nn.functional.cross_entropy)[1] > 90
+    assert pruned(torch.randn(3, 1, 8, 8)).shape == (3, 10)
