@@ -87,6 +87,7 @@ _NORM = {aten.layer_norm.default, aten.native_layer_norm.default, aten.group_nor
          aten.native_batch_norm.default, aten._native_batch_norm_legit.default}
 _FXOPT_LINEAR = {"fxopt::linear_int8", "fxopt::linear_int8_dynamic", "fxopt::linear_wq"}
 _FXOPT_CONV = {"fxopt::conv2d_int8", "fxopt::conv2d_wq"}
+_FXOPT_SPARSE = {"fxopt::linear_csr"}
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int}
 
 
@@ -105,6 +106,12 @@ def node_cost(node: fx.Node) -> NodeCost:
         x = _val(node.args[0])
         macs = _numel(out) * (size_expr(x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() else 0)
         flops = 2 * macs
+    elif qname in _FXOPT_SPARSE:  # one multiply-accumulate per stored non-zero and row of the input
+        x, values = _val(node.args[0]), _val(node.args[3])
+        if isinstance(x, torch.Tensor) and isinstance(values, torch.Tensor):
+            rows = _numel(x) // size_expr(x.shape[-1]) if x.dim() else 1
+            macs = rows * _numel(values)
+            flops = 2 * macs
     elif qname in _FXOPT_CONV:
         w = _val(node.args[1])
         if isinstance(w, torch.Tensor):

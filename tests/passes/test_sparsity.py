@@ -103,3 +103,27 @@ def test_gradual_pruning_follows_the_cubic_schedule(digits):
     assert report and all(abs(v - 0.8) < 0.01 for v in report.values())
     assert seen == sorted(seen) and seen[0] < 0.8
     assert _evaluate(pruned, test, nn.functional.cross_entropy)[1] > 85
+
+
+def test_lower_sparse_runs_very_sparse_linears_as_csr(tmp_path):
+    import warnings
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    with torch.no_grad():
+        model[0].weight[torch.rand_like(model[0].weight) < 0.95] = 0     # 5% dense: lowered
+        model[2].weight[torch.rand_like(model[2].weight) < 0.5] = 0      # 50% dense: stays dense
+    x = torch.randn(8, 256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = fxopt.compile(model, (x,), recipe="lower-sparse")
+    rec = q.fxopt_history.records[0]
+    assert list(rec.info["lowered"]) == ["0"] and rec.info["dense"] == ["2", "4"]
+    assert sum(n.target is torch.ops.fxopt.linear_csr.default for n in q.graph.nodes) == 1
+    torch.testing.assert_close(q(x), model(x), atol=1e-5, rtol=1e-4)
+    assert q(torch.randn(3, 256)).shape == (3, 10)
+    before = fxopt.graph_utils.param_stats(model)[1]
+    assert fxopt.graph_utils.param_stats(q)[1] < before - 0.8 * 256 * 512 * 4   # the dense weight is gone
+    fxopt.save(q, tmp_path / "s.fxopt")
+    torch.testing.assert_close(fxopt.load(tmp_path / "s.fxopt")(x), q(x))
+    cost = q.fxopt_history.final_stats["flops"]
+    assert cost != q.fxopt_history.initial_stats["flops"]
