@@ -31,6 +31,7 @@ from .summarize import summary  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
 from .sensitivity import SensitivityReport, sensitivity  # noqa: E402
 from .qspec import QSpec  # noqa: E402
+from .passes.dependency import register_channel_rule  # noqa: E402
 from .graph_diff import diff  # noqa: E402
 from .graph_render import render  # noqa: E402
 from .training import FinetuneHistory, cubic_sparsity, finetune, gradual_prune  # noqa: E402
@@ -47,5 +48,5 @@ __all__ = [
     "list_analyses", "Pipeline", "Repeat", "parse_pipeline", "register_pipeline",
     "PassManager", "PassRecord", "History", "Instrument", "PrintBeforeAfter", "TimingReport", "Backend",
     "FxoptError", "TraceError", "PassError", "PipelineError", "RecipeError", "InputError", "LoadError",
-    "CalibrationError", "calibrate", "sensitivity", "SensitivityReport", "QSpec", "__version__",
+    "CalibrationError", "calibrate", "sensitivity", "SensitivityReport", "QSpec", "register_channel_rule", "__version__",
 ]

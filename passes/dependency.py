@@ -19,6 +19,7 @@ activations and pooling to the convs/linears that read it, which record it
 (``seg_in``/``seg_bn`` members); pruning then slices each reader at every segment's
 offset, so DenseNet/Inception-style concatenations prune per input.
 
+Custom ops declare how they propagate channels with :func:`register_channel_rule`.
 Anything else that touches a space (split, channel shuffle, other reshapes, the graph
 outputs, ops this analysis does not know) marks it *unprunable*, so pruning never breaks
 a model it does not understand; the result records why. Groups are the roots of the
@@ -38,7 +39,7 @@ from fxopt.dialect import aten, is_conv, is_linear, module_path
 from fxopt.meta import size_expr
 from fxopt.rewrite_utils import arg, attr_tensor
 
-__all__ = ["ChannelGroup", "ChannelGroupsAnalysis", "channel_groups"]
+__all__ = ["ChannelGroup", "ChannelGroupsAnalysis", "channel_groups", "register_channel_rule", "CHANNEL_RULES"]
 
 _BN = aten._native_batch_norm_legit_no_training.default
 _POOL = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
@@ -50,6 +51,34 @@ _UNARY = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.har
           aten.hardsigmoid.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
           aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.clamp.default,
           aten.clamp_min.default, aten.clamp_max.default, aten.neg.default, aten.abs.default, aten.exp.default}
+
+
+#: user-declared propagation rules: op -> "elementwise" | "join" | "opaque"
+CHANNEL_RULES: dict = {}
+
+
+def register_channel_rule(op, rule: str) -> None:
+    """Declare how a custom op propagates channels, so pruning can see through it.
+
+    * ``"elementwise"``: the output has the input's channels (one tensor input in a channel
+      space; other inputs must not be per-channel): like an activation;
+    * ``"join"``: all tensor inputs share their channels, the output too: like a residual add;
+    * ``"opaque"``: channels reaching the op are kept whole (the default for unknown ops).
+
+    ``op`` is an ``OpOverload`` or ``OpOverloadPacket`` (``torch.ops.mylib.scale``).
+
+        >>> import torch
+        >>> from fxopt.passes.dependency import register_channel_rule
+        >>> register_channel_rule(torch.ops.aten.selu, "elementwise")
+    """
+    if rule not in ("elementwise", "join", "opaque"):
+        from fxopt.errors import PipelineError
+        raise PipelineError(f"channel rule must be elementwise, join or opaque, got {rule!r}")
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        for name in op.overloads():
+            CHANNEL_RULES[getattr(op, name)] = rule
+    else:
+        CHANNEL_RULES[op] = rule
 
 
 @dataclass
@@ -251,6 +280,19 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
             continue
         if t in (aten.clone.default, aten.dropout.default, aten.contiguous.default, aten.alias.default):
             space[node] = space[ins[0]]
+            continue
+        rule = CHANNEL_RULES.get(t)
+        if rule == "elementwise" and len(ins) == 1 and isinstance(out, torch.Tensor) and \
+                isinstance(_val(ins[0]), torch.Tensor) and tuple(out.shape) == tuple(_val(ins[0]).shape):
+            space[node] = space[ins[0]]
+            continue
+        if rule == "join" and isinstance(out, torch.Tensor) and \
+                all(a in space and space[a][1:] == space[ins[0]][1:] for a in node.all_input_nodes
+                    if isinstance(_val(a), torch.Tensor)):
+            sid = space[ins[0]][0]
+            for a in ins[1:]:
+                sid = uf.union(sid, space[a][0])
+            space[node] = (sid, *space[ins[0]][1:])
             continue
         for a in ins:
             mark(a, f"used by {getattr(t, '__name__', str(t))}")

@@ -235,3 +235,39 @@ def test_taylor_importance_drops_channels_nobody_uses():
     assert not torch.allclose(by_l1(x), model(x), atol=1e-3)
     # without calibration data the example inputs drive the gradients
     assert fxopt.compile(model, (x,), recipe="prune(ratio=0.5,importance=taylor)", strict=True)(x).shape == (32, 4)
+
+
+@torch.library.custom_op("fxopt_test::soft_clip", mutates_args=())
+def _soft_clip(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x) * 2
+
+
+@_soft_clip.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_custom_op_channel_rule():
+    from fxopt.passes.dependency import CHANNEL_RULES, register_channel_rule
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.ops.fxopt_test.soft_clip(self.a(x))).mean(dim=(2, 3))
+
+    x = torch.randn(2, 3, 6, 6)
+    gm = fxopt.trace(Net().eval(), (x,))
+    a_group = next(g for g in channel_groups(gm) if g.size == 8)
+    assert not a_group.prunable and any("soft_clip" in r for r in a_group.reasons)
+    register_channel_rule(torch.ops.fxopt_test.soft_clip, "elementwise")
+    try:
+        assert next(g for g in channel_groups(gm) if g.size == 8).prunable
+        out, _ = prune(Net().eval(), x)
+        assert widths(out)["a_conv2d"][0] == 4 and widths(out)["b_conv2d"][1] == 4
+    finally:
+        CHANNEL_RULES.pop(torch.ops.fxopt_test.soft_clip.default, None)
+    with pytest.raises(fxopt.PipelineError):
+        register_channel_rule(torch.ops.fxopt_test.soft_clip, "magic")
