@@ -149,7 +149,8 @@ def zoo_rows():
     import torchvision
     rows = []
     for name in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5",
-                 "densenet121", "googlenet", "inception_v3", "vit_b_16", "swin_t"):
+                 "densenet121", "googlenet", "inception_v3", "resnext50_32x4d", "regnet_y_400mf", "vit_b_16",
+                 "swin_t"):
         torch.manual_seed(0)
         kw = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
         # inception needs at least 75x75, the transformers their 224x224 (ViT captures at batch 2)

@@ -11,6 +11,7 @@ producers added to it. This analysis finds those groups with a union-find over
   dims, and flattening ``[N, C, H, W] -> [N, C*H*W]`` carry the space through;
 * a binary elementwise op joins the spaces of its two inputs (residual adds, SE gates);
 * a depthwise convolution carries its input space to its output (and must shrink with it);
+  so does a grouped ``C -> C`` convolution (ResNeXt), whose groups then lose channels equally;
 * conv/linear inputs, norm parameters and flatten sizes are recorded as consumers.
 
 A concatenation along the channel dim does not join its inputs: its output is a
@@ -89,6 +90,16 @@ class ChannelGroup:
     producers: list = field(default_factory=list)   # conv/linear nodes whose output channels these are
     members: list = field(default_factory=list)     # (kind, node, extra): see ChannelGroupsAnalysis
     reasons: list = field(default_factory=list)     # why unprunable, empty when prunable
+
+    @property
+    def blocks(self) -> int:
+        """Channels must be kept in this many equal blocks (the groups of grouped convs), or 1."""
+        import math
+        b = 1
+        for kind, _, extra in self.members:
+            if kind == "gconv":
+                b = b * extra // math.gcd(b, extra)
+        return b
 
     @property
     def prunable(self) -> bool:
@@ -187,6 +198,11 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
                     uf.group(sid).members.append(("in", node, factor))
                 elif groups == int(w.shape[0]) and int(w.shape[1]) == 1 and factor == 1:
                     uf.group(sid).members.append(("dw", node, 1))   # depthwise: output space = input space
+                    space[node] = (sid, 1, 1)
+                    continue
+                elif factor == 1 and int(w.shape[0]) == int(w.shape[1]) * groups == uf.group(sid).size:
+                    # grouped C -> C conv: input and output share one space, pruned equally per group
+                    uf.group(sid).members.append(("gconv", node, groups))
                     space[node] = (sid, 1, 1)
                     continue
                 else:

@@ -20,7 +20,8 @@ so are the ones that reach the model outputs (the classifier keeps its classes).
 Concatenations (DenseNet, Inception) prune per input: readers of a concatenation are
 sliced at each segment's offset after every group is decided. Not yet handled (their
 groups are left whole and named in the analysis): split/chunk and channel shuffle,
-grouped non-depthwise convolutions, attention heads.
+grouped convolutions that change the channel count, attention heads. Grouped ``C -> C``
+convolutions (ResNeXt, RegNet) keep the same number of channels in every group.
 It changes numerics by design; fine-tune with ``fxopt.finetune`` afterwards.
 """
 from __future__ import annotations
@@ -131,6 +132,32 @@ def _slice(gm: fx.GraphModule, node: fx.Node, index: int, dim: int, keep: torch.
     node.args = tuple(args)
 
 
+def _slice_grouped(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, groups: int, size: int) -> None:
+    """A grouped C -> C conv keeps output rows ``keep`` and, in each group, the kept inputs of that group."""
+    src = node.args[1]
+    w = attr_tensor(gm, src)
+    per_in, per_keep = size // groups, len(keep) // groups
+    local = keep.view(groups, per_keep) - (torch.arange(groups) * per_in)[:, None]    # [groups, per_keep]
+    rows = w.detach()[keep]                                                            # [k, C/g, kh, kw]
+    cols = local.repeat_interleave(per_keep, dim=0)                                    # [k, per_keep]
+    new_w = rows.gather(1, cols.reshape(*cols.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:]))
+    new = add_param(gm, f"{src.name}_pruned", new_w, node, isinstance(w, torch.nn.Parameter) and w.requires_grad)
+    args = list(node.args)
+    args[1] = new
+    node.args = tuple(args)
+    if arg(node, 2, "bias") is not None:
+        _slice(gm, node, 2, 0, keep, "pruned")
+
+
+def _balanced_topk(scores: torch.Tensor, k: int, blocks: int) -> torch.Tensor:
+    """The ``k // blocks`` best channels of each of ``blocks`` equal blocks, sorted."""
+    if blocks == 1:
+        return torch.sort(torch.topk(scores, k).indices).values
+    per = scores.numel() // blocks
+    top = torch.topk(scores.view(blocks, per), k // blocks, dim=1).indices
+    return torch.sort((top + torch.arange(blocks)[:, None] * per).reshape(-1)).values
+
+
 def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None:
     k = len(keep)
     for kind, n, extra in g.members:
@@ -147,6 +174,8 @@ def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None
                 args.append([1, 1] if len(args) in (3, 5) else [0, 0] if len(args) == 4 else 1)
             args[6] = k
             n.args = tuple(args)
+        elif kind == "gconv":
+            _slice_grouped(gm, n, keep, extra, g.size)
         elif kind == "in":
             idx = keep if extra == 1 else (keep[:, None] * extra + torch.arange(extra)[None, :]).reshape(-1)
             _slice(gm, n, 1, 1, idx, "pruned_in")
@@ -236,10 +265,13 @@ class StructuredPrunePass(Pass):
             k = max(c.min_channels, g.size - int(c.ratio * g.size))
             if c.round_to > 1:
                 k = min(g.size, -(-k // c.round_to) * c.round_to)
+            blocks = g.blocks
+            if blocks > 1:  # grouped convs: the same number of channels in every group
+                k = min(g.size, max(blocks, -(-k // blocks) * blocks))
             if k >= g.size:
                 continue
             scores = group_importance(gm, g, c.importance, grads)
-            keep = torch.sort(torch.topk(scores, k).indices).values
+            keep = _balanced_topk(scores, k, blocks)
             apply_group(gm, g, keep)
             decided[id(g)] = keep
             pruned["+".join(names)] = f"{g.size}->{k}"

@@ -179,7 +179,7 @@ def test_options_round_ignore_importance():
         fxopt.parse_pipeline("prune(importance=random)")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "densenet121"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "densenet121", "regnet_y_400mf"])
 def test_prune_50_on_torchvision(torchvision_models, name):
     model = getattr(torchvision_models, name)().eval()
     before = state_hash(model)
@@ -271,3 +271,36 @@ def test_custom_op_channel_rule():
         CHANNEL_RULES.pop(torch.ops.fxopt_test.soft_clip.default, None)
     with pytest.raises(fxopt.PipelineError):
         register_channel_rule(torch.ops.fxopt_test.soft_clip, "magic")
+
+
+def test_grouped_conv_prunes_equally_per_group():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn1 = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16)
+            self.g, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16)
+            self.c = nn.Conv2d(16, 5, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.a(x)))
+            h = torch.relu(self.bn2(self.g(h)))
+            return self.c(h).mean(dim=(2, 3))
+
+    model = Block().eval()
+    with torch.no_grad():  # silence channels 1 and 3 of every group (lowest L1): pruning them is exact
+        for conv in (model.a, model.g):
+            dead = torch.tensor([i for i in range(16) if i % 4 in (1, 3)])
+            conv.weight[dead] = 0
+            conv.bias[dead] = 0
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.bias.uniform_(-1, 1)
+            bn.running_mean[dead] = 0
+            bn.bias[dead] = 0
+    x = torch.randn(2, 3, 6, 6)
+    out, rec = prune(model, x)
+    w = widths(out)
+    assert w["a_conv2d"][0] == 8 and w["g_conv2d"] == (8, 2, 3, 3) and w["c_conv2d"][1] == 8
+    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
