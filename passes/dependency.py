@@ -246,6 +246,8 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
             else:
                 mark(node.args[0], f"reduction {node.name}")
             continue
+        if _heads(node, space, uf, mark):
+            continue
         if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints):
             src = node.args[0]
             x, sid_c = _val(src), space.get(src)
@@ -318,6 +320,73 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
                 entry[0] = uf.group(entry[0])
     roots = sorted({uf.find(i) for i in range(len(uf.parent))})
     return [uf.groups[r] for r in roots if uf.groups[r].producers]
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_SDPA = aten.scaled_dot_product_attention.default
+
+
+def _heads(node: fx.Node, space: dict, uf: "_UF", mark: Any) -> bool:
+    """Attention heads: ``[B, T, H*D] -view-> [B, T, H, D] -transpose-> sdpa -> ... -> [B, T, H*D]``.
+
+    At the split, a projection's space (only its producer so far) becomes a space of H heads
+    whose producer rows come in blocks of D; transposes move the head dim; sdpa joins Q, K and
+    V head by head; the merge back gives a space with flatten factor D (its reader slices
+    column blocks). Literal head counts in these views are recorded to be rewritten.
+    """
+    t, out = node.target, _val(node)
+    if not isinstance(out, torch.Tensor) or not node.args or node.args[0] not in space:
+        return False
+    src = node.args[0]
+    sid, cdim, factor = space[src]
+    x = _val(src)
+    g = uf.group(sid)
+    if t in _VIEWS and isinstance(x, torch.Tensor):
+        xs, os_ = [size_expr(d) for d in x.shape], [size_expr(d) for d in out.shape]
+        # split: [..., E] -> [..., H, D] on a projection's output
+        if factor == 1 and cdim == x.dim() - 1 and out.dim() == x.dim() + 1 and xs[:-1] == os_[:-2] and \
+                isinstance(os_[-1], int) and isinstance(os_[-2], int) and os_[-1] > 1 and \
+                os_[-2] * os_[-1] == g.size and len(g.members) == 1 and g.members[0][0] == "out" and \
+                g.members[0][2] == 1:
+            heads, dim = os_[-2], os_[-1]
+            g.size = heads
+            g.members[0] = ("out", g.members[0][1], dim)
+            g.members.append(("heads", node, (out.dim() - 2, heads)))
+            space[node] = (sid, out.dim() - 2, 1)
+            return True
+        # same-shape view (a literal head count): carry it
+        if factor == 1 and xs == os_ and 0 < cdim < out.dim() - 1:
+            g.members.append(("heads", node, (cdim, g.size)))
+            space[node] = (sid, cdim, 1)
+            return True
+        # merge: [..., H, D] -> [..., H*D]
+        if factor == 1 and cdim == x.dim() - 2 and out.dim() == x.dim() - 1 and xs[:-2] == os_[:-1] and \
+                isinstance(xs[-1], int):
+            g.members.append(("merge", node, (out.dim() - 1, xs[-1] * g.size)))
+            space[node] = (sid, out.dim() - 1, int(xs[-1]))
+            return True
+        return False
+    if t is aten.transpose.int and factor == 1:
+        d0, d1 = (d % x.dim() for d in node.args[1:3])
+        if x.dim() == 4 and cdim not in (d0, d1) and g.members and any(m[0] == "heads" for m in g.members):
+            space[node] = (sid, cdim, 1)                       # k.transpose(-1, -2) keeps the head dim
+            return True
+        if cdim in (d0, d1) and x.dim() == 4 and cdim != x.dim() - 1 and x.dim() - 1 not in (d0, d1):
+            space[node] = (sid, d1 if cdim == d0 else d0, 1)
+            return True
+        return False
+    if t is _SDPA:
+        q, k, v = node.args[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        mv = _val(mask) if isinstance(mask, fx.Node) else None
+        if all(a in space and space[a][1:] == (1, 1) for a in (q, k, v)) and x.dim() == 4 and \
+                (mv is None or (isinstance(mv, torch.Tensor) and mv.dim() == 4 and size_expr(mv.shape[1]) == 1)) \
+                and mask not in space and not node.kwargs.get("enable_gqa", False):
+            sid = uf.union(uf.union(space[q][0], space[k][0]), space[v][0])
+            space[node] = (sid, 1, 1)
+            return True
+        return False
+    return False
 
 
 _SEG_THROUGH = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clone.default,

@@ -99,6 +99,8 @@ def group_importance(gm: fx.GraphModule, g: ChannelGroup, kind: str,
                 gr = grads.get(id(w))
                 if gr is not None:
                     s = (w.detach() * gr).abs().reshape(w.shape[0], -1).sum(1).float()
+                    if k == "out" and _ > 1:
+                        s = s.view(-1, _).sum(1)
                     score += s / s.mean().clamp_min(1e-12)
         return score
     if kind == "bn":
@@ -107,10 +109,12 @@ def group_importance(gm: fx.GraphModule, g: ChannelGroup, kind: str,
             return sum(t.detach().abs().float() for t in gammas)
     score = torch.zeros(g.size)
     p = 1 if kind in ("l1", "bn") else 2
-    for k, n, _ in g.members:
+    for k, n, extra in g.members:
         if k in ("out", "dw"):
             w = attr_tensor(gm, n.args[1]).detach().float()
             s = w.reshape(w.shape[0], -1).norm(p=p, dim=1)
+            if k == "out" and extra > 1:  # attention heads: rows come in blocks of head_dim
+                s = s.view(-1, extra).sum(1)
             score += s / s.mean().clamp_min(1e-12)
     return score
 
@@ -162,9 +166,16 @@ def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None
     k = len(keep)
     for kind, n, extra in g.members:
         if kind == "out":
-            _slice(gm, n, 1, 0, keep, "pruned")
+            rows = keep if extra == 1 else (keep[:, None] * extra + torch.arange(extra)[None, :]).reshape(-1)
+            _slice(gm, n, 1, 0, rows, "pruned")
             if arg(n, 2, "bias") is not None:
-                _slice(gm, n, 2, 0, keep, "pruned")
+                _slice(gm, n, 2, 0, rows, "pruned")
+        elif kind in ("heads", "merge"):  # literal sizes in attention views: head count, or heads * dim
+            dim, old = extra
+            sizes = list(n.args[1])
+            if sizes[dim] == old:
+                sizes[dim] = k if kind == "heads" else old // g.size * k
+                n.args = (n.args[0], sizes) + tuple(n.args[2:])
         elif kind == "dw":
             _slice(gm, n, 1, 0, keep, "pruned")
             if arg(n, 2, "bias") is not None:

@@ -304,3 +304,51 @@ def test_grouped_conv_prunes_equally_per_group():
     w = widths(out)
     assert w["a_conv2d"][0] == 8 and w["g_conv2d"] == (8, 2, 3, 3) and w["c_conv2d"][1] == 8
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class HeadAttention(nn.Module):
+    """Multi-head self-attention written the BERT way: separate Q, K, V, views to heads, sdpa."""
+
+    def __init__(self, e=16, h=4):
+        super().__init__()
+        self.h, self.d = h, e // h
+        self.q, self.k, self.v, self.o = (nn.Linear(e, e) for _ in range(4))
+
+    def forward(self, x):
+        b, t, e = x.shape
+
+        def heads(y):
+            return y.view(b, t, self.h, self.d).transpose(1, 2)
+        a = nn.functional.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
+        return x + self.o(a.transpose(1, 2).reshape(b, t, e))
+
+
+def test_attention_heads_are_pruned_whole():
+    torch.manual_seed(0)
+    model = HeadAttention().eval()
+    with torch.no_grad():  # heads 1 and 3 contribute nothing: removing them is exact
+        for lin in (model.q, model.k, model.v):
+            for h in (1, 3):
+                lin.weight[h * 4:(h + 1) * 4] = 0
+                lin.bias[h * 4:(h + 1) * 4] = 0
+    x = torch.randn(2, 5, 16)
+    out, rec = prune(model, x)
+    w = widths(out)
+    assert w["q_linear"] == w["k_linear"] == w["v_linear"] == (8, 16) and w["o_linear"] == (16, 8)
+    assert any("12" not in k and v == "4->2" for k, v in rec.info["channels"].items())
+    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+    assert out(torch.randn(3, 5, 16)).shape == (3, 5, 16)   # the batch stays free (literal sizes rewritten)
+
+
+def test_minilm_prune_50_prunes_heads_and_ffn(minilm):
+    model, kw = minilm
+    before = state_hash(model)
+    out = fxopt.compile(model, kwargs=kw, recipe="prune-50", strict=True)
+    rec = next(r for r in out.fxopt_history.records if r.name == "prune")
+    assert rec.info["channels"]["encoder.layer.0.attention.self.query+encoder.layer.0.attention.self.key+"
+                                "encoder.layer.0.attention.self.value"] == "12->6"
+    assert rec.info["channels"]["encoder.layer.0.intermediate.dense"] == "1536->768"
+    res = out(**kw)
+    h = res["last_hidden_state"] if isinstance(res, dict) else res[0]
+    assert h.shape == model(**kw).last_hidden_state.shape
+    assert state_hash(model) == before
