@@ -20,7 +20,9 @@ so are the ones that reach the model outputs (the classifier keeps its classes).
 Concatenations (DenseNet, Inception) prune per input: readers of a concatenation are
 sliced at each segment's offset after every group is decided. Not yet handled (their
 groups are left whole and named in the analysis): split/chunk and channel shuffle,
-grouped convolutions that change the channel count, attention heads. Grouped ``C -> C``
+grouped convolutions that change the channel count, packed QKV projections (PyTorch's
+``nn.MultiheadAttention``, Swin). Attention heads of separate Q/K/V projections (BERT)
+are pruned whole: head counts in the views are rewritten. Grouped ``C -> C``
 convolutions (ResNeXt, RegNet) keep the same number of channels in every group.
 It changes numerics by design; fine-tune with ``fxopt.finetune`` afterwards.
 """
