@@ -81,6 +81,35 @@ def _torchao(model: nn.Module, config_name: str) -> nn.Module:
     return m
 
 
+def qdyn_row(model: nn.Module):
+    """PyTorch's quantize_dynamic on every nn.Linear."""
+    def build():
+        m = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        return m, nbytes(m)
+    return build
+
+
+def ao_row(model: nn.Module, config_name: str):
+    def build():
+        m = _torchao(model, config_name)
+        return m, nbytes(m)
+    return build
+
+
+def fx_static_row(model: nn.Module, example: tuple, batches: list):
+    """PyTorch FX graph-mode static quantization (x86 qconfig), calibrated on ``batches`` (args, kwargs)."""
+    def build():
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+        m = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), example)
+        with torch.no_grad():
+            for a, k in batches:
+                m(*a, **k)
+        m = convert_fx(m)
+        return m, nbytes(m)
+    return build
+
+
 def run_rows(name: str, fp32: nn.Module, candidates: list, call, accuracy, repeats: int) -> list[dict]:
     """candidates: (label, builder) ; builder() -> (module, bytes) or raises."""
     built, rows = {}, []
@@ -139,23 +168,6 @@ def minilm_section(repeats: int) -> None:
         with torch.no_grad():
             return f"{min(float(nn.functional.cosine_similarity(embed(m, b), r).min()) for b, r in zip(evals, refs)):.4f}"
 
-    def qdyn():
-        m = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
-        return m, nbytes(m)
-
-    def ao(cfg):
-        def build():
-            m = _torchao(model, cfg)
-            return m, nbytes(m)
-        return build
-    def fx_static():
-        from torch.ao.quantization import get_default_qconfig_mapping
-        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-        m = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (), )
-        for b in calib:
-            m(**b)
-        m = convert_fx(m)
-        return m, nbytes(m)
     cands = [("fxopt default (fp32)", fxopt_row(model, (), kw, "default")),
              ("fxopt int8-dynamic (SmoothQuant 0.5 on example)", fxopt_row(model, (), kw, "int8-dynamic")),
              ("fxopt int8-dynamic smoothquant=False", fxopt_row(model, (), kw, "int8-dynamic", smoothquant=False)),
@@ -168,10 +180,10 @@ def minilm_section(repeats: int) -> None:
              ("fxopt int4-weight", fxopt_row(model, (), kw, "int4-weight")),
              ("fxopt bf16", fxopt_row(model, (), kw, "bf16")),
              ("fxopt fp16", fxopt_row(model, (), kw, "fp16")),
-             ("torch quantize_dynamic", qdyn),
-             ("torch FX static (x86)", fx_static),
-             ("torchao Int8WeightOnly", ao("Int8WeightOnlyConfig")),
-             ("torchao Int8DynamicActInt8Weight", ao("Int8DynamicActivationInt8WeightConfig"))]
+             ("torch quantize_dynamic", qdyn_row(model)),
+             ("torch FX static (x86)", fx_static_row(model, (), [((), b) for b in calib])),
+             ("torchao Int8WeightOnly", ao_row(model, "Int8WeightOnlyConfig")),
+             ("torchao Int8DynamicActInt8Weight", ao_row(model, "Int8DynamicActivationInt8WeightConfig"))]
     rows = run_rows("minilm", model, cands, lambda m: m(**kw), accuracy, repeats)
     print("\n(a) MiniLM BERT, batch 8 x seq 128; accuracy = min cosine of sentence embeddings to fp32 (64 sentences)")
     print(table(rows))
@@ -192,25 +204,7 @@ def digits_section(repeats: int) -> None:
     def accuracy(m):
         return f"{_evaluate(m, test, ce)[1]:.2f}%"
 
-    def fx_static():
-        from torch.ao.quantization import get_default_qconfig_mapping
-        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-        m = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x[:2],))
-        with torch.no_grad():
-            for xb, _ in train:
-                m(xb)
-        m = convert_fx(m)
-        return m, nbytes(m)
 
-    def qdyn():
-        m = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
-        return m, nbytes(m)
-
-    def ao(cfg):
-        def build():
-            m = _torchao(model, cfg)
-            return m, nbytes(m)
-        return build
     a = (train[0][0],)
     cands = [("fxopt default (fp32)", fxopt_row(model, a, None, "default")),
              ("fxopt int8 (static)", fxopt_row(model, a, None, "int8", calibration=train, calibration_inputs=0)),
@@ -221,10 +215,10 @@ def digits_section(repeats: int) -> None:
              ("fxopt int8-weight", fxopt_row(model, a, None, "int8-weight")),
              ("fxopt int4-weight", fxopt_row(model, a, None, "int4-weight")),
              ("fxopt bf16", fxopt_row(model, a, None, "bf16")),
-             ("torch FX static (x86)", fx_static),
-             ("torch quantize_dynamic", qdyn),
-             ("torchao Int8WeightOnly", ao("Int8WeightOnlyConfig")),
-             ("torchao Int8DynamicActInt8Weight", ao("Int8DynamicActivationInt8WeightConfig"))]
+             ("torch FX static (x86)", fx_static_row(model, (x[:2],), [((xb,), {}) for xb, _ in train])),
+             ("torch quantize_dynamic", qdyn_row(model)),
+             ("torchao Int8WeightOnly", ao_row(model, "Int8WeightOnlyConfig")),
+             ("torchao Int8DynamicActInt8Weight", ao_row(model, "Int8DynamicActivationInt8WeightConfig"))]
     rows = run_rows("digits", model, cands, lambda m: m(x), accuracy, repeats)
     print("\n(b) DemoNet(width=32) on scikit-learn digits (397 held-out images); accuracy = top-1")
     print(table(rows))

@@ -178,7 +178,7 @@ def embedding_wq(w_q: torch.Tensor, indices: torch.Tensor, w_scale: torch.Tensor
     rows = F.embedding(indices, w_q)
     scale = F.embedding(indices, w_scale.reshape(w_q.shape[0], -1))
     zp = F.embedding(indices, w_zp.reshape(w_q.shape[0], -1))
-    return _dequant_weight(rows, scale if group_size else scale, zp, group_size, bits)
+    return _dequant_weight(rows, scale, zp, group_size, bits)
 
 
 @embedding_wq.register_fake

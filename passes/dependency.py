@@ -108,7 +108,8 @@ class ChannelGroup:
     def describe(self) -> str:
         names = ", ".join(module_path(p) or p.name for p in self.producers)
         state = "prunable" if self.prunable else "kept: " + "; ".join(self.reasons[:2])
-        return f"{self.size} channels of [{names}] ({state})"
+        unit = "heads" if any(k == "heads" for k, _, _ in self.members) else "channels"
+        return f"{self.size} {unit} of [{names}] ({state})"
 
 
 class _UF:
