@@ -15,7 +15,7 @@ whose rank, dtype or fixed sizes differ from the example inputs.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx

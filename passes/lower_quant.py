@@ -307,8 +307,8 @@ def check_layers(gm: fx.GraphModule, ctx: PassContext) -> float:
         if err > allowed:
             raise PassError("lower-quant", f"the kernel of '{name}' differs from its simulated QDQ form by "
                             f"{err:.3g} (allowed {allowed:.3g})",
-                            remedy=f"keep the layer simulated: insert-qdq(skip=[...]) with its module path, and "
-                            "report the case")
+                            remedy=f"keep the layer simulated: insert-qdq(skip=['{name}']) (or its module path), "
+                            "and report the case")
     return max((e for e, _ in errors.values()), default=0.0)
 
 

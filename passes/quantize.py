@@ -115,14 +115,13 @@ def plan_targets(gm: fx.GraphModule, config: Any) -> list[QuantTarget]:
         if w is None or not w.is_floating_point():
             continue
         ws, a = (espec, None) if kind == "embedding" else (wspec, aspec)
-        for glob, ow, oa, weight_only_text in overrides:
+        for glob, ow, oa, _ in overrides:
             if fnmatch.fnmatchcase(path, glob) or fnmatch.fnmatchcase(node.name, glob):
                 ws = ow
                 a = None if kind == "embedding" else oa
         if ws is None:
             continue
         if kind == "conv":
-            x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
             if ws.granularity == "group":  # conv kernels are tiny along the last dim: use per channel
                 ws = QSpec(bits=ws.bits, signed=ws.signed, symmetric=ws.symmetric, granularity="channel",
                            observer=ws.observer)

@@ -1,7 +1,6 @@
 """insert-qdq, smooth-quant, lower-quant and the quantization recipes."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.errors import CalibrationError
 from fxopt.kernels.cpu_quant import pack_int4, unpack_int4
 from models import MLP, ResCNN, state_hash
 
