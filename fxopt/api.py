@@ -59,7 +59,10 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     inputs is measured for it (median of ``latency_repeats``). ``metric``: a
     function of a module returning a number (accuracy, say), evaluated on the
     original and the result and shown in the report. Other keyword options
-    reach passes as ``ctx.options``.
+    reach passes as ``ctx.options`` (``smoothquant=``, ``group_size=``,
+    ``calibration_inputs=``, ``calibration_batches=``, ``budget_metric=``,
+    ``max_metric_drop=`` for the quantization and pruning passes); an option no
+    built-in pass of the pipeline reads gets a warning (a typo, or the wrong recipe).
 
     Example::
 
@@ -78,6 +81,7 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
                          "are used to verify every pass")
     _check_finite(args, kwargs)
     pipeline = resolve_recipe(recipe)
+    _check_options(pipeline, options)
     if calibration is not None and not hasattr(calibration, "__iter__"):
         raise InputError(f"calibration must be an iterable of model inputs, got {type(calibration).__name__}")
     try:
@@ -137,6 +141,21 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     if report is not None:
         _write_report(out, report)
     return out
+
+
+def _check_options(pipeline: Pipeline, options: dict) -> None:
+    """Warn about keyword options no pass of the pipeline reads (a typo, or the wrong recipe)."""
+    if not options:
+        return
+    from .pipeline import passes_of
+    steps = passes_of(pipeline)
+    known = {o for p in steps for o in getattr(p, "reads_options", ())}
+    declared_all = all(type(p).__module__.startswith(("fxopt.", "passes.")) for p in steps)
+    unknown = sorted(set(options) - known - {"progress"})
+    if unknown and declared_all:
+        warnings.warn(f"fxopt.compile: option(s) {', '.join(unknown)} are not read by any pass of '{pipeline}'"
+                      + (f" (they read: {', '.join(sorted(known))})" if known else " (it reads no options)"),
+                      stacklevel=3)
 
 
 def _write_report(out: fx.GraphModule, path: str) -> None:

@@ -142,6 +142,8 @@ class Pass:
     tolerance: ClassVar[Tolerance] = Tolerance()
     #: set when ``run`` writes into existing tensors in place (forces a deep snapshot)
     inplace_weights: ClassVar[bool] = False
+    #: names of ``compile(..., **options)`` this pass reads from ``ctx.options`` (checked for typos)
+    reads_options: ClassVar[tuple] = ()
 
     def __init__(self, config: Any = None, **options: Any):
         if config is not None and options:

@@ -269,3 +269,18 @@ def parse_pipeline(text: str) -> Pipeline:
     if p.peek() is not None:
         p.fail(p.peek()[2], f"unexpected '{p.peek()[1]}'")  # type: ignore[index]
     return Pipeline(steps)
+
+
+def passes_of(pipeline: Any) -> list:
+    """Every pass in a pipeline, with repeats and aliases expanded."""
+    out: list = []
+    for step in as_pipeline(pipeline).steps:
+        if isinstance(step, Repeat):
+            out += passes_of(step.inner)
+        elif isinstance(step, Pipeline):
+            out += passes_of(step)
+        elif isinstance(step, PipelineAlias):
+            out += passes_of(step.expand())
+        else:
+            out.append(step)
+    return out

@@ -241,6 +241,7 @@ class StructuredPrunePass(Pass):
     """Remove whole channels of convs/linears and everything coupled to them (see module docs)."""
 
     name = "prune"
+    reads_options = ("calibration_inputs", "calibration_batches")
     preserves_semantics = False
 
     @dataclass(frozen=True)

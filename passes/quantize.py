@@ -388,6 +388,7 @@ class InsertQDQPass(Pass):
     """Insert explicit quantize/dequantize nodes (simulated integer arithmetic); see the module docs."""
 
     name = "insert-qdq"
+    reads_options = ("calibration_inputs", "calibration_batches", "group_size", "budget_metric", "max_metric_drop")
     preserves_semantics = False
 
     @dataclass(frozen=True)

@@ -54,6 +54,7 @@ class SmoothQuantPass(Pass):
     """Move activation outliers into linear weights (exact in float); see the module docs."""
 
     name = "smooth-quant"
+    reads_options = ("smoothquant", "calibration_inputs", "calibration_batches")
     tolerance = Tolerance(atol=1e-4, rtol=1e-3)
 
     @dataclass(frozen=True)

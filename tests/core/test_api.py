@@ -118,3 +118,15 @@ def test_progress_bar_is_shown_on_request(capsys):
     assert "fxopt" in err and "pass" in err
     fxopt.compile(MLP().eval(), (torch.randn(2, 16),), progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_unknown_option_warns_with_what_the_passes_read():
+    model, x = MLP(), torch.randn(2, 16)
+    with pytest.warns(UserWarning, match="smoothqaunt are not read.*smoothquant"):
+        fxopt.compile(model, (x,), recipe="int8-dynamic", smoothqaunt=0.5)
+    with pytest.warns(UserWarning, match="group_size.*reads no options"):
+        fxopt.compile(model, (x,), recipe="default", group_size=64)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fxopt.compile(model, (x,), recipe="int4-weight", group_size=4)
