@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -27,7 +25,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import fxopt  # noqa: E402
-from common import table  # noqa: E402
+from common import interleaved_ms, table  # noqa: E402
 from fxopt.models import DemoNet  # noqa: E402
 from fxopt.passes.sparsity import sparsity_report  # noqa: E402
 from fxopt.timing import median_ms  # noqa: E402
@@ -127,19 +125,11 @@ def resnet_rows(repeats):
         cands.append(("Torch-Pruning 50%", _tp_prune(model, x, 0.5, lambda m: [m.fc])))
     except ImportError:
         pass
-    times = {name: [] for name, _ in cands}
-    with torch.no_grad():  # interleaved, so drift in the machine's speed hits every model alike
-        for _, m in cands:
-            m(x)
-        for _ in range(repeats):
-            for name, m in cands:
-                t = time.perf_counter()
-                m(x)
-                times[name].append(time.perf_counter() - t)
-    t_eager = statistics.median(times["resnet50 eager"]) * 1e3
+    ms = interleaved_ms({name: (lambda m=m: m(x)) for name, m in cands}, repeats)
+    t_eager = ms["resnet50 eager"]
     rows = []
     for name, m in cands:
-        t = statistics.median(times[name]) * 1e3
+        t = ms[name]
         rows.append({"model": name, "params": _params(m), "GFLOPs": f"{flops(m) / 1e9:.2f}",
                      "latency ms": f"{t:.1f}", "speedup": f"{t_eager / t:.2f}x"})
     return rows

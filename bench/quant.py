@@ -20,7 +20,6 @@ import argparse
 import copy
 import io
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -31,7 +30,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import fxopt  # noqa: E402
-from common import table  # noqa: E402
+from common import interleaved_ms, table  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -50,20 +49,6 @@ def sentences(n: int, offset: int) -> list[str]:
         s, v, o = SUBJECTS[i % 10], VERBS[(i // 10) % 8], OBJECTS[(i * 7 + i // 80) % 8]
         out.append(f"{s} {v} {o}." + (" Nobody expected that." if i % 3 == 0 else ""))
     return out
-
-
-def interleaved_ms(fns: dict, repeats: int) -> dict:
-    """Median ms per named callable, timed round-robin."""
-    times = {k: [] for k in fns}
-    with torch.no_grad():
-        for f in fns.values():
-            f()
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def nbytes(m: nn.Module) -> int:

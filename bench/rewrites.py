@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -22,7 +20,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import fxopt  # noqa: E402
-from common import table  # noqa: E402
+from common import interleaved_ms, table  # noqa: E402
 from fxopt.graph_utils import max_abs_error  # noqa: E402
 
 
@@ -65,15 +63,8 @@ class ManualTransformer(nn.Module):
 
 
 def timed_pair(a, b, args, kwargs, repeats):
-    with torch.no_grad():
-        for _ in range(2):
-            a(*args, **kwargs)
-            b(*args, **kwargs)
-        ta, tb = [], []
-        for _ in range(repeats):
-            t = time.perf_counter(); a(*args, **kwargs); ta.append(time.perf_counter() - t)  # noqa: E702
-            t = time.perf_counter(); b(*args, **kwargs); tb.append(time.perf_counter() - t)  # noqa: E702
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+    ms = interleaved_ms({"a": lambda: a(*args, **kwargs), "b": lambda: b(*args, **kwargs)}, repeats)
+    return ms["a"], ms["b"]
 
 
 def compare(rewrite, label, model, args, kwargs, repeats, dynamic=None):

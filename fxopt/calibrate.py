@@ -24,7 +24,7 @@ from .errors import CalibrationError
 from .observers import Observer, make_observer
 from .qspec import QSpec
 
-__all__ = ["calibrate", "iter_calibration", "CalibrationRanges", "observe", "Inputs"]
+__all__ = ["calibrate", "iter_calibration", "CalibrationRanges", "observe", "Inputs", "normalize_item"]
 
 
 class Inputs:
@@ -34,7 +34,8 @@ class Inputs:
         self.args, self.kwargs = tuple(args), dict(kwargs or {})
 
 
-def _normalize(item: Any, inputs: Any) -> tuple[tuple, dict]:
+def normalize_item(item: Any, inputs: Any = None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of one calibration item (``inputs`` picks them from a pair, see the module docs)."""
     if isinstance(item, Inputs):
         return item.args, item.kwargs
     if inputs is not None:
@@ -100,7 +101,7 @@ def iter_calibration(data: Iterable, *, inputs: Any = None, example: tuple[tuple
         for i, item in enumerate(data):
             if max_batches and i >= max_batches:
                 break
-            args, kwargs = _normalize(item, inputs)
+            args, kwargs = normalize_item(item, inputs)
             _check_like(i, args, kwargs, example)
             yield i, args, kwargs
             seen += 1

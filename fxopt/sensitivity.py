@@ -72,8 +72,8 @@ def sensitivity(model: torch.nn.Module, args: Any = (), kwargs: dict | None = No
                           "(int8, int8-dynamic, int8-weight, int4-weight)")
     gm = compile(model, args, kwargs, recipe=Pipeline(steps[:at]), calibration=calibration, progress=False,
                  **options)
-    ctx = PassContext(gm.meta["fxopt_example_inputs"][0] if "fxopt_example_inputs" in gm.meta else args,
-                      kwargs, calibration=calibration, options={**options, "progress": progress})
+    ex_args, ex_kwargs = gm.meta["fxopt_example_inputs"]  # normalized by capture
+    ctx = PassContext(ex_args, ex_kwargs, calibration=calibration, options={**options, "progress": progress})
     targets = plan_targets(gm, steps[at].config)
     qparams = collect_qparams(gm, targets, ctx, steps[at].config.percentile)
     rows = sensitivity_scores(gm, targets, qparams, _eval_batches(ctx), progress)

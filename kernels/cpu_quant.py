@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.library import custom_op
 
+from fxopt.qspec import dequantize
+
 __all__ = ["linear_int8", "linear_int8_dynamic", "conv2d_int8", "linear_wq", "conv2d_wq", "embedding_wq",
            "pack_int4", "unpack_int4", "LOWERED_OPS"]
 
@@ -142,7 +144,6 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
 def _dequant_weight(w_q: torch.Tensor, w_scale: torch.Tensor, w_zp: torch.Tensor, group_size: int,
                     bits: int) -> torch.Tensor:
     q = unpack_int4(w_q) if bits == 4 else w_q
-    from fxopt.qspec import dequantize
     return dequantize(q, w_scale, w_zp, group_size)
 
 

@@ -30,7 +30,7 @@ from fxopt.dialect import aten, is_view_target, module_path, op_name
 from fxopt.errors import PipelineError
 from fxopt.meta import propagate_meta
 from fxopt.pass_base import Pass, PassContext, PassResult, register_pass
-from fxopt.rewrite_utils import copy_meta, erase_dead
+from fxopt.rewrite_utils import attr_tensor, copy_meta, erase_dead
 
 __all__ = ["CastPass", "ISLAND_OPS"]
 
@@ -103,7 +103,6 @@ class CastPass(Pass):
             if n.op == "placeholder" and _is_float(n.meta.get("val")):
                 dtype[n] = n.meta["val"].dtype
             elif n.op == "get_attr":
-                from fxopt.rewrite_utils import attr_tensor
                 t = attr_tensor(gm, n)
                 if t is None or not t.is_floating_point():
                     continue
@@ -132,7 +131,7 @@ class CastPass(Pass):
             if n.op == "output":
                 self._cast_outputs(n, dtype, cast)
                 continue
-            if n.op != "call_function" or n in casts.values():
+            if n.op != "call_function":
                 continue
             if n.target in _EXPLICIT or n.target is aten._to_copy.default:
                 val = n.meta.get("val")

@@ -36,6 +36,7 @@ import fxopt.qops  # noqa: F401  (registers quantize/dequantize)
 from fxopt.dialect import aten, arg
 from fxopt.kernels.cpu_quant import pack_int4
 from fxopt import qspec as qs
+from fxopt.qspec import QSpec
 from fxopt.meta import propagate_meta
 from fxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from fxopt.rewrite_utils import attr_tensor, copy_meta, erase_dead
@@ -71,8 +72,11 @@ def _weight(gm: fx.GraphModule, node: Any) -> _W | None:
 
 def _bits_from_meta(user: fx.Node) -> int:
     """4 for an int4 (or narrower) weight spec recorded by insert-qdq, else 8."""
-    spec = str((user.meta.get("fxopt_quant") or {}).get("weight", ""))
-    return 4 if spec[:4] in ("int2", "int3", "int4") else 8
+    spec = (user.meta.get("fxopt_quant") or {}).get("weight")
+    if not spec:
+        return 8
+    q = QSpec.parse(spec)
+    return 4 if q.signed and q.bits <= 4 else 8
 
 
 def _activation(gm: fx.GraphModule, node: Any) -> tuple[str, fx.Node, Any] | None:

@@ -53,7 +53,7 @@ def taylor_gradients(gm: fx.GraphModule, ctx: PassContext, groups: list[ChannelG
     squared output (how much each weight moves the output's energy). Without calibration
     data the example inputs are used.
     """
-    from fxopt.calibrate import Inputs, _normalize
+    from fxopt.calibrate import Inputs, normalize_item
     weights = {}
     for g in groups:
         for kind, n, _ in g.members:
@@ -72,7 +72,7 @@ def taylor_gradients(gm: fx.GraphModule, ctx: PassContext, groups: list[ChannelG
             w.grad = None
         with torch.enable_grad():
             for item in data[:limit]:
-                args, kwargs = _normalize(item, pick)
+                args, kwargs = normalize_item(item, pick)
                 out = gm(*args, **kwargs)
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 labels = item[1] if pick is not None and isinstance(item, (tuple, list)) and len(item) > 1 else None
@@ -95,14 +95,14 @@ def group_importance(gm: fx.GraphModule, g: ChannelGroup, kind: str,
     """One score per channel of the group (higher = keep)."""
     if kind == "taylor" and grads is not None:
         score = torch.zeros(g.size)
-        for k, n, _ in g.members:
+        for k, n, extra in g.members:
             if k in ("out", "dw"):
                 w = attr_tensor(gm, n.args[1])
                 gr = grads.get(id(w))
                 if gr is not None:
                     s = (w.detach() * gr).abs().reshape(w.shape[0], -1).sum(1).float()
-                    if k == "out" and _ > 1:
-                        s = s.view(-1, _).sum(1)
+                    if k == "out" and extra > 1:  # attention heads: rows come in blocks of head_dim
+                        s = s.view(-1, extra).sum(1)
                     score += s / s.mean().clamp_min(1e-12)
         return score
     if kind == "bn":

@@ -235,11 +235,6 @@ def _buffer(gm: fx.GraphModule, owner: str, name: str, value: torch.Tensor, befo
         return gm.graph.get_attr(f"{owner}.{name}" if owner else name)
 
 
-def _first_user(node: fx.Node) -> fx.Node:
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return min(node.users, key=lambda u: order[u])
-
-
 def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
                 qparams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
     """Write the QDQ nodes for ``targets`` into ``gm`` (which must hold the targets' nodes)."""
@@ -277,7 +272,7 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
             acts[x] = x
         if x not in acts:
             a = t.activation
-            anchor = _first_user(x)
+            anchor = min(x.users)  # fx nodes compare by graph position
             if a.dynamic:
                 with g.inserting_before(anchor):
                     s = g.call_function(fxq.dynamic_scale.default, (x, a.qmax))
@@ -362,10 +357,10 @@ def _quantized_copy(gm: fx.GraphModule, targets: list[QuantTarget], keep: set[st
 
 
 def sensitivity_scores(gm: fx.GraphModule, targets: list[QuantTarget], qparams: dict,
-                       batches: list, progress: bool | None = None) -> list[dict]:
+                       batches: list, progress: bool | None = None, ref: list | None = None) -> list[dict]:
     """Per layer: output cosine and SQNR when only that layer is quantized, worst first."""
     from tqdm.auto import tqdm
-    ref = _run(gm, batches)
+    ref = _run(gm, batches) if ref is None else ref
     labels = list(dict.fromkeys(t.label for t in targets))
     rows = []
     for label in tqdm(labels, desc="fxopt: sensitivity", disable=not progress, leave=False):
@@ -442,8 +437,8 @@ class InsertQDQPass(Pass):
 
     def _budget(self, gm, targets, qparams, ctx, info) -> set[str]:
         batches = _eval_batches(ctx)
-        rows = sensitivity_scores(gm, targets, qparams, batches, ctx.options.get("progress"))
         ref = _run(gm, batches)
+        rows = sensitivity_scores(gm, targets, qparams, batches, ctx.options.get("progress"), ref)
         order = [r["layer"] for r in rows]
         metric = ctx.options.get("budget_metric")
         if metric is not None and not callable(metric):

@@ -114,7 +114,7 @@ class SmoothQuantPass(Pass):
             while hasattr(mod, name):
                 name, i = f"smooth_inv_{i}", i + 1
             mod.register_buffer(name, (1 / s).contiguous())
-            first = min(linears, key=lambda u: list(gm.graph.nodes).index(u))
+            first = min(linears)  # fx nodes compare by graph position
             with gm.graph.inserting_before(first):
                 inv = gm.graph.get_attr(f"{owner}.{name}" if owner else name)
                 xs = gm.graph.call_function(aten.mul.Tensor, (x, inv))

@@ -144,6 +144,12 @@ def test_quantize_from_the_command_line(tmp_path, capsys):
                  str(calib), "--no-color"]) == 0
     out = capsys.readouterr().out
     assert "conv2d_int8" in out and "lower-quant" in out
+    # the quantization flags reach the passes: SmoothQuant runs only when asked
+    for flag, status in (([], "unchanged"), (["--smoothquant", "0.5"], "changed")):
+        assert main(["compile", f"{TINY}:build", "--input-shape", "4x3x8x8", "--recipe", "int8", "--calibration",
+                     str(calib), "--calibration-batches", "2", *flag, "--out", str(out_file)]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if " smooth-quant " in line)
+        assert status in row.split()
     # static int8 without calibration data: one clear line
     assert main(["sensitivity", f"{TINY}:build", "--input-shape", "4x3x8x8", "--recipe", "int8"]) == 1
     assert "calibration" in capsys.readouterr().err

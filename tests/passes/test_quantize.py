@@ -70,6 +70,13 @@ def test_recipes_lower_linears_and_agree_with_the_simulation(recipe, kernel):
     assert err <= 1e-4 * sim(x).abs().max(), err
     low = q.fxopt_history.records[[r.name for r in q.fxopt_history.records].index("lower-quant")]
     assert low.info["worst_layer_error"] <= 1e-4
+    # integer kernels do the float layers' multiply-accumulates: the cost analysis counts them alike
+    from fxopt.passes.cost import CostAnalysis
+    def macs_at_16(gm):
+        c = CostAnalysis().run(gm)
+        return c.at(**{s: 16 for s in c.symbols})["macs"]
+    float_macs, macs = macs_at_16(fxopt.compile(model, (x,), recipe="cleanup")), macs_at_16(q)
+    assert macs == float_macs == 16 * (128 * 256 + 256 * 64), (macs, float_macs)
     ratio = fxopt.graph_utils.param_stats(q)[1] / fxopt.graph_utils.param_stats(model)[1]
     assert ratio < (0.15 if recipe == "int4-weight" else 0.27), ratio
     assert _cos(q(x), model(x)) > (0.99 if recipe == "int4-weight" else 0.999)
