@@ -14,14 +14,15 @@ producers added to it. This analysis finds those groups with a union-find over
   so does a grouped ``C -> C`` convolution (ResNeXt), whose groups then lose channels equally;
 * conv/linear inputs, norm parameters and flatten sizes are recorded as consumers.
 
-A concatenation along the channel dim does not join its inputs: its output is a
-*layout* of segments (each input's space, in order), carried through batch norms,
-activations and pooling to the convs/linears that read it, which record it
-(``seg_in``/``seg_bn`` members); pruning then slices each reader at every segment's
-offset, so DenseNet/Inception-style concatenations prune per input.
+Concatenations, splits/chunks and channel shuffles do not join spaces: their outputs are
+*layouts* of entries of several spaces (:mod:`fxopt.passes.channel_layouts`), carried
+through batch norms, activations, pooling and depthwise convs to the convs/linears that
+read them (``seg_in``/``seg_bn``/``seg_dw`` members). Pruning slices each reader at the
+kept channels, rewrites split sizes, and turns a shuffle into an ``index_select`` of the
+kept channels, so DenseNet/Inception/ShuffleNet-style models prune per producer.
 
 Custom ops declare how they propagate channels with :func:`register_channel_rule`.
-Anything else that touches a space (split, channel shuffle, other reshapes, the graph
+Anything else that touches a space (other reshapes, binary ops on split parts, the graph
 outputs, ops this analysis does not know) marks it *unprunable*, so pruning never breaks
 a model it does not understand; the result records why. Groups are the roots of the
 union-find.
@@ -40,12 +41,11 @@ from fxopt.dialect import aten, is_conv, is_linear, module_path
 from fxopt.meta import size_expr
 from fxopt.rewrite_utils import arg, attr_tensor
 
+from .channel_layouts import BN, POOL, concat, split_or_shuffle, through_concat
+
 __all__ = ["ChannelGroup", "ChannelGroupsAnalysis", "channel_groups", "register_channel_rule", "CHANNEL_RULES"]
 
-_BN = aten._native_batch_norm_legit_no_training.default
-_POOL = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
-         aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default,
-         aten.max_pool3d.default, aten.avg_pool3d.default}
+_BN, _POOL = BN, POOL
 _BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
 _REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 _UNARY = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.hardswish.default,
@@ -102,6 +102,29 @@ class ChannelGroup:
         return b
 
     @property
+    def cuts(self) -> list[int]:
+        """Boundaries of the blocks that must keep the same fraction of their channels.
+
+        A grouped conv cuts the space into equal groups; a split that divides the space
+        between its parts cuts it at each part's run of channels (so no part becomes empty).
+        """
+        cuts = {0, self.size}
+        for kind, node, extra in self.members:
+            if kind == "gconv":
+                cuts |= set(range(0, self.size, self.size // extra))
+            elif kind == "split":
+                owners = []
+                for part in extra[1]:
+                    idx = sorted(i for g, size, start in part if g is self for i in range(start, start + size))
+                    if idx:
+                        owners.append(idx)
+                if len(owners) > 1:
+                    for idx in owners:
+                        cuts |= {i for j, i in enumerate(idx) if j == 0 or idx[j - 1] != i - 1}
+                        cuts |= {i + 1 for j, i in enumerate(idx) if j == len(idx) - 1 or idx[j + 1] != i + 1}
+        return sorted(cuts)
+
+    @property
     def prunable(self) -> bool:
         return not self.reasons and bool(self.producers)
 
@@ -156,19 +179,20 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
     # concatenations: node -> (layout, channel dim); a layout is a shared list of [space id | None, size]
     # segments in channel order (None: channels no producer owns, e.g. the model input)
     segs: dict[fx.Node, tuple[list, int]] = {}
+    splits: dict[fx.Node, tuple[list, int]] = {}   # split node -> (layouts of its parts, channel dim)
     layouts: list[list] = []
 
     def mark(node: fx.Node, why: str) -> None:
         if node in space:
             uf.group(space[node][0]).reasons.append(f"{why} at {node.name}")
-        if node in segs:
-            for sid, _ in segs[node][0]:
-                if sid is not None:
-                    uf.group(sid).reasons.append(f"{why} at {node.name} (after a concatenation)")
+        for layout in [segs[node][0]] if node in segs else splits[node][0] if node in splits else []:
+            for sid in {e[0] for e in layout if e[0] is not None}:
+                uf.group(sid).reasons.append(f"{why} at {node.name} (after a concatenation or split)")
 
-    def seg_member(kind: str, node: fx.Node, layout: list) -> None:
-        for sid in {sid for sid, _ in layout if sid is not None}:
-            uf.group(sid).members.append((kind, node, layout))
+    def seg_member(kind: str, node: fx.Node, extra: Any) -> None:
+        layout = extra[0] if kind in ("split", "shuffle") else extra
+        for sid in {e[0] for e in layout if e[0] is not None}:
+            uf.group(sid).members.append((kind, node, extra))
 
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -179,7 +203,8 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
             continue
         t = node.target
         out = _val(node)
-        if _concat(node, space, segs, layouts, mark) or _through_concat(node, segs, seg_member, mark):
+        if split_or_shuffle(node, space, segs, splits, layouts, seg_member, mark) or \
+                concat(node, space, segs, layouts, mark) or through_concat(node, segs, seg_member, mark):
             continue
         ins = [a for a in node.all_input_nodes if a in space]
         if is_conv(node) or is_linear(node):
@@ -315,10 +340,11 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
             continue
         for a in ins:
             mark(a, f"used by {getattr(t, '__name__', str(t))}")
-    for layout in layouts:  # segments name their space ids: resolve them to the final groups
+    resolved = {}
+    for layout in layouts:  # entries name their space ids: resolve them to the final groups
         for entry in layout:
             if isinstance(entry[0], int):
-                entry[0] = uf.group(entry[0])
+                entry[0] = resolved.setdefault(entry[0], uf.group(entry[0]))
     roots = sorted({uf.find(i) for i in range(len(uf.parent))})
     return [uf.groups[r] for r in roots if uf.groups[r].producers]
 
@@ -388,73 +414,6 @@ def _heads(node: fx.Node, space: dict, uf: "_UF", mark: Any) -> bool:
             return True
         return False
     return False
-
-
-_SEG_THROUGH = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clone.default,
-                aten.dropout.default, aten.contiguous.default, aten.alias.default} | _POOL
-
-
-def _concat(node: fx.Node, space: dict, segs: dict, layouts: list, mark: Any) -> bool:
-    """``cat`` along the channel dim: the output is a layout of its inputs' spaces."""
-    if node.target is not aten.cat.default:
-        return False
-    tensors = list(node.args[0])
-    out = _val(node)
-    if not isinstance(out, torch.Tensor):
-        return False
-    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out.dim()
-    layout: list = []
-    for a in tensors:
-        v = _val(a)
-        if a in space and space[a][1] == dim and space[a][2] == 1:
-            layout.append([space[a][0], int(size_expr(v.shape[dim]))])
-        elif a in segs and segs[a][1] == dim:
-            layout.extend(list(e) for e in segs[a][0])
-        elif isinstance(v, torch.Tensor) and isinstance(size_expr(v.shape[dim]), int) and a not in space:
-            layout.append([None, int(size_expr(v.shape[dim]))])
-        else:
-            for b in tensors:
-                mark(b, f"concatenation {node.name} along another dim")
-            return True
-    layouts.append(layout)
-    segs[node] = (layout, dim)
-    return True
-
-
-def _through_concat(node: fx.Node, segs: dict, seg_member: Any, mark: Any) -> bool:
-    """Ops reading a concatenation: batch norm, activations, pooling carry it; convs consume it."""
-    seg_ins = [a for a in node.all_input_nodes if a in segs]
-    if not seg_ins:
-        return False
-    t = node.target
-    x = node.args[0] if node.args else None
-    if x in segs and len(seg_ins) == 1:
-        layout, cdim = segs[x]
-        if (is_conv(node) and t in (aten.conv2d.default, aten.conv1d.default) and cdim == 1
-                and arg(node, 6, "groups", 1) == 1) or (is_linear(node) and cdim == _val(x).dim() - 1):
-            seg_member("seg_in", node, layout)
-            return False  # the conv's own output is handled as usual
-        if t is _BN and cdim == 1:
-            seg_member("seg_bn", node, layout)
-            segs[node] = (layout, cdim)
-            return True
-        if t is operator.getitem and x.target is _BN and node.args[1] == 0:
-            segs[node] = segs[x]
-            return True
-        if t in _SEG_THROUGH and (t not in _POOL or cdim == 1):
-            segs[node] = segs[x]
-            return True
-        xv, ov = _val(x), _val(node)
-        if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints) \
-                and cdim == 1 and isinstance(ov, torch.Tensor) and ov.dim() == 2 and \
-                all(size_expr(d) == 1 for d in xv.shape[2:]) and size_expr(ov.shape[1]) == size_expr(xv.shape[1]):
-            # [N, C, 1, 1] -> [N, C] after global pooling: the layout carries to the classifier
-            seg_member("seg_flatten", node, layout)
-            segs[node] = (layout, 1)
-            return True
-    for a in seg_ins:
-        mark(a, f"used by {getattr(t, '__name__', str(t))}")
-    return not (is_conv(node) or is_linear(node))
 
 
 @register_analysis

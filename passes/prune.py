@@ -18,18 +18,21 @@ mean squared output; the example inputs when no data is given). Channel counts c
 so are the ones that reach the model outputs (the classifier keeps its classes).
 
 Concatenations (DenseNet, Inception) prune per input: readers of a concatenation are
-sliced at each segment's offset after every group is decided. Not yet handled (their
-groups are left whole and named in the analysis): split/chunk and channel shuffle,
-grouped convolutions that change the channel count, packed QKV projections (PyTorch's
-``nn.MultiheadAttention``, Swin). Attention heads of separate Q/K/V projections (BERT)
-are pruned whole: head counts in the views are rewritten. Grouped ``C -> C``
-convolutions (ResNeXt, RegNet) keep the same number of channels in every group.
+sliced at each segment's offset after every group is decided. Splits/chunks get their
+part sizes rewritten (a space divided between parts keeps the same fraction in each), and
+channel shuffles become an ``index_select`` of the kept channels (ShuffleNet). Not yet
+handled (their groups are left whole and named in the analysis): grouped convolutions
+that change the channel count, packed QKV projections (PyTorch's ``nn.MultiheadAttention``,
+Swin). Attention heads of separate Q/K/V projections (BERT) are pruned whole: head counts
+in the views are rewritten. Grouped ``C -> C`` convolutions (ResNeXt, RegNet) keep the
+same number of channels in every group.
 It changes numerics by design; fine-tune with ``fxopt.finetune`` afterwards.
 """
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -40,6 +43,7 @@ from fxopt.meta import propagate_meta
 from fxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from fxopt.rewrite_utils import add_param, arg, attr_tensor, erase_dead
 
+from .channel_layouts import layout_mask
 from .dependency import ChannelGroup, channel_groups
 
 __all__ = ["StructuredPrunePass", "group_importance"]
@@ -155,13 +159,22 @@ def _slice_grouped(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, groups
         _slice(gm, node, 2, 0, keep, "pruned")
 
 
-def _balanced_topk(scores: torch.Tensor, k: int, blocks: int) -> torch.Tensor:
-    """The ``k // blocks`` best channels of each of ``blocks`` equal blocks, sorted."""
-    if blocks == 1:
+def _balanced_topk(scores: torch.Tensor, k: int, cuts: list[int]) -> torch.Tensor:
+    """The best ``k`` channels, each block between ``cuts`` keeping its share (at least one), sorted."""
+    size = scores.numel()
+    if len(cuts) <= 2:
         return torch.sort(torch.topk(scores, k).indices).values
-    per = scores.numel() // blocks
-    top = torch.topk(scores.view(blocks, per), k // blocks, dim=1).indices
-    return torch.sort((top + torch.arange(blocks)[:, None] * per).reshape(-1)).values
+    lens = [b - a for a, b in zip(cuts, cuts[1:])]
+    share = [n * k / size for n in lens]
+    quota = [min(n, max(1, int(s))) for n, s in zip(lens, share)]
+    # largest remainders first, until the quotas add up to k (or every block is full)
+    for i in sorted(range(len(lens)), key=lambda i: int(share[i]) - share[i]):
+        if sum(quota) >= k:
+            break
+        if quota[i] < lens[i]:
+            quota[i] += 1
+    picks = [a + torch.topk(scores[a:b], q).indices for a, b, q in zip(cuts, cuts[1:], quota)]
+    return torch.sort(torch.cat(picks)).values
 
 
 def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None:
@@ -182,11 +195,7 @@ def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None
             _slice(gm, n, 1, 0, keep, "pruned")
             if arg(n, 2, "bias") is not None:
                 _slice(gm, n, 2, 0, keep, "pruned")
-            args = list(n.args)
-            while len(args) < 7:
-                args.append([1, 1] if len(args) in (3, 5) else [0, 0] if len(args) == 4 else 1)
-            args[6] = k
-            n.args = tuple(args)
+            _set_groups(n, k)
         elif kind == "gconv":
             _slice_grouped(gm, n, keep, extra, g.size)
         elif kind == "in":
@@ -210,30 +219,60 @@ def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None
                 n.args = (n.args[0], sizes) + tuple(n.args[2:])
 
 
-def apply_layout(gm: fx.GraphModule, node: fx.Node, kind: str, layout: list, decided: dict) -> None:
-    """Slice a reader of a concatenation at the kept channels of every segment."""
-    parts, offset, changed = [], 0, False
-    for group, size in layout:
-        keep = decided.get(id(group)) if group is not None else None
-        parts.append(offset + (keep if keep is not None else torch.arange(size)))
-        changed |= keep is not None
-        offset += size
-    if not changed:
+def apply_layout(gm: fx.GraphModule, node: fx.Node, kind: str, extra: Any, decided: dict) -> None:
+    """Rewrite a reader of a layout (concatenation, split part, shuffle) for the kept channels."""
+    if kind == "split":   # new part sizes: the kept channels of each part
+        layout, parts = extra
+        counts = [int(layout_mask(p, decided).sum()) for p in parts]
+        if counts != [sum(e[1] for e in p) for p in parts]:
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            node.target = torch.ops.aten.split_with_sizes.default
+            node.args, node.kwargs = (node.args[0], counts, dim), {}
         return
-    idx = torch.cat(parts)
+    if kind == "shuffle":  # a gather of the kept channels in shuffled order
+        flat, perm, src = extra
+        mask = layout_mask(flat, decided)
+        if bool(mask.all()):
+            return
+        pos = torch.cumsum(mask.long(), 0) - 1
+        perm = torch.tensor(perm)
+        order = pos[perm[mask[perm]]]
+        idx = add_param(gm, f"{node.name}_order", order, node)
+        with gm.graph.inserting_before(node):
+            gather = gm.graph.call_function(torch.ops.aten.index_select.default, (src, 1, idx))
+        gather.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(gather)
+        return
+    mask = layout_mask(extra, decided)
+    if bool(mask.all()):
+        return
+    idx = mask.nonzero().flatten()
     if kind == "seg_flatten":  # a literal [N, C] view size
         if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
             sizes = list(node.args[1])
-            if len(sizes) == 2 and sizes[1] == offset:
+            if len(sizes) == 2 and sizes[1] == mask.numel():
                 sizes[1] = len(idx)
                 node.args = (node.args[0], sizes) + tuple(node.args[2:])
         return
     if kind == "seg_in":
         _slice(gm, node, 1, 1, idx, "pruned_in")
+    elif kind == "seg_dw":
+        _slice(gm, node, 1, 0, idx, "pruned")
+        if arg(node, 2, "bias") is not None:
+            _slice(gm, node, 2, 0, idx, "pruned")
+        _set_groups(node, len(idx))
     else:
         for i in (1, 2, 3, 4):
             if node.args[i] is not None:
                 _slice(gm, node, i, 0, idx, "pruned")
+
+
+def _set_groups(node: fx.Node, groups: int) -> None:
+    args = list(node.args)
+    while len(args) < 7:
+        args.append([1, 1] if len(args) in (3, 5) else [0, 0] if len(args) == 4 else 1)
+    args[6] = groups
+    node.args = tuple(args)
 
 
 @register_pass
@@ -269,7 +308,7 @@ class StructuredPrunePass(Pass):
         grads = taylor_gradients(gm, ctx, [g for g in groups if g.prunable]) if c.importance == "taylor" else None
         for g in groups:
             for kind, n, extra in g.members:
-                if kind in ("seg_in", "seg_bn", "seg_flatten"):
+                if kind in ("seg_in", "seg_bn", "seg_dw", "seg_flatten", "split", "shuffle"):
                     readers[(n, kind)] = extra
         for g in groups:
             names = [module_path(p) or p.name for p in g.producers]
@@ -285,7 +324,7 @@ class StructuredPrunePass(Pass):
             if k >= g.size:
                 continue
             scores = group_importance(gm, g, c.importance, grads)
-            keep = _balanced_topk(scores, k, blocks)
+            keep = _balanced_topk(scores, k, g.cuts)
             apply_group(gm, g, keep)
             decided[id(g)] = keep
             pruned["+".join(names)] = f"{g.size}->{k}"

@@ -352,3 +352,87 @@ def test_minilm_prune_50_prunes_heads_and_ffn(minilm):
     h = res["last_hidden_state"] if isinstance(res, dict) else res[0]
     assert h.shape == model(**kw).last_hidden_state.shape
     assert state_hash(model) == before
+
+
+def channel_shuffle(x, g=2):
+    n, c, h, w = x.shape
+    return x.view(n, g, c // g, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class ShuffleNetLike(nn.Module):
+    """ShuffleNetV2's two block kinds: two branches concatenated then shuffled, and chunk -> one
+    half passes through, the other through a depthwise branch -> concatenated -> shuffled."""
+
+    def __init__(self):
+        super().__init__()
+
+        def cbr(cin, cout, groups=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, 1 if groups == 1 else 3, padding=0 if groups == 1 else 1,
+                                           groups=groups), nn.BatchNorm2d(cout), nn.ReLU())
+        self.stem = cbr(3, 8)
+        self.b1, self.b2 = cbr(8, 4), cbr(8, 4)
+        self.dw = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4))
+        self.pw = cbr(4, 4)
+        self.head = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = channel_shuffle(torch.cat([self.b1(x), self.b2(x)], 1))
+        x1, x2 = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat([x1, self.pw(self.dw(x2))], 1))
+        return self.head(x).mean(dim=(2, 3))
+
+
+def test_channel_shuffle_and_chunk_prune_exactly():
+    """Even channels of every producer carry nothing (zero rows, batch norms map 0 to 0): pruning
+    must drop exactly those, route the kept ones as before and match the original output."""
+    torch.manual_seed(0)
+    model = ShuffleNetLike().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d) and m is not model.head:
+                m.weight[::2] = 0
+                m.bias[::2] = 0
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 6, 6)
+    out, rec = prune(model, x)
+    w = widths(out)
+    assert w["stem_0_conv2d"][0] == 4 and w["b1_0_conv2d"] == (2, 4, 1, 1) and w["b2_0_conv2d"][0] == 2
+    assert w["dw_0_conv2d"] == (2, 1, 3, 3) and w["pw_0_conv2d"] == (2, 2, 1, 1) and w["head_conv2d"] == (6, 4, 1, 1)
+    assert rec.info["groups_pruned"] == 4
+    targets = {n.target for n in out.graph.nodes}
+    assert torch.ops.aten.split_with_sizes.default in targets and torch.ops.aten.index_select.default in targets
+    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_split_parts_read_elementwise_together_are_kept_whole():
+    class Glu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            p, q = self.a(x).chunk(2, dim=1)
+            return self.b(p * torch.sigmoid(q)).mean(dim=(2, 3))
+    groups = channel_groups(fxopt.trace(Glu().eval(), torch.randn(1, 3, 4, 4)))
+    (g,) = [g for g in groups if g.size == 8]
+    assert not g.prunable and any("split" in r for r in g.reasons)
+
+
+def test_uneven_split_keeps_every_part_non_empty():
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(2, 4, 1), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            p, q = torch.split(self.a(x), [2, 6], dim=1)
+            return (self.b(p) + self.c(q)).mean(dim=(2, 3))
+    model = Split().eval()
+    with torch.no_grad():
+        model.a.weight[:2] *= 1e-3    # the 2-channel part is least important: it still keeps one
+    out, _ = prune(model, torch.randn(2, 3, 4, 4))
+    w = widths(out)
+    assert w["a_conv2d"][0] == 4 and w["b_conv2d"][1] == 1 and w["c_conv2d"][1] == 3
