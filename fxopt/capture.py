@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
+from .capture_rewrites import ExportFriendly
 from .dialect import op_name
 from .errors import InputError, TraceError
 
@@ -177,15 +178,18 @@ def _readable_names(gm: fx.GraphModule) -> None:
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dyn: Any) -> Any:
     """torch.export, then functionalize. Sizes of 1 in dynamic dimensions are not
     specialized (``backed_size_oblivious``) so a batch-1 example still gives a
-    batch-polymorphic graph; if that setting trips the model, export again without it."""
+    batch-polymorphic graph; if that setting trips the model, export again without it.
+    Library calls that would pin the batch size run as their export-friendly
+    equivalents (:mod:`fxopt.capture_rewrites`)."""
     if dyn is not None:
         try:
-            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            with torch.fx.experimental._config.patch(backed_size_oblivious=True), ExportFriendly():
                 return torch.export.export(model, args, kwargs, dynamic_shapes=dyn,
                                            strict=False).run_decompositions({})
         except Exception:  # noqa: BLE001 - retried below; that error is the one reported
             pass
-    return torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False).run_decompositions({})
+    with ExportFriendly():
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False).run_decompositions({})
 
 
 class InputGuard(torch.nn.Module):

@@ -1,6 +1,7 @@
 """Helpers shared by rewrite passes: new parameters, node arguments, removing dead weights."""
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ import torch.fx as fx
 from .dialect import arg, get_attr_tensor, is_impure
 from .graph_utils import remove_unused_attributes
 
-__all__ = ["add_param", "attr_tensor", "arg", "erase_dead", "copy_meta"]
+__all__ = ["add_param", "attr_tensor", "arg", "erase_dead", "copy_meta", "unpack_split_params"]
 
 
 def attr_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
@@ -50,3 +51,36 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
     for k in ("nn_module_stack", "stack_trace"):
         if k in src.meta:
             dst.meta[k] = src.meta[k]
+
+
+def unpack_split_params(gm: fx.GraphModule) -> int:
+    """Give every part of a packed weight its own attribute; returns how many weights were unpacked.
+
+    A parameter read only through ``split`` along dim 0 (``nn.MultiheadAttention``'s
+    ``in_proj_weight`` / ``in_proj_bias``, chunked into Q, K and V) becomes one parameter
+    per part, so passes can rewrite each projection alone (pruning its heads, say).
+    Values are unchanged; parts keep the original's ``requires_grad``.
+    """
+    splits = (torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default)
+    done = 0
+    for node in list(gm.graph.nodes):
+        t = attr_tensor(gm, node)
+        if t is None or not node.users or not all(
+                u.target in splits and u.args[0] is node and (u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0))
+                % max(t.dim(), 1) == 0 and all(g.target is operator.getitem for g in u.users) for u in node.users):
+            continue
+        grad = isinstance(t, torch.nn.Parameter) and t.requires_grad
+        for split in list(node.users):
+            parts = torch.split(t.detach(), split.args[1], dim=0)
+            for item in list(split.users):
+                new = add_param(gm, f"{node.target.replace('.', '_')}_{item.args[1]}", parts[item.args[1]],
+                                item, grad)
+                item.replace_all_uses_with(new)
+                gm.graph.erase_node(item)
+            gm.graph.erase_node(split)
+        gm.graph.erase_node(node)
+        done += 1
+    if done:
+        remove_unused_attributes(gm)
+        gm.recompile()
+    return done

@@ -41,7 +41,7 @@ from fxopt.dialect import module_path
 from fxopt.errors import PipelineError
 from fxopt.meta import propagate_meta
 from fxopt.pass_base import Pass, PassContext, PassResult, register_pass
-from fxopt.rewrite_utils import add_param, arg, attr_tensor, erase_dead
+from fxopt.rewrite_utils import add_param, arg, attr_tensor, erase_dead, unpack_split_params
 
 from .channel_layouts import layout_mask
 from .dependency import ChannelGroup, channel_groups
@@ -304,6 +304,9 @@ class StructuredPrunePass(Pass):
         pruned, kept = {}, []
         decided: dict[int, torch.Tensor] = {}
         readers: dict[tuple, list] = {}   # (node, kind) -> layout, for readers of concatenations
+        unpacked = unpack_split_params(gm)   # packed Q/K/V weights: one parameter per projection
+        if unpacked:
+            propagate_meta(gm)
         groups = channel_groups(gm)
         grads = taylor_gradients(gm, ctx, [g for g in groups if g.prunable]) if c.importance == "taylor" else None
         for g in groups:
@@ -311,7 +314,7 @@ class StructuredPrunePass(Pass):
                 if kind in ("seg_in", "seg_bn", "seg_dw", "seg_flatten", "split", "shuffle"):
                     readers[(n, kind)] = extra
         for g in groups:
-            names = [module_path(p) or p.name for p in g.producers]
+            names = list(dict.fromkeys(module_path(p) or p.name for p in g.producers))
             if not g.prunable or any(fnmatch.fnmatch(nm, pat) for nm in names for pat in c.ignore):
                 kept.append(g.describe())
                 continue
@@ -331,7 +334,7 @@ class StructuredPrunePass(Pass):
         for (n, kind), layout in readers.items():
             apply_layout(gm, n, kind, layout, decided)
         if not pruned:
-            return PassResult(False, frozenset(), {"kept": kept})
+            return PassResult(bool(unpacked), frozenset(), {"kept": kept, "unpacked": unpacked})
         for n in gm.graph.nodes:  # shapes changed downstream: recompute every fake value
             if n.op in ("call_function", "get_attr"):
                 n.meta.pop("val", None)

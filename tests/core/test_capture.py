@@ -129,3 +129,99 @@ def test_trace_leaves_the_inputs_alone():
     fxopt.trace(MLP(), (x,))
     assert torch.equal(x, before)
     assert not getattr(x, "_dynamo_dynamic_indices", None)  # export did not tag the user's tensor
+
+
+class Attn(torch.nn.Module):
+    def __init__(self, batch_first=True, **kw):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first, **kw)
+
+    def forward(self, x, kv, **kw):
+        return self.mha(x, kv, kv, **kw)
+
+
+MHA_CASES = [
+    ({}, {"need_weights": False}),
+    ({}, {}),                                                 # averaged weights returned
+    ({"batch_first": False}, {"average_attn_weights": False}),
+    ({"bias": False, "kdim": 8, "vdim": 12}, {"need_weights": False}),   # separate projection weights
+    ({}, {"need_weights": False, "key_padding_mask": "kpm"}),
+    ({}, {"attn_mask": "bool2d"}),
+    ({}, {"need_weights": False, "attn_mask": "float3d"}),
+    ({}, {"need_weights": False, "attn_mask": "causal", "is_causal": True}),
+]
+
+
+@pytest.mark.parametrize("ctor,call", [c for c in MHA_CASES if c[0].get("batch_first", True) and
+                                       c[1].get("key_padding_mask") is None and c[1].get("attn_mask") != "float3d"])
+def test_multihead_attention_captures_batch_polymorphic_and_exact(ctor, call):
+    """nn.MultiheadAttention is captured through fxopt's batch-first equivalent: the graph
+    matches the module at other batch sizes, including 1 (plain export pins it)."""
+    torch.manual_seed(0)
+    model = Attn(**ctor).eval()
+    kdim = ctor.get("kdim", 16)
+
+    def inputs(b):
+        bf = ctor.get("batch_first", True)
+        x = torch.randn(b, 5, 16) if bf else torch.randn(5, b, 16)
+        kv = torch.randn(b, 6, kdim) if bf else torch.randn(6, b, kdim)
+        kw = dict(call)
+        masks = {"kpm": torch.arange(6).expand(b, 6) >= 4, "bool2d": torch.rand(5, 6) > 0.7,
+                 "float3d": torch.randn(b * 4, 5, 6), "causal": torch.rand(5, 6) > 2}
+        for k, v in kw.items():
+            if isinstance(v, str):
+                kw[k] = masks[v]
+        if ctor.get("vdim"):
+            kv = (kv, torch.randn(kv.shape[:-1] + (ctor["vdim"],)))
+        return x, kv, kw
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m, kw):
+            super().__init__()
+            self.m, self.kw = m, kw
+
+        def forward(self, x, k, v):
+            return self.m.mha(x, k, v, **self.kw)
+
+    x, kv, kw = inputs(2)
+    k, v = kv if isinstance(kv, tuple) else (kv, kv)
+    wrapped = Wrap(model, kw)
+    gm = fxopt.trace(wrapped, (x, k, v))
+    for b in (1, 3):
+        xb, kvb, _ = inputs(b)
+        kb, vb = kvb if isinstance(kvb, tuple) else (kvb, kvb)
+        got, want = gm(xb, kb, vb), wrapped(xb, kb, vb)
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        if want[1] is not None:
+            torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ctor,call", MHA_CASES)
+def test_batch_first_attention_equals_torch_function(ctor, call):
+    """fxopt's equivalent against F.multi_head_attention_forward, masks included."""
+    from fxopt.capture_rewrites import ExportFriendly
+    torch.manual_seed(0)
+    model = Attn(**ctor).eval()
+    b, kdim = 3, ctor.get("kdim", 16)
+    bf = ctor.get("batch_first", True)
+    x = torch.randn(b, 5, 16) if bf else torch.randn(5, b, 16)
+    k = torch.randn(b, 6, kdim) if bf else torch.randn(6, b, kdim)
+    v = torch.randn(k.shape[:-1] + (ctor.get("vdim", kdim),))
+    masks = {"kpm": torch.arange(6).expand(b, 6) >= 4, "bool2d": torch.rand(5, 6) > 0.7,
+             "float3d": torch.randn(b * 4, 5, 6), "causal": torch.ones(5, 6).triu(1).bool()}
+    kw = {n: masks[t] if isinstance(t, str) else t for n, t in call.items()}
+    want = model.mha(x, k, v, **kw)
+    with ExportFriendly():
+        got = model.mha(x, k, v, **kw)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    assert (got[1] is None) == (want[1] is None)
+    if want[1] is not None:
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_vit_and_swin_run_at_any_batch_size(torchvision_models):
+    for name in ("vit_b_16", "swin_t"):
+        model = getattr(torchvision_models, name)().eval()
+        gm = fxopt.trace(model, (torch.randn(2, 3, 224, 224),))
+        x = torch.randn(1, 3, 224, 224)
+        torch.testing.assert_close(gm(x), model(x), atol=1e-4, rtol=1e-4)

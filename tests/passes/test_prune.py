@@ -436,3 +436,37 @@ def test_uneven_split_keeps_every_part_non_empty():
     out, _ = prune(model, torch.randn(2, 3, 4, 4))
     w = widths(out)
     assert w["a_conv2d"][0] == 4 and w["b_conv2d"][1] == 1 and w["c_conv2d"][1] == 3
+
+
+class TorchAttentionBlock(nn.Module):
+    """ViT-style: nn.MultiheadAttention (packed in_proj_weight) in a pre-norm residual block."""
+
+    def __init__(self, e=16, h=4):
+        super().__init__()
+        self.ln = nn.LayerNorm(e)
+        self.attn = nn.MultiheadAttention(e, h, batch_first=True)
+        self.head = nn.Linear(e, 3)
+
+    def forward(self, x):
+        y = self.ln(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return self.head(x.mean(1))
+
+
+def test_packed_qkv_attention_heads_are_pruned_whole():
+    torch.manual_seed(0)
+    model = TorchAttentionBlock().eval()
+    with torch.no_grad():  # heads 0 and 2 contribute nothing (in Q, K and V): removing them is exact
+        for part in range(3):
+            for h in (0, 2):
+                rows = slice(part * 16 + h * 4, part * 16 + (h + 1) * 4)
+                model.attn.in_proj_weight[rows] = 0
+                model.attn.in_proj_bias[rows] = 0
+    x = torch.randn(2, 5, 16)
+    out, rec = prune(model, x)
+    assert rec.info["channels"] == {"attn": "4->2"}
+    shapes = sorted(tuple(p.shape) for n, p in out.named_parameters() if "in_proj" in n)
+    assert shapes == [(8,)] * 3 + [(8, 16)] * 3
+    assert widths(out)["attn_linear_3"] == (16, 8)          # the output projection reads 2 heads
+    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+    assert model.attn.in_proj_weight.shape == (48, 16)       # the user's model keeps its heads

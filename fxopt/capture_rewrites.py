@@ -1,0 +1,112 @@
+"""Export-friendly equivalents used while capturing (a ``TorchFunctionMode``).
+
+Some library code is correct eagerly but makes ``torch.export`` specialize the batch
+size, so a graph captured at batch 2 rejects batch 1 (or the reverse):
+
+* ``nn.MultiheadAttention`` with ``batch_first=True`` transposes its inputs to
+  sequence-first and runs ``linear`` on the transposed view; the matmul's stride checks
+  add a ``batch != 1`` guard (torchvision's ViT). :func:`multi_head_attention` computes
+  the same attention batch-first: separate Q/K/V projections of the contiguous input,
+  heads by ``view``/``transpose``, ``scaled_dot_product_attention`` (or an explicit
+  softmax when the weights are asked for), then the output projection. Its heads are
+  the pattern the ``prune`` pass prunes whole.
+* ``adaptive_avg_pool2d(x, 1)`` on a channels-last-strided tensor picks an output memory
+  format by its strides, which adds a ``batch > 1`` guard (torchvision's Swin). A mean
+  over the spatial dims is the same value.
+
+Only calls these rewrites fully support are changed (anything else runs the original);
+the results match the originals up to float rounding (``tests/core/test_capture.py``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["ExportFriendly", "multi_head_attention"]
+
+_POOLS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
+
+
+def _float_mask(mask: Any, dtype: torch.dtype) -> Any:
+    if mask is None or mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+
+
+def multi_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, embed_dim_to_check: int,
+                         num_heads: int, in_proj_weight: Any, in_proj_bias: Any, bias_k: Any, bias_v: Any,
+                         add_zero_attn: bool, dropout_p: float, out_proj_weight: torch.Tensor, out_proj_bias: Any,
+                         training: bool = True, key_padding_mask: Any = None, need_weights: bool = True,
+                         attn_mask: Any = None, use_separate_proj_weight: bool = False, q_proj_weight: Any = None,
+                         k_proj_weight: Any = None, v_proj_weight: Any = None, static_k: Any = None,
+                         static_v: Any = None, average_attn_weights: bool = True, is_causal: bool = False) -> Any:
+    """``F.multi_head_attention_forward`` computed batch-first (same arguments, same results).
+
+    Returns ``NotImplemented`` for what it does not cover (unbatched inputs, ``bias_k``/``bias_v``,
+    ``add_zero_attn``, static keys); the caller then runs the original.
+    """
+    if query.dim() != 3 or bias_k is not None or bias_v is not None or add_zero_attn or \
+            static_k is not None or static_v is not None or embed_dim_to_check != query.shape[-1]:
+        return NotImplemented
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                           "module method `generate_square_subsequent_mask` to create this mask.")
+    q_in, k_in, v_in = (t.transpose(0, 1) for t in (query, key, value))   # [B, L, E]: contiguous again
+    bsz, tgt, embed = q_in.shape
+    src = k_in.shape[1]
+    head_dim = embed // num_heads
+    if use_separate_proj_weight:
+        wq, wk, wv = q_proj_weight, k_proj_weight, v_proj_weight
+    else:
+        wq, wk, wv = in_proj_weight.chunk(3)
+    bq, bk, bv = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+
+    def heads(x: torch.Tensor, w: torch.Tensor, b: Any, n: int) -> torch.Tensor:
+        return F.linear(x, w, b).view(bsz, n, num_heads, head_dim).transpose(1, 2)
+    q, k, v = heads(q_in, wq, bq, tgt), heads(k_in, wk, bk, src), heads(v_in, wv, bv, src)
+    causal = bool(is_causal) and key_padding_mask is None and not need_weights
+    mask = None
+    if not causal:
+        am = _float_mask(attn_mask, q.dtype)
+        if am is not None:
+            mask = am.view(1, 1, tgt, src) if am.dim() == 2 else am.view(bsz, num_heads, tgt, src)
+        kpm = _float_mask(key_padding_mask, q.dtype)
+        if kpm is not None:
+            kpm = kpm.view(bsz, 1, 1, src)
+            mask = kpm if mask is None else mask + kpm
+    p = dropout_p if training else 0.0
+    weights = None
+    if need_weights:
+        scores = torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-2, -1))
+        if mask is not None:
+            scores = scores + mask
+        attn = torch.softmax(scores, dim=-1)
+        attn = F.dropout(attn, p) if p > 0 else attn
+        weights = attn.mean(dim=1) if average_attn_weights else attn
+        out = torch.matmul(attn, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+    out = F.linear(out.transpose(1, 2).reshape(bsz, tgt, embed), out_proj_weight, out_proj_bias)
+    return out.transpose(0, 1), weights
+
+
+class ExportFriendly(TorchFunctionMode):
+    """Active while fxopt captures a model: routes the calls above to their equivalents."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            out = multi_head_attention(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        elif func in _POOLS and args:
+            size = args[1] if len(args) > 1 else kwargs.get("output_size")
+            n = _POOLS[func]
+            if (size == 1 or (isinstance(size, (tuple, list)) and list(size) == [1] * n)) and \
+                    isinstance(args[0], torch.Tensor) and args[0].dim() >= n + 1:
+                return args[0].mean(dim=tuple(range(-n, 0)), keepdim=True)
+        return func(*args, **kwargs)
