@@ -10,9 +10,10 @@ size, so a graph captured at batch 2 rejects batch 1 (or the reverse):
   heads by ``view``/``transpose``, ``scaled_dot_product_attention`` (or an explicit
   softmax when the weights are asked for), then the output projection. Its heads are
   the pattern the ``prune`` pass prunes whole.
-* ``adaptive_avg_pool2d(x, 1)`` on a channels-last-strided tensor picks an output memory
-  format by its strides, which adds a ``batch > 1`` guard (torchvision's Swin). A mean
-  over the spatial dims is the same value.
+* ``adaptive_avg_pool2d(x, 1)`` on a permuted (channels-last-strided) tensor picks an
+  output memory format by its strides, which adds a ``batch > 1`` guard (torchvision's
+  Swin). There, a mean over the spatial dims is the same value; contiguous inputs keep
+  the pooling op.
 
 Only calls these rewrites fully support are changed (anything else runs the original);
 the results match the originals up to float rounding (``tests/core/test_capture.py``).
@@ -106,7 +107,9 @@ class ExportFriendly(TorchFunctionMode):
         elif func in _POOLS and args:
             size = args[1] if len(args) > 1 else kwargs.get("output_size")
             n = _POOLS[func]
+            x = args[0]
             if (size == 1 or (isinstance(size, (tuple, list)) and list(size) == [1] * n)) and \
-                    isinstance(args[0], torch.Tensor) and args[0].dim() >= n + 1:
-                return args[0].mean(dim=tuple(range(-n, 0)), keepdim=True)
+                    isinstance(x, torch.Tensor) and x.dim() >= n + 1 and isinstance(x.stride(-1), int) and \
+                    x.stride(-1) != 1:   # only permuted inputs: contiguous ones export fine
+                return x.mean(dim=tuple(range(-n, 0)), keepdim=True)
         return func(*args, **kwargs)

@@ -43,6 +43,7 @@ _COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
 _SEG_THROUGH = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clone.default,
                 aten.dropout.default, aten.contiguous.default, aten.alias.default} | POOL
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 
 
 def _val(n: Any) -> Any:
@@ -209,6 +210,10 @@ def through_concat(node: fx.Node, segs: dict, seg_member: Any, mark: Any) -> boo
             len(node.all_input_nodes) == 1 and isinstance(ov, torch.Tensor) and tuple(ov.shape) == tuple(xv.shape)
         if (t in _SEG_THROUGH and (t not in POOL or cdim == 1)) or pointwise:
             segs[node] = segs[x]
+            return True
+        if t in _REDUCE and cdim == 1 and isinstance(ov, torch.Tensor) and \
+                all(d % xv.dim() > cdim for d in node.args[1]):
+            segs[node] = segs[x]     # a mean over the spatial dims (global pooling)
             return True
         if t in _VIEWS | {aten.flatten.using_ints} and cdim == 1 and isinstance(ov, torch.Tensor) and \
                 ov.dim() == 2 and all(size_expr(d) == 1 for d in xv.shape[2:]) and \

@@ -17,6 +17,12 @@ mean squared output; the example inputs when no data is given). Channel counts c
 (``round_to=8``) for fast kernels. Groups whose producers match ``ignore`` are kept, and
 so are the ones that reach the model outputs (the classifier keeps its classes).
 
+How many channels go: ``ratio`` of every group (``scope=local``, the default), or with
+``scope=global`` the ``ratio`` least important channels of the whole model, each score
+relative to its group's mean, at most ``max_ratio`` (0.9) of any one group. Per-layer
+ratios override either: ``ratios=['layer4.*=0.7', 'layer1.*=0.2']`` (module-path globs
+of the producers; first match wins).
+
 Concatenations (DenseNet, Inception) prune per input: readers of a concatenation are
 sliced at each segment's offset after every group is decided. Splits/chunks get their
 part sizes rewritten (a space divided between parts keeps the same fraction in each), and
@@ -177,6 +183,28 @@ def _balanced_topk(scores: torch.Tensor, k: int, cuts: list[int]) -> torch.Tenso
     return torch.sort(torch.cat(picks)).values
 
 
+def _global_counts(todo: list, c: "StructuredPrunePass.Config") -> dict[int, int]:
+    """``scope=global``: how many channels each group keeps when the ``ratio`` least important
+    channels of the whole model go (scores relative to their group's mean; at most ``max_ratio``
+    of any group). Groups with a per-layer ``ratios`` entry are left out of the pool."""
+    pool = [(g, s / s.mean().clamp_min(1e-12)) for g, names, s in todo if c.ratio_for(names) is None]
+    if not pool:
+        return {}
+    flat = torch.cat([s for _, s in pool])
+    owner = torch.cat([torch.full((g.size,), i) for i, (g, _) in enumerate(pool)])
+    removed = [0] * len(pool)
+    cap = [min(int(c.max_ratio * g.size), g.size - c.min_channels) for g, _ in pool]
+    budget = int(c.ratio * flat.numel())
+    for i in torch.argsort(flat, stable=True).tolist():
+        if budget == 0:
+            break
+        o = int(owner[i])
+        if removed[o] < cap[o]:
+            removed[o] += 1
+            budget -= 1
+    return {id(g): g.size - removed[i] for i, (g, _) in enumerate(pool)}
+
+
 def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None:
     k = len(keep)
     for kind, n, extra in g.members:
@@ -290,14 +318,39 @@ class StructuredPrunePass(Pass):
         round_to: int = 1
         min_channels: int = 1
         ignore: tuple = ()
+        ratios: tuple = ()
+        scope: str = "local"
+        max_ratio: float = 0.9
 
         def __post_init__(self) -> None:
             if not 0 <= self.ratio < 1:
                 raise PipelineError(f"prune: ratio must be in [0, 1), got {self.ratio}")
             if self.importance not in ("l1", "l2", "bn", "taylor"):
                 raise PipelineError(f"prune: importance must be l1, l2, bn or taylor, got {self.importance!r}")
-            if isinstance(self.ignore, str):
-                object.__setattr__(self, "ignore", (self.ignore,))
+            if self.scope not in ("local", "global"):
+                raise PipelineError(f"prune: scope must be local or global, got {self.scope!r}")
+            if not 0 < self.max_ratio < 1:
+                raise PipelineError(f"prune: max_ratio must be in (0, 1), got {self.max_ratio}")
+            for f in ("ignore", "ratios"):
+                if isinstance(getattr(self, f), str):
+                    object.__setattr__(self, f, tuple(x for x in getattr(self, f).split(",") if x))
+            for item in self.ratios:
+                glob, eq, r = str(item).rpartition("=")
+                try:
+                    ok = bool(eq and glob) and 0 <= float(r) < 1
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise PipelineError(f"prune: ratios entry {item!r} must read 'GLOB=RATIO' with RATIO in "
+                                        "[0, 1), e.g. ratios=['layer4.*=0.7', 'layer1.*=0.2']")
+
+        def ratio_for(self, names: list[str]) -> float | None:
+            """The per-layer ratio of the first ``ratios`` glob matching a producer, or None."""
+            for item in self.ratios:
+                glob, _, r = str(item).rpartition("=")
+                if any(fnmatch.fnmatch(nm, glob) for nm in names):
+                    return float(r)
+            return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         c = self.config
@@ -313,12 +366,19 @@ class StructuredPrunePass(Pass):
             for kind, n, extra in g.members:
                 if kind in ("seg_in", "seg_bn", "seg_dw", "seg_flatten", "split", "shuffle"):
                     readers[(n, kind)] = extra
+        todo = []
         for g in groups:
             names = list(dict.fromkeys(module_path(p) or p.name for p in g.producers))
             if not g.prunable or any(fnmatch.fnmatch(nm, pat) for nm in names for pat in c.ignore):
                 kept.append(g.describe())
                 continue
-            k = max(c.min_channels, g.size - int(c.ratio * g.size))
+            todo.append((g, names, group_importance(gm, g, c.importance, grads)))
+        targets = _global_counts(todo, c) if c.scope == "global" else {}
+        for g, names, scores in todo:
+            r = c.ratio_for(names)
+            k = targets.get(id(g)) if r is None and id(g) in targets else \
+                g.size - int((c.ratio if r is None else r) * g.size)
+            k = max(c.min_channels, k)
             if c.round_to > 1:
                 k = min(g.size, -(-k // c.round_to) * c.round_to)
             blocks = g.blocks
@@ -326,7 +386,6 @@ class StructuredPrunePass(Pass):
                 k = min(g.size, max(blocks, -(-k // blocks) * blocks))
             if k >= g.size:
                 continue
-            scores = group_importance(gm, g, c.importance, grads)
             keep = _balanced_topk(scores, k, g.cuts)
             apply_group(gm, g, keep)
             decided[id(g)] = keep

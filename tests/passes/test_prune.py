@@ -470,3 +470,32 @@ def test_packed_qkv_attention_heads_are_pruned_whole():
     assert widths(out)["attn_linear_3"] == (16, 8)          # the output projection reads 2 heads
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
     assert model.attn.in_proj_weight.shape == (48, 16)       # the user's model keeps its heads
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x))))).mean(dim=(2, 3))
+
+
+def test_per_layer_ratios_and_global_scope():
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    with torch.no_grad():  # a: 12 tiny rows; b: all rows alike
+        model.a.weight[4:] *= 1e-3
+        model.b.weight.copy_(torch.ones(16, 16, 1, 1) + 0.01 * torch.randn(16, 16, 1, 1))
+    x = torch.randn(2, 3, 4, 4)
+    out, _ = prune(model, x, "prune(ratio=0.5,ratios=['b=0.25'])")
+    w = widths(out)
+    assert w["a_conv2d"][0] == 8 and w["b_conv2d"][0] == 12
+    out, _ = prune(model, x, "prune(ratio=0.5,scope=global)")
+    w = widths(out)
+    assert w["a_conv2d"][0] == 4 and w["b_conv2d"][0] == 12   # the 16 channels that go are mostly a's
+    out, _ = prune(model, x, "prune(ratio=0.5,scope=global,max_ratio=0.5)")
+    assert widths(out)["a_conv2d"][0] == 8                     # capped at half of a
+    for bad in ("prune(scope=everywhere)", "prune(ratios=['b'])", "prune(ratios=['b=1.5'])", "prune(max_ratio=1)"):
+        with pytest.raises(fxopt.PipelineError):
+            fxopt.parse_pipeline(bad)
