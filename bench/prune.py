@@ -1,12 +1,15 @@
-"""Pruning and sparsity benchmark (work in progress: see the issue note).
+"""Pruning and sparsity benchmark.
 
-    python bench/prune.py [--repeats 20]
+    python bench/prune.py [--repeats 20] [--section a ... --section f]
 
 Sections:
   (a) structured 50% pruning of DemoNet(width=32) trained on digits, fxopt prune-50 vs Torch-Pruning
       (MagnitudePruner, L1, ratio 0.5, classifier ignored), both fine-tuned the same way;
   (b) ResNet-50 at 224x224 (random init): parameters, FLOPs and CPU latency after 50% pruning;
-  (e) prune-50 across torchvision architectures: parameter ratio, groups pruned/kept, runs;
+  (e) prune-50 across torchvision architectures and Hugging Face BERTs: parameter ratio,
+      groups pruned/kept, whether the pruned model runs at batch 1 and 7;
+  (f) prune-50 CPU latency and FLOPs against eager on eight architectures at 224x224, with the
+      goal "latency falls at least by the square root of the FLOP reduction";
   (c) weight sparsity on a residual CNN with batch norm trained on scikit-learn's digits:
       accuracy dense, after pruning, and after a short fine-tune (fxopt.finetune keeps the zeros);
   (d) CPU sparse matmul (torch.sparse CSR) against dense linear at several sparsities, to see
@@ -135,6 +138,33 @@ def resnet_rows(repeats):
     return rows
 
 
+def latency_rows(repeats):
+    """prune-50 at 224x224, batch 1: FLOPs and CPU latency against eager, and the issue's goal
+    (latency falls at least by the square root of the FLOP reduction)."""
+    import torchvision
+    from fxopt.passes.cost import CostAnalysis
+    rows = []
+    x = torch.randn(1, 3, 224, 224)
+
+    def flops(m):
+        gm = m if isinstance(m, torch.fx.GraphModule) else fxopt.trace(m, (x,), dynamic=False)
+        c = CostAnalysis().run(gm)
+        return c.at(**{k: 1 for k in c.symbols})["flops"]
+    for name in ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0", "densenet121",
+                 "regnet_y_400mf", "vit_b_16", "swin_t"):
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)().eval()
+        ours = fxopt.compile(model, (x,), recipe="prune-50")
+        ms = interleaved_ms({"eager": lambda: model(x), "pruned": lambda: ours(x)}, repeats)
+        f0, f1 = flops(model), flops(ours)
+        speed, need = ms["eager"] / ms["pruned"], (f0 / f1) ** 0.5
+        rows.append({"model": name, "params ratio": f"{_params(ours) / _params(model):.2f}",
+                     "GFLOPs": f"{f0 / 1e9:.2f} -> {f1 / 1e9:.2f}", "eager ms": f"{ms['eager']:.1f}",
+                     "pruned ms": f"{ms['pruned']:.1f}", "speedup": f"{speed:.2f}x",
+                     "sqrt(FLOP ratio)": f"{need:.2f}x", "goal met": "yes" if speed >= need else "no"})
+    return rows
+
+
 def zoo_rows():
     import torchvision
     rows = []
@@ -215,10 +245,10 @@ def sparse_matmul_rows(repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--section", choices=list("abcde"), action="append",
+    ap.add_argument("--section", choices=list("abcdef"), action="append",
                     help="run only these sections (repeatable; default: all)")
     ns = ap.parse_args()
-    want = set(ns.section or "abcde")
+    want = set(ns.section or "abcdef")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {ns.repeats}\n")
     if "a" in want:
         print("(a) structured pruning, DemoNet(width=32) trained 8 epochs on digits, 397 held-out images; "
@@ -231,6 +261,9 @@ def main():
         print("\n(e) prune-50 across torchvision architectures (random init, 64x64 example; 96x96 for inception, "
               "224x224 for the transformers)\n")
         print(table(zoo_rows()))
+    if "f" in want:
+        print("\n(f) prune-50 latency, 1x3x224x224, random init, interleaved timing (eager vs pruned)\n")
+        print(table(latency_rows(ns.repeats)))
     if "c" in want:
         print("\n(c) weight sparsity, DemoNet(width=32) trained 8 epochs on digits, 397 held-out images; "
               "pruned layers still run dense kernels (no sparse lowering yet), so latency differences are "

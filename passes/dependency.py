@@ -12,6 +12,8 @@ producers added to it. This analysis finds those groups with a union-find over
 * a binary elementwise op joins the spaces of its two inputs (residual adds, SE gates);
 * a depthwise convolution carries its input space to its output (and must shrink with it);
   so does a grouped ``C -> C`` convolution (ResNeXt), whose groups then lose channels equally;
+  a grouped conv that changes the channel count opens its own space, and both its input and
+  output spaces keep the same number of channels in every group;
 * conv/linear inputs, norm parameters and flatten sizes are recorded as consumers.
 
 Concatenations, splits/chunks and channel shuffles do not join spaces: their outputs are
@@ -97,7 +99,7 @@ class ChannelGroup:
         import math
         b = 1
         for kind, _, extra in self.members:
-            if kind == "gconv":
+            if kind in ("gconv", "gin", "gout"):
                 b = b * extra // math.gcd(b, extra)
         return b
 
@@ -110,7 +112,7 @@ class ChannelGroup:
         """
         cuts = {0, self.size}
         for kind, node, extra in self.members:
-            if kind == "gconv":
+            if kind in ("gconv", "gin", "gout"):
                 cuts |= set(range(0, self.size, self.size // extra))
             elif kind == "split":
                 owners = []
@@ -231,14 +233,17 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
                     uf.group(sid).members.append(("gconv", node, groups))
                     space[node] = (sid, 1, 1)
                     continue
+                elif factor == 1 and int(w.shape[1]) * groups == uf.group(sid).size:
+                    # grouped C_in -> C_out conv: inputs kept equally per group, columns gathered per group
+                    uf.group(sid).members.append(("gin", node, groups))
                 else:
                     mark(x, f"grouped conv {node.name}")
-            if groups != 1 and x not in space:
-                continue
-            if groups == 1 and isinstance(out, torch.Tensor):
+            if isinstance(out, torch.Tensor):
                 sid = uf.new(int(w.shape[0]))
                 uf.group(sid).producers.append(node)
                 uf.group(sid).members.append(("out", node, 1))
+                if groups > 1:   # its output rows come in groups too: keep the same number in each
+                    uf.group(sid).members.append(("gout", node, groups))
                 space[node] = (sid, 1 if is_conv(node) else out.dim() - 1, 1)
             continue
         if not ins:

@@ -27,11 +27,12 @@ Concatenations (DenseNet, Inception) prune per input: readers of a concatenation
 sliced at each segment's offset after every group is decided. Splits/chunks get their
 part sizes rewritten (a space divided between parts keeps the same fraction in each), and
 channel shuffles become an ``index_select`` of the kept channels (ShuffleNet). Not yet
-handled (their groups are left whole and named in the analysis): grouped convolutions
-that change the channel count, packed QKV projections (PyTorch's ``nn.MultiheadAttention``,
-Swin). Attention heads of separate Q/K/V projections (BERT) are pruned whole: head counts
-in the views are rewritten. Grouped ``C -> C`` convolutions (ResNeXt, RegNet) keep the
-same number of channels in every group.
+handled (their groups are left whole and named in the analysis): Swin's packed QKV
+attention (per-head position-bias tables, window views). Attention heads of separate
+Q/K/V projections (BERT) and of ``nn.MultiheadAttention`` (ViT; packed weights are
+unpacked first) are pruned whole: head counts in the views are rewritten. Grouped
+convolutions (ResNeXt, RegNet, ShuffleNet v1) keep the same number of channels in
+every group, on both sides.
 It changes numerics by design; fine-tune with ``fxopt.finetune`` afterwards.
 """
 from __future__ import annotations
@@ -148,21 +149,26 @@ def _slice(gm: fx.GraphModule, node: fx.Node, index: int, dim: int, keep: torch.
     node.args = tuple(args)
 
 
-def _slice_grouped(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, groups: int, size: int) -> None:
-    """A grouped C -> C conv keeps output rows ``keep`` and, in each group, the kept inputs of that group."""
+def _gather_group_inputs(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, groups: int, size: int) -> None:
+    """A grouped conv keeps, for the rows of each group, the kept input channels of that group."""
     src = node.args[1]
     w = attr_tensor(gm, src)
     per_in, per_keep = size // groups, len(keep) // groups
     local = keep.view(groups, per_keep) - (torch.arange(groups) * per_in)[:, None]    # [groups, per_keep]
-    rows = w.detach()[keep]                                                            # [k, C/g, kh, kw]
-    cols = local.repeat_interleave(per_keep, dim=0)                                    # [k, per_keep]
-    new_w = rows.gather(1, cols.reshape(*cols.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:]))
+    cols = local.repeat_interleave(w.shape[0] // groups, dim=0)                       # [rows, per_keep]
+    new_w = w.detach().gather(1, cols.reshape(*cols.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:]))
     new = add_param(gm, f"{src.name}_pruned", new_w, node, isinstance(w, torch.nn.Parameter) and w.requires_grad)
     args = list(node.args)
     args[1] = new
     node.args = tuple(args)
+
+
+def _slice_grouped(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, groups: int, size: int) -> None:
+    """A grouped C -> C conv keeps output rows ``keep`` and, in each group, the kept inputs of that group."""
+    _slice(gm, node, 1, 0, keep, "pruned")
     if arg(node, 2, "bias") is not None:
         _slice(gm, node, 2, 0, keep, "pruned")
+    _gather_group_inputs(gm, node, keep, groups, size)
 
 
 def _balanced_topk(scores: torch.Tensor, k: int, cuts: list[int]) -> torch.Tensor:
@@ -226,6 +232,8 @@ def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None
             _set_groups(n, k)
         elif kind == "gconv":
             _slice_grouped(gm, n, keep, extra, g.size)
+        elif kind == "gin":
+            _gather_group_inputs(gm, n, keep, extra, g.size)
         elif kind == "in":
             idx = keep if extra == 1 else (keep[:, None] * extra + torch.arange(extra)[None, :]).reshape(-1)
             _slice(gm, n, 1, 1, idx, "pruned_in")

@@ -499,3 +499,34 @@ def test_per_layer_ratios_and_global_scope():
     for bad in ("prune(scope=everywhere)", "prune(ratios=['b'])", "prune(ratios=['b=1.5'])", "prune(max_ratio=1)"):
         with pytest.raises(fxopt.PipelineError):
             fxopt.parse_pipeline(bad)
+
+
+def test_grouped_conv_changing_channel_count_prunes_both_sides_per_group():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.g, self.bn = nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.BatchNorm2d(12)
+            self.c = nn.Conv2d(12, 5, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.bn(self.g(torch.relu(self.a(x)))))).mean(dim=(2, 3))
+
+    model = Block().eval()
+    with torch.no_grad():  # a's odd channels (one per group of 2) and g's first row of every group of 3 are silent
+        model.a.weight[1::2] = 0
+        model.a.bias[1::2] = 0
+        model.g.weight[0::3] = 0
+        model.g.bias[0::3] = 0
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.bias.uniform_(-1, 1)
+        model.bn.running_mean[0::3] = 0
+        model.bn.bias[0::3] = 0
+    x = torch.randn(2, 3, 6, 6)
+    out, rec = prune(model, x)
+    w = widths(out)
+    # g: 12 -> 6 rounded up to 8 (2 of 3 per group); a: 8 -> 4 (1 of 2 per group)
+    assert w["a_conv2d"][0] == 4 and w["g_conv2d"] == (8, 1, 3, 3) and w["c_conv2d"][1] == 8
+    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
