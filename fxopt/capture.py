@@ -29,6 +29,7 @@ from torch.export import Dim
 from .capture_rewrites import ExportFriendly
 from .dialect import op_name
 from .errors import InputError, TraceError
+from .rewrite_utils import unpack_split_params
 
 __all__ = ["trace", "normalize_inputs", "dynamic_shapes_for"]
 
@@ -267,6 +268,7 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
     sys.stderr.write(err.getvalue())
     gm = ep.module()
     install_input_guard(gm)
+    unpack_split_params(gm)   # packed Q/K/V weights (nn.MultiheadAttention): one parameter per projection
     _readable_names(gm)
     gm.graph.lint()
     gm.recompile()

@@ -225,3 +225,26 @@ def test_vit_and_swin_run_at_any_batch_size(torchvision_models):
         gm = fxopt.trace(model, (torch.randn(2, 3, 224, 224),))
         x = torch.randn(1, 3, 224, 224)
         torch.testing.assert_close(gm(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_packed_attention_weights_become_one_parameter_per_projection():
+    """in_proj_weight is unpacked at capture, so every pass sees four plain linears."""
+    torch.manual_seed(0)
+    model = Attn().eval()
+    x = torch.randn(2, 5, 16)
+
+    class Self(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = model
+
+        def forward(self, x):
+            return self.a.mha(x, x, x, need_weights=False)[0]
+    m = Self()
+    gm = fxopt.trace(m, (x,))
+    shapes = sorted(tuple(p.shape) for p in gm.parameters())
+    assert shapes == sorted([(16, 16)] * 4 + [(16,)] * 4)
+    assert not any(n.target is torch.ops.aten.split.Tensor for n in gm.graph.nodes)
+    out = fxopt.compile(m, (x,), recipe="int8-dynamic")
+    assert sum(n.target is torch.ops.fxopt.linear_int8_dynamic.default for n in out.graph.nodes) == 4
+    assert model.mha.in_proj_weight.shape == (48, 16)
