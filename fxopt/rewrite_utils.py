@@ -10,7 +10,8 @@ import torch.fx as fx
 from .dialect import arg, get_attr_tensor, is_impure
 from .graph_utils import remove_unused_attributes
 
-__all__ = ["add_param", "attr_tensor", "arg", "erase_dead", "copy_meta", "unpack_split_params"]
+__all__ = ["add_param", "attr_tensor", "arg", "erase_dead", "copy_meta", "unpack_split_params",
+           "unpack_packed_projections"]
 
 
 def attr_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
@@ -79,6 +80,59 @@ def unpack_split_params(gm: fx.GraphModule) -> int:
                 gm.graph.erase_node(item)
             gm.graph.erase_node(split)
         gm.graph.erase_node(node)
+        done += 1
+    if done:
+        remove_unused_attributes(gm)
+        gm.recompile()
+    return done
+
+
+def unpack_packed_projections(gm: fx.GraphModule) -> int:
+    """Split a packed Q/K/V projection into one linear per part; returns how many were split.
+
+    Matches ``linear(x, W[P*E, E]) -> view [..., N, P, H, D] -> permute [2, 0, 3, 1, 4] ->
+    select(0, i)`` (torchvision's Swin: ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)``)
+    and rewrites each ``select`` as ``linear(x, W_i) -> view [..., N, H, D] -> transpose(1, 2)``
+    with ``W_i`` the i-th row block of ``W`` as its own parameter: the same values, in the
+    separate-projection form the head analysis understands.
+    """
+    aten = torch.ops.aten
+    done = 0
+    for lin in list(gm.graph.nodes):
+        if lin.op != "call_function" or lin.target is not aten.linear.default or len(lin.users) != 1:
+            continue
+        view = next(iter(lin.users))
+        w, b = attr_tensor(gm, lin.args[1]), attr_tensor(gm, arg(lin, 2, "bias"))
+        if w is None or view.target not in (aten.view.default, aten.reshape.default) or len(view.users) != 1:
+            continue
+        sizes = list(view.args[1])
+        perm = next(iter(view.users))
+        if len(sizes) != 5 or not isinstance(sizes[2], int) or perm.target is not aten.permute.default or \
+                list(perm.args[1]) != [2, 0, 3, 1, 4] or \
+                not all(u.target is aten.select.int and u.args[1] == 0 for u in perm.users):
+            continue
+        parts = sizes[2]
+        if w.shape[0] % parts:
+            continue
+        rows = w.shape[0] // parts
+        grad = isinstance(w, torch.nn.Parameter) and w.requires_grad
+        for sel in list(perm.users):
+            i = sel.args[2]
+            wi = add_param(gm, f"{lin.args[1].target.replace('.', '_')}_{i}", w.detach()[i * rows:(i + 1) * rows],
+                           sel, grad)
+            bi = add_param(gm, f"{lin.args[2].target.replace('.', '_')}_{i}", b.detach()[i * rows:(i + 1) * rows],
+                           sel, isinstance(b, torch.nn.Parameter) and b.requires_grad) if b is not None else None
+            with gm.graph.inserting_before(sel):
+                li = gm.graph.call_function(aten.linear.default, (lin.args[0], wi, bi))
+                vi = gm.graph.call_function(aten.view.default, (li, sizes[:2] + sizes[3:]))
+                ti = gm.graph.call_function(aten.transpose.int, (vi, 1, 2))
+            for new in (li, vi, ti):
+                copy_meta(new, lin)
+                new.meta.pop("val", None)
+            sel.replace_all_uses_with(ti)
+        for n in (*perm.users, perm, view, lin):
+            if not n.users:
+                gm.graph.erase_node(n)
         done += 1
     if done:
         remove_unused_attributes(gm)

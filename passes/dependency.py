@@ -9,7 +9,12 @@ producers added to it. This analysis finds those groups with a union-find over
 * a conv/linear output opens a space (its weight's dim 0);
 * batch/layer norm, activations, unary elementwise ops, pooling, reductions over other
   dims, and flattening ``[N, C, H, W] -> [N, C*H*W]`` carry the space through;
-* a binary elementwise op joins the spaces of its two inputs (residual adds, SE gates);
+* a binary elementwise op joins the spaces of its two inputs (residual adds, SE gates); a
+  per-channel operand computed from one parameter (a layer scale, Swin's relative position
+  bias table) is recorded so pruning slices that parameter;
+* attention: a projection's output viewed as ``[..., H, D]`` becomes a space of H heads,
+  carried through transposes, head-moving views, softmax and ``matmul``/``sdpa`` (which
+  join Q, K and V head by head) to the merge back to ``H*D`` features;
 * a depthwise convolution carries its input space to its output (and must shrink with it);
   so does a grouped ``C -> C`` convolution (ResNeXt), whose groups then lose channels equally;
   a grouped conv that changes the channel count opens its own space, and both its input and
@@ -318,8 +323,11 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
                 lead = sv.dim() - ov.dim() if isinstance(ov, torch.Tensor) else 0
                 k = cdim - lead
                 if isinstance(ov, torch.Tensor) and 0 <= k < ov.dim() and size_expr(ov.shape[k]) != 1:
-                    mark(src, f"{node.name} mixes in a per-channel tensor")
-                    continue
+                    found = _per_channel_param(gm, node, other, k)
+                    if found is None or f != 1:
+                        mark(src, f"{node.name} mixes in a per-channel tensor")
+                        continue
+                    uf.group(sid).members.append(("pbias", node, found))
             space[node] = space[src]
             continue
         if (t in _UNARY or isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags) and len(ins) == 1 and \
@@ -356,6 +364,44 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SDPA = aten.scaled_dot_product_attention.default
+_COPIES = (aten.clone.default, aten.contiguous.default, aten.alias.default)
+
+
+def _per_channel_param(gm: fx.GraphModule, user: fx.Node, node: fx.Node, k: int) -> tuple | None:
+    """A per-channel operand (channel dim ``k``) computed from one parameter: a layer scale
+    ``gamma[C, 1, 1]``, or Swin's relative position bias ``table[index].view(N, N, -1).permute(2, 0, 1)
+    .unsqueeze(0)``. Returns ``(reader, arg index, parameter dim, literal views)`` to slice the
+    parameter by the kept channels, or None when the operand is anything else."""
+    views, reader, at = [], user, list(user.args).index(node) if node in user.args else -1
+    while node.op == "call_function":
+        t, v = node.target, _val(node)
+        if not node.args or not isinstance(node.args[0], fx.Node) or not isinstance(v, torch.Tensor):
+            return None
+        src = node.args[0]
+        sv = _val(src)
+        if t is aten.unsqueeze.default:
+            d = node.args[1] % v.dim()
+            if d == k:
+                return None
+            k = k if k < d else k - 1
+        elif t is aten.permute.default:
+            k = [d % v.dim() for d in node.args[1]][k]
+        elif t in _VIEWS:   # only views that keep the channel dim last
+            if k != v.dim() - 1 or size_expr(sv.shape[-1]) != size_expr(v.shape[-1]):
+                return None
+            if node.args[1][k] != -1:
+                views.append((node, k))
+            k = sv.dim() - 1
+        elif t is aten.index.Tensor:
+            idx = node.args[1]
+            if len(idx) != 1 or k < 1 or not isinstance(_val(idx[0]), torch.Tensor) or _val(idx[0]).dim() != 1:
+                return None
+        elif t not in _COPIES:
+            return None
+        reader, at, node = node, 0, src
+    if node.op != "get_attr" or attr_tensor(gm, node) is None or at < 0:
+        return None
+    return reader, at, k, views
 
 
 def _heads(node: fx.Node, space: dict, uf: "_UF", mark: Any) -> bool:
@@ -391,6 +437,14 @@ def _heads(node: fx.Node, space: dict, uf: "_UF", mark: Any) -> bool:
             g.members.append(("heads", node, (cdim, g.size)))
             space[node] = (sid, cdim, 1)
             return True
+        # a view that moves the head dim and keeps the dims after it (Swin's window split of attention scores)
+        tail = xs[cdim:]
+        j = out.dim() - len(tail)
+        if factor == 1 and any(m[0] == "heads" for m in g.members) and 0 <= j and os_[j:] == tail and \
+                all(isinstance(d, int) for d in tail) and node.args[1][j] == g.size and j != cdim:
+            g.members.append(("heads", node, (j, g.size)))
+            space[node] = (sid, j, 1)
+            return True
         # merge: [..., H, D] -> [..., H*D]
         if factor == 1 and cdim == x.dim() - 2 and out.dim() == x.dim() - 1 and xs[:-2] == os_[:-1] and \
                 isinstance(xs[-1], int):
@@ -407,6 +461,17 @@ def _heads(node: fx.Node, space: dict, uf: "_UF", mark: Any) -> bool:
             space[node] = (sid, d1 if cdim == d0 else d0, 1)
             return True
         return False
+    if t is aten.matmul.default and factor == 1 and cdim == 1 and x.dim() == 4 and out.dim() == 4:
+        other = node.args[1]   # explicit attention: q @ k^T and softmax(scores) @ v share the heads
+        if other in space and space[other][1:] == (1, 1) and isinstance(_val(other), torch.Tensor) and \
+                _val(other).dim() == 4:
+            space[node] = (uf.union(sid, space[other][0]), 1, 1)
+            return True
+        return False
+    if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default) and \
+            factor == 1 and node.args[1] % x.dim() != cdim:
+        space[node] = (sid, cdim, 1)
+        return True
     if t is _SDPA:
         q, k, v = node.args[:3]
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")

@@ -26,13 +26,14 @@ of the producers; first match wins).
 Concatenations (DenseNet, Inception) prune per input: readers of a concatenation are
 sliced at each segment's offset after every group is decided. Splits/chunks get their
 part sizes rewritten (a space divided between parts keeps the same fraction in each), and
-channel shuffles become an ``index_select`` of the kept channels (ShuffleNet). Not yet
-handled (their groups are left whole and named in the analysis): Swin's packed QKV
-attention (per-head position-bias tables, window views). Attention heads of separate
-Q/K/V projections (BERT) and of ``nn.MultiheadAttention`` (ViT; packed weights are
-unpacked first) are pruned whole: head counts in the views are rewritten. Grouped
-convolutions (ResNeXt, RegNet, ShuffleNet v1) keep the same number of channels in
-every group, on both sides.
+channel shuffles become an ``index_select`` of the kept channels (ShuffleNet). Attention
+heads are pruned whole, with the head counts and merged sizes in views rewritten: separate
+Q/K/V projections (BERT), ``nn.MultiheadAttention`` (ViT; its packed weight is unpacked at
+capture), a packed ``qkv`` linear split by ``reshape/permute/select`` (Swin; unpacked
+into three linears first), with ``sdpa`` or written out (``q @ k^T``, softmax, ``@ v``),
+and per-head parameters mixed in on the way (Swin's relative position bias table) are
+sliced by the kept heads, like per-channel layer scales. Grouped convolutions (ResNeXt,
+RegNet, ShuffleNet v1) keep the same number of channels in every group, on both sides.
 It changes numerics by design; fine-tune with ``fxopt.finetune`` afterwards.
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ from fxopt.dialect import module_path
 from fxopt.errors import PipelineError
 from fxopt.meta import propagate_meta
 from fxopt.pass_base import Pass, PassContext, PassResult, register_pass
-from fxopt.rewrite_utils import add_param, arg, attr_tensor, erase_dead, unpack_split_params
+from fxopt.rewrite_utils import (add_param, arg, attr_tensor, erase_dead, unpack_packed_projections,
+                                 unpack_split_params)
 
 from .channel_layouts import layout_mask
 from .dependency import ChannelGroup, channel_groups
@@ -232,6 +234,13 @@ def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None
             _set_groups(n, k)
         elif kind == "gconv":
             _slice_grouped(gm, n, keep, extra, g.size)
+        elif kind == "pbias":   # a parameter-derived per-channel operand (layer scale, position bias)
+            reader, at, dim, views = extra
+            _slice(gm, reader, at, dim, keep, "pruned")
+            for view, d in views:
+                sizes = list(view.args[1])
+                sizes[d] = k
+                view.args = (view.args[0], sizes) + tuple(view.args[2:])
         elif kind == "gin":
             _gather_group_inputs(gm, n, keep, extra, g.size)
         elif kind == "in":
@@ -365,7 +374,8 @@ class StructuredPrunePass(Pass):
         pruned, kept = {}, []
         decided: dict[int, torch.Tensor] = {}
         readers: dict[tuple, list] = {}   # (node, kind) -> layout, for readers of concatenations
-        unpacked = unpack_split_params(gm)   # packed Q/K/V weights: one parameter per projection
+        # packed Q/K/V weights and projections: one parameter and one linear per projection
+        unpacked = unpack_split_params(gm) + unpack_packed_projections(gm)
         if unpacked:
             propagate_meta(gm)
         groups = channel_groups(gm)

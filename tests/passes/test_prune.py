@@ -530,3 +530,63 @@ def test_grouped_conv_changing_channel_count_prunes_both_sides_per_group():
     # g: 12 -> 6 rounded up to 8 (2 of 3 per group); a: 8 -> 4 (1 of 2 per group)
     assert w["a_conv2d"][0] == 4 and w["g_conv2d"] == (8, 1, 3, 3) and w["c_conv2d"][1] == 8
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class MatmulAttention(HeadAttention):
+    """The same attention written out: q @ k^T, a padding mask, softmax, @ v (no sdpa)."""
+
+    def forward(self, x, mask):
+        b, t, e = x.shape
+
+        def heads(y):
+            return y.view(b, t, self.h, self.d).transpose(1, 2)
+        s = heads(self.q(x)) @ heads(self.k(x)).transpose(-1, -2) / self.d ** 0.5
+        a = torch.softmax(s + mask, dim=-1)
+        return x + self.o((a @ heads(self.v(x))).transpose(1, 2).reshape(b, t, e))
+
+
+def test_explicit_matmul_attention_heads_are_pruned_whole():
+    torch.manual_seed(0)
+    model = MatmulAttention().eval()
+    with torch.no_grad():
+        for lin in (model.q, model.k, model.v):
+            for h in (1, 3):
+                lin.weight[h * 4:(h + 1) * 4] = 0
+                lin.bias[h * 4:(h + 1) * 4] = 0
+    x, mask = torch.randn(2, 5, 16), torch.zeros(2, 1, 1, 5)
+    mask[1, ..., 3:] = -1e9
+    out = fxopt.compile(model, (x, mask), recipe="prune(ratio=0.5)", strict=True)
+    w = widths(out)
+    assert w["q_linear"] == w["k_linear"] == w["v_linear"] == (8, 16) and w["o_linear"] == (16, 8)
+    torch.testing.assert_close(out(x, mask), model(x, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_swin_window_attention_heads_are_pruned_whole(torchvision_models):
+    """torchvision's shifted-window attention: a packed qkv linear split by reshape/permute/select,
+    q @ k^T plus a per-head relative position bias (a parameter table), the shifted-window mask
+    (head count in views), softmax @ v. Silent heads 0 and 2 must go and the output stay."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = ShiftedWindowAttention(16, [2, 2], [1, 1], num_heads=4)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head((x + self.attn(x)).mean(dim=(1, 2)))
+    model = Block().eval()
+    with torch.no_grad():
+        for part in range(3):
+            for h in (0, 2):
+                rows = slice(part * 16 + h * 4, part * 16 + (h + 1) * 4)
+                model.attn.qkv.weight[rows] = 0
+                model.attn.qkv.bias[rows] = 0
+    x = torch.randn(2, 4, 4, 16)
+    out, rec = prune(model, x)
+    assert list(rec.info["channels"].values()) == ["4->2"]
+    shapes = {n: tuple(p.shape) for n, p in out.named_parameters()}
+    assert shapes["attn_relative_position_bias_table_pruned"] == (9, 2)
+    assert widths(out)["attn_linear_1"] == (16, 8)     # the output projection reads 2 heads
+    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
