@@ -173,12 +173,12 @@ def zoo_rows():
     import torchvision
     rows = []
     for name in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5",
-                 "shufflenet_v2_x1_0", "densenet121", "googlenet", "inception_v3", "resnext50_32x4d", "regnet_y_400mf", "vit_b_16",
-                 "swin_t"):
+                 "shufflenet_v2_x1_0", "densenet121", "googlenet", "inception_v3", "resnext50_32x4d", "regnet_y_400mf", "convnext_tiny",
+                 "vit_b_16", "swin_t", "maxvit_t"):
         torch.manual_seed(0)
         kw = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
         # inception needs at least 75x75, the transformers their 224x224; captured at batch 1
-        size = {"inception_v3": 96, "vit_b_16": 224, "swin_t": 224}.get(name, 64)
+        size = {"inception_v3": 96, "vit_b_16": 224, "swin_t": 224, "maxvit_t": 224}.get(name, 64)
         model = getattr(torchvision.models, name)(**kw).eval()
         out = fxopt.compile(model, (torch.randn(1, 3, size, size),), recipe="prune-50")
         ran = []

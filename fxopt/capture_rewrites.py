@@ -14,6 +14,9 @@ size, so a graph captured at batch 2 rejects batch 1 (or the reverse):
   output memory format by its strides, which adds a ``batch > 1`` guard (torchvision's
   Swin). There, a mean over the spatial dims is the same value; contiguous inputs keep
   the pooling op.
+* A convolution of a permuted tensor (ConvNeXt's depthwise conv after its channels-last
+  MLP) picks its output layout by strides the same way: the input is made contiguous
+  first (same values).
 
 Only calls these rewrites fully support are changed (anything else runs the original);
 the results match the originals up to float rounding (``tests/core/test_capture.py``).
@@ -30,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["ExportFriendly", "multi_head_attention"]
 
 _POOLS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
+_CONVS = {F.conv1d, F.conv2d, F.conv3d}
 
 
 def _float_mask(mask: Any, dtype: torch.dtype) -> Any:
@@ -104,6 +108,9 @@ class ExportFriendly(TorchFunctionMode):
             out = multi_head_attention(*args, **kwargs)
             if out is not NotImplemented:
                 return out
+        elif func in _CONVS and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3 and \
+                isinstance(args[0].stride(-1), int) and args[0].stride(-1) != 1:
+            return func(args[0].contiguous(), *args[1:], **kwargs)
         elif func in _POOLS and args:
             size = args[1] if len(args) > 1 else kwargs.get("output_size")
             n = _POOLS[func]

@@ -219,11 +219,12 @@ def test_batch_first_attention_equals_torch_function(ctor, call):
         torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
 
 
-def test_vit_and_swin_run_at_any_batch_size(torchvision_models):
-    for name in ("vit_b_16", "swin_t"):
+def test_vit_swin_convnext_run_at_any_batch_size(torchvision_models):
+    """Each pins the batch under plain torch.export (attention, pooling / a conv of a permuted tensor)."""
+    for name, size in (("vit_b_16", 224), ("swin_t", 224), ("convnext_tiny", 64)):
         model = getattr(torchvision_models, name)().eval()
-        gm = fxopt.trace(model, (torch.randn(2, 3, 224, 224),))
-        x = torch.randn(1, 3, 224, 224)
+        gm = fxopt.trace(model, (torch.randn(2, 3, size, size),))
+        x = torch.randn(1, 3, size, size)
         torch.testing.assert_close(gm(x), model(x), atol=1e-4, rtol=1e-4)
 
 
