@@ -8,7 +8,8 @@ producers added to it. This analysis finds those groups with a union-find over
 
 * a conv/linear output opens a space (its weight's dim 0);
 * batch/layer norm, activations, unary elementwise ops, pooling, reductions over other
-  dims, and flattening ``[N, C, H, W] -> [N, C*H*W]`` carry the space through;
+  dims, permutes (the channel dim moves) and flattening ``[N, C, H, W] -> [N, C*H*W]``
+  carry the space through;
 * a binary elementwise op joins the spaces of its two inputs (residual adds, SE gates); a
   per-channel operand computed from one parameter (a layer scale, Swin's relative position
   bias table) is recorded so pruning slices that parameter;
@@ -334,6 +335,11 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
                 isinstance(out, torch.Tensor) and isinstance(_val(ins[0]), torch.Tensor) and \
                 tuple(out.shape) == tuple(_val(ins[0]).shape) and len(node.all_input_nodes) == 1:
             space[node] = space[ins[0]]
+            continue
+        if t is aten.permute.default and node.args[0] in space and space[node.args[0]][2] == 1 and \
+                isinstance(out, torch.Tensor):   # channels-last blocks (ConvNeXt): the channel dim moves
+            sid, cdim, _ = space[node.args[0]]
+            space[node] = (sid, [d % out.dim() for d in node.args[1]].index(cdim), 1)
             continue
         if t in (aten.clone.default, aten.dropout.default, aten.contiguous.default, aten.alias.default):
             space[node] = space[ins[0]]

@@ -590,3 +590,35 @@ def test_swin_window_attention_heads_are_pruned_whole(torchvision_models):
     assert shapes["attn_relative_position_bias_table_pruned"] == (9, 2)
     assert widths(out)["attn_linear_1"] == (16, 8)     # the output projection reads 2 heads
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt-style: the residual stream goes channels-last for a linear, comes back and is scaled
+    by a per-channel layer scale before the add."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 1)
+        self.pw = nn.Linear(c, c)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.pw(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head((x + self.gamma * y).mean(dim=(2, 3)))
+
+
+def test_permutes_and_layer_scale_prune_exactly():
+    torch.manual_seed(0)
+    model = ChannelsLastBlock().eval()
+    with torch.no_grad():  # even channels of the stream carry nothing
+        for m in (model.stem, model.pw):
+            m.weight[::2] = 0
+            m.bias[::2] = 0
+    x = torch.randn(2, 3, 4, 4)
+    out, rec = prune(model, x)
+    w = widths(out)
+    assert w["stem_conv2d"][0] == 4 and w["pw_linear"] == (4, 4) and w["head_linear"] == (3, 4)
+    assert sorted(tuple(p.shape) for n, p in out.named_parameters() if "gamma" in n) == [(4, 1, 1)]
+    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
