@@ -8,7 +8,7 @@ Sections:
   (b) ResNet-50 at 224x224 (random init): parameters, FLOPs and CPU latency after 50% pruning;
   (e) prune-50 across torchvision architectures and Hugging Face BERTs: parameter ratio,
       groups pruned/kept, whether the pruned model runs at batch 1 and 7;
-  (f) prune-50 CPU latency and FLOPs against eager on eight architectures at 224x224, with the
+  (f) prune-50 CPU latency and FLOPs against eager on nine architectures at 224x224, with the
       goal "latency falls at least by the square root of the FLOP reduction";
   (c) weight sparsity on a residual CNN with batch norm trained on scikit-learn's digits:
       accuracy dense, after pruning, and after a short fine-tune (fxopt.finetune keeps the zeros);
@@ -152,7 +152,7 @@ def latency_rows(repeats):
         c = CostAnalysis().run(gm)
         return c.at(**{k: 1 for k in c.symbols})["flops"]
     for name in ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0", "densenet121",
-                 "regnet_y_400mf", "vit_b_16", "swin_t"):
+                 "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t"):
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)().eval()
         dense = fxopt.compile(model, (x,))                              # the same pipeline, unpruned
