@@ -16,7 +16,8 @@ size, so a graph captured at batch 2 rejects batch 1 (or the reverse):
   the pooling op.
 * A convolution of a permuted tensor (ConvNeXt's depthwise conv after its channels-last
   MLP) picks its output layout by strides the same way: the input is made contiguous
-  first (same values).
+  first (same values; a model fed channels-last inputs on purpose therefore gets
+  NCHW convs plus one copy each, which can be slower).
 
 Only calls these rewrites fully support are changed (anything else runs the original);
 the results match the originals up to float rounding (``tests/core/test_capture.py``).
