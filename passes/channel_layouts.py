@@ -32,18 +32,18 @@ from fxopt.dialect import aten, is_conv, is_linear
 from fxopt.meta import size_expr
 from fxopt.rewrite_utils import arg
 
-__all__ = ["layout_mask", "BN", "POOL"]
+__all__ = ["layout_mask", "BN", "POOL", "VIEWS", "COPIES", "REDUCE"]
 
 BN = aten._native_batch_norm_legit_no_training.default
 POOL = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
         aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default,
         aten.max_pool3d.default, aten.avg_pool3d.default}
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
 _SEG_THROUGH = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clone.default,
                 aten.dropout.default, aten.contiguous.default, aten.alias.default} | POOL
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
-_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
+REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 
 
 def _val(n: Any) -> Any:
@@ -140,7 +140,7 @@ def split_or_shuffle(node: fx.Node, space: dict, segs: dict, splits: dict, layou
         splits[node] = (parts, dim)
         seg_member("split", node, (layout, parts))
         return True
-    if t in _VIEWS and (x in segs or x in space):
+    if t in VIEWS and (x in segs or x in space):
         return _shuffle(node, space, segs, layouts, seg_member)
     return False
 
@@ -158,12 +158,12 @@ def _shuffle(node: fx.Node, space: dict, segs: dict, layouts: list, seg_member: 
     while len(n.users) == 1:
         n = next(iter(n.users))
         chain.append(n)
-        if len(chain) > 1 and n.target not in _COPIES:
+        if len(chain) > 1 and n.target not in COPIES:
             break
     if len(chain) < 2 or chain[0].target is not aten.transpose.int or \
-            sorted(d % ov.dim() for d in chain[0].args[1:3]) != [1, 2] or chain[-1].target not in _VIEWS:
+            sorted(d % ov.dim() for d in chain[0].args[1:3]) != [1, 2] or chain[-1].target not in VIEWS:
         return False
-    if any(c.target not in _COPIES for c in chain[1:-1]) or [size_expr(d) for d in _val(chain[-1]).shape] != xs:
+    if any(c.target not in COPIES for c in chain[1:-1]) or [size_expr(d) for d in _val(chain[-1]).shape] != xs:
         return False
     g, per = os_[1], os_[2]
     flat = _spread(got[0])
@@ -211,11 +211,11 @@ def through_concat(node: fx.Node, segs: dict, seg_member: Any, mark: Any) -> boo
         if (t in _SEG_THROUGH and (t not in POOL or cdim == 1)) or pointwise:
             segs[node] = segs[x]
             return True
-        if t in _REDUCE and cdim == 1 and isinstance(ov, torch.Tensor) and \
+        if t in REDUCE and cdim == 1 and isinstance(ov, torch.Tensor) and \
                 all(d % xv.dim() > cdim for d in node.args[1]):
             segs[node] = segs[x]     # a mean over the spatial dims (global pooling)
             return True
-        if t in _VIEWS | {aten.flatten.using_ints} and cdim == 1 and isinstance(ov, torch.Tensor) and \
+        if t in VIEWS | {aten.flatten.using_ints} and cdim == 1 and isinstance(ov, torch.Tensor) and \
                 ov.dim() == 2 and all(size_expr(d) == 1 for d in xv.shape[2:]) and \
                 size_expr(ov.shape[1]) == size_expr(xv.shape[1]):
             # [N, C, 1, 1] -> [N, C] after global pooling: the layout carries to the classifier

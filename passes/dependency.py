@@ -49,13 +49,11 @@ from fxopt.dialect import aten, is_conv, is_linear, module_path
 from fxopt.meta import size_expr
 from fxopt.rewrite_utils import arg, attr_tensor
 
-from .channel_layouts import BN, POOL, concat, split_or_shuffle, through_concat
+from .channel_layouts import BN, COPIES, POOL, REDUCE, VIEWS, concat, split_or_shuffle, through_concat
 
 __all__ = ["ChannelGroup", "ChannelGroupsAnalysis", "channel_groups", "register_channel_rule", "CHANNEL_RULES"]
 
-_BN, _POOL = BN, POOL
 _BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
-_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 _UNARY = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.hardswish.default,
           aten.hardsigmoid.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
           aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.clamp.default,
@@ -254,12 +252,12 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
             continue
         if not ins:
             continue
-        if t is _BN and node.args[0] in space and space[node.args[0]][1] == 1:
+        if t is BN and node.args[0] in space and space[node.args[0]][1] == 1:
             sid, cdim, f = space[node.args[0]]
             uf.group(sid).members.append(("bn", node, 1))
             space[node] = (sid, cdim, f)
             continue
-        if t is operator.getitem and node.args[0] in space and node.args[0].target is _BN and node.args[1] == 0:
+        if t is operator.getitem and node.args[0] in space and node.args[0].target is BN and node.args[1] == 0:
             space[node] = space[node.args[0]]
             continue
         if t in (aten.layer_norm.default,) and node.args[0] in space:
@@ -270,10 +268,10 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
             else:
                 mark(node.args[0], "layer norm over other dims")
             continue
-        if t in _POOL and node.args[0] in space and space[node.args[0]][1] == 1:
+        if t in POOL and node.args[0] in space and space[node.args[0]][1] == 1:
             space[node] = space[node.args[0]]
             continue
-        if t in _REDUCE and node.args[0] in space:
+        if t in REDUCE and node.args[0] in space:
             sid, cdim, f = space[node.args[0]]
             x = _val(node.args[0])
             dims = [d % x.dim() for d in node.args[1]] if isinstance(x, torch.Tensor) else []
@@ -368,9 +366,7 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
     return [uf.groups[r] for r in roots if uf.groups[r].producers]
 
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SDPA = aten.scaled_dot_product_attention.default
-_COPIES = (aten.clone.default, aten.contiguous.default, aten.alias.default)
 
 
 def _per_channel_param(gm: fx.GraphModule, user: fx.Node, node: fx.Node, k: int) -> tuple | None:
@@ -392,7 +388,7 @@ def _per_channel_param(gm: fx.GraphModule, user: fx.Node, node: fx.Node, k: int)
             k = k if k < d else k - 1
         elif t is aten.permute.default:
             k = [d % v.dim() for d in node.args[1]][k]
-        elif t in _VIEWS:   # only views that keep the channel dim last
+        elif t in VIEWS:   # only views that keep the channel dim last
             if k != v.dim() - 1 or size_expr(sv.shape[-1]) != size_expr(v.shape[-1]):
                 return None
             if node.args[1][k] != -1:
@@ -402,7 +398,7 @@ def _per_channel_param(gm: fx.GraphModule, user: fx.Node, node: fx.Node, k: int)
             idx = node.args[1]
             if len(idx) != 1 or k < 1 or not isinstance(_val(idx[0]), torch.Tensor) or _val(idx[0]).dim() != 1:
                 return None
-        elif t not in _COPIES:
+        elif t not in COPIES:
             return None
         reader, at, node = node, 0, src
     if node.op != "get_attr" or attr_tensor(gm, node) is None or at < 0:
@@ -425,7 +421,7 @@ def _heads(node: fx.Node, space: dict, uf: "_UF", mark: Any) -> bool:
     sid, cdim, factor = space[src]
     x = _val(src)
     g = uf.group(sid)
-    if t in _VIEWS and isinstance(x, torch.Tensor):
+    if t in VIEWS and isinstance(x, torch.Tensor):
         xs, os_ = [size_expr(d) for d in x.shape], [size_expr(d) for d in out.shape]
         # split: [..., E] -> [..., H, D] on a projection's output
         if factor == 1 and cdim == x.dim() - 1 and out.dim() == x.dim() + 1 and xs[:-1] == os_[:-2] and \

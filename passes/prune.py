@@ -195,7 +195,7 @@ def _global_counts(todo: list, c: "StructuredPrunePass.Config") -> dict[int, int
     """``scope=global``: how many channels each group keeps when the ``ratio`` least important
     channels of the whole model go (scores relative to their group's mean; at most ``max_ratio``
     of any group). Groups with a per-layer ``ratios`` entry are left out of the pool."""
-    pool = [(g, s / s.mean().clamp_min(1e-12)) for g, names, s in todo if c.ratio_for(names) is None]
+    pool = [(g, s / s.mean().clamp_min(1e-12)) for g, _, r, s in todo if r is None]
     if not pool:
         return {}
     flat = torch.cat([s for _, s in pool])
@@ -390,12 +390,10 @@ class StructuredPrunePass(Pass):
             if not g.prunable or any(fnmatch.fnmatch(nm, pat) for nm in names for pat in c.ignore):
                 kept.append(g.describe())
                 continue
-            todo.append((g, names, group_importance(gm, g, c.importance, grads)))
+            todo.append((g, names, c.ratio_for(names), group_importance(gm, g, c.importance, grads)))
         targets = _global_counts(todo, c) if c.scope == "global" else {}
-        for g, names, scores in todo:
-            r = c.ratio_for(names)
-            k = targets.get(id(g)) if r is None and id(g) in targets else \
-                g.size - int((c.ratio if r is None else r) * g.size)
+        for g, names, r, scores in todo:
+            k = targets[id(g)] if id(g) in targets else g.size - int((c.ratio if r is None else r) * g.size)
             k = max(c.min_channels, k)
             if c.round_to > 1:
                 k = min(g.size, -(-k // c.round_to) * c.round_to)

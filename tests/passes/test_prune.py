@@ -1,4 +1,5 @@
-"""Structured pruning: each coupling kind on a model built for it, plus real architectures."""
+"""Structured pruning: each coupling kind on a model built for it, plus real architectures
+(attention heads: test_prune_attention.py)."""
 import pytest
 import torch
 from torch import nn
@@ -6,22 +7,8 @@ from torch import nn
 import fxopt
 from fxopt.models import DemoNet
 from fxopt.training import _evaluate
-from fxopt.dialect import get_attr_tensor, is_conv, is_linear
 from fxopt.passes.dependency import channel_groups
-from models import ResCNN, state_hash
-
-
-def widths(gm):
-    return {n.name: tuple(get_attr_tensor(gm, n.args[1]).shape) for n in gm.graph.nodes
-            if is_conv(n) or is_linear(n)}
-
-
-def prune(model, x, recipe="prune(ratio=0.5)", **kw):
-    out = fxopt.compile(model, (x,), recipe=recipe, strict=True, **kw)
-    rec = next(r for r in out.fxopt_history.records if r.name == "prune")
-    for b in (1, 7):
-        assert out(torch.randn(b, *x.shape[1:])).shape[0] == b
-    return out, rec
+from models import ResCNN, prune, state_hash, widths
 
 
 def test_residual_add_couples_producers():
@@ -306,54 +293,6 @@ def test_grouped_conv_prunes_equally_per_group():
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-class HeadAttention(nn.Module):
-    """Multi-head self-attention written the BERT way: separate Q, K, V, views to heads, sdpa."""
-
-    def __init__(self, e=16, h=4):
-        super().__init__()
-        self.h, self.d = h, e // h
-        self.q, self.k, self.v, self.o = (nn.Linear(e, e) for _ in range(4))
-
-    def forward(self, x):
-        b, t, e = x.shape
-
-        def heads(y):
-            return y.view(b, t, self.h, self.d).transpose(1, 2)
-        a = nn.functional.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
-        return x + self.o(a.transpose(1, 2).reshape(b, t, e))
-
-
-def test_attention_heads_are_pruned_whole():
-    torch.manual_seed(0)
-    model = HeadAttention().eval()
-    with torch.no_grad():  # heads 1 and 3 contribute nothing: removing them is exact
-        for lin in (model.q, model.k, model.v):
-            for h in (1, 3):
-                lin.weight[h * 4:(h + 1) * 4] = 0
-                lin.bias[h * 4:(h + 1) * 4] = 0
-    x = torch.randn(2, 5, 16)
-    out, rec = prune(model, x)
-    w = widths(out)
-    assert w["q_linear"] == w["k_linear"] == w["v_linear"] == (8, 16) and w["o_linear"] == (16, 8)
-    assert any("12" not in k and v == "4->2" for k, v in rec.info["channels"].items())
-    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
-    assert out(torch.randn(3, 5, 16)).shape == (3, 5, 16)   # the batch stays free (literal sizes rewritten)
-
-
-def test_minilm_prune_50_prunes_heads_and_ffn(minilm):
-    model, kw = minilm
-    before = state_hash(model)
-    out = fxopt.compile(model, kwargs=kw, recipe="prune-50", strict=True)
-    rec = next(r for r in out.fxopt_history.records if r.name == "prune")
-    assert rec.info["channels"]["encoder.layer.0.attention.self.query+encoder.layer.0.attention.self.key+"
-                                "encoder.layer.0.attention.self.value"] == "12->6"
-    assert rec.info["channels"]["encoder.layer.0.intermediate.dense"] == "1536->768"
-    res = out(**kw)
-    h = res["last_hidden_state"] if isinstance(res, dict) else res[0]
-    assert h.shape == model(**kw).last_hidden_state.shape
-    assert state_hash(model) == before
-
-
 def channel_shuffle(x, g=2):
     n, c, h, w = x.shape
     return x.view(n, g, c // g, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
@@ -438,40 +377,6 @@ def test_uneven_split_keeps_every_part_non_empty():
     assert w["a_conv2d"][0] == 4 and w["b_conv2d"][1] == 1 and w["c_conv2d"][1] == 3
 
 
-class TorchAttentionBlock(nn.Module):
-    """ViT-style: nn.MultiheadAttention (packed in_proj_weight) in a pre-norm residual block."""
-
-    def __init__(self, e=16, h=4):
-        super().__init__()
-        self.ln = nn.LayerNorm(e)
-        self.attn = nn.MultiheadAttention(e, h, batch_first=True)
-        self.head = nn.Linear(e, 3)
-
-    def forward(self, x):
-        y = self.ln(x)
-        x = x + self.attn(y, y, y, need_weights=False)[0]
-        return self.head(x.mean(1))
-
-
-def test_packed_qkv_attention_heads_are_pruned_whole():
-    torch.manual_seed(0)
-    model = TorchAttentionBlock().eval()
-    with torch.no_grad():  # heads 0 and 2 contribute nothing (in Q, K and V): removing them is exact
-        for part in range(3):
-            for h in (0, 2):
-                rows = slice(part * 16 + h * 4, part * 16 + (h + 1) * 4)
-                model.attn.in_proj_weight[rows] = 0
-                model.attn.in_proj_bias[rows] = 0
-    x = torch.randn(2, 5, 16)
-    out, rec = prune(model, x)
-    assert rec.info["channels"] == {"attn": "4->2"}
-    shapes = sorted(tuple(p.shape) for n, p in out.named_parameters() if "in_proj" in n)
-    assert shapes == [(8,)] * 3 + [(8, 16)] * 3
-    assert widths(out)["attn_linear_3"] == (16, 8)          # the output projection reads 2 heads
-    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
-    assert model.attn.in_proj_weight.shape == (48, 16)       # the user's model keeps its heads
-
-
 class TwoLayers(nn.Module):
     def __init__(self):
         super().__init__()
@@ -529,66 +434,6 @@ def test_grouped_conv_changing_channel_count_prunes_both_sides_per_group():
     w = widths(out)
     # g: 12 -> 6 rounded up to 8 (2 of 3 per group); a: 8 -> 4 (1 of 2 per group)
     assert w["a_conv2d"][0] == 4 and w["g_conv2d"] == (8, 1, 3, 3) and w["c_conv2d"][1] == 8
-    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
-
-
-class MatmulAttention(HeadAttention):
-    """The same attention written out: q @ k^T, a padding mask, softmax, @ v (no sdpa)."""
-
-    def forward(self, x, mask):
-        b, t, e = x.shape
-
-        def heads(y):
-            return y.view(b, t, self.h, self.d).transpose(1, 2)
-        s = heads(self.q(x)) @ heads(self.k(x)).transpose(-1, -2) / self.d ** 0.5
-        a = torch.softmax(s + mask, dim=-1)
-        return x + self.o((a @ heads(self.v(x))).transpose(1, 2).reshape(b, t, e))
-
-
-def test_explicit_matmul_attention_heads_are_pruned_whole():
-    torch.manual_seed(0)
-    model = MatmulAttention().eval()
-    with torch.no_grad():
-        for lin in (model.q, model.k, model.v):
-            for h in (1, 3):
-                lin.weight[h * 4:(h + 1) * 4] = 0
-                lin.bias[h * 4:(h + 1) * 4] = 0
-    x, mask = torch.randn(2, 5, 16), torch.zeros(2, 1, 1, 5)
-    mask[1, ..., 3:] = -1e9
-    out = fxopt.compile(model, (x, mask), recipe="prune(ratio=0.5)", strict=True)
-    w = widths(out)
-    assert w["q_linear"] == w["k_linear"] == w["v_linear"] == (8, 16) and w["o_linear"] == (16, 8)
-    torch.testing.assert_close(out(x, mask), model(x, mask), atol=1e-5, rtol=1e-5)
-
-
-def test_swin_window_attention_heads_are_pruned_whole(torchvision_models):
-    """torchvision's shifted-window attention: a packed qkv linear split by reshape/permute/select,
-    q @ k^T plus a per-head relative position bias (a parameter table), the shifted-window mask
-    (head count in views), softmax @ v. Silent heads 0 and 2 must go and the output stay."""
-    from torchvision.models.swin_transformer import ShiftedWindowAttention
-    torch.manual_seed(0)
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = ShiftedWindowAttention(16, [2, 2], [1, 1], num_heads=4)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, x):
-            return self.head((x + self.attn(x)).mean(dim=(1, 2)))
-    model = Block().eval()
-    with torch.no_grad():
-        for part in range(3):
-            for h in (0, 2):
-                rows = slice(part * 16 + h * 4, part * 16 + (h + 1) * 4)
-                model.attn.qkv.weight[rows] = 0
-                model.attn.qkv.bias[rows] = 0
-    x = torch.randn(2, 4, 4, 16)
-    out, rec = prune(model, x)
-    assert list(rec.info["channels"].values()) == ["4->2"]
-    shapes = {n: tuple(p.shape) for n, p in out.named_parameters()}
-    assert shapes["attn_relative_position_bias_table_pruned"] == (9, 2)
-    assert widths(out)["attn_linear_1"] == (16, 8)     # the output projection reads 2 heads
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
 
 
