@@ -32,7 +32,7 @@ from fxopt.dialect import aten, is_conv, is_linear
 from fxopt.meta import size_expr
 from fxopt.rewrite_utils import arg
 
-__all__ = ["layout_mask", "BN", "POOL", "VIEWS", "COPIES", "REDUCE"]
+__all__ = ["layout_mask", "elementwise_unary", "BN", "POOL", "VIEWS", "COPIES", "REDUCE", "UNARY"]
 
 BN = aten._native_batch_norm_legit_no_training.default
 POOL = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
@@ -42,8 +42,17 @@ VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
 _SEG_THROUGH = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clone.default,
                 aten.dropout.default, aten.contiguous.default, aten.alias.default} | POOL
+UNARY = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.hardswish.default,
+         aten.hardsigmoid.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+         aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.clamp.default,
+         aten.clamp_min.default, aten.clamp_max.default, aten.neg.default, aten.abs.default, aten.exp.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
+
+
+def elementwise_unary(t: Any) -> bool:
+    """Activations and other ops whose output channel c depends only on input channel c."""
+    return t in UNARY or isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
 
 
 def _val(n: Any) -> Any:
@@ -206,8 +215,8 @@ def through_concat(node: fx.Node, segs: dict, seg_member: Any, mark: Any) -> boo
         if t is operator.getitem and x.target is BN and node.args[1] == 0:
             segs[node] = segs[x]
             return True
-        pointwise = isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags and \
-            len(node.all_input_nodes) == 1 and isinstance(ov, torch.Tensor) and tuple(ov.shape) == tuple(xv.shape)
+        pointwise = elementwise_unary(t) and len(node.all_input_nodes) == 1 and isinstance(ov, torch.Tensor) and \
+            tuple(ov.shape) == tuple(xv.shape)
         if (t in _SEG_THROUGH and (t not in POOL or cdim == 1)) or pointwise:
             segs[node] = segs[x]
             return True

@@ -49,15 +49,12 @@ from fxopt.dialect import aten, is_conv, is_linear, module_path
 from fxopt.meta import size_expr
 from fxopt.rewrite_utils import arg, attr_tensor
 
-from .channel_layouts import BN, COPIES, POOL, REDUCE, VIEWS, concat, split_or_shuffle, through_concat
+from .channel_layouts import (BN, COPIES, POOL, REDUCE, VIEWS, concat, elementwise_unary, split_or_shuffle,
+                              through_concat)
 
 __all__ = ["ChannelGroup", "ChannelGroupsAnalysis", "channel_groups", "register_channel_rule", "CHANNEL_RULES"]
 
 _BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
-_UNARY = {aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.hardswish.default,
-          aten.hardsigmoid.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
-          aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.clamp.default,
-          aten.clamp_min.default, aten.clamp_max.default, aten.neg.default, aten.abs.default, aten.exp.default}
 
 
 #: user-declared propagation rules: op -> "elementwise" | "join" | "opaque"
@@ -329,7 +326,7 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
                     uf.group(sid).members.append(("pbias", node, found))
             space[node] = space[src]
             continue
-        if (t in _UNARY or isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags) and len(ins) == 1 and \
+        if elementwise_unary(t) and len(ins) == 1 and \
                 isinstance(out, torch.Tensor) and isinstance(_val(ins[0]), torch.Tensor) and \
                 tuple(out.shape) == tuple(_val(ins[0]).shape) and len(node.all_input_nodes) == 1:
             space[node] = space[ins[0]]

@@ -467,3 +467,15 @@ def test_permutes_and_layer_scale_prune_exactly():
     assert w["stem_conv2d"][0] == 4 and w["pw_linear"] == (4, 4) and w["head_linear"] == (3, 4)
     assert sorted(tuple(p.shape) for n, p in out.named_parameters() if "gamma" in n) == [(4, 1, 1)]
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pointwise_ops_carry_a_concatenation_to_its_reader():
+    class CatAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(nn.functional.hardswish(torch.cat([self.a(x), self.b(x)], 1))).mean(dim=(2, 3))
+    out, rec = prune(CatAct().eval(), torch.randn(2, 3, 4, 4))
+    assert rec.info["groups_pruned"] == 2 and widths(out)["c_conv2d"] == (2, 4, 1, 1)
