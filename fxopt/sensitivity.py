@@ -3,7 +3,7 @@
     >>> import torch, fxopt
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     >>> rep = fxopt.sensitivity(model, (torch.randn(8, 16),), recipe="int8-dynamic")
-    >>> [r["layer"] for r in rep.rows] == sorted(["0", "2"], key=lambda l: rep.by_layer[l]["sqnr"])
+    >>> [r["layer"] for r in rep.rows] == sorted(["0", "2"], key=lambda l: rep.by_layer[l]["cosine"])
     True
     >>> print(rep.table().splitlines()[0].split())
     ['layer', 'op', 'weight', 'activation', 'cosine', 'SQNR', 'dB']
@@ -11,9 +11,9 @@
 Each row quantizes one layer (as the recipe's ``insert-qdq`` would) and keeps the
 rest in float, then compares the outputs with the float model over the example inputs
 and up to 4 calibration batches: the minimum per-sample cosine similarity and the
-signal-to-quantization-noise ratio. Rows come worst (lowest SQNR) first. The same
-scores drive ``insert-qdq(budget=...)``, which keeps the worst layers in float until
-the whole model meets a cosine budget.
+signal-to-quantization-noise ratio. Rows come worst (lowest cosine, then lowest SQNR)
+first: the same scores drive ``insert-qdq(budget=...)``, which keeps the worst layers in
+float until the whole model meets a cosine budget, so the order follows the budget's measure.
 """
 from __future__ import annotations
 

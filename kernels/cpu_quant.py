@@ -33,12 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch.library import custom_op
 
+from fxopt import qspec
+from fxopt.kernels import cpu_isa
 from fxopt.qspec import dequantize
 
-__all__ = ["linear_int8", "linear_int8_dynamic", "conv2d_int8", "linear_wq", "conv2d_wq", "embedding_wq",
+__all__ = ["linear_int8", "linear_int8_dynamic", "conv2d_int8", "linear_int8_reference",
+           "linear_int8_dynamic_reference", "conv2d_int8_reference", "REFERENCES", "linear_wq", "conv2d_wq", "embedding_wq",
            "pack_int4", "unpack_int4", "LOWERED_OPS"]
 
 _CACHE: dict[int, tuple[Any, tuple, Any]] = {}
+_WARNED: set = set()
 
 
 def _per_channel(w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -48,49 +52,146 @@ def _per_channel(w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
             w_q.contiguous(), w_scale.reshape(-1).double(), torch.zeros(w_q.shape[0], dtype=torch.long), 0)
 
 
-def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, kind: str, extra: tuple = ()) -> Any:
+def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, kind: str, engine: str, extra: tuple = ()) -> Any:
     key = id(w_q)
-    stamp = (w_q._version, w_scale._version, w_scale.data_ptr(), kind, extra)
+    stamp = (w_q._version, w_scale._version, w_scale.data_ptr(), kind, engine, extra)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is w_q and hit[1] == stamp:
         return hit[2]
-    qw = _per_channel(w_q, w_scale)
-    if kind == "linear":
-        packed = torch.ops.quantized.linear_prepack(qw, None)
+    if engine == "onednn":
+        if kind == "linear":
+            packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)
+        else:
+            stride, padding, dilation, groups, x_scale, x_zp = extra[:6]
+            packed = torch.ops.onednn.qconv_prepack(w_q.contiguous(), w_scale.reshape(-1).float(), x_scale, x_zp,
+                                                    list(stride), list(padding), list(dilation), groups, None)
     else:
-        stride, padding, dilation, groups, bias = extra[0], extra[1], extra[2], extra[3], extra[4]
-        packed = torch.ops.quantized.conv2d_prepack(qw, bias, list(stride), list(padding), list(dilation), groups)
+        qw = _per_channel(w_q, w_scale)
+        with cpu_isa.quantized_engine("fbgemm"):
+            if kind == "linear":
+                packed = torch.ops.quantized.linear_prepack(qw, None)
+            else:
+                stride, padding, dilation, groups, bias = extra[0], extra[1], extra[2], extra[3], extra[6]
+                packed = torch.ops.quantized.conv2d_prepack(qw, bias, list(stride), list(padding), list(dilation),
+                                                            groups)
     _CACHE[key] = (weakref.ref(w_q, lambda _r, k=key: _CACHE.pop(k, None)), stamp, packed)
     return packed
 
 
-def _gemm(x2: torch.Tensor, packed: Any, scale: float, zp: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, scale, zp, packed)
+def _warn_fallback(what: str, bits: int) -> None:
+    if what in _WARNED:
+        return
+    _WARNED.add(what)
+    warnings.warn(f"fxopt: this model's int8 {what} layers were quantized with {bits}-bit activation codes, "
+                  f"which the int8 kernels of this CPU ({cpu_isa.cpu_info(probe=False).isa}) would saturate; "
+                  "they run an exact but slower path. Compile the model again on this machine for the fast "
+                  "kernels (fxopt picks 7-bit codes where the CPU needs them)", RuntimeWarning, stacklevel=3)
+
+
+def _codes(x2: torch.Tensor, scale: Any, zp: int, qmax: int) -> torch.Tensor:
+    """uint8 activation codes, exactly as the QDQ simulation rounds them."""
+    s = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
+    return qspec.quantize(x2, s, torch.tensor(zp, dtype=torch.int32), 0, qmax)
+
+
+def _gemm_codes(codes: torch.Tensor, zp: int, w_q: torch.Tensor, w_scale: torch.Tensor, engine: str) -> torch.Tensor:
+    """``sum_k (codes - zp) * w_q * w_scale`` over uint8 ``codes`` [M, K], exact in int32, fp32 out."""
+    packed = _packed(w_q, w_scale, "linear", engine)
+    if engine == "onednn":
+        n = w_q.shape[0]
+        return torch.ops.onednn.qlinear_pointwise(codes, 1.0, zp, packed, w_scale.reshape(-1).float(),
+                                                  torch.zeros(n, dtype=torch.long), None, 1.0, 0, torch.float32,
+                                                  "none", [], "")
+    # fbgemm quantizes its fp32 input as round(x) + zp with scale 1: hand it codes - zp
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes.float() - zp, 1.0, zp, packed)
+
+
+def _gemm_exact(codes: torch.Tensor, zp: int, w_q: torch.Tensor, w_scale: torch.Tensor, qmax: int,
+                what: str) -> torch.Tensor:
+    """Like :func:`_gemm_codes` on whichever engine is exact for ``qmax``-wide codes here; 8-bit codes on a
+    CPU that would saturate them are split into two exact 7-bit GEMMs (``codes = 2 * hi + lo``)."""
+    bits = 8 if qmax > 127 else 7
+    shape = tuple(w_q.shape)
+    engine = cpu_isa.plan("linear", bits, "", shape)
+    if engine is not None:
+        return _gemm_codes(codes, zp, w_q, w_scale, engine)
+    engine = cpu_isa.plan("linear", 7, "", shape)
+    if engine is None:  # no exact int8 engine at all: float arithmetic on the codes
+        return F.linear(codes.float() - zp, w_q.float() * w_scale.reshape(-1, 1))
+    _warn_fallback(what, bits)
+    hi, lo = codes >> 1, codes & 1
+    return _gemm_codes(hi, 0, w_q, w_scale, engine).mul_(2).add_(_gemm_codes(lo, zp, w_q, w_scale, engine))
+
+
+def _linear_static(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zp: int,
+                   x_qmax: int, engine: str) -> torch.Tensor:
+    bits = 8 if x_qmax > 127 else 7
+    use = cpu_isa.plan("linear", bits, engine, tuple(w_q.shape))
+    if use == "fbgemm":
+        # fbgemm quantizes the fp32 input itself (fused) with codes in 0..255: clamping the input to the
+        # range of the layer's codes first gives exactly the simulation's clamp(round(x / s) + z, 0, qmax)
+        if x_qmax < 255:
+            x2 = x2.clamp((0 - x_zp) * x_scale, (x_qmax - x_zp) * x_scale)
+        packed = _packed(w_q, w_scale, "linear", "fbgemm")
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2.contiguous(), x_scale, x_zp,
+                                                                                 packed)
+    codes = _codes(x2, x_scale, x_zp, x_qmax)
+    if use == "onednn":
+        return _gemm_codes(codes, x_zp, w_q, w_scale, "onednn").mul_(x_scale)
+    return _gemm_exact(codes, x_zp, w_q, w_scale, x_qmax, "linear").mul_(x_scale)
+
+
+def linear_int8_reference(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                          x_scale: float, x_zp: int, x_qmax: int = 255, engine: str = "") -> torch.Tensor:
+    """The simulated QDQ formula of a static int8 linear: what :func:`linear_int8` computes."""
+    s, z = torch.tensor(float(x_scale)), torch.tensor(int(x_zp), dtype=torch.int32)
+    xs = qspec.dequantize(qspec.quantize(x.float(), s, z, 0, x_qmax), s, z)
+    return F.linear(xs, w_q.float() * w_scale.reshape(-1, 1), bias)
+
+
+def linear_int8_dynamic_reference(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                                  bias: Optional[torch.Tensor], x_qmax: int = 127, engine: str = "") -> torch.Tensor:
+    """The simulated QDQ formula of a dynamic (per-token) int8 linear: what :func:`linear_int8_dynamic` computes."""
+    st = torch.ops.fxopt.dynamic_scale(x, x_qmax)
+    z = torch.zeros((), dtype=torch.int32)
+    xs = qspec.dequantize(qspec.quantize(x.float(), st, z, -x_qmax, x_qmax), st, z)
+    return F.linear(xs, w_q.float() * w_scale.reshape(-1, 1), bias)
 
 
 @custom_op("fxopt::linear_int8", mutates_args=())
 def linear_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                x_scale: float, x_zp: int) -> torch.Tensor:
-    packed = _packed(w_q, w_scale, "linear")
-    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-    out = _gemm(x2, packed, x_scale, x_zp)
+                x_scale: float, x_zp: int, x_qmax: int = 255, engine: str = "fbgemm") -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    out = _linear_static(x2, w_q, w_scale, x_scale, x_zp, x_qmax, engine)
     if bias is not None:
         out.add_(bias)
     return out.reshape(*x.shape[:-1], w_q.shape[0])
 
 
 @linear_int8.register_fake
-def _(x, w_q, w_scale, bias, x_scale, x_zp):
+def _(x, w_q, w_scale, bias, x_scale, x_zp, x_qmax=255, engine="fbgemm"):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=torch.float32)
 
 
 @custom_op("fxopt::linear_int8_dynamic", mutates_args=())
-def linear_int8_dynamic(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                        bias: Optional[torch.Tensor]) -> torch.Tensor:
-    packed = _packed(w_q, w_scale, "linear")
+def linear_int8_dynamic(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                        x_qmax: int = 127, engine: str = "fbgemm") -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).float()
-    row_scale = x2.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps) / 127
-    out = _gemm((x2 * (1.0 / row_scale)).contiguous(), packed, 1.0, 128)
+    row_scale = x2.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps) / x_qmax
+    # rows divided by their own scale: the kernel's rounding with scale 1 *is* the per-token rounding, and
+    # the symmetric codes -qmax..qmax sit on zero point qmax + 1 (1..255 for 8 bits, 1..127 for 7)
+    zp = x_qmax + 1
+    bits = 8 if x_qmax > 63 else 7
+    use = cpu_isa.plan("linear", bits, engine, tuple(w_q.shape))
+    scaled = x2 * (1.0 / row_scale)
+    if use == "fbgemm":
+        packed = _packed(w_q, w_scale, "linear", "fbgemm")
+        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(scaled.contiguous(), 1.0, zp,
+                                                                                packed)
+    else:
+        codes = (torch.round(scaled) + zp).clamp_(1, 2 * x_qmax + 1).to(torch.uint8)
+        out = (_gemm_codes(codes, zp, w_q, w_scale, "onednn") if use == "onednn"
+               else _gemm_exact(codes, zp, w_q, w_scale, 2 * x_qmax + 1, "linear"))
     out.mul_(row_scale)
     if bias is not None:
         out.add_(bias)
@@ -98,7 +199,7 @@ def linear_int8_dynamic(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tenso
 
 
 @linear_int8_dynamic.register_fake
-def _(x, w_q, w_scale, bias):
+def _(x, w_q, w_scale, bias, x_qmax=127, engine="fbgemm"):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=torch.float32)
 
 
@@ -106,21 +207,58 @@ def _conv_out(size: Any, k: int, s: int, p: int, d: int) -> Any:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def conv2d_int8_reference(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                          stride: list[int], padding: list[int], dilation: list[int], groups: int, x_scale: float,
+                          x_zp: int, out_scale: float, out_zp: int, relu: bool, x_qmax: int = 255,
+                          out_qmax: int = 255, engine: str = "") -> torch.Tensor:
+    """The simulated QDQ formula of a static int8 conv: what :func:`conv2d_int8` computes."""
+    t = torch.tensor
+    xs = qspec.dequantize(qspec.quantize(x.float(), t(x_scale), t(x_zp), 0, x_qmax), t(x_scale), t(x_zp))
+    y = F.conv2d(xs, w_q.float() * w_scale.reshape(-1, 1, 1, 1), bias, stride, padding, dilation, groups)
+    y = y.relu() if relu else y
+    return qspec.dequantize(qspec.quantize(y, t(out_scale), t(out_zp), 0, out_qmax), t(out_scale), t(out_zp))
+
+
 @custom_op("fxopt::conv2d_int8", mutates_args=())
 def conv2d_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                 stride: list[int], padding: list[int], dilation: list[int], groups: int, x_scale: float,
-                x_zp: int, out_scale: float, out_zp: int, relu: bool) -> torch.Tensor:
+                x_zp: int, out_scale: float, out_zp: int, relu: bool, x_qmax: int = 255, out_qmax: int = 255,
+                engine: str = "fbgemm") -> torch.Tensor:
+    bits = 8 if x_qmax > 127 else 7
+    use = cpu_isa.plan("conv", bits, engine, cpu_isa.conv_shape(w_q.shape, stride, padding, dilation, groups))
+    if use is None:
+        _warn_fallback("conv", bits)
+        return conv2d_int8_reference(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
+                                     out_scale, out_zp, relu, x_qmax, out_qmax)
+    xf = x.float()
+    if x_qmax < 255:
+        xf = xf.clamp((0 - x_zp) * x_scale, (x_qmax - x_zp) * x_scale)
     b = None if bias is None else bias.float()
-    packed = _packed(w_q, w_scale, "conv", (tuple(stride), tuple(padding), tuple(dilation), groups, b))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        xq = torch.quantize_per_tensor(x.float().contiguous(), x_scale, x_zp, torch.quint8)
-    op = torch.ops.quantized.conv2d_relu if relu else torch.ops.quantized.conv2d
-    return op(xq, packed, out_scale, out_zp).dequantize()
+    if use == "onednn":
+        codes = _codes(xf.contiguous(), x_scale, x_zp, x_qmax)
+        packed = _packed(w_q, w_scale, "conv", "onednn", (tuple(stride), tuple(padding), tuple(dilation), groups,
+                                                          x_scale, x_zp))
+        y = torch.ops.onednn.qconv2d_pointwise(codes, x_scale, x_zp, packed, w_scale.reshape(-1).float(),
+                                               torch.zeros(w_q.shape[0], dtype=torch.long), b, list(stride),
+                                               list(padding), list(dilation), groups, out_scale, out_zp,
+                                               None, "relu" if relu else "none", [], "")
+        q = y
+    else:
+        packed = _packed(w_q, w_scale, "conv", "fbgemm", (tuple(stride), tuple(padding), tuple(dilation), groups,
+                                                          x_scale, x_zp, b))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            xq = torch.quantize_per_tensor(xf.contiguous(), x_scale, x_zp, torch.quint8)
+        op = torch.ops.quantized.conv2d_relu if relu else torch.ops.quantized.conv2d
+        q = op(xq, packed, out_scale, out_zp).int_repr()
+    if out_qmax < 255:
+        q = q.clamp(max=out_qmax)
+    return qspec.dequantize(q, torch.tensor(out_scale), torch.tensor(out_zp))
 
 
 @conv2d_int8.register_fake
-def _(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, out_scale, out_zp, relu):
+def _(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, out_scale, out_zp, relu,
+      x_qmax=255, out_qmax=255, engine="fbgemm"):
     h = _conv_out(x.shape[2], w_q.shape[2], stride[0], padding[0], dilation[0])
     w = _conv_out(x.shape[3], w_q.shape[3], stride[1], padding[1], dilation[1])
     return x.new_empty((x.shape[0], w_q.shape[0], h, w), dtype=torch.float32)
@@ -187,6 +325,11 @@ def _(w_q, indices, w_scale, w_zp, group_size, bits):
     dim = w_q.shape[1] * (2 if bits == 4 else 1)
     return w_q.new_empty((*indices.shape, dim), dtype=torch.float32)
 
+
+#: each int8 kernel -> its pure-torch reference (the QDQ formula it must equal for every input)
+REFERENCES = {torch.ops.fxopt.linear_int8.default: linear_int8_reference,
+              torch.ops.fxopt.linear_int8_dynamic.default: linear_int8_dynamic_reference,
+              torch.ops.fxopt.conv2d_int8.default: conv2d_int8_reference}
 
 LOWERED_OPS = {torch.ops.fxopt.linear_int8.default, torch.ops.fxopt.linear_int8_dynamic.default,
                torch.ops.fxopt.conv2d_int8.default, torch.ops.fxopt.linear_wq.default,

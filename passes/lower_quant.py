@@ -29,13 +29,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 import fxopt.kernels.cpu_quant  # noqa: F401  (registers the kernels)
+from fxopt.kernels import cpu_isa
 import fxopt.qops  # noqa: F401  (registers quantize/dequantize)
 from fxopt.dialect import aten, arg
-from fxopt.kernels.cpu_quant import pack_int4
-from fxopt import qspec as qs
+from fxopt.kernels.cpu_quant import REFERENCES, pack_int4
 from fxopt.qspec import QSpec
 from fxopt.meta import propagate_meta
 from fxopt.pass_base import Pass, PassContext, PassResult, register_pass
@@ -80,7 +79,11 @@ def _bits_from_meta(user: fx.Node) -> int:
 
 
 def _activation(gm: fx.GraphModule, node: Any) -> tuple[str, fx.Node, Any] | None:
-    """('static', x, (scale, zp)) or ('dynamic', x, None) for ``dq(q(x, ...))``."""
+    """('static', x, (scale, zp, qmax)) or ('dynamic', x, qmax) for ``dq(q(x, ...))``.
+
+    Static codes are unsigned ``0..qmax`` (qmax 255, or 127 where the CPU needs 7 bits);
+    dynamic ones symmetric ``-qmax..qmax`` with a run-time per-row scale.
+    """
     if not (isinstance(node, fx.Node) and node.target is _DQ):
         return None
     q = node.args[0]
@@ -89,12 +92,18 @@ def _activation(gm: fx.GraphModule, node: Any) -> tuple[str, fx.Node, Any] | Non
     x, s, z, qmin, qmax, g = q.args
     if g:
         return None
-    if isinstance(s, fx.Node) and s.target is _DYN and (qmin, qmax) == (-127, 127):
-        return "dynamic", x, None
-    st, zt = attr_tensor(gm, s), attr_tensor(gm, z)
-    if st is None or zt is None or st.numel() != 1 or (qmin, qmax) != (0, 255):
+    if isinstance(s, fx.Node) and s.target is _DYN:
+        if qmin == -qmax and 1 <= qmax <= 127 and s.args[1] == qmax and s.args[0] is x:
+            return "dynamic", x, qmax
         return None
-    return "static", x, (float(st), int(zt))
+    st, zt = attr_tensor(gm, s), attr_tensor(gm, z)
+    if st is None or zt is None or st.numel() != 1 or qmin != 0 or not 1 <= qmax <= 255:
+        return None
+    return "static", x, (float(st), int(zt), int(qmax))
+
+
+def _bits(qmax: int, dynamic: bool) -> int:
+    return 8 if qmax > (63 if dynamic else 127) else 7
 
 
 def _replace(gm: fx.GraphModule, old: fx.Node, target: Any, args: tuple) -> fx.Node:
@@ -137,6 +146,7 @@ class LowerQuantPass(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts: dict[str, int] = {}
         kept: list[str] = []
+        self._kernels: dict[str, str] = {}
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or getattr(node, "_erased", False):
                 continue
@@ -151,8 +161,19 @@ class LowerQuantPass(Pass):
         erase_dead(gm)
         propagate_meta(gm)
         worst = check_layers(gm, ctx)
-        return PassResult(True, frozenset({"shapes"}), {"lowered": counts, "kept": kept,
-                                                         "worst_layer_error": worst})
+        info: dict[str, Any] = {"lowered": counts, "kept": kept, "worst_layer_error": worst}
+        if self._kernels:
+            info["cpu"] = cpu_isa.cpu_info(probe=False).isa + (f" (plan forced: {cpu_isa.forced_isa()})"
+                                                               if cpu_isa.forced_isa() else "")
+            info["int8_kernels"] = _summarize(self._kernels)
+            info["layer_kernels"] = dict(self._kernels)
+        return PassResult(True, frozenset({"shapes"}), info)
+
+    def _engine(self, node: fx.Node, kind: str, bits: int, shape: tuple) -> str:
+        """The engine exact for ``bits``-wide codes on this CPU (recorded with the layer's kernel)."""
+        engine = cpu_isa.plan(kind, bits, "", shape)
+        self._kernels[node.name] = f"{engine or 'exact fallback'} {bits}-bit"
+        return engine or "fbgemm"
 
     def _wargs(self, gm: fx.GraphModule, w: _W, bits: int) -> tuple:
         q = _pack4(gm, w) if bits == 4 and self.config.pack_int4 else w.q
@@ -175,12 +196,16 @@ class LowerQuantPass(Pass):
                 return None
             act = _activation(gm, x_node)
             int8_channel = bits == 8 and w.symmetric and w.group_size == 0
+            shape = tuple(attr_tensor(gm, w.q).shape)
             if act is not None and act[0] == "dynamic" and int8_channel:
-                _replace(gm, node, fxq.linear_int8_dynamic.default, (act[1], w.q, w.scale, bias))
+                qmax = act[2]
+                engine = self._engine(node, "linear", _bits(qmax, True), shape)
+                _replace(gm, node, fxq.linear_int8_dynamic.default, (act[1], w.q, w.scale, bias, qmax, engine))
                 return "linear_int8_dynamic"
             if act is not None and act[0] == "static" and int8_channel:
-                (s, z) = act[2]
-                _replace(gm, node, fxq.linear_int8.default, (act[1], w.q, w.scale, bias, s, z))
+                (s, z, qmax) = act[2]
+                engine = self._engine(node, "linear", _bits(qmax, False), shape)
+                _replace(gm, node, fxq.linear_int8.default, (act[1], w.q, w.scale, bias, s, z, qmax, engine))
                 return "linear_int8"
             if act is None and not (isinstance(x_node, fx.Node) and x_node.target is _DQ):
                 q, s, z, g, b = self._wargs(gm, w, bits)
@@ -217,16 +242,19 @@ class LowerQuantPass(Pass):
         if len(out.users) != 1:
             return None
         q_out = next(iter(out.users))
-        if q_out.target is not _Q or q_out.args[3:] != (0, 255, 0):
+        if q_out.target is not _Q or q_out.args[3] != 0 or q_out.args[5] != 0 or not 1 <= q_out.args[4] <= 255:
             return None
         so, zo = attr_tensor(gm, q_out.args[1]), attr_tensor(gm, q_out.args[2])
         dqs = list(q_out.users)
         if so is None or zo is None or so.numel() != 1 or not all(d.target is _DQ for d in dqs):
             return None
-        (s, z) = act[2]
+        (s, z, qmax) = act[2]
+        shape = cpu_isa.conv_shape(attr_tensor(gm, w.q).shape, stride, padding, dilation, groups)
+        engine = self._engine(node, "conv", _bits(qmax, False), shape)
         with gm.graph.inserting_before(q_out):
             new = gm.graph.call_function(fxq.conv2d_int8.default, (
-                act[1], w.q, w.scale, bias, stride, padding, dilation, groups, s, z, float(so), int(zo), relu))
+                act[1], w.q, w.scale, bias, stride, padding, dilation, groups, s, z, float(so), int(zo), relu,
+                qmax, int(q_out.args[4]), engine))
         copy_meta(new, node)
         new.meta["fxopt_quant"] = node.meta.get("fxopt_quant")
         # the kernel's output already lies on the output grid: q/dq of it is the identity. Quantized
@@ -244,28 +272,13 @@ class LowerQuantPass(Pass):
 
 
 # ---------------------------------------------------------------- per-layer check
-def _sim_linear_static(x, w_q, w_scale, bias, s, z):
-    xs = qs.dequantize(qs.quantize(x.float(), torch.tensor(s), torch.tensor(z), 0, 255), torch.tensor(s), torch.tensor(z))
-    return F.linear(xs, w_q.float() * w_scale.reshape(-1, 1), bias)
+_SIM = dict(REFERENCES)  # kernel -> its simulated QDQ formula (tests swap entries to fake a wrong kernel)
 
 
-def _sim_linear_dynamic(x, w_q, w_scale, bias):
-    st = torch.ops.fxopt.dynamic_scale(x, 127)
-    z = torch.zeros((), dtype=torch.int32)
-    xs = qs.dequantize(qs.quantize(x.float(), st, z, -127, 127), st, z)
-    return F.linear(xs, w_q.float() * w_scale.reshape(-1, 1), bias)
-
-
-def _sim_conv(x, w_q, w_scale, bias, stride, padding, dilation, groups, s, z, so, zo, relu):
-    t = torch.tensor
-    xs = qs.dequantize(qs.quantize(x.float(), t(s), t(z), 0, 255), t(s), t(z))
-    y = F.conv2d(xs, w_q.float() * w_scale.reshape(-1, 1, 1, 1), bias, stride, padding, dilation, groups)
-    y = y.relu() if relu else y
-    return qs.dequantize(qs.quantize(y, t(so), t(zo), 0, 255), t(so), t(zo))
-
-
-_SIM = {fxq.linear_int8.default: _sim_linear_static, fxq.linear_int8_dynamic.default: _sim_linear_dynamic,
-        fxq.conv2d_int8.default: _sim_conv}
+def _allowed(kernel: Any, args: tuple, ref: torch.Tensor) -> float:
+    # a static conv requantizes its output: one step of the output scale is rounding
+    step = 2.01 * args[10] if kernel is fxq.conv2d_int8.default else 0.0
+    return 1e-4 * float(ref.abs().max()) + 1e-5 + step
 
 
 class _Checked:
@@ -274,46 +287,127 @@ class _Checked:
     def __init__(self, node: fx.Node, errors: dict):
         self.kernel, self.sim, self.node, self.errors = node.target, _SIM[node.target], node, errors
         self.__name__ = f"check_{node.name}"
+        self.args: tuple | None = None
 
     def __call__(self, *args: Any) -> torch.Tensor:
         out = self.kernel(*args)
         ref = self.sim(*args)
         err = float((out - ref).abs().max()) if out.numel() else 0.0
-        # a static conv requantizes its output: one step of the output scale is rounding
-        allowed = 1e-4 * float(ref.abs().max()) + 1e-5 + (2.01 * args[10] if self.kernel is
-                                                         fxq.conv2d_int8.default else 0.0)
-        self.errors[self.node.name] = (err, allowed)
+        allowed = _allowed(self.kernel, args, ref)
+        if err > allowed or self.node.name not in self.errors:
+            self.errors[self.node.name] = (err, allowed, "on the example inputs")
+        self.args = args
         return out
 
 
-def check_layers(gm: fx.GraphModule, ctx: PassContext) -> float:
-    """Run each int8 kernel next to its simulated formula on the example inputs.
+def _codes_to_x(codes: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    return (codes.float() - zp) * scale
 
-    Raises ``PassError`` naming the first layer whose kernel disagrees with the
-    simulation beyond float rounding (one output step for requantizing convs); returns
+
+def _linear_edges(args: tuple, dynamic: bool) -> list[tuple[str, torch.Tensor]]:
+    """Inputs with every activation code at its extremes (both signs, aligned with the weights' signs)."""
+    w = args[1]
+    k = w.shape[1]
+    signs = (w[: min(4, w.shape[0])].float() >= 0)
+    if dynamic:
+        big = 1e4
+        rows = [torch.full((k,), big), torch.full((k,), -big), torch.where(signs[0], big, -big),
+                torch.where(signs[-1], -big, big), torch.linspace(-1, 1, k),
+                torch.cat([torch.full((1,), 3e3), torch.full((k - 1,), 1e-3)])[:k], torch.zeros(k)]
+        return [("all codes at their extremes, both signs", torch.stack(rows))]
+    scale, zp, qmax = float(args[4]), int(args[5]), int(args[6])
+    top, bottom = torch.full((k,), qmax), torch.zeros(k)
+    rows = [top, bottom, torch.where(signs[0], qmax, 0), torch.where(signs[0], 0, qmax),
+            torch.where(signs[-1], qmax, 0), torch.randint(0, qmax + 1, (k,), generator=torch.Generator().manual_seed(0))]
+    x = _codes_to_x(torch.stack(rows), scale, zp)
+    beyond = torch.stack([torch.full((k,), (qmax - zp + 40) * scale), torch.full((k,), (-zp - 40) * scale)])
+    return [(f"all codes at their extremes (0 and {qmax}), aligned with the weight signs", x),
+            ("inputs beyond the calibrated range", beyond)]
+
+
+def _conv_edges(args: tuple) -> list[tuple[str, torch.Tensor]]:
+    w, stride, padding, dilation, groups = args[1], args[4], args[5], args[6], args[7]
+    scale, zp, qmax = float(args[8]), int(args[9]), int(args[13]) if len(args) > 13 else 255
+    cin, kh, kw = w.shape[1] * groups, w.shape[2], w.shape[3]
+    h = (kh - 1) * dilation[0] + 1 + stride[0] * 2
+    ww = (kw - 1) * dilation[1] + 1 + stride[1] * 2
+    top = torch.full((1, cin, h, ww), qmax)
+    aligned = torch.zeros(1, cin, h, ww)
+    first = (w[0].float() >= 0).repeat(groups, 1, 1)  # the first filter's signs, for every group
+    for i in range(kh):
+        for j in range(kw):
+            aligned[0, :, i * dilation[0], j * dilation[1]] = torch.where(first[:, i, j], qmax, 0).float()
+    x = torch.cat([top, torch.zeros_like(top), aligned])
+    return [(f"all codes at their extremes (0 and {qmax})", _codes_to_x(x, scale, zp))]
+
+
+def _edge_errors(node: fx.Node, args: tuple) -> tuple[float, float, str] | None:
+    """The worst disagreement of ``node``'s kernel with its simulation at the edges of its input ranges."""
+    kernel, sim = node.target, _SIM[node.target]
+    if kernel is fxq.conv2d_int8.default:
+        cases = _conv_edges(args)
+    else:
+        cases = _linear_edges(args, kernel is fxq.linear_int8_dynamic.default)
+    worst = None
+    for what, x in cases:
+        if kernel is not fxq.conv2d_int8.default:
+            x = x.reshape(*([1] * (args[0].dim() - 2)), *x.shape) if args[0].dim() > 2 else x
+        edge = (x, *args[1:])
+        out, ref = kernel(*edge), sim(*edge)
+        err, allowed = float((out - ref).abs().max()), _allowed(kernel, edge, ref)
+        if worst is None or err - allowed > worst[0] - worst[1]:
+            worst = (err, allowed, what)
+    return worst
+
+
+def check_layers(gm: fx.GraphModule, ctx: PassContext) -> float:
+    """Run each int8 kernel next to its simulated formula, on the inputs and at the edges of its ranges.
+
+    The example inputs (and ``ctx.verify_inputs``) give each layer its real arguments; each
+    layer is then also run on synthetic inputs whose codes all sit at their extremes, both
+    signs, aligned with the weights' signs, and beyond the calibrated range, where a kernel
+    that saturates its accumulators shows. Raises ``PassError`` naming the first layer whose
+    kernel disagrees beyond float rounding (one output step for requantizing convs); returns
     the largest error seen.
     """
     from fxopt.errors import PassError
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SIM]
     if not nodes:
         return 0.0
-    errors: dict[str, tuple[float, float]] = {}
+    errors: dict[str, tuple[float, float, str]] = {}
+    checked = {n: _Checked(n, errors) for n in nodes}
     for n in nodes:
-        n.target = _Checked(n, errors)
+        n.target = checked[n]
     gm.recompile()
     try:
-        ctx.run(gm)
+        for args, kwargs in [(ctx.args, ctx.kwargs)] + list(getattr(ctx, "verify_inputs", None) or []):
+            with torch.no_grad():
+                gm(*args, **kwargs)
     finally:
         for n in nodes:
-            n.target = n.target.kernel
+            n.target = checked[n].kernel
         gm.recompile()
-    for name, (err, allowed) in errors.items():
+    with torch.no_grad():
+        for n in nodes:
+            if checked[n].args is not None:
+                edge = _edge_errors(n, checked[n].args)
+                if edge is not None and (edge[0] > edge[1] or n.name not in errors):
+                    errors[n.name] = max(errors.get(n.name, edge), edge, key=lambda e: e[0] - e[1])
+    for name, (err, allowed, what) in errors.items():
         if err > allowed:
             raise PassError("lower-quant", f"the kernel of '{name}' differs from its simulated QDQ form by "
-                            f"{err:.3g} (allowed {allowed:.3g})",
+                            f"{err:.3g} (allowed {allowed:.3g}) {what}",
                             remedy=f"keep the layer simulated: insert-qdq(skip=['{name}']) (or its module path), "
-                            "and report the case")
-    return max((e for e, _ in errors.values()), default=0.0)
+                            "and report the case with `fxopt info` output")
+    return max((e for e, _, _ in errors.values()), default=0.0)
+
+
+def _summarize(kernels: dict[str, str]) -> str:
+    """'fbgemm 7-bit x12, onednn 8-bit x2': how many int8 layers run on which engine and code width."""
+    counts: dict[str, int] = {}
+    for k in kernels.values():
+        counts[k] = counts.get(k, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
 
 
 def _pair(v: Any) -> tuple:

@@ -21,6 +21,11 @@ Config (all strings are :class:`~fxopt.qspec.QSpec` text):
 * ``ops``: which ops to quantize, from ``linear``, ``conv``, ``embedding``;
 * ``skip``: module-path globs kept in float; ``overrides``: ``"GLOB=WEIGHT[;ACT]"``
   per-layer specs (``"encoder.layer.5.*=int8/channel;none"``; ``float`` skips);
+* ``reduce_range``: ``auto`` (default) quantizes activations of int8 linears and convs to
+  7-bit codes (0..127) on CPUs whose int8 kernels would saturate with 8-bit codes (x86
+  without VNNI, see :mod:`fxopt.kernels.cpu_isa`) and to 8-bit codes elsewhere; ``true``
+  always uses 7 bits, ``false`` always 8 (on a saturating CPU the kernels then take an
+  exact, slower path). The choice is in the specs of the QDQ nodes and the pass record;
 * ``budget``: a minimum output cosine similarity to the float model over the
   calibration data; the most quantization-sensitive layers are kept in float until it
   holds (the chosen layers are in the pass record). A user metric works too:
@@ -60,6 +65,7 @@ from fxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from fxopt.qspec import QSpec
 from fxopt.qspec import quantize as quantize_tensor
 from fxopt.rewrite_utils import attr_tensor, copy_meta, erase_dead
+from fxopt.kernels import cpu_isa
 
 __all__ = ["InsertQDQPass", "QuantTarget", "plan_targets", "materialize", "collect_qparams", "share_groups",
            "output_similarity", "sensitivity_scores"]
@@ -134,7 +140,53 @@ def plan_targets(gm: fx.GraphModule, config: Any) -> list[QuantTarget]:
             if isinstance(v, torch.Tensor) and v.dtype != torch.float32:
                 a = None
         out.append(QuantTarget(node, kind, path, ws, a))
-    return out
+    return _fit_activation_range(gm, out, getattr(config, "reduce_range", False))
+
+
+def int8_kernel_target(t: QuantTarget) -> bool:
+    """Will ``lower-quant`` run this target on an int8 x int8 kernel (int8 symmetric per-channel weights)?"""
+    w, a = t.weight, t.activation
+    return (t.kind in ("linear", "conv") and a is not None and w.bits == 8 and w.signed and w.symmetric
+            and w.granularity == "channel")
+
+
+def _kernel_kind(gm: fx.GraphModule, t: QuantTarget) -> str:
+    if t.kind == "linear":
+        return "linear"
+    groups = t.node.args[6] if len(t.node.args) > 6 else t.node.kwargs.get("groups", 1)
+    return "depthwise" if isinstance(groups, int) and groups > 1 else "conv"
+
+
+def activation_bits_for(gm: fx.GraphModule, t: QuantTarget, reduce_range: Any) -> int:
+    """8 or 7: the activation code width of an int8-kernel target under ``reduce_range``."""
+    if reduce_range is True:
+        return 7
+    if reduce_range is False:
+        return 8
+    return cpu_isa.activation_bits(_kernel_kind(gm, t))
+
+
+def _isa_label() -> str:
+    force = cpu_isa.forced_isa()
+    return f"{force} (forced)" if force else cpu_isa.cpu_info(probe=False).isa
+
+
+def _fit_activation_range(gm: fx.GraphModule, targets: list[QuantTarget], reduce_range: Any) -> list[QuantTarget]:
+    """Narrow the activations of int8-kernel targets to 7-bit codes where the CPU plan needs it.
+
+    All consumers of one tensor share its quantize node, so they get the narrowest width any
+    of them needs.
+    """
+    bits: dict[Any, int] = {}
+    for t in targets:
+        if int8_kernel_target(t) and isinstance(t.node.args[0], fx.Node):
+            x = t.node.args[0]
+            bits[x] = min(bits.get(x, 8), activation_bits_for(gm, t, reduce_range))
+    for t in targets:
+        x = t.node.args[0] if t.kind != "embedding" else None
+        if t.activation is not None and bits.get(x, 8) < t.activation.bits:
+            t.activation = dataclasses.replace(t.activation, bits=bits[x])
+    return targets
 
 
 def _output_node(t: QuantTarget) -> fx.Node:
@@ -143,6 +195,13 @@ def _output_node(t: QuantTarget) -> fx.Node:
     if len(users) == 1 and users[0].op == "call_function" and users[0].target in _RELU:
         return users[0]
     return t.node
+
+
+def output_spec(t: QuantTarget) -> QSpec:
+    """A static conv's output grid: unsigned, as wide as its input codes (the next int8 layer reads it)."""
+    a = t.activation
+    return QSpec(bits=min(a.bits, 8) if a is not None else 8, signed=False, symmetric=False,
+                 observer=a.observer if a is not None else "minmax")
 
 
 def _needs_output(t: QuantTarget) -> bool:
@@ -155,8 +214,7 @@ def _observed(targets: list[QuantTarget]) -> dict[fx.Node, QSpec]:
         if t.activation is not None and not t.activation.dynamic and isinstance(t.node.args[0], fx.Node):
             watch.setdefault(t.node.args[0], t.activation)
             if _needs_output(t):
-                watch.setdefault(_output_node(t), QSpec(bits=8, signed=False, symmetric=False,
-                                                        observer=t.activation.observer))
+                watch.setdefault(_output_node(t), output_spec(t))
     return watch
 
 
@@ -265,6 +323,8 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
         copy_meta(wd, node)
         node.replace_input_with(w_node, wd)
         node.meta["fxopt_quant"] = {"weight": str(t.weight), "activation": str(t.activation) if t.activation else None}
+        if int8_kernel_target(t):
+            node.meta["fxopt_quant"]["isa"] = _isa_label()
         if t.activation is None or not isinstance(node.args[0], fx.Node):
             continue
         x = node.args[0]
@@ -297,7 +357,8 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
             s = _buffer(gm, "", f"{out.name}_scale", scale, nxt)
             z = _buffer(gm, "", f"{out.name}_zp", zp, nxt)
             with g.inserting_before(nxt):
-                q = g.call_function(fxq.quantize.default, (out, s, z, 0, 255, 0))
+                o = output_spec(t)
+                q = g.call_function(fxq.quantize.default, (out, s, z, o.qmin, o.qmax, 0))
                 dq = g.call_function(fxq.dequantize.default, (q, s, z, 0))
             for n in (q, dq):
                 copy_meta(n, node)
@@ -369,7 +430,7 @@ def sensitivity_scores(gm: fx.GraphModule, targets: list[QuantTarget], qparams: 
         sim = output_similarity(ref, _run(q, batches))
         rows.append({"layer": label, "op": only[0].kind, "weight": str(only[0].weight),
                      "activation": str(only[0].activation) if only[0].activation else "-", **sim})
-    rows.sort(key=lambda r: (r["sqnr"], r["cosine"]))
+    rows.sort(key=lambda r: (r["cosine"], r["sqnr"]))  # the budget is a cosine: its worst layers first
     return rows
 
 
@@ -396,6 +457,7 @@ class InsertQDQPass(Pass):
         overrides: tuple = ()
         budget: float = 0.0
         percentile: float = 99.99
+        reduce_range: Any = "auto"
 
         def __post_init__(self) -> None:
             object.__setattr__(self, "budget", float(self.budget))
@@ -405,6 +467,8 @@ class InsertQDQPass(Pass):
             bad = [o for o in self.ops if o not in _OPS]
             if bad:
                 raise PipelineError(f"insert-qdq: unknown ops {bad}; choose from {sorted(_OPS)}")
+            if self.reduce_range not in ("auto", True, False):
+                raise PipelineError(f"insert-qdq: reduce_range is auto, true or false, got {self.reduce_range!r}")
             if not 0 <= self.budget < 1:
                 raise PipelineError(f"insert-qdq: budget is a minimum cosine in [0, 1), got {self.budget}")
             _spec(self.weight), _spec(self.activation), _spec(self.embedding)
@@ -412,8 +476,8 @@ class InsertQDQPass(Pass):
             if a is not None and a.granularity not in ("tensor", "token"):
                 raise PipelineError(f"insert-qdq: activations are quantized per tensor (static) or per token "
                                     f"(dynamic), got {a}")
-            if a is not None and a.dynamic and (a.bits != 8 or a.granularity != "token"):
-                raise PipelineError("insert-qdq: dynamic activations are int8/token")
+            if a is not None and a.dynamic and (a.bits not in (7, 8) or a.granularity != "token"):
+                raise PipelineError("insert-qdq: dynamic activations are int8/token (or int7/token)")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         config = self.config

@@ -98,9 +98,8 @@ def test_static_conv_lowering_matches_the_simulation_to_one_output_step():
 def test_a_wrong_kernel_is_caught_and_rolled_back(monkeypatch):
     import fxopt.passes.lower_quant as lq
 
-    def bad(x, w_q, w_scale, bias):  # drops the bias: disagrees with the simulation
-        return fxq.linear_int8_dynamic(x, w_q, w_scale, None)
-    monkeypatch.setitem(lq._SIM, fxq.linear_int8_dynamic.default, lambda *a: lq._sim_linear_dynamic(*a) + 1)
+    from fxopt.kernels.cpu_quant import linear_int8_dynamic_reference
+    monkeypatch.setitem(lq._SIM, fxq.linear_int8_dynamic.default, lambda *a: linear_int8_dynamic_reference(*a) + 1)
     with pytest.warns(UserWarning, match="lower-quant"):
         q = fxopt.compile(MLP(), (torch.randn(4, 16),), recipe="int8-dynamic")
     fail = q.fxopt_history.failures[0]
@@ -144,10 +143,12 @@ def test_budget_keeps_the_most_sensitive_layers_in_float():
     model, x = Outlier().eval(), torch.randn(16, 16)
     calib = [torch.randn(16, 16) for _ in range(4)]
     rep = fxopt.sensitivity(model, (x,), recipe="int8", calibration=calib)
-    assert rep.rows[0]["layer"] == "fc2" and "fc2" in rep.table()
+    worst = rep.rows[0]["layer"]  # fc2 with 8-bit codes; with 7-bit ones (reduce_range) fc3 suffers as much
+    assert worst in ("fc2", "fc3") and rep.rows[0]["cosine"] < 0.9 and "fc2" in rep.table()
+    assert rep.rows[-1]["layer"] == "fc1" and rep.rows[-1]["cosine"] > 0.999
     q = _compile(model, x, "canonicalize,insert-qdq(budget=0.999),lower-quant", calibration=calib)
     info = next(r for r in q.fxopt_history.records if r.name == "insert-qdq").info
-    assert "fc2" in info["kept_float"] and len(info["kept_float"]) < 3 and info["budget_cosine"] >= 0.999
+    assert worst in info["kept_float"] and len(info["kept_float"]) < 3 and info["budget_cosine"] >= 0.999
     assert [r["layer"] for r in info["sensitivity"]] == [r["layer"] for r in rep.rows]
     assert _cos(q(x), model(x)) > 0.99
 

@@ -1,0 +1,325 @@
+"""What this CPU offers for int8, and which activation range makes each kernel exact.
+
+Why this exists: on x86 CPUs without VNNI, fbgemm's and oneDNN's u8 x s8 GEMMs multiply
+with ``vpmaddubsw``, which adds *two* u8*s8 products into a **saturating int16** before
+widening to int32. With full-range activation codes (0..255) and int8 weights the pair
+sum reaches 2*255*127 = 64770 > 32767, so results are silently wrong for some inputs
+(the reason PyTorch's fbgemm configs quantize activations with ``reduce_range``). With
+7-bit codes (0..127) the worst pair is 2*127*128 = 32512 and the arithmetic is exact for
+*every* input. VNNI (``vpdpbusd``) and AMX accumulate in int32 and are exact at 8 bits.
+
+So the int8 plan is decided per (engine, op kind), by construction rather than by a spot
+check of the user's data:
+
+1. :func:`cpu_info` reads the CPU's flags (``/proc/cpuinfo`` on Linux) and torch's
+   quantized engines, for reports;
+2. :func:`exact_bits` *measures* each engine once per process with a tiny probe whose
+   codes are all at their extremes: 8 when full-range codes accumulate exactly, 7 when
+   only 7-bit codes do, 0 when the engine is missing or wrong even then;
+3. :func:`activation_bits` is what ``insert-qdq`` simulates (``reduce_range='auto'``):
+   8 where every candidate engine is exact at 8 bits, else 7. The kernels in
+   :mod:`fxopt.kernels.cpu_quant` check at run time that the engine they call is exact
+   for the codes the layer was quantized with, and otherwise take an exact slower path
+   (a model quantized on a VNNI machine and loaded on an AVX2 one stays correct).
+
+One debug switch, ``FXOPT_CPU_ISA``, forces a plan so that both paths run on any machine:
+
+* ``FXOPT_CPU_ISA=avx2``: plan 7-bit activations, and (when set before fbgemm and oneDNN
+  are first used, e.g. in the environment of the process) make fbgemm and oneDNN take
+  their AVX2 code paths (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``, ``ONEDNN_MAX_CPU_ISA=AVX2``),
+  so a VNNI machine runs the real saturating kernels;
+* ``FXOPT_CPU_ISA=vnni``: plan 8-bit activations even where the kernels saturate; the
+  kernels then use their exact fallback (what a VNNI-quantized model loaded here does);
+* unset or ``auto``: measure.
+
+Tests force a plan in-process with :func:`forced`. Example::
+
+    >>> from fxopt.kernels import cpu_isa
+    >>> cpu_isa.activation_bits("linear") in (7, 8)
+    True
+    >>> with cpu_isa.forced("avx2"):
+    ...     cpu_isa.activation_bits("linear")
+    7
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+__all__ = ["CpuInfo", "cpu_info", "exact_bits", "activation_bits", "plan", "forced", "forced_isa", "conv_shape",
+           "quantized_engine",
+           "ENGINES", "KINDS", "DEBUG_SWITCH"]
+
+DEBUG_SWITCH = "FXOPT_CPU_ISA"
+ENGINES = ("fbgemm", "onednn")
+KINDS = ("linear", "conv")
+_FORCED_VALUES = ("auto", "avx2", "vnni")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """The CPU as fxopt sees it: architecture, ISA name, relevant flags, torch's engines."""
+
+    arch: str
+    isa: str                      # "avx512-vnni", "avx-vnni", "avx512", "avx2", "arm64-dotprod", ...
+    flags: tuple = ()
+    torch_capability: str = ""
+    quantized_engines: tuple = ()
+    forced: str | None = None
+    exact: dict = field(default_factory=dict)   # "engine/kind" -> exact activation bits
+
+    def describe(self) -> str:
+        bits = ", ".join(f"{k} {v}-bit" for k, v in sorted(self.exact.items())) or "not probed"
+        force = f", forced by {DEBUG_SWITCH}={self.forced}" if self.forced else ""
+        return f"{self.isa} ({self.arch}; torch {self.torch_capability or '?'}{force}); exact int8 codes: {bits}"
+
+
+_INTERESTING = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile",
+                "avx512_bf16", "asimd", "asimddp", "i8mm", "sve")
+
+
+def _read_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("flags", "features"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _isa_name(arch: str, flags: set[str], capability: str) -> str:
+    if arch in ("x86_64", "amd64", "i686", "x86"):
+        if "avx512_vnni" in flags:
+            return "avx512-vnni"
+        if "avx_vnni" in flags:
+            return "avx-vnni"
+        if "avx512f" in flags or capability.startswith("AVX512"):
+            return "avx512"
+        if "avx2" in flags or capability == "AVX2":
+            return "avx2"
+        return "x86"
+    if arch in ("aarch64", "arm64"):
+        return "arm64-dotprod" if "asimddp" in flags else "arm64"
+    return arch or "unknown"
+
+
+def _forced_value() -> str | None:
+    value = _FORCE_STACK[-1] if _FORCE_STACK else os.environ.get(DEBUG_SWITCH, "").strip().lower() or None
+    if value in (None, "auto"):
+        return None
+    if value not in _FORCED_VALUES:
+        warnings.warn(f"{DEBUG_SWITCH}={value!r} is not one of {', '.join(_FORCED_VALUES)}; ignoring it",
+                      stacklevel=3)
+        return None
+    return value
+
+
+_FORCE_STACK: list[str] = []
+
+
+def forced_isa() -> str | None:
+    """The forced plan (``'avx2'``, ``'vnni'``) or None when the CPU is measured."""
+    return _forced_value()
+
+
+@contextlib.contextmanager
+def forced(value: str) -> Iterator[None]:
+    """Plan as if the CPU were ``value`` (``'avx2'``: 7-bit codes; ``'vnni'``: 8-bit codes) inside the block.
+
+    Only the plan changes: the kernels still run what this CPU runs, with their exact fallback
+    where the plan's codes would saturate them.
+    """
+    if value not in _FORCED_VALUES:
+        raise ValueError(f"forced() takes one of {_FORCED_VALUES}, got {value!r}")
+    _FORCE_STACK.append(value)
+    try:
+        yield
+    finally:
+        _FORCE_STACK.pop()
+
+
+def _apply_env_switch() -> None:
+    """``FXOPT_CPU_ISA=avx2`` in the environment: make the libraries take their AVX2 paths too.
+
+    fbgemm and oneDNN read these variables once, when first used; if they were used before
+    fxopt was imported, the probe below still reports what they really do.
+    """
+    if os.environ.get(DEBUG_SWITCH, "").strip().lower() == "avx2":
+        os.environ.setdefault("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+
+_apply_env_switch()
+
+
+# ---------------------------------------------------------------- probes
+def _per_channel(w: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch._make_per_channel_quantized_tensor(w, torch.ones(w.shape[0], dtype=torch.double),
+                                                        torch.zeros(w.shape[0], dtype=torch.long), 0)
+
+
+@contextlib.contextmanager
+def quantized_engine(name: str) -> Iterator[None]:
+    """Temporarily select torch's quantized engine (prepacking follows it), restoring the user's choice."""
+    old = torch.backends.quantized.engine
+    if old != name:
+        torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        if torch.backends.quantized.engine != old:
+            torch.backends.quantized.engine = old
+
+
+def _linear_once(engine: str, codes: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if engine == "fbgemm":
+        with quantized_engine("fbgemm"):
+            packed = torch.ops.quantized.linear_prepack(_per_channel(w), None)
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes.float(), 1.0, 0, packed)
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    n = w.shape[0]
+    return torch.ops.onednn.qlinear_pointwise(codes, 1.0, 0, packed, torch.ones(n), torch.zeros(n, dtype=torch.long),
+                                              None, 1.0, 0, torch.float32, "none", [], "")
+
+
+def _conv_once(engine: str, codes: torch.Tensor, w: torch.Tensor, conv: tuple, scale: float) -> torch.Tensor:
+    """Conv sums of ``codes`` (uint8) with ``w`` (int8), requantized with ``scale`` (kept in range)."""
+    stride, padding, dilation, groups = (list(conv[0]), list(conv[1]), list(conv[2]), conv[3])
+    if engine == "fbgemm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            xq = torch._make_per_tensor_quantized_tensor(codes, 1.0, 0)
+            with quantized_engine("fbgemm"):
+                packed = torch.ops.quantized.conv2d_prepack(_per_channel(w), None, stride, padding, dilation, groups)
+            return torch.ops.quantized.conv2d(xq, packed, scale, 0).int_repr().float() * scale
+    n = w.shape[0]
+    packed = torch.ops.onednn.qconv_prepack(w, torch.ones(n), 1.0, 0, stride, padding, dilation, groups, None)
+    y = torch.ops.onednn.qconv2d_pointwise(codes, 1.0, 0, packed, torch.ones(n), torch.zeros(n, dtype=torch.long),
+                                           None, stride, padding, dilation, groups, scale, 0, None, "none", [], "")
+    return y.float() * scale
+
+
+def _exact_at(engine: str, kind: str, shape: tuple, top: int) -> bool:
+    """Is ``engine`` exact for layer ``shape`` with every activation code at ``top`` and weights at +-127?
+
+    Every pair of products is at its extreme, so a kernel that sums pairs into a saturating
+    int16 is caught whatever pairs it forms; the layer's own shape makes the library take the
+    same code path (fbgemm has special kernels for depthwise and small-group convolutions).
+    """
+    if kind == "linear":
+        n, k = shape
+        w = torch.full((min(n, 64), k), 127, dtype=torch.int8)
+        w[1::2] = -127
+        codes = torch.full((3, k), top, dtype=torch.uint8)
+        return bool(torch.equal(_linear_once(engine, codes, w), codes.float() @ w.float().t()))
+    w_shape, conv = shape[0], shape[1:5]
+    w = torch.full(w_shape, 127, dtype=torch.int8)  # positive: requantized outputs keep the sums
+    side = max(w_shape[2] * conv[2][0], w_shape[3] * conv[2][1]) + 2 * max(conv[0]) + 1
+    codes = torch.full((1, w_shape[1] * conv[3], side, side), top, dtype=torch.uint8)
+    want = torch.nn.functional.conv2d(codes.float(), w.float(), None, *conv)
+    # the engines requantize conv outputs: map the largest sum to code ~250; saturation is far off
+    scale = float(top) * 127 * w[0].numel() / 250
+    got = _conv_once(engine, codes, w, conv, scale)
+    return bool(((got - want).abs() <= scale * 0.51 + 1e-3).all())
+
+
+def _available(engine: str) -> bool:
+    if engine == "fbgemm":
+        return "fbgemm" in torch.backends.quantized.supported_engines
+    return hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_bits(engine: str, kind: str, shape: tuple) -> int:
+    if not _available(engine):
+        return 0
+    try:
+        if _exact_at(engine, kind, shape, 255):
+            return 8
+        if _exact_at(engine, kind, shape, 127):
+            return 7
+    except Exception:  # noqa: BLE001 - an engine this build cannot run is simply not used
+        return 0
+    return 0
+
+
+#: the layer shapes cpu_info() reports: a linear, a 3x3 conv, a 3x3 depthwise conv
+_SAMPLES = {"linear": ("linear", (64, 67)),
+            "conv3x3": ("conv", ((16, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1)),
+            "depthwise3x3": ("conv", ((16, 1, 3, 3), (1, 1), (1, 1), (1, 1), 16))}
+
+
+def conv_shape(w_shape: Any, stride: Any, padding: Any, dilation: Any, groups: int) -> tuple:
+    """The probe key of a conv layer: weight shape, stride, padding, dilation, groups."""
+    pair = lambda v: tuple(int(i) for i in v) if isinstance(v, (list, tuple)) else (int(v), int(v))  # noqa: E731
+    return (tuple(int(i) for i in w_shape), pair(stride), pair(padding), pair(dilation), int(groups))
+
+
+def exact_bits(engine: str, kind: str = "linear", shape: tuple | None = None) -> int:
+    """Widest activation codes (8 or 7 bits) ``engine`` accumulates exactly here; 0 if unusable.
+
+    ``kind`` is ``linear`` (``shape`` = ``(out_features, in_features)``) or ``conv`` (``shape``
+    from :func:`conv_shape`). Measured once per engine, kind and shape in a process, on this
+    CPU; the debug switch does not change it.
+    """
+    if engine not in ENGINES or kind not in KINDS:
+        raise ValueError(f"exact_bits(engine in {ENGINES}, kind in {KINDS}), got {engine!r}, {kind!r}")
+    if shape is None:
+        shape = _SAMPLES["linear" if kind == "linear" else "conv3x3"][1]
+    return _measured_bits(engine, kind, tuple(shape))
+
+
+def activation_bits(kind: str = "linear", shape: tuple | None = None) -> int:
+    """Activation code width ``insert-qdq`` uses for an int8 layer on this CPU: 8 or 7."""
+    force = _forced_value()
+    if force == "avx2":
+        return 7
+    if force == "vnni":
+        return 8
+    best = max((exact_bits(e, kind, shape) for e in ENGINES), default=0)
+    return 8 if best >= 8 else 7
+
+
+def plan(kind: str, bits: int, preferred: str = "", shape: tuple | None = None) -> str | None:
+    """The engine to run an int8 layer whose activation codes are ``bits`` wide, or None (exact fallback).
+
+    ``preferred`` (the engine recorded at lowering) wins when it is exact for those codes here.
+    """
+    order = [preferred] if preferred in ENGINES else []
+    order += [e for e in ENGINES if e not in order]
+    for e in order:
+        if exact_bits(e, kind, shape) >= bits:
+            return e
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _static_info() -> tuple[str, str, tuple, str, tuple]:
+    arch = platform.machine().lower()
+    flags = _read_flags()
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001
+        capability = ""
+    return (arch, _isa_name(arch, flags, capability), tuple(sorted(f for f in flags if f in _INTERESTING)),
+            capability, tuple(torch.backends.quantized.supported_engines))
+
+
+def cpu_info(probe: bool = True) -> CpuInfo:
+    """This CPU's ISA, flags and engines; with ``probe`` also each engine's exact code width."""
+    arch, isa, flags, capability, engines = _static_info()
+    exact = ({f"{e}/{name}": exact_bits(e, *_SAMPLES[name]) for e in ENGINES for name in _SAMPLES}
+             if probe else {})
+    return CpuInfo(arch, isa, flags, capability, engines, _forced_value(), exact)
