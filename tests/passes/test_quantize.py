@@ -55,7 +55,7 @@ def test_static_int8_needs_calibration():
                                             ("int8-dynamic", fxq.linear_int8_dynamic.default),
                                             ("int8-weight", fxq.linear_wq.default),
                                             ("int4-weight", fxq.linear_wq.default)])
-def test_recipes_lower_linears_and_agree_with_the_simulation(recipe, kernel):
+def test_recipes_lower_linears_and_agree_with_the_simulation(recipe, kernel, cpu_kind):
     torch.manual_seed(0)
     model, x = MLP(128, 256, 64).eval(), torch.randn(16, 128)
     calib = [torch.randn(16, 128) for _ in range(4)]
@@ -64,12 +64,19 @@ def test_recipes_lower_linears_and_agree_with_the_simulation(recipe, kernel):
     assert state_hash(model) == before
     assert _targets(q).count(kernel) == 2
     assert not any(t in (fxq.quantize.default, fxq.dequantize.default) for t in _targets(q))
-    # the simulated QDQ graph (the same pipeline without lower-quant) computes the same numbers
+    # the simulated QDQ graph (the same pipeline without lower-quant) computes the same numbers, for
+    # every input: typical ones, and ones far outside the calibrated range (every code at its extreme)
     sim = fxopt.compile(model, (x,), recipe=recipe, calibration=calib, disable=["lower-quant"])
-    err = (q(x) - sim(x)).abs().max()
-    assert err <= 1e-4 * sim(x).abs().max(), err
+    for probe in (x, torch.randn(5, 128) * 40, torch.full((2, 128), 9.0), torch.rand(3, 128) * 4):
+        err = (q(probe) - sim(probe)).abs().max()
+        assert err <= 1e-4 * sim(probe).abs().max(), (cpu_kind, err)
     low = q.fxopt_history.records[[r.name for r in q.fxopt_history.records].index("lower-quant")]
-    assert low.info["worst_layer_error"] <= 1e-4
+    assert low.info["worst_layer_error"] <= 1e-4 * max(1.0, float(sim(x).abs().max()))
+    if recipe in ("int8", "int8-dynamic"):  # which CPU, engine and code width each layer got
+        want = {"native": None, "avx2": "7-bit", "vnni-plan-on-avx2": "8-bit"}[cpu_kind]
+        assert "int8_kernels" in low.info and (want is None or want in low.info["int8_kernels"]), low.info
+        act = next(n for n in sim.graph.nodes if n.meta.get("fxopt_quant")).meta["fxopt_quant"]
+        assert act["activation"].startswith(("uint7", "int7") if cpu_kind == "avx2" else ("uint", "int"))
     # integer kernels do the float layers' multiply-accumulates: the cost analysis counts them alike
     from fxopt.passes.cost import CostAnalysis
     def macs_at_16(gm):
@@ -83,7 +90,7 @@ def test_recipes_lower_linears_and_agree_with_the_simulation(recipe, kernel):
     assert q(torch.randn(3, 128)).shape == (3, 64)  # batch stays dynamic
 
 
-def test_static_conv_lowering_matches_the_simulation_to_one_output_step():
+def test_static_conv_lowering_matches_the_simulation_to_one_output_step(cpu_kind):
     torch.manual_seed(0)
     model, x = ResCNN(16).eval(), torch.rand(4, 3, 12, 12)
     calib = [torch.rand(4, 3, 12, 12) for _ in range(4)]
@@ -91,8 +98,28 @@ def test_static_conv_lowering_matches_the_simulation_to_one_output_step():
     t = _targets(q)
     assert fxq.conv2d_int8.default in t and fxq.linear_int8.default in t
     sim = fxopt.compile(model, (x,), recipe="int8", calibration=calib, disable=["lower-quant"])
-    assert (q(x) - sim(x)).abs().max() < 0.05 * sim(x).abs().max()
+    for probe in (x, torch.rand(2, 3, 12, 12) * 30):
+        assert (q(probe) - sim(probe)).abs().max() < 0.05 * sim(probe).abs().max()
     assert _cos(q(x), model(x)) > 0.99
+
+
+@pytest.mark.parametrize("recipe, model_cls, shape", [("int8-dynamic", MLP, (16, 16)), ("int8", MLP, (16, 16)),
+                                                      ("int8", ResCNN, (4, 3, 12, 12))])
+def test_a_saturating_kernel_is_caught_at_the_edges_of_its_ranges(monkeypatch, recipe, model_cls, shape):
+    """An AVX2 CPU whose probe wrongly claims exact 8-bit sums: the example inputs may look fine, the
+    edges of the ranges do not, and the lowering is rolled back (the user keeps the correct simulation)."""
+    from avx2_emulation import emulate_avx2
+    from fxopt.kernels import cpu_isa
+    emulate_avx2(monkeypatch)
+    monkeypatch.setattr(cpu_isa, "exact_bits", lambda engine, kind="linear", shape=None: 8 * (engine == "fbgemm"))
+    torch.manual_seed(0)
+    model, x = model_cls().eval(), torch.rand(*shape) * 0.1  # small inputs: codes far from saturating
+    with pytest.warns(UserWarning, match="lower-quant"):
+        q = fxopt.compile(model, (x,), recipe=recipe, calibration=[torch.rand(*shape) for _ in range(3)])
+    fail = q.fxopt_history.failures[0]
+    assert fail.name == "lower-quant" and "differs from its simulated QDQ form" in fail.error
+    assert "extremes" in fail.error or "beyond" in fail.error, fail.error
+    assert fxq.dequantize.default in _targets(q)
 
 
 def test_a_wrong_kernel_is_caught_and_rolled_back(monkeypatch):

@@ -1,0 +1,131 @@
+"""The int8 CPU kernels against their references, on every CPU path and at the edges of their ranges."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avx2_emulation import fbgemm_linear, saturating_sums
+from fxopt.kernels import cpu_isa, cpu_quant
+from fxopt.kernels.cpu_quant import (conv2d_int8_reference, linear_int8_dynamic_reference, linear_int8_reference)
+
+fxq = torch.ops.fxopt
+ENGINES = [e for e in cpu_isa.ENGINES if cpu_isa.exact_bits(e) > 0]
+
+
+def _weights(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w[0], w[1] = 127, -127  # rows at the extremes: every pair of products saturates with 8-bit codes
+    return w, torch.rand(n, 1, generator=g) * 0.01 + 1e-3
+
+
+def _static_inputs(k, scale, zp, qmax):
+    g = torch.Generator().manual_seed(1)
+    top = (qmax - zp) * scale
+    rows = [torch.full((k,), top), torch.full((k,), -zp * scale), torch.full((k,), top + 1.0),  # beyond the range
+            torch.rand(k, generator=g) * top, torch.randn(k, generator=g)]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("qmax, zp", [(255, 3), (127, 0), (127, 70)])
+@pytest.mark.parametrize("m, k, n", [(5, 37, 11), (1, 64, 3), (17, 130, 33)])
+def test_static_linear_equals_its_reference(cpu_kind, qmax, zp, m, k, n):
+    w, ws = _weights(n, k)
+    b = torch.randn(n)
+    x = torch.cat([_static_inputs(k, 0.05, zp, qmax), torch.randn(m, k)])
+    ref = linear_int8_reference(x, w, ws, b, 0.05, zp, qmax)
+    for engine in ENGINES:
+        out = fxq.linear_int8(x, w, ws, b, 0.05, zp, qmax, engine)
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), (cpu_kind, engine)
+
+
+@pytest.mark.parametrize("qmax", [127, 63])
+@pytest.mark.parametrize("shape", [(3, 7, 37), (1, 130), (2, 1, 64)])
+def test_dynamic_linear_equals_its_reference(cpu_kind, qmax, shape):
+    k = shape[-1]
+    w, ws = _weights(9, k)
+    x = torch.randn(*shape) * 3
+    x.view(-1, k)[0] = 1e4  # a row of equal extremes: every code at +qmax
+    x.view(-1, k)[-1, 0] = -7e3  # an outlier: the rest of its row rounds to small codes
+    ref = linear_int8_dynamic_reference(x, w, ws, None, qmax)
+    for engine in ENGINES:
+        out = fxq.linear_int8_dynamic(x, w, ws, None, qmax, engine)
+        assert out.shape == (*shape[:-1], 9)
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), (cpu_kind, engine)
+
+
+CONVS = {  # name: (cin, cout, k, stride, padding, dilation, groups)
+    "3x3": (8, 16, 3, 1, 1, 1, 1), "depthwise": (16, 16, 3, 1, 1, 1, 16), "depthwise5x5s2": (8, 8, 5, 2, 2, 1, 8),
+    "grouped": (8, 12, 3, 1, 1, 1, 2), "strided": (6, 10, 3, 2, 0, 1, 1), "dilated": (4, 6, 3, 1, 2, 2, 1),
+    "1x1": (12, 5, 1, 1, 0, 1, 1)}
+
+
+@pytest.mark.parametrize("qmax", [255, 127])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_equals_its_reference(cpu_kind, qmax, name):
+    cin, cout, k, s, p, d, g = CONVS[name]
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randint(-127, 128, (cout, cin // g, k, k), dtype=torch.int8, generator=gen)
+    w[0] = 127
+    ws, b = torch.rand(cout, generator=gen) * 0.01 + 1e-3, torch.randn(cout, generator=gen)
+    x_scale, x_zp = 0.02, 5
+    top = (qmax - x_zp) * x_scale
+    x = torch.cat([torch.full((1, cin, 9, 9), top), torch.rand(2, cin, 9, 9, generator=gen) * top * 1.2])
+    args = (x, w, ws, b, [s, s], [p, p], [d, d], g, x_scale, x_zp, 0.03, 4, name != "1x1", qmax, qmax)
+    ref = conv2d_int8_reference(*args)
+    for engine in ENGINES:
+        out = fxq.conv2d_int8(*args, engine)
+        steps = ((out - ref).abs() / 0.03).round()
+        # integer sums are exact; the reference sums in float, so a value on a rounding boundary may flip
+        assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01, (cpu_kind, engine, steps.max())
+
+
+def test_seven_bit_codes_never_saturate_and_eight_bit_codes_do():
+    w = torch.tensor([[127, 127, -127, -127, 127, -127]], dtype=torch.int8)
+    exact = lambda c, zp: ((c.long() - zp) @ w.long().t())  # noqa: E731
+    for top in (127, 255):
+        codes = torch.full((1, 6), top)
+        sat = saturating_sums(codes, 0, w)
+        assert torch.equal(sat, exact(codes, 0)) == (top == 127)
+    # every 7-bit code pattern at the extremes, every sign pattern: 2 * 127 * 128 < 32767
+    codes = torch.cartesian_prod(*[torch.tensor([0, 127])] * 4)
+    signs = torch.cartesian_prod(*[torch.tensor([-128, 127])] * 4).to(torch.int8)
+    assert torch.equal(saturating_sums(codes, 0, signs), codes.long() @ signs.long().t())
+
+
+def test_the_issue_case_a_saturating_kernel_is_wrong_on_in_range_inputs():
+    """On AVX2 without VNNI, 8-bit codes give a wrong answer for ordinary inputs; 7-bit codes do not."""
+    torch.manual_seed(0)
+    w, ws = _weights(4, 64)
+    x = torch.rand(1, 64) * 5  # in range: scale 5/255, codes up to 255
+    wrong = fbgemm_linear(x, 5 / 255, 0, w, ws)
+    right = linear_int8_reference(x, w, ws, None, 5 / 255, 0, 255)
+    assert (wrong - right).abs().max() > 0.1 * right.abs().max()
+    x7 = x.clamp(max=127 * 5 / 255)
+    assert torch.allclose(fbgemm_linear(x7, 5 / 255, 0, w, ws),
+                          linear_int8_reference(x7, w, ws, None, 5 / 255, 0, 127), rtol=1e-5, atol=1e-4)
+
+
+def test_a_model_planned_for_vnni_runs_exactly_on_avx2_and_says_which_layers_are_slow(monkeypatch):
+    import fxopt
+    from avx2_emulation import emulate_avx2
+    from models import MLP
+    torch.manual_seed(0)
+    model, x = MLP(40, 24, 6).eval(), torch.randn(8, 40)
+    with cpu_isa.forced("vnni"):  # as compiled on a VNNI machine: 8-bit codes
+        q = fxopt.compile(model, (x,), recipe="int8-dynamic")
+        sim = fxopt.compile(model, (x,), recipe="int8-dynamic", disable=["lower-quant"])
+    assert cpu_quant.fallback_layers(q) == []  # exact here (or the 8-bit plan would have fallen back already)
+    emulate_avx2(monkeypatch)  # ... and run on a CPU without VNNI
+    slow = sorted(cpu_quant.fallback_layers(q))
+    assert len(slow) == 2 and slow[0].startswith("fc1") and slow[1].startswith("fc2"), slow
+    big = torch.randn(6, 40) * 30
+    assert (q(big) - sim(big)).abs().max() <= 1e-4 * sim(big).abs().max()
+
+
+def test_no_exact_engine_at_all_still_computes_the_reference(monkeypatch):
+    monkeypatch.setattr(cpu_isa, "exact_bits", lambda engine, kind="linear", shape=None: 0)
+    w, ws = _weights(6, 40)
+    x = torch.randn(4, 40)
+    out = fxq.linear_int8_dynamic(x, w, ws, None, 127, "fbgemm")
+    assert (out - linear_int8_dynamic_reference(x, w, ws, None, 127)).abs().max() < 1e-4
