@@ -29,9 +29,11 @@ from torch.export import Dim
 from .capture_rewrites import ExportFriendly
 from .dialect import op_name
 from .errors import InputError, TraceError
+from .input_guard import SIGNATURE_KEY, InputGuard, install_input_guard
 from .rewrite_utils import unpack_split_params
 
-__all__ = ["trace", "normalize_inputs", "dynamic_shapes_for"]
+__all__ = ["trace", "normalize_inputs", "dynamic_shapes_for", "check_materialized", "TOKEN_INPUTS",
+           "InputGuard", "install_input_guard"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FXOPT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,44 +55,100 @@ def normalize_inputs(args: Any = (), kwargs: dict | None = None) -> tuple[tuple,
 
 def _check_finite(args: tuple, kwargs: dict) -> None:
     for where, value in list(enumerate(args)) + list(kwargs.items()):
+        name = f"args[{where}]" if isinstance(where, int) else f"kwargs['{where}']"
         for leaf in torch.utils._pytree.tree_leaves(value):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type == "meta":
+                raise InputError(f"example input {name} is on the meta device: it has no values, and fxopt "
+                                 "verifies every pass by running the model on the example inputs. Give real "
+                                 "tensors; if the model was built on the meta device too, materialize its "
+                                 "weights first (model.to_empty(device='cpu'), then model.load_state_dict(...))")
             if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
-                name = f"args[{where}]" if isinstance(where, int) else f"kwargs['{where}']"
                 raise InputError(f"example input {name} contains NaN or Inf; fxopt verifies every pass "
                                  "by running the model on the example inputs, so give finite values")
+
+
+def check_materialized(model: torch.nn.Module) -> None:
+    """Raise :class:`InputError` if ``model`` has parameters or buffers on the meta device.
+
+    ``fxopt.trace`` calls it unless every example input is on the meta device too
+    (a capture of the graph's structure only)."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.device.type == "meta":
+                raise InputError(f"the model's {kind} '{name}' is on the meta device (shapes only, no values); "
+                                 "fxopt runs the model to verify every pass, so materialize the weights before "
+                                 "compiling: model.to_empty(device='cpu'), then model.load_state_dict(state_dict) "
+                                 "(or from_pretrained without device_map='meta')")
+
+
+#: keyword names of token inputs: their dimension 1 (the sequence) is symbolic by default
+TOKEN_INPUTS = frozenset({
+    "input_ids", "attention_mask", "token_type_ids", "position_ids", "labels", "inputs_embeds",
+    "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids", "decoder_inputs_embeds",
+    "encoder_attention_mask", "special_tokens_mask", "cache_position",
+})
+
+
+def _positional_names(model: torch.nn.Module) -> list[str] | None:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def dynamic_shapes_for(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any) -> Any:
     """Translate ``dynamic`` into a ``torch.export`` ``dynamic_shapes`` spec.
 
-    * ``None`` or ``"batch"``: dimension 0 of every tensor input may vary (export
-      keeps it static if the model forces it, or if the example size is 0 or 1);
+    * ``None`` (the default): dimension 0 (the batch) of every tensor input may vary,
+      and so may the sequence dimension(s) of token inputs (inputs named as in
+      :data:`TOKEN_INPUTS`: ``input_ids``, ``attention_mask``, ``token_type_ids``,
+      ``position_ids``, ``decoder_input_ids``, ...): dimension 1 of ``[batch, seq]``
+      ids and masks and of ``[batch, seq, hidden]`` embeddings, every dimension but
+      the first of a larger mask except broadcast dimensions of size 1. Export keeps a
+      dimension static if the model forces it (or if the batch example size is 0);
+    * ``"batch"``: only dimension 0 of every tensor input may vary;
     * ``False``: everything static;
     * ``True``: every dimension of every tensor input may vary (``Dim.AUTO``);
     * anything else is passed to ``torch.export`` unchanged.
+
+    Example::
+
+        >>> import torch
+        >>> spec = dynamic_shapes_for(torch.nn.Identity(), (), {"input_ids": torch.zeros(8, 128)}, None)
+        >>> sorted(spec["input_ids"])
+        [0, 1]
     """
     if dynamic is False:
         return None
     if not (dynamic is None or dynamic is True or dynamic == "batch"):
         return dynamic
 
-    def spec(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return {d: Dim.AUTO for d in (range(x.dim()) if dynamic is True else [0])}
-        return None
+    def dims(x: torch.Tensor, name: str | None) -> list[int]:
+        if dynamic is True:
+            return list(range(x.dim()))
+        if dynamic is None and name in TOKEN_INPUTS and x.dim() >= 2:
+            if x.dim() == 2 or name.endswith("inputs_embeds"):
+                return [0, 1]
+            return [0] + [d for d in range(1, x.dim()) if x.shape[d] != 1]
+        return [0]
 
-    def tree_spec(value: Any) -> Any:
+    def tree_spec(value: Any, name: str | None) -> Any:
+        def spec(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.dim() > 0:
+                return {d: Dim.AUTO for d in dims(x, name)}
+            return None
         return torch.utils._pytree.tree_map(spec, value)
 
+    names = _positional_names(model)
     if not kwargs:
-        return tuple(tree_spec(a) for a in args)
+        named = names if names is not None and len(names) >= len(args) else [None] * len(args)
+        return tuple(tree_spec(a, n) for a, n in zip(args, named))
     # with keyword inputs torch.export wants specs by parameter name
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(params) < len(args):
+    if names is None or len(names) < len(args):
         return None  # *args signature: fall back to static shapes
-    out = {p.name: tree_spec(a) for p, a in zip(params, args)}
-    out.update({k: tree_spec(v) for k, v in kwargs.items()})
+    out = {p: tree_spec(a, p) for p, a in zip(names, args)}
+    out.update({k: tree_spec(v, k) for k, v in kwargs.items()})
     return out
 
 
@@ -193,27 +251,71 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dyn: Any) -> Any:
         return torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False).run_decompositions({})
 
 
-class InputGuard(torch.nn.Module):
-    """Wraps export's shape guard so a call with the wrong shapes says what to do."""
+def _hf_cache_classes(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[type]:
+    """Hugging Face cache classes the model may return or take (``DynamicCache``, ...)."""
+    if "transformers" not in sys.modules:
+        return []
+    try:
+        from transformers import cache_utils
+    except ImportError:
+        return []
+    base = getattr(cache_utils, "Cache", None)
+    if base is None:
+        return []
+    found = [getattr(cache_utils, n) for n in ("DynamicCache", "EncoderDecoderCache") if hasattr(cache_utils, n)]
+    # the caches a library model creates itself, plus those defined next to its modeling code
+    seen_modules = set()
+    for m in model.modules():
+        mod = type(m).__module__
+        if mod.startswith("transformers.") and mod not in seen_modules:
+            seen_modules.add(mod)
+            for obj in vars(sys.modules.get(mod, object())).values():
+                if isinstance(obj, type) and obj.__module__ == mod and \
+                        (issubclass(obj, base) or obj.__name__.endswith("Cache")):
+                    found.append(obj)
+    if not seen_modules:
+        return []
+    found += [type(leaf) for leaf in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(leaf, base)]
+    return list(dict.fromkeys(found))
 
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
 
-    def forward(self, *args: Any) -> Any:
-        try:
-            return self.inner(*args)
-        except AssertionError as e:
-            raise InputError(f"the inputs do not match the shapes this module was compiled for ({e}); "
-                             "compile again with dynamic=True (every dimension symbolic), a torch.export "
-                             "dynamic_shapes spec, or example inputs of this shape") from e
+def register_hf_caches(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> list[type]:
+    """Make the Hugging Face cache classes a model returns (``DynamicCache``) pytrees.
+
+    ``torch.export`` needs every output container registered: a decoder called with
+    the default ``use_cache=True`` returns a ``DynamicCache``. Registration uses the
+    helpers transformers ships for export (``transformers.exporters.exporter_dynamo``,
+    else ``integrations.executorch.register_dynamic_cache_export_support``) and
+    only for classes that are not registered yet, so a registration of your own wins.
+    The registrations are global and stay: the compiled module rebuilds its outputs
+    with them. Returns the classes this call registered.
+    """
+    supported = torch.utils._pytree.SUPPORTED_NODES
+    missing = [c for c in _hf_cache_classes(model, args, kwargs or {}) if c not in supported]
+    if not missing:
+        return []
+    try:
+        from transformers.exporters.exporter_dynamo import register_pytree_node
+    except ImportError:
+        register_pytree_node = None
+    for cls in missing:
+        if register_pytree_node is not None:
+            register_pytree_node(cls)
+        elif cls.__name__ == "DynamicCache":
+            try:
+                from transformers.integrations.executorch import register_dynamic_cache_export_support
+            except ImportError:
+                continue
+            register_dynamic_cache_export_support()
+    return [c for c in missing if c in supported]
 
 
-def install_input_guard(gm: fx.GraphModule) -> None:
-    from .dialect import GUARD_MODULE
-    inner = getattr(gm, GUARD_MODULE, None)
-    if isinstance(inner, torch.nn.Module) and not isinstance(inner, InputGuard):
-        setattr(gm, GUARD_MODULE, InputGuard(inner))
+def _signature(model: torch.nn.Module) -> list[tuple[str, bool]]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [(p.name, p.default is None) for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dynamic: Any = None,
@@ -222,8 +324,12 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
 
     Returns a ``GraphModule`` called exactly like the model (same positional and
     keyword inputs, same output structure: tuples, dicts, Hugging Face
-    ``ModelOutput`` objects). ``dynamic`` is explained in :func:`dynamic_shapes_for`;
-    by default the batch dimension is a symbol.
+    ``ModelOutput`` objects and caches). ``dynamic`` is explained in
+    :func:`dynamic_shapes_for`; by default the batch dimension is a symbol, and so is
+    the sequence dimension of token inputs (``input_ids``, ``attention_mask``, ...).
+    If the model cannot be captured with a symbolic sequence, the batch alone is.
+    A call with inputs that do not fit raises :class:`~fxopt.errors.InputError`
+    naming the input (:mod:`fxopt.input_guard`).
 
     The model is deep-copied first (``copy_model=False`` skips that), so the
     returned module never shares parameters with the model you passed.
@@ -239,6 +345,9 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
         raise InputError(f"fxopt.trace expects a torch.nn.Module, got {type(model).__name__}; "
                          "wrap a function in a Module whose forward calls it")
     args, kwargs = normalize_inputs(args, kwargs)
+    leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not leaves or any(t.device.type != "meta" for t in leaves):
+        check_materialized(model)   # an all-meta capture (graph structure only) is allowed
     if copy_model:
         try:
             model = copy.deepcopy(model)
@@ -250,23 +359,34 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
     # inputs must come back exactly as they were
     args, kwargs = torch.utils._pytree.tree_map(
         lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+    register_hf_caches(model, args, kwargs)
     dyn = dynamic_shapes_for(model, args, kwargs, dynamic)
+    tries = [(dynamic, dyn)]
+    if dynamic is None:
+        batch_only = dynamic_shapes_for(model, args, kwargs, "batch")
+        if batch_only != dyn:
+            tries.append(("batch", batch_only))   # token sequence dims that the model cannot keep symbolic
     start = time.perf_counter()
     # torch dumps the partial graph to stderr when export fails; keep that out of the user's
     # terminal (it is in TraceError.details) and replay whatever was printed when it succeeds
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            ep = _export(model, args, kwargs, dyn)
-    except Exception as e:  # noqa: BLE001 - every capture failure becomes a TraceError
-        module, location, source = _user_frame(e, model)
-        reason, remedy = _reason(e)
-        error = TraceError(reason, module=module, location=location, source=source, remedy=remedy)
-        error.details = err.getvalue() + out.getvalue()
-        raise error from e
+    for i, (mode, dyn) in enumerate(tries):
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                ep = _export(model, args, kwargs, dyn)
+            break
+        except Exception as e:  # noqa: BLE001 - every capture failure becomes a TraceError
+            reason, remedy = _reason(e)
+            if i + 1 < len(tries):
+                continue
+            module, location, source = _user_frame(e, model)
+            error = TraceError(reason, module=module, location=location, source=source, remedy=remedy)
+            error.details = err.getvalue() + out.getvalue()
+            raise error from e
     sys.stdout.write(out.getvalue())
     sys.stderr.write(err.getvalue())
     gm = ep.module()
+    gm.meta[SIGNATURE_KEY] = _signature(model)
     install_input_guard(gm)
     unpack_split_params(gm)   # packed Q/K/V weights (nn.MultiheadAttention): one parameter per projection
     _readable_names(gm)
@@ -276,7 +396,7 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
     gm.meta["fxopt_capture"] = {
         "front_end": "torch.export",
         "seconds": time.perf_counter() - start,
-        "dynamic": dynamic,
+        "dynamic": mode,
         "dynamic_shapes": dyn,
         "range_constraints": {str(k): str(v) for k, v in ep.range_constraints.items()},
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",

@@ -249,3 +249,132 @@ def test_packed_attention_weights_become_one_parameter_per_projection():
     out = fxopt.compile(m, (x,), recipe="int8-dynamic")
     assert sum(n.target is torch.ops.fxopt.linear_int8_dynamic.default for n in out.graph.nodes) == 4
     assert model.mha.in_proj_weight.shape == (48, 16)
+
+
+# --- token inputs: the sequence dimension is symbolic by default ---------------------------------
+
+def test_token_inputs_have_a_symbolic_sequence_by_default():
+    """Compiled on 8x128 token batches, called with a 3x40 one: no dynamic=True needed."""
+    model = DictOut().eval()
+    ids = torch.randint(0, 50, (8, 128))
+    gm = fxopt.trace(model, kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    val = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"]
+    assert all(isinstance(s, torch.SymInt) for s in val.shape)
+    ids2 = torch.randint(0, 50, (3, 40))
+    mask2 = torch.randint(0, 2, (3, 40))
+    out, ref = gm(input_ids=ids2, attention_mask=mask2), model(input_ids=ids2, attention_mask=mask2)
+    assert torch.equal(out["logits"], ref["logits"])
+    batch_only = fxopt.trace(model, kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                             dynamic="batch")
+    with pytest.raises(fxopt.InputError, match="'input_ids' has size 40 in dimension 1"):
+        batch_only(input_ids=ids2, attention_mask=mask2)
+
+
+def test_token_inputs_by_position_and_other_names_keep_their_rules():
+    """Names come from the forward signature for positional inputs too; other inputs keep a
+    symbolic batch only, and a [B, 1, S, S] mask keeps its broadcast dimension."""
+    from fxopt.capture import dynamic_shapes_for
+
+    class M(torch.nn.Module):
+        def forward(self, input_ids, features, attention_mask):
+            return input_ids, features, attention_mask
+    args = (torch.zeros(2, 7, dtype=torch.long), torch.zeros(2, 7), torch.zeros(2, 1, 7, 7))
+    spec = dynamic_shapes_for(M(), args, {}, None)
+    assert [sorted(s) for s in spec] == [[0, 1], [0], [0, 2, 3]]
+    assert [sorted(s) for s in dynamic_shapes_for(M(), args, {}, "batch")] == [[0], [0], [0]]
+
+
+def test_sequence_that_cannot_be_symbolic_falls_back_to_the_batch(monkeypatch):
+    import fxopt.capture as capture
+    real = capture._export
+
+    def export(model, args, kwargs, dyn):
+        if any(1 in (s or {}) for s in dyn.values()):
+            raise RuntimeError("pretend the model pins the sequence")
+        return real(model, args, kwargs, dyn)
+    monkeypatch.setattr(capture, "_export", export)
+    ids = torch.randint(0, 50, (2, 5))
+    gm = fxopt.trace(DictOut().eval(), kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert gm.meta["fxopt_capture"]["dynamic"] == "batch"
+    assert gm(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]))["logits"].shape == (1, 5, 3)
+
+
+# --- calls that do not fit what was captured raise InputError naming the input -------------------
+
+@pytest.fixture(scope="module")
+def dict_gm():
+    ids = torch.randint(0, 50, (2, 5))
+    return fxopt.trace(DictOut().eval(), kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+_IDS = torch.randint(0, 50, (2, 5))
+_MASK = torch.ones(2, 5, dtype=torch.long)
+BAD_CALLS = [
+    ((), {"input_ids": _IDS[0], "attention_mask": _MASK[0]}, r"'input_ids' has 1 dimension.*unsqueeze\(0\)"),
+    ((), {"input_ids": _IDS, "attention_mask": None}, r"'attention_mask' is None.*int64 tensor of shape"),
+    ((), {"input_ids": _IDS.tolist(), "attention_mask": _MASK}, r"'input_ids' is a list.*torch.tensor"),
+    ((), {"input_ids": _IDS.float(), "attention_mask": _MASK}, r"'input_ids' is float32.*\.to\(torch.int64\)"),
+    ((), {"input_ids": _IDS}, r"missing keyword input\(s\) 'attention_mask'"),
+    ((), {"input_ids": _IDS, "attention_mask": _MASK, "labels": _IDS}, r"unexpected keyword input\(s\) 'labels'"),
+    ((_IDS, _MASK, _IDS), {}, r"takes 0 positional input\(s\) and got 3"),
+    ((), {"input_ids": _IDS, "attention_mask": _MASK.numpy()}, r"'attention_mask' is a numpy.ndarray"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,match", BAD_CALLS)
+def test_bad_calls_are_input_errors_naming_the_input(dict_gm, args, kwargs, match):
+    with pytest.raises(fxopt.InputError, match=match):
+        dict_gm(*args, **kwargs)
+
+
+def test_positional_and_keyword_inputs_map_as_in_the_original(dict_gm):
+    ref = dict_gm(input_ids=_IDS, attention_mask=_MASK)["logits"]
+    assert torch.equal(dict_gm(_IDS, _MASK)["logits"], ref)                       # captured by keyword
+    gm = fxopt.trace(MLP(), (torch.randn(4, 16),))
+    x = torch.randn(3, 16)
+    assert torch.equal(gm(x=x), gm(x))                                          # captured by position
+
+
+def test_input_checks_survive_a_deep_copy(dict_gm):
+    import copy
+    dup = copy.deepcopy(dict_gm)
+    with pytest.raises(fxopt.InputError, match="'attention_mask' is None"):
+        dup(input_ids=_IDS, attention_mask=None)
+    assert torch.equal(dup(_IDS, _MASK)["logits"], dict_gm(_IDS, _MASK)["logits"])
+
+
+def test_constants_and_empty_batches():
+    class Flag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x, double=False):
+            y = self.fc(x)
+            return y * 2 if double else y.view(y.shape[0], -1, 2).sum(-1)   # view(-1) fails on empty
+    gm = fxopt.trace(Flag(), (torch.randn(2, 4),), {"double": True})
+    with pytest.raises(fxopt.InputError, match="'double' is False.*compiled with True"):
+        gm(torch.randn(2, 4), double=False)
+    assert gm(torch.randn(0, 4), double=True).shape == (0, 4)   # empty batches run where the graph allows
+    plain = fxopt.trace(Flag(), (torch.randn(2, 4),))
+    with pytest.raises(fxopt.InputError, match="'x' is empty.*skip empty batches"):
+        plain(torch.randn(0, 4))
+
+
+def test_static_size_mismatch_names_the_dimension():
+    gm = fxopt.trace(MLP(), torch.randn(4, 16))
+    with pytest.raises(fxopt.InputError, match=r"'x' has size 15 in dimension 1.*fixed at 16"):
+        gm(torch.randn(4, 15))
+
+
+def test_meta_device_models_and_inputs_say_to_materialize():
+    with torch.device("meta"):
+        model = MLP()
+    with pytest.raises(fxopt.InputError, match=r"parameter 'fc1.weight' is on the meta device.*to_empty"):
+        fxopt.trace(model, (torch.randn(2, 16),))
+    with pytest.raises(fxopt.InputError, match=r"args\[0\] is on the meta device.*to_empty"):
+        fxopt.compile(model, (torch.randn(2, 16, device="meta"),))
+    gm = fxopt.trace(model, (torch.randn(2, 16, device="meta"),))   # structure only: allowed
+    assert gm(torch.randn(3, 16, device="meta")).shape == (3, 4)
+    model.to_empty(device="cpu").load_state_dict(MLP().state_dict())
+    assert fxopt.compile(model, (torch.randn(2, 16),))(torch.randn(3, 16)).shape == (3, 4)
