@@ -11,6 +11,14 @@ of that LayerNorm is one of the smoothed linears; otherwise (BERT's post-norm re
 the FFN's GELU output) a ``mul`` by ``1/s`` is inserted before the linears (one cheap
 elementwise op). Linears that share an input (Q, K, V) share ``s``.
 
+Shared weights: a weight read by linears with different inputs (ALBERT's one layer
+applied at every depth, DeBERTa's relative-position projections reusing the key and
+query weights) is scaled once, so every input of those linears is divided by the same
+``s``, computed over all of them. A weight that anything but such a linear reads
+(GPT-2's output projection tied to the token embedding) is left unsmoothed, with every
+linear coupled to it; so is a norm whose parameters another norm shares (the scale is
+then a ``mul``, never folded twice).
+
 ``alpha`` (0..1): how much of the activation range moves into the weights (0.5 is the
 paper's default). With ``alpha=none`` the pass reads ``compile(..., smoothquant=ALPHA)``,
 falling back to ``default`` (``int8-dynamic`` sets ``default=0.5``; ``smoothquant=False``
@@ -39,14 +47,71 @@ from fxopt.rewrite_utils import attr_tensor, copy_meta, erase_dead
 __all__ = ["SmoothQuantPass"]
 
 
-def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    owner, _, attr = target.rpartition(".")
-    mod = gm.get_submodule(owner) if owner else gm
-    old = getattr(mod, attr)
-    if isinstance(old, torch.nn.Parameter):
-        setattr(mod, attr, torch.nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        setattr(mod, attr, value)
+def _set_attr(gm: fx.GraphModule, targets: Any, value: torch.Tensor) -> None:
+    """Point every target in ``targets`` (aliases of one tensor) at one new tensor ``value``."""
+    new = None
+    for target in [targets] if isinstance(targets, str) else targets:
+        owner, _, attr = target.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        old = getattr(mod, attr)
+        if new is None:
+            new = torch.nn.Parameter(value, requires_grad=old.requires_grad) \
+                if isinstance(old, torch.nn.Parameter) else value
+        setattr(mod, attr, new)
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's data (aliases under two names, or read by several get_attrs, agree)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _tensor_uses(gm: fx.GraphModule) -> tuple[dict, dict]:
+    """key -> every (reader node, argument position) of that tensor; key -> attribute targets."""
+    uses: dict[tuple, list] = {}
+    targets: dict[tuple, set] = {}
+    for node in gm.graph.nodes:
+        t = attr_tensor(gm, node)
+        if t is None:
+            continue
+        k = _key(t)
+        targets.setdefault(k, set()).add(str(node.target))
+        readers = uses.setdefault(k, [])
+        for user in node.users:
+            readers += [(user, i) for i, a in enumerate(user.args) if a is node]
+            readers += [(user, name) for name, a in user.kwargs.items() if a is node]
+    return uses, targets
+
+
+def _coupled(groups: dict, uses: dict, gm: fx.GraphModule) -> tuple[list[list], int]:
+    """Input groups joined by shared weights (each list shares one scale), and how many
+    linears are left out because their weight has other readers."""
+    parent = {x: x for x in groups}
+
+    def find(x: fx.Node) -> fx.Node:
+        while parent[x] is not x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    linears = {lin for ls in groups.values() for lin in ls}
+    blocked = set()
+    for lin in linears:
+        readers = uses[_key(attr_tensor(gm, lin.args[1]))]
+        xs = {u.args[0] for u, i in readers if u in linears and i == 1}
+        if any(u not in linears or i != 1 for u, i in readers):
+            blocked |= xs
+        first = find(lin.args[0])
+        for x in xs:
+            parent[find(x)] = first
+    joined: dict[fx.Node, list] = {}
+    for x in groups:
+        joined.setdefault(find(x), []).append(x)
+    out, left = [], 0
+    for xs in joined.values():
+        if any(x in blocked for x in xs):
+            left += sum(len(groups[x]) for x in xs)
+        else:
+            out.append(xs)
+    return out, left
 
 
 @register_pass
@@ -96,16 +161,25 @@ class SmoothQuantPass(Pass):
         observe(gm, observers, data, inputs=ctx.options.get("calibration_inputs"), example=(ctx.args, ctx.kwargs),
                 max_batches=ctx.options.get("calibration_batches"), progress=ctx.options.get("progress"))
         folded = inserted = 0
-        for x, linears in groups.items():
-            lo, hi = observers[x].range()
-            amax = torch.maximum(-lo, hi)
-            wmax = torch.stack([attr_tensor(gm, lin.args[1]).detach().abs().amax(0) for lin in linears]).amax(0)
+        uses, targets = _tensor_uses(gm)
+        coupled, left_out = _coupled(groups, uses, gm)
+        scales = {}
+        for xs in coupled:   # inputs whose linears share weights get one scale
+            amax = torch.stack([torch.maximum(-lo, hi) for lo, hi in (observers[x].range() for x in xs)]).amax(0)
+            weights = {}
+            for x in xs:
+                for lin in groups[x]:
+                    w = attr_tensor(gm, lin.args[1])
+                    weights[_key(w)] = w
+            wmax = torch.stack([w.detach().abs().amax(0) for w in weights.values()]).amax(0)
             s = amax.clamp_min(1e-5).pow(alpha) / wmax.clamp_min(1e-5).pow(1 - alpha)
             s = torch.where((amax > 0) & (wmax > 0), s, torch.ones_like(s)).clamp(1e-5, 1e5)
-            for lin in linears:
-                w = attr_tensor(gm, lin.args[1]).detach()
-                _set_attr(gm, str(lin.args[1].target), w * s)
-            if self._fold_into_norm(gm, x, linears, s):
+            for k, w in weights.items():     # each distinct weight once, all its names together
+                _set_attr(gm, sorted(targets[k]), w.detach() * s)
+            scales.update({x: s for x in xs})
+        for x, s in scales.items():
+            linears = groups[x]
+            if self._fold_into_norm(gm, x, linears, s, uses):
                 folded += 1
                 continue
             owner = module_path(linears[0])
@@ -122,13 +196,18 @@ class SmoothQuantPass(Pass):
             for lin in linears:
                 lin.replace_input_with(x, xs)
             inserted += 1
+        if not scales:
+            return PassResult(False, info={"left_out": left_out})
         erase_dead(gm)
         propagate_meta(gm)
         return PassResult(True, frozenset({"shapes", "cost"}) if not inserted else frozenset({"shapes"}),
-                          {"groups": len(groups), "folded_into_norm": folded, "scale_ops": inserted, "alpha": alpha})
+                          {"groups": len(scales), "shared": sum(len(xs) > 1 for xs in coupled),
+                           "left_out": left_out, "folded_into_norm": folded, "scale_ops": inserted,
+                           "alpha": alpha})
 
     @staticmethod
-    def _fold_into_norm(gm: fx.GraphModule, x: fx.Node, linears: list[fx.Node], s: torch.Tensor) -> bool:
+    def _fold_into_norm(gm: fx.GraphModule, x: fx.Node, linears: list[fx.Node], s: torch.Tensor,
+                        uses: dict) -> bool:
         if not (is_layer_norm(x) and x.target is aten.layer_norm.default) or set(x.users) != set(linears):
             return False
         w_node = x.args[2] if len(x.args) > 2 else x.kwargs.get("weight")
@@ -136,6 +215,8 @@ class SmoothQuantPass(Pass):
         w, b = attr_tensor(gm, w_node), attr_tensor(gm, b_node)
         if w is None or b is None or w.shape != s.shape:
             return False
+        if any(len(uses.get(_key(t), ())) != 1 for t in (w, b)):
+            return False   # a norm shared with other inputs (ALBERT): dividing it would divide them too
         _set_attr(gm, str(w_node.target), w.detach() / s)
         _set_attr(gm, str(b_node.target), b.detach() / s)
         return True
