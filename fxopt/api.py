@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from .capture import _check_finite, normalize_inputs, trace
 from .errors import InputError, PipelineError, RecipeError
-from .manager import History, Instrument, PassManager
+from .manager import DEFAULT_PASS_TIMEOUT, History, Instrument, PassManager
 from .pipeline import Pipeline, as_pipeline
 from .recipes import recipes
 
@@ -40,7 +40,8 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
             verify: bool = True, disable: Iterable[str] = (), stop_after: int | None = None,
             instruments: Iterable[Instrument] = (), report: str | None = None,
             progress: bool | None = None, metric: Callable[[torch.nn.Module], float] | None = None,
-            latency_repeats: int = 10, **options: Any) -> fx.GraphModule:
+            latency_repeats: int = 10, verify_inputs: Any = None,
+            pass_timeout: float | None = DEFAULT_PASS_TIMEOUT, **options: Any) -> fx.GraphModule:
     """Capture ``model``, run ``recipe`` over it, and return the optimized module.
 
     The result is called exactly like ``model`` (same positional and keyword
@@ -58,7 +59,19 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     there (also ``result.fxopt_history.report(path)``); latency on the example
     inputs is measured for it (median of ``latency_repeats``). ``metric``: a
     function of a module returning a number (accuracy, say), evaluated on the
-    original and the result and shown in the report. Other keyword options
+    original and the result and shown in the report. ``verify_inputs``: more inputs
+    (a list of input tuples) every pass is verified on; by default the first two
+    calibration batches. ``pass_timeout``: seconds a pass may run before it is stopped,
+    rolled back and named (default 1800; ``None``: no limit).
+
+    Bad calibration data (empty, NaN/Inf, wrong shapes) raises ``CalibrationError``,
+    strict or not, and an exception raised by your own data loader or metric reaches
+    you unchanged: these are not pass bugs, and rolling the pass back would hand you
+    a float model for a quantization recipe without saying why. A one-shot iterator
+    (a generator) is read once into a list, since several passes use the data.
+    A recipe whose compressing passes change nothing (no layer they can handle) warns.
+
+    Other keyword options
     reach passes as ``ctx.options`` (``smoothquant=``, ``group_size=``,
     ``calibration_inputs=``, ``calibration_batches=``, ``budget_metric=``,
     ``max_metric_drop=`` for the quantization and pruning passes); an option no
@@ -82,19 +95,26 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     _check_finite(args, kwargs)
     pipeline = resolve_recipe(recipe)
     _check_options(pipeline, options)
-    if calibration is not None and not hasattr(calibration, "__iter__"):
+    if calibration is not None and (not hasattr(calibration, "__iter__") or isinstance(calibration, (str, bytes))):
         raise InputError(f"calibration must be an iterable of model inputs, got {type(calibration).__name__}")
+    if calibration is not None and not isinstance(calibration, torch.Tensor) and iter(calibration) is calibration:
+        import itertools
+        cap = options.get("calibration_batches")
+        calibration = list(itertools.islice(calibration, int(cap) if cap else None))  # one-shot: read it once
     try:
         work = copy.deepcopy(model)
     except Exception as e:
         raise InputError(f"cannot copy the model ({type(e).__name__}: {e}); fxopt works on a copy so that "
                          "your model is never changed; make it deep-copyable") from e
     work.eval()
+    state = _buffers(work)  # a model that updates buffers in forward: every run here is undone
     with torch.no_grad():
         try:
             reference = work(*args, **kwargs)
         except Exception as e:
             raise InputError(f"the model does not run on the example inputs: {type(e).__name__}: {e}") from e
+        finally:
+            _restore(state)
     for leaf in torch.utils._pytree.tree_leaves(reference):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
             raise InputError("the model produces NaN or Inf on the example inputs; fxopt cannot verify passes "
@@ -106,8 +126,10 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     measured: dict = {}
     if report is not None:
         measured["original_ms"] = median_ms(lambda: work(*args, **kwargs), latency_repeats)
+        _restore(state)
     if metric is not None:
         measured["metric_original"] = _run_metric(metric, work)
+        _restore(state)
     show = sys.stderr.isatty() if progress is None else bool(progress)
     bar = tqdm(desc="fxopt: capture", unit=" pass", disable=not show, leave=False)
     try:
@@ -118,28 +140,61 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
             bar.set_postfix_str(record.path, refresh=False)
             bar.update(1)
         pm = PassManager(pipeline, strict=strict, verify=verify, disable=disable, stop_after=stop_after,
-                         instruments=instruments, warn=False, progress=tick)
-        result = pm.run(gm, args, kwargs, reference=reference, calibration=calibration, options=options)
+                         instruments=instruments, warn=False, progress=tick, pass_timeout=pass_timeout)
+        result = pm.run(gm, args, kwargs, reference=reference, calibration=calibration, options=options,
+                        verify_inputs=verify_inputs)
     finally:
         bar.close()
     out = result.module
     history: History = result.history
     history.capture = gm.meta.get("fxopt_capture", {})  # type: ignore[attr-defined]
     history.symbol_values = _symbol_values(out)  # type: ignore[attr-defined]
+    from .graph_utils import preserved_state
     if "original_ms" in measured:
+        with preserved_state(out):
+            compiled_ms = median_ms(lambda: out(*args, **kwargs), latency_repeats)
         history.latency = {"original_ms": measured["original_ms"], "repeats": latency_repeats,  # type: ignore[attr-defined]
-                           "compiled_ms": median_ms(lambda: out(*args, **kwargs), latency_repeats)}
+                           "compiled_ms": compiled_ms}
     if metric is not None:
         name = getattr(metric, "__name__", "metric")
+        with preserved_state(out):
+            compiled = _run_metric(metric, out)
         history.metric = {"name": "metric" if name == "<lambda>" else name,  # type: ignore[attr-defined]
-                          "original": measured["metric_original"], "compiled": _run_metric(metric, out)}
+                          "original": measured["metric_original"], "compiled": compiled}
     out.fxopt_history = history
     out.meta["fxopt_history"] = history
     if history.failures:
         names = ", ".join(f"{r.name} ({r.error.splitlines()[0][:80]})" for r in history.failures)
         warnings.warn(f"fxopt.compile: {len(history.failures)} pass(es) rolled back: {names}", stacklevel=2)
+    idle = _idle_compressions(pipeline, history)
+    if idle:
+        warnings.warn(f"fxopt.compile: recipe '{recipe if isinstance(recipe, str) else pipeline}' changed nothing "
+                      f"in {'; '.join(idle)}: the model is not compressed as the recipe says", stacklevel=2)
     if report is not None:
         _write_report(out, report)
+    return out
+
+
+def _buffers(module: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(b, b.detach().clone()) for b in module.buffers()]
+
+
+def _restore(state: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for b, saved in state:
+            if b.shape == saved.shape and not torch.equal(b, saved):
+                b.copy_(saved)
+
+
+def _idle_compressions(pipeline: Pipeline, history: History) -> list[str]:
+    """Passes that exist to compress the model (``Pass.compresses``) but changed nothing, with why."""
+    from .pipeline import passes_of
+    compressing = {p.name for p in passes_of(pipeline) if getattr(p, "compresses", False)}
+    out = []
+    for r in history.records:
+        if r.name in compressing and r.status == "unchanged":
+            why = r.info.get("why") if isinstance(r.info, dict) else None
+            out.append(f"{r.name} ({why})" if why else r.name)
     return out
 
 
@@ -151,6 +206,10 @@ def _check_options(pipeline: Pipeline, options: dict) -> None:
     steps = passes_of(pipeline)
     known = {o for p in steps for o in getattr(p, "reads_options", ())}
     declared_all = all(type(p).__module__.startswith(("fxopt.", "passes.")) for p in steps)
+    for p in steps:
+        check = getattr(p, "check_options", None)
+        if check is not None:
+            check(options)
     unknown = sorted(set(options) - known - {"progress"})
     if unknown and declared_all:
         warnings.warn(f"fxopt.compile: option(s) {', '.join(unknown)} are not read by any pass of '{pipeline}'"

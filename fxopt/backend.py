@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .errors import FxoptError
+from .errors import FxoptError, PipelineError, RecipeError
 
 __all__ = ["Backend", "fxopt_backend"]
 
@@ -36,6 +36,8 @@ class Backend:
     """
 
     def __init__(self, recipe: Any = "default", **compile_options: Any):
+        from .api import resolve_recipe
+        resolve_recipe(recipe)  # a typo is the user's mistake: a RecipeError now, not a warning per graph
         self.recipe = recipe
         self.compile_options = compile_options
         self.histories: list = []
@@ -46,6 +48,8 @@ class Backend:
         options.update(kwargs.get("options") or {})
         recipe = options.pop("recipe", self.recipe)
         from .api import compile as fxopt_compile
+        from .api import resolve_recipe
+        resolve_recipe(recipe)  # raises RecipeError (Dynamo reports it) instead of silently running eager
         inputs = []
         for x in example_inputs:
             if not isinstance(x, torch.Tensor):
@@ -61,6 +65,8 @@ class Backend:
             inputs.append(x.detach())
         try:
             compiled = fxopt_compile(gm, tuple(inputs), recipe=recipe, dynamic=False, **options)
+        except (RecipeError, PipelineError):
+            raise
         except FxoptError as e:
             self.fallbacks.append(str(e).splitlines()[0])
             warnings.warn(f"fxopt backend: leaving a graph unoptimized: {str(e).splitlines()[0]}", stacklevel=2)
@@ -69,8 +75,11 @@ class Backend:
         return compiled
 
 
-#: the instance behind ``backend="fxopt"``; its ``histories`` show what was compiled
-fxopt_backend = Backend()
+#: the instance behind ``backend="fxopt"``; its ``histories`` show what was compiled (made without the
+#: recipe check: the recipes register after this module is imported)
+fxopt_backend = Backend.__new__(Backend)
+fxopt_backend.recipe, fxopt_backend.compile_options, fxopt_backend.histories, fxopt_backend.fallbacks = \
+    "default", {}, [], []
 
 
 def _register() -> None:

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.fx as fx
 
-from .errors import CalibrationError
+from .errors import CalibrationError, mark_user_error
 from .observers import Observer, make_observer
 from .qspec import QSpec
 
@@ -44,6 +44,8 @@ def normalize_item(item: Any, inputs: Any = None) -> tuple[tuple, dict]:
         except (KeyError, IndexError, TypeError) as e:
             raise CalibrationError(f"inputs={inputs!r} cannot pick the model inputs from a calibration item of "
                                    f"type {type(item).__name__}: {e}") from e
+        except Exception as e:  # the user's own inputs= function failed: theirs to see, not a pass bug
+            raise mark_user_error(e)
     if isinstance(item, torch.Tensor):
         return (item,), {}
     if isinstance(item, dict):
@@ -98,7 +100,7 @@ def iter_calibration(data: Iterable, *, inputs: Any = None, example: tuple[tuple
     show = sys.stderr.isatty() if progress is None else bool(progress)
     seen = 0
     with tqdm(total=total, desc=desc, unit=" batch", disable=not show, leave=False) as bar:
-        for i, item in enumerate(data):
+        for i, item in enumerate(_users(data)):
             if max_batches and i >= max_batches:
                 break
             args, kwargs = normalize_item(item, inputs)
@@ -109,6 +111,22 @@ def iter_calibration(data: Iterable, *, inputs: Any = None, example: tuple[tuple
     if seen == 0:
         raise CalibrationError("the calibration data is empty: pass an iterable with at least one batch of "
                                "representative inputs (a few hundred samples is typical)")
+
+
+def _users(data: Iterable) -> Iterator:
+    """Iterate the user's data; an exception their iterable raises is tagged as theirs (never hidden)."""
+    try:
+        it = iter(data)
+    except Exception as e:
+        raise mark_user_error(e)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise mark_user_error(e)
+        yield item
 
 
 class _Tap:
@@ -138,9 +156,10 @@ def observe(gm: fx.GraphModule, observers: dict[fx.Node, Observer], data: Iterab
         with gm.graph.inserting_after(node):
             taps.append(gm.graph.call_function(_Tap(obs, node.name), (node,)))
     gm.recompile()
+    from .graph_utils import preserved_state
     n = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserved_state(gm):
             for i, args, kwargs in iter_calibration(data, inputs=inputs, example=example, max_batches=max_batches,
                                                     progress=progress):
                 try:

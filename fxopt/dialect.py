@@ -42,10 +42,11 @@ __all__ = [
     "is_matmul",
     "is_getitem",
     "is_impure",
+    "written_attrs",
     "linear_args",
     "conv_args",
     "tensor_meta",
-    "get_attr_tensor",
+    "get_attr_tensor", "written_attrs",
     "param_nodes",
     "compute_nodes",
     "GUARD_MODULE",
@@ -212,6 +213,29 @@ def get_attr_tensor(gm: fx.GraphModule, node: fx.Node) -> Any:
     for part in str(node.target).split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def written_attrs(gm: fx.GraphModule) -> set[str]:
+    """Targets of the ``get_attr`` tensors the graph writes in place: the model's own state.
+
+    A model that updates a buffer in ``forward`` (a step counter, running statistics)
+    captures as ``copy_(buffer, new_value)``; such a buffer is not a constant, and running
+    the model changes it.
+    """
+    out: set[str] = set()
+    for node in gm.graph.nodes:
+        t = node.target
+        if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
+            continue
+        for i, a in enumerate(t._schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write:
+                continue
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            while isinstance(v, fx.Node) and v.op == "call_function" and is_view_target(v.target):
+                v = v.args[0]
+            if isinstance(v, fx.Node) and v.op == "get_attr":
+                out.add(str(v.target))
+    return out
 
 
 def param_nodes(gm: fx.GraphModule) -> list[fx.Node]:

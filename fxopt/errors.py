@@ -10,6 +10,8 @@ __all__ = [
     "InputError",
     "LoadError",
     "CalibrationError",
+    "mark_user_error",
+    "is_user_error",
 ]
 
 
@@ -72,3 +74,20 @@ class LoadError(FxoptError):
 
 class CalibrationError(FxoptError):
     """Calibration data that cannot be used (empty, NaN/Inf, wrong shapes)."""
+
+
+def mark_user_error(e: BaseException) -> BaseException:
+    """Tag an exception raised by the user's own code (their data loader, metric, callback).
+
+    The pass manager re-raises tagged exceptions as they are instead of rolling the pass
+    back: a failure in the user's code must not be hidden behind a rolled-back pass.
+    """
+    try:
+        e.__fxopt_user_error__ = True  # type: ignore[attr-defined]
+    except AttributeError:  # exceptions with __slots__: nothing to tag, the manager treats it as a pass bug
+        pass
+    return e
+
+
+def is_user_error(e: BaseException) -> bool:
+    return bool(getattr(e, "__fxopt_user_error__", False))

@@ -12,7 +12,8 @@ import torch.utils._pytree as pytree
 
 
 __all__ = ["Snapshot", "take_snapshot", "restore_snapshot", "changed_tensors", "max_abs_error",
-           "within_tolerance", "param_stats", "GraphSnapshot", "remove_unused_attributes"]
+           "within_tolerance", "param_stats", "GraphSnapshot", "remove_unused_attributes", "state_tensors",
+           "preserved_state", "fingerprint", "output_structure"]
 
 
 def _tensor_attrs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -23,8 +24,67 @@ def _tensor_attrs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Snapshot:
     graph: fx.Graph
     modules: list  # (module, params, buffers, submodules, tensor attrs, non-persistent set)
-    versions: list  # (name, tensor, version)
+    versions: list  # (name, tensor, version, fingerprint)
     clones: dict = field(default_factory=dict)  # id(tensor) -> (tensor, clone) for deep snapshots
+    state: dict = field(default_factory=dict)  # name -> (tensor, clone): buffers the model itself writes
+
+
+#: above this many bytes in all, fingerprints read every 61st word instead of all of them
+FULL_FINGERPRINT_BYTES = 1 << 30
+
+
+def fingerprint(t: torch.Tensor, sample: bool = False) -> int:
+    """A cheap checksum of a tensor's bytes: the int64 sum of its raw 32-bit (or 8-bit) words.
+
+    Catches writes that bypass version counters (``.data`` assignments and writes into
+    ``.data``) in one pass over memory; a write that only permutes values is not seen.
+    """
+    if t.device.type == "meta" or t.numel() == 0:
+        return 0
+    with torch.no_grad():
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
+        if sample:
+            words = words[::61]
+        return int(words.sum(dtype=torch.int64))
+
+
+def state_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers the graph itself writes when it runs (step counters, running statistics), by name."""
+    from .dialect import written_attrs
+    if not isinstance(gm, fx.GraphModule):
+        return {}
+    out = {}
+    for name in written_attrs(gm):
+        obj: Any = gm
+        try:
+            for part in name.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.Tensor):
+            out[name] = obj
+    return out
+
+
+class preserved_state:
+    """Run ``gm`` inside this block without its state moving: buffers the model writes in ``forward``
+    are put back afterwards. fxopt's own runs (verification, calibration, checks, timing) use it,
+    so the module handed back holds the same state as the model it came from."""
+
+    def __init__(self, gm: torch.nn.Module):
+        self.gm = gm
+        self.saved: dict = {}
+
+    def __enter__(self) -> "preserved_state":
+        self.saved = {k: (t, t.detach().clone()) for k, t in state_tensors(self.gm).items()}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for t, clone in self.saved.values():
+                if t.shape == clone.shape:
+                    t.copy_(clone)
 
 
 def _all_tensors(gm: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -45,12 +105,15 @@ def take_snapshot(gm: fx.GraphModule, deep: bool = False) -> Snapshot:
     for mod in gm.modules():
         modules.append((mod, dict(mod._parameters), dict(mod._buffers), dict(mod._modules),
                         _tensor_attrs(mod), set(mod._non_persistent_buffers_set)))
-    tensors = _all_tensors(gm)
+    state = {k: (t, t.detach().clone()) for k, t in state_tensors(gm).items()}
+    tensors = [(n, t) for n, t in _all_tensors(gm) if not any(t is s for s, _ in state.values())]
     clones = {}
     if deep:
         for _, t in tensors:
             clones[id(t)] = (t, t.detach().clone())
-    return Snapshot(copy.deepcopy(gm.graph), modules, [(n, t, t._version) for n, t in tensors], clones)
+    sample = sum(t.numel() * t.element_size() for _, t in tensors) > FULL_FINGERPRINT_BYTES
+    versions = [(n, t, t._version, fingerprint(t, sample)) for n, t in tensors]
+    return Snapshot(copy.deepcopy(gm.graph), modules, versions, clones, state)
 
 
 def restore_snapshot(gm: fx.GraphModule, snap: Snapshot) -> None:
@@ -66,13 +129,31 @@ def restore_snapshot(gm: fx.GraphModule, snap: Snapshot) -> None:
     with torch.no_grad():
         for t, clone in snap.clones.values():
             t.data = clone
+        for t, clone in snap.state.values():
+            t.data = clone.clone()
     gm.graph = copy.deepcopy(snap.graph)
     gm.recompile()
 
 
 def changed_tensors(snap: Snapshot) -> list[str]:
-    """Names of tensors that were written in place since the snapshot."""
-    return [name for name, t, v in snap.versions if t._version != v]
+    """Names of tensors that were written in place since the snapshot.
+
+    Version counters catch ordinary in-place writes; fingerprints catch writes through
+    ``.data``; the model's own state (buffers it writes in ``forward``) must hold the values
+    it had, since fxopt's runs put them back.
+    """
+    sample = sum(t.numel() * t.element_size() for _, t, _, _ in snap.versions) > FULL_FINGERPRINT_BYTES
+    out = [name for name, t, v, fp in snap.versions if t._version != v or fingerprint(t, sample) != fp]
+    out += [name for name, (t, clone) in snap.state.items()
+            if t.shape != clone.shape or not torch.equal(t.detach(), clone)]
+    return out
+
+
+def output_structure(out: Any) -> tuple:
+    """What a caller relies on in a model's outputs: the tree, and each tensor leaf's shape and dtype."""
+    leaves, spec = pytree.tree_flatten(out)
+    return (str(spec), tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+                             for x in leaves))
 
 
 def _leaves(out: Any) -> tuple[list, Any]:

@@ -3,17 +3,29 @@
 After every pass that reports a change the manager checks, in order:
 
 1. ``graph.lint()`` and that the module recompiles;
-2. that no tensor was written in place unless the pass declared ``inplace_weights``;
-3. that the module still runs on the example inputs;
-4. for passes that declare ``preserves_semantics``, that the outputs match the
-   previous graph's within the pass's ``tolerance``;
-5. optionally (``check_preserved=True``) that every analysis the pass claims to
+2. that no tensor was written in place unless the pass declared ``inplace_weights``
+   (version counters, plus a checksum of every tensor's bytes for writes through
+   ``.data``; passes that report no change get this check too);
+3. that the module still runs on the example inputs and on ``verify_inputs`` (by
+   default the first two calibration batches, when there is calibration data);
+4. that the outputs keep their structure (the same tree, no ``None`` where a tensor
+   was, the same shapes and dtypes);
+5. for passes that declare ``preserves_semantics``, that the outputs match the
+   previous graph's within the pass's ``tolerance``, on every verification input;
+6. optionally (``check_preserved=True``) that every analysis the pass claims to
    preserve equals a fresh computation.
 
-A pass that raises or fails a check is rolled back to the graph before it and
-recorded with status ``rolled-back`` and the error it introduced; ``strict=True``
-raises :class:`~fxopt.errors.PassError` instead. Every pass, changed or not, gets
-a :class:`PassRecord` in the :class:`History`.
+A pass that raises, fails a check or runs past ``pass_timeout`` seconds (default
+:data:`DEFAULT_PASS_TIMEOUT`) is rolled back to the graph before it and recorded
+with status ``rolled-back`` and the error it introduced; ``strict=True`` raises
+:class:`~fxopt.errors.PassError` instead. Problems with the user's data or code are
+not pass bugs and are never rolled back: a ``CalibrationError`` and any exception
+raised by the user's own calibration iterable or metric propagate. Every pass,
+changed or not, gets a :class:`PassRecord` in the :class:`History`.
+
+The model's own state (buffers its ``forward`` writes, such as a step counter) is put
+back after every run the manager makes, so verification never advances it and the
+returned module holds the state the model had.
 
 Example::
 
@@ -32,16 +44,20 @@ from typing import Any, Callable, Iterable
 import torch.fx as fx
 
 from .analysis import AnalysisManager
-from .errors import PassError
-from .graph_utils import (GraphSnapshot, changed_tensors, max_abs_error, param_stats, restore_snapshot,
-                          take_snapshot, within_tolerance)
+from .errors import CalibrationError, PassError, is_user_error
+from .graph_utils import (GraphSnapshot, changed_tensors, max_abs_error, output_structure, param_stats,
+                          restore_snapshot, take_snapshot, within_tolerance)
+from .timeout import PassTimeout, time_limit
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import Pipeline, PipelineAlias, Repeat, as_pipeline
 from .history import History, PassRecord
 from .instruments import Instrument, PrintBeforeAfter, TimingReport
 
 __all__ = ["PassManager", "PassRecord", "History", "ManagerResult", "Instrument", "PrintBeforeAfter",
-           "TimingReport"]  # records and instruments live in history.py / instruments.py
+           "TimingReport", "DEFAULT_PASS_TIMEOUT"]  # records and instruments live in history.py / instruments.py
+
+#: seconds one pass may run before the manager stops it (``pass_timeout=None`` waits forever)
+DEFAULT_PASS_TIMEOUT = 1800.0
 
 
 @dataclass
@@ -63,15 +79,20 @@ class PassManager:
     run only the first N passes (bisecting). ``disable``: pass names to skip.
     ``check_preserved``: recompute analyses a pass claims to keep and fail it on
     a mismatch. ``record_cost``: FLOPs per record (costs a little time).
+    ``pass_timeout``: seconds one pass may run (``None``: no limit).
     """
 
     def __init__(self, pipeline: Any, *, strict: bool = False, verify: bool = True,
                  stop_after: int | None = None, disable: Iterable[str] = (),
                  instruments: Iterable[Instrument] = (), check_preserved: bool = False,
                  record_cost: bool = True, record_graphs: bool = True, progress: Callable | None = None,
-                 warn: bool = True):
+                 warn: bool = True, pass_timeout: float | None = DEFAULT_PASS_TIMEOUT):
         self.pipeline = as_pipeline(pipeline)
         self.strict, self.verify = strict, verify
+        if pass_timeout is not None and (isinstance(pass_timeout, bool) or not isinstance(pass_timeout, (int, float))
+                                         or not pass_timeout > 0):
+            raise ValueError(f"pass_timeout must be a positive number of seconds or None, got {pass_timeout!r}")
+        self.pass_timeout = pass_timeout
         if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
             raise ValueError(f"stop_after must be a non-negative int, got {stop_after!r}")
         self.stop_after = stop_after
@@ -84,19 +105,26 @@ class PassManager:
     # ------------------------------------------------------------------
     def run(self, gm: fx.GraphModule, args: Any = (), kwargs: dict | None = None, *,
             reference: Any = None, calibration: Any = None, options: dict | None = None,
-            ctx: PassContext | None = None) -> ManagerResult:
-        """Run the pipeline on ``gm`` (mutated in place and returned in the result)."""
+            ctx: PassContext | None = None, verify_inputs: Any = None) -> ManagerResult:
+        """Run the pipeline on ``gm`` (mutated in place and returned in the result).
+
+        ``verify_inputs``: more inputs to verify every pass on, a list of input tuples (or
+        ``(args, kwargs)`` pairs, or ``fxopt.calibrate.Inputs``); by default the first two
+        calibration batches when ``calibration`` is given; ``[]`` for none.
+        """
         from .capture import normalize_inputs
         args, kwargs = normalize_inputs(args, kwargs)
         self._analyses = AnalysisManager()
         self._ctx = ctx or PassContext(args, kwargs, analyses=self._analyses, calibration=calibration,
                                        options=options)
         self._ctx.analyses = self._analyses
+        self._ctx.verify_inputs = _verification_inputs(verify_inputs, self._ctx)
         self._count = 0
         self._index = 0
         self._snap = None
         start = time.perf_counter()
-        self._prev_out = self._ctx.run(gm) if self.verify else None
+        self._prev_outs = self._run_all(gm) if self.verify else None
+        self._prev_out = self._prev_outs[0] if self._prev_outs else None
         self._reference = reference if reference is not None else self._prev_out
         self.history = History(str(self.pipeline))
         self.history.initial_stats = self._stats(gm)  # first: the snapshot picks up per-node costs
@@ -179,13 +207,22 @@ class PassManager:
         snap = self._rollback_point(gm, p)
         t0 = time.perf_counter()
         try:
-            result = p.run(gm, ctx)
+            with time_limit(self.pass_timeout):
+                result = p.run(gm, ctx)
             if isinstance(result, bool):
                 result = PassResult(result)
             if not isinstance(result, PassResult):
                 raise TypeError(f"run() returned {type(result).__name__}; return a PassResult or a bool")
+        except PassTimeout as e:
+            record.seconds = time.perf_counter() - t0
+            return self._fail(p, gm, snap, record, f"ran past its time limit of {self.pass_timeout:g} s and was "
+                              "stopped (compile(..., pass_timeout=SECONDS) sets the limit; None waits forever)", e)
         except Exception as e:  # noqa: BLE001 - a failing pass is rolled back and reported
             record.seconds = time.perf_counter() - t0
+            if isinstance(e, CalibrationError) or is_user_error(e):
+                restore_snapshot(gm, snap)  # the user's data or code failed, not the pass: say so, don't hide it
+                self._snap = None
+                raise
             return self._fail(p, gm, snap, record, f"raised {type(e).__name__}: {e}", e)
         record.seconds = time.perf_counter() - t0
         record.info = dict(result.info)
@@ -219,22 +256,29 @@ class PassManager:
                                    "instead of writing into existing ones")
         if self.verify:
             try:
-                out = ctx.run(gm)
+                outs = self._run_all(gm)
             except Exception as e:  # noqa: BLE001
-                return self._fail(p, gm, snap, record, f"the module no longer runs on the example inputs: "
+                return self._fail(p, gm, snap, record, f"the module no longer runs on the "
+                                  f"{'example' if self._failed_at == 0 else 'verification'} inputs: "
                                   f"{type(e).__name__}: {e}", e)
+            broken = _structure_change(outs[0], self._prev_out)
+            if broken:
+                return self._fail(p, gm, snap, record, f"changed the structure of the outputs: {broken}", None)
             if p.preserves_semantics:
                 tol = p.tolerance
-                ok, err = within_tolerance(out, self._prev_out, tol.atol, tol.rtol)
-                record.error_vs_previous = err
-                if not ok:
-                    return self._fail(p, gm, snap, record,
-                                      f"changed the outputs by up to {err:.3g} (tolerance atol={tol.atol:g}, "
-                                      f"rtol={tol.rtol:g})", None)
+                record.error_vs_previous = 0.0
+                for i, (out, prev) in enumerate(zip(outs, self._prev_outs)):
+                    ok, err = within_tolerance(out, prev, tol.atol, tol.rtol)
+                    record.error_vs_previous = max(record.error_vs_previous, err)
+                    if not ok:
+                        where = "" if i == 0 else f" on verification input {i}"
+                        return self._fail(p, gm, snap, record,
+                                          f"changed the outputs by up to {err:.3g}{where} (tolerance "
+                                          f"atol={tol.atol:g}, rtol={tol.rtol:g})", None)
             else:
-                record.error_vs_previous = max_abs_error(out, self._prev_out)
-            record.error_vs_original = max_abs_error(out, self._reference)
-            self._prev_out = out
+                record.error_vs_previous = max(max_abs_error(o, q) for o, q in zip(outs, self._prev_outs))
+            record.error_vs_original = max_abs_error(outs[0], self._reference)
+            self._prev_outs, self._prev_out = outs, outs[0]
         if self.check_preserved:
             stale = self._check_preserved(result, gm)
             if stale:
@@ -263,6 +307,15 @@ class PassManager:
         for inst in self.instruments:
             inst.after_pass(p, gm, ctx, record)
         return True
+
+    def _run_all(self, gm: fx.GraphModule) -> list:
+        """Outputs on the example inputs, then on each verification input (state preserved)."""
+        outs = []
+        self._failed_at = 0
+        for i, (args, kwargs) in enumerate([(self._ctx.args, self._ctx.kwargs)] + list(self._ctx.verify_inputs)):
+            self._failed_at = i
+            outs.append(self._ctx.run(gm, args, kwargs))
+        return outs
 
     def _rollback_point(self, gm: fx.GraphModule, p: Pass) -> Any:
         """The state to roll back to. Passes that change nothing leave it valid, so a
@@ -300,8 +353,11 @@ class PassManager:
             # restored the model before going on
             try:
                 again = self._ctx.run(gm)
+            except PassTimeout:
+                raise
             except Exception as e:  # noqa: BLE001
                 again, reason = None, f"{reason}; and the restored module no longer runs ({e})"
+            # (a PassTimeout here would be the watchdog's late shot: the pass itself was already stopped)
             if again is None or not within_tolerance(again, self._prev_out, 0.0, 0.0)[0]:
                 raise PassError(p.name, f"{reason}; rolling back did not restore the outputs, so the pass "
                                         "wrote into tensors in place (for example through .data)",
@@ -323,3 +379,53 @@ class PassManager:
             import warnings
             warnings.warn(f"fxopt: pass '{p.name}' was rolled back: {reason}", stacklevel=5)
         return False
+
+
+def _structure_change(new: Any, old: Any) -> str:
+    """How ``new`` outputs differ from ``old`` ones in what a caller relies on ('' when they do not)."""
+    if old is None:
+        return ""
+    a, b = output_structure(new), output_structure(old)
+    if a == b:
+        return ""
+    if a[0] != b[0]:
+        return f"the model returned {_short(new)} instead of {_short(old)}"
+    for i, (x, y) in enumerate(zip(a[1], b[1])):
+        if x != y:
+            return f"output {i} is {_leaf(x)}, was {_leaf(y)}"
+    return "the outputs differ"
+
+
+def _leaf(v: Any) -> str:
+    if isinstance(v, tuple):
+        return f"a {v[1]} tensor of shape {list(v[0])}".replace("torch.", "")
+    return "None" if v == "NoneType" else f"a {v}"
+
+
+def _short(out: Any) -> str:
+    text = type(out).__name__ if not isinstance(out, (tuple, list, dict)) else repr(
+        __import__("torch").utils._pytree.tree_map(lambda t: "T", out))
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def _verification_inputs(given: Any, ctx: PassContext) -> list:
+    """``verify_inputs=`` as (args, kwargs) pairs; by default two calibration batches."""
+    from .calibrate import iter_calibration, normalize_item
+    if given is None:
+        if ctx.calibration is None:
+            return []
+        try:
+            return [(a, k) for _, a, k in iter_calibration(
+                ctx.calibration, inputs=ctx.options.get("calibration_inputs"), example=(ctx.args, ctx.kwargs),
+                max_batches=2, progress=False)]
+        except CalibrationError:
+            return []  # the pass that calibrates reports bad data, with its own message
+    if not isinstance(given, (list, tuple)):
+        raise ValueError(f"verify_inputs must be a list of model inputs, got {type(given).__name__}")
+    out = []
+    for item in given:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple) and isinstance(item[1], dict):
+            out.append(item)
+        else:
+            out.append(normalize_item(item))
+    return out

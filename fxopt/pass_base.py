@@ -109,16 +109,19 @@ class PassContext:
     * ``analyses``: the :class:`~fxopt.analysis.AnalysisManager`; ``ctx.analysis("shapes")``
       returns a cached analysis result for the current graph;
     * ``calibration``: calibration data when the user gave some;
+    * ``verify_inputs``: more ``(args, kwargs)`` the manager verifies every pass on
+      (checks inside a pass, such as ``lower-quant``'s, use them too);
     * ``options``: free-form options from ``fxopt.compile(..., **options)``.
     """
 
     def __init__(self, args: tuple = (), kwargs: dict | None = None, *, analyses: Any = None,
-                 calibration: Any = None, options: dict | None = None):
+                 calibration: Any = None, options: dict | None = None, verify_inputs: Any = ()):
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
         self.analyses = analyses
         self.calibration = calibration
         self.options = dict(options or {})
+        self.verify_inputs = list(verify_inputs or ())
 
     def analysis(self, name: str, gm: fx.GraphModule) -> Any:
         if self.analyses is None:
@@ -126,10 +129,14 @@ class PassContext:
             self.analyses = AnalysisManager()
         return self.analyses.get(name, gm, self)
 
-    def run(self, gm: fx.GraphModule) -> Any:
-        """Run ``gm`` on the example inputs (no grad)."""
-        with torch.no_grad():
-            return gm(*self.args, **self.kwargs)
+    def run(self, gm: fx.GraphModule, args: tuple | None = None, kwargs: dict | None = None) -> Any:
+        """Run ``gm`` on the example inputs (or on ``args``/``kwargs``): no grad, and the model's own
+        state (buffers its forward writes) put back afterwards."""
+        from .graph_utils import preserved_state
+        args = self.args if args is None else args
+        kwargs = self.kwargs if kwargs is None else kwargs
+        with torch.no_grad(), preserved_state(gm):
+            return gm(*args, **kwargs)
 
 
 class Pass:
@@ -144,6 +151,9 @@ class Pass:
     inplace_weights: ClassVar[bool] = False
     #: names of ``compile(..., **options)`` this pass reads from ``ctx.options`` (checked for typos)
     reads_options: ClassVar[tuple] = ()
+    #: the pass exists to compress the model: ``compile`` warns when it changes nothing (say why in
+    #: ``PassResult.info["why"]``)
+    compresses: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **options: Any):
         if config is not None and options:
@@ -161,6 +171,9 @@ class Pass:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def check_options(self, options: dict) -> None:
+        """Validate the ``compile`` options this pass reads, before any heavy work (raise a typed error)."""
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         """Run the pass alone, without the manager's checks (used by tests and other passes)."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.dialect import aten, get_attr_tensor, is_impure, is_view_target
+from fxopt.dialect import aten, get_attr_tensor, is_impure, is_view_target, written_attrs
 from fxopt.graph_utils import remove_unused_attributes
 from fxopt.meta import propagate_meta, same_shape
 from fxopt.pass_base import EXACT, Pass, PassContext, PassResult, Tolerance, register_pass
@@ -111,6 +111,8 @@ class FoldConstantsPass(Pass):
     The result is stored as a buffer (``_folded_<node>``) read by a ``get_attr``.
     Pure view chains are left alone (they are free at run time), and so are
     results much larger than their inputs (an ``expand`` would be materialized).
+    Buffers the model writes in ``forward`` (step counters, running statistics) are
+    state, not constants.
     Leaves the now-dead subgraph to ``dce``. Exact up to the same kernels
     running eagerly.
     """
@@ -125,8 +127,9 @@ class FoldConstantsPass(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         const: set[fx.Node] = set()
         has_compute: dict[fx.Node, bool] = {}
+        state = written_attrs(gm)  # buffers the model updates in forward are not constants
         for node in gm.graph.nodes:
-            if node.op == "get_attr":
+            if node.op == "get_attr" and str(node.target) not in state:
                 const.add(node)
                 has_compute[node] = False
             elif node.op == "call_function" and not is_impure(node) and node.target is not aten.sym_size.int:

@@ -47,6 +47,7 @@ class LowRankPass(Pass):
     """Truncated-SVD factorization of large linears (see module docs)."""
 
     name = "low-rank"
+    compresses = True
     preserves_semantics = False
 
     @dataclass(frozen=True)
@@ -102,4 +103,7 @@ class LowRankPass(Pass):
         if factored:
             erase_dead(gm)
             propagate_meta(gm)
-        return PassResult(bool(factored), frozenset(), {"factored": factored, "ranks": ranks})
+        info: dict = {"factored": factored, "ranks": ranks}
+        if not factored:
+            info["why"] = "no linear where a low-rank factorization at this energy/ratio has fewer parameters"
+        return PassResult(bool(factored), frozenset(), info)

@@ -381,8 +381,7 @@ def check_layers(gm: fx.GraphModule, ctx: PassContext) -> float:
     gm.recompile()
     try:
         for args, kwargs in [(ctx.args, ctx.kwargs)] + list(getattr(ctx, "verify_inputs", None) or []):
-            with torch.no_grad():
-                gm(*args, **kwargs)
+            ctx.run(gm, args, kwargs)
     finally:
         for n in nodes:
             n.target = checked[n].kernel

@@ -98,8 +98,13 @@ def _weight_node(t_node: fx.Node, kind: str) -> Any:
     return t_node.args[0] if kind == "embedding" else t_node.args[1]
 
 
-def plan_targets(gm: fx.GraphModule, config: Any) -> list[QuantTarget]:
-    """Which nodes get quantized, with which specs (after skip/overrides)."""
+def plan_targets(gm: fx.GraphModule, config: Any, skipped: dict | None = None) -> list[QuantTarget]:
+    """Which nodes get quantized, with which specs (after skip/overrides).
+
+    ``skipped`` (if given) collects, per reason, the layers left in float for a reason the
+    user may not expect (a group size that does not divide the layer, a non-float32 input).
+    """
+    skipped = {} if skipped is None else skipped
     wspec, aspec, espec = _spec(config.weight), _spec(config.activation), _spec(config.embedding)
     overrides = []
     for o in config.overrides:
@@ -134,7 +139,10 @@ def plan_targets(gm: fx.GraphModule, config: Any) -> list[QuantTarget]:
             if a is not None and a.dynamic:
                 a = None  # no dynamic int8 conv kernel: weight-only
         if ws.granularity == "group" and w.shape[-1] % ws.group_size:
-            continue  # the input dim does not split into groups: leave the layer in float
+            # the input dim does not split into groups: leave the layer in float
+            skipped.setdefault(f"input size not a multiple of group size {ws.group_size}", []).append(
+                f"{path or node.name} ({w.shape[-1]})")
+            continue
         if kind != "embedding" and a is not None and isinstance(node.args[0], fx.Node):
             v = node.args[0].meta.get("val")
             if isinstance(v, torch.Tensor) and v.dtype != torch.float32:
@@ -400,7 +408,8 @@ def _eval_batches(ctx: PassContext, limit: int = 4) -> list[tuple[tuple, dict]]:
 
 
 def _run(gm: fx.GraphModule, batches: list) -> list[torch.Tensor]:
-    with torch.no_grad():
+    from fxopt.graph_utils import preserved_state
+    with torch.no_grad(), preserved_state(gm):
         return [_flat_outputs(gm(*a, **k)) for a, k in batches]
 
 
@@ -435,8 +444,17 @@ def sensitivity_scores(gm: fx.GraphModule, targets: list[QuantTarget], qparams: 
 
 
 def _metric(fn: Any, module: fx.GraphModule) -> float:
-    with torch.no_grad():
-        return float(fn(module))
+    from fxopt.errors import mark_user_error
+    from fxopt.graph_utils import preserved_state
+    with torch.no_grad(), preserved_state(module):
+        try:
+            value = fn(module)
+        except Exception as e:  # the user's metric failed: theirs to see, not a pass bug
+            raise mark_user_error(e)
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise PipelineError(f"budget_metric must return a number (an accuracy), got {type(value).__name__}") from e
 
 
 @register_pass
@@ -446,6 +464,20 @@ class InsertQDQPass(Pass):
     name = "insert-qdq"
     reads_options = ("calibration_inputs", "calibration_batches", "group_size", "budget_metric", "max_metric_drop")
     preserves_semantics = False
+    compresses = True
+
+    def check_options(self, options: dict) -> None:
+        from fxopt.errors import RecipeError
+        group = options.get("group_size")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 2):
+            raise RecipeError(f"group_size must be an integer >= 2 (how many consecutive weights of a row share "
+                              f"one scale; 32, 64 or 128 are typical), got {group!r}")
+        batches = options.get("calibration_batches")
+        if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+            raise RecipeError(f"calibration_batches must be a positive integer, got {batches!r}")
+        drop = options.get("max_metric_drop")
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or drop < 0):
+            raise RecipeError(f"max_metric_drop must be a number >= 0, got {drop!r}")
 
     @dataclass(frozen=True)
     class Config:
@@ -482,14 +514,18 @@ class InsertQDQPass(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         config = self.config
         group = ctx.options.get("group_size")
-        if group:  # compile(..., group_size=64) sets the group of every group-wise spec
+        if group is not None:  # compile(..., group_size=64) sets the group of every group-wise spec
+            self.check_options(ctx.options)
             swap = {f: str(dataclasses.replace(QSpec.parse(getattr(config, f)), group_size=int(group)))
                     for f in ("weight", "embedding") if _spec(getattr(config, f)) is not None
                     and QSpec.parse(getattr(config, f)).granularity == "group"}
             config = dataclasses.replace(config, **swap)
-        targets = plan_targets(gm, config)
+        skipped: dict[str, list[str]] = {}
+        targets = plan_targets(gm, config, skipped)
         if not targets:
-            return PassResult(False, info={"quantized": 0})
+            why = "; ".join(f"{k}: {', '.join(v[:4])}{' ...' if len(v) > 4 else ''}" for k, v in skipped.items())
+            return PassResult(False, info={"quantized": 0, "why": why or f"no {'/'.join(config.ops)} layer "
+                                           "with a floating-point weight in the graph"})
         qparams = collect_qparams(gm, targets, ctx, self.config.percentile)
         info: dict[str, Any] = {}
         if self.config.budget > 0 or ctx.options.get("budget_metric") is not None:
@@ -497,6 +533,8 @@ class InsertQDQPass(Pass):
             targets = [t for t in targets if t.label not in keep]
         counts = materialize(gm, targets, qparams)
         info.update({"quantized": len(targets), **counts})
+        if skipped:
+            info["left_float"] = {k: v for k, v in skipped.items()}
         return PassResult(True, frozenset({"shapes"}), info)
 
     def _budget(self, gm, targets, qparams, ctx, info) -> set[str]:

@@ -77,6 +77,7 @@ class Sparsify24Pass(Pass):
 
     name = "sparsify-2:4"
     preserves_semantics = False
+    compresses = True
     Config = _Common
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -89,7 +90,11 @@ class Sparsify24Pass(Pass):
             done[module_path(node) or node.name] = round(_apply(gm, node, mask_24(w), "2:4"), 3)
         if done:
             erase_dead(gm)
-        return PassResult(bool(done), frozenset({"shapes"}), {"layers": len(done), "skipped": skipped})
+        info: dict = {"layers": len(done), "skipped": skipped}
+        if not done:
+            info["why"] = ("no conv or linear whose rows split into groups of 4" if skipped else
+                           "no conv or linear besides the kept output layer")
+        return PassResult(bool(done), frozenset({"shapes"}), info)
 
 
 @register_pass
@@ -98,6 +103,7 @@ class MagnitudePrunePass(Pass):
 
     name = "magnitude-prune"
     preserves_semantics = False
+    compresses = True
 
     @dataclass(frozen=True)
     class Config:
@@ -116,7 +122,8 @@ class MagnitudePrunePass(Pass):
         nodes = [n for n in _targets(gm, self.config.keep_output, tuple(self.config.ignore))
                  if not n.meta.get("fxopt_sparsity")]
         if not nodes or self.config.ratio == 0:
-            return PassResult(False)
+            return PassResult(False, info={"why": "ratio=0" if nodes else
+                                           "no conv or linear besides the kept output layer"})
         weights = [attr_tensor(gm, n.args[1]).detach() for n in nodes]
         if self.config.scope == "global":
             scores = torch.cat([w.abs().flatten() for w in weights])

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -130,3 +132,62 @@ def test_unknown_option_warns_with_what_the_passes_read():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fxopt.compile(model, (x,), recipe="int4-weight", group_size=4)
+
+
+# --- bad calibration data, options and recipes that change nothing ----------------------------
+class _LoaderBroke(Exception):
+    pass
+
+
+def _broken_loader():
+    yield torch.randn(4, 16)
+    raise _LoaderBroke("disk went away")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_bad_calibration_data_raises_strict_or_not(strict):
+    with pytest.raises(fxopt.CalibrationError, match="empty"):
+        fxopt.compile(MLP(), (torch.randn(4, 16),), recipe="int8", calibration=[], strict=strict)
+    bad = [torch.full((4, 16), float("nan"))]
+    with pytest.raises(fxopt.CalibrationError, match="NaN"):
+        fxopt.compile(MLP(), (torch.randn(4, 16),), recipe="int8", calibration=bad, strict=strict)
+    with pytest.raises(fxopt.CalibrationError, match="needs calibration data"):
+        fxopt.compile(MLP(), (torch.randn(4, 16),), recipe="int8", strict=strict)
+
+
+def test_the_users_own_loader_error_reaches_the_user():
+    with pytest.raises(_LoaderBroke, match="disk went away"):
+        fxopt.compile(MLP(), (torch.randn(4, 16),), recipe="int8", calibration=_broken_loader())
+
+
+def test_a_user_metric_that_raises_reaches_the_user():
+    def metric(m):
+        raise _LoaderBroke("my metric failed")
+    with pytest.raises(_LoaderBroke, match="my metric"):
+        fxopt.compile(MLP(), (torch.randn(4, 16),), recipe="insert-qdq(activation=int8/token),lower-quant",
+                      budget_metric=metric, max_metric_drop=0.01)
+
+
+def test_a_generator_of_calibration_batches_is_read_once_and_works():
+    batches = (torch.randn(4, 16) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = fxopt.compile(MLP(), (torch.randn(4, 16),), recipe="int8", calibration=batches)
+    assert any(n.target is torch.ops.fxopt.linear_int8.default for n in q.graph.nodes)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1, 2.5, True, "64"])
+def test_bad_group_size_is_a_recipe_error_before_any_work(value, monkeypatch):
+    import fxopt.api
+    monkeypatch.setattr(fxopt.api, "trace", lambda *a, **k: pytest.fail("captured before checking options"))
+    with pytest.raises(fxopt.RecipeError, match="group_size must be an integer >= 2"):
+        fxopt.compile(MLP(), (torch.randn(4, 16),), recipe="int4-weight", group_size=value)
+
+
+def test_a_recipe_that_changes_nothing_says_so():
+    with pytest.warns(UserWarning, match=r"changed nothing in insert-qdq \(input size not a multiple of group size 7"):
+        q = fxopt.compile(MLP(), (torch.randn(4, 16),), recipe="int4-weight", group_size=7)
+    assert not any(n.target is torch.ops.fxopt.linear_wq.default for n in q.graph.nodes)
+    conv_only = torch.nn.Sequential(torch.nn.ReLU())
+    with pytest.warns(UserWarning, match="changed nothing in insert-qdq"):
+        fxopt.compile(conv_only, (torch.randn(2, 3),), recipe="int8-dynamic")

@@ -32,3 +32,11 @@ def test_named_backend_and_options():
     assert torch.allclose(fast(x), model(x))
     from fxopt.backend import fxopt_backend
     assert fxopt_backend.histories and fxopt_backend.histories[-1].pipeline == "dce"
+
+
+def test_a_typo_in_the_recipe_is_an_error_not_a_silent_eager_run():
+    with pytest.raises(fxopt.RecipeError, match="int8-dynamc"):
+        fxopt.Backend(recipe="int8-dynamc")
+    f = torch.compile(torch.nn.Linear(4, 4), backend="fxopt", options={"recipe": "int8-dynamc"})
+    with pytest.raises(Exception, match="unknown recipe 'int8-dynamc'"):
+        f(torch.randn(2, 4))

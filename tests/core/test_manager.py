@@ -278,3 +278,166 @@ def test_provenance_stamps_new_nodes():
     res = fxopt.PassManager("cleanup").run(gm, (x,))
     prov = fxopt.AnalysisManager().get("provenance", res.module)
     assert "fold-constants" in prov.values() and "capture" in prov.values()
+
+
+# --- the contract on the cases users hit (issue: promises that hold) ---------------------------
+class UnchangedDataWriterPass(fxopt.Pass):
+    """Writes weights through .data and claims it changed nothing."""
+    name = "t-quiet-data"
+
+    def run(self, gm, ctx):
+        gm.fc1.weight.data = gm.fc1.weight.data * 2
+        return fxopt.PassResult(False)
+
+
+class DropOutputPass(fxopt.Pass):
+    """Replaces the model's output with None (declared not semantics-preserving)."""
+    name = "t-drop-output"
+    preserves_semantics = False
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        out.args = (torch.fx.node.map_arg(out.args[0], lambda n: None),)  # every output value deleted
+        return fxopt.PassResult(True)
+
+
+class ReshapeOutputPass(fxopt.Pass):
+    """Flattens the model's output (a shape the caller does not expect)."""
+    name = "t-reshape-output"
+    preserves_semantics = False
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        val = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+        with gm.graph.inserting_before(out):
+            flat = gm.graph.call_function(aten.reshape.default, (val, [-1]))
+        out.replace_input_with(val, flat)
+        return fxopt.PassResult(True)
+
+
+class ForeverPass(fxopt.Pass):
+    """Never returns, and swallows ordinary exceptions while at it."""
+    name = "t-forever"
+
+    def run(self, gm, ctx):
+        next(n for n in gm.graph.nodes if is_linear(n)).target = aten.sigmoid.default  # half-done edit
+        while True:
+            try:
+                sum(range(1000))
+            except Exception:  # noqa: BLE001 - a careless pass
+                pass
+
+
+class SleepingPass(fxopt.Pass):
+    name = "t-sleep"
+
+    def run(self, gm, ctx):
+        import time
+        time.sleep(3600)
+
+
+class WrongForNegativesPass(fxopt.Pass):
+    """Exact on the (all-positive) example inputs, wrong for negative ones."""
+    name = "t-relu-to-abs"
+
+    def run(self, gm, ctx):
+        for n in gm.graph.nodes:
+            if n.target is aten.relu.default:
+                n.target = aten.abs.default
+        return fxopt.PassResult(True)
+
+
+def test_a_pass_writing_through_data_while_reporting_no_change_is_caught():
+    with pytest.raises(fxopt.PassError, match="t-quiet-data.*in place"):
+        run([UnchangedDataWriterPass()])
+
+
+@pytest.mark.parametrize("bad, reason", [(DropOutputPass, "output 0 is None"),
+                                         (ReshapeOutputPass, "shape [16]")])
+def test_a_pass_that_breaks_the_outputs_is_rolled_back_even_if_not_semantics_preserving(bad, reason):
+    gm = traced()
+    res = run([bad()], gm)
+    rec = res.history.records[0]
+    assert rec.status == "rolled-back" and "structure of the outputs" in rec.error and reason in rec.error, rec.error
+    assert gm(X).shape == (4, 4)
+
+
+@pytest.mark.parametrize("bad", [ForeverPass, SleepingPass])
+def test_a_runaway_pass_is_stopped_rolled_back_and_named(bad):
+    import time
+    gm = traced()
+    ref = gm(X)
+    start = time.perf_counter()
+    res = run([bad(), fxopt.get_pass("cse")()], gm, pass_timeout=0.5)
+    assert time.perf_counter() - start < 20
+    rec = res.history.records[0]
+    assert rec.status == "rolled-back" and "time limit of 0.5 s" in rec.error
+    assert torch.equal(gm(X), ref) and res.history.records[-1].name == "cse"
+    with pytest.raises(fxopt.PassError, match=bad.name):
+        run([bad()], traced(), pass_timeout=0.3, strict=True)
+
+
+def test_a_runaway_pass_is_stopped_off_the_main_thread_too():
+    import threading
+    out = {}
+
+    def work():
+        out["res"] = run([ForeverPass()], traced(), pass_timeout=0.5)
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and out["res"].history.records[0].status == "rolled-back"
+
+
+def test_pass_timeout_is_validated():
+    with pytest.raises(ValueError, match="pass_timeout"):
+        fxopt.PassManager("cse", pass_timeout=0)
+
+
+def test_verify_inputs_catch_a_pass_that_is_only_right_on_the_example():
+    model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.rand(4, 16)  # positive: relu and abs agree on it
+    gm = fxopt.trace(model, (x,))
+    res = fxopt.PassManager([WrongForNegativesPass()], warn=False).run(gm, (x,))
+    assert res.history.records[0].status == "changed"  # the example alone cannot tell
+    gm = fxopt.trace(model, (x,))
+    res = fxopt.PassManager([WrongForNegativesPass()], warn=False).run(gm, (x,), verify_inputs=[torch.randn(4, 16)])
+    rec = res.history.records[0]
+    assert rec.status == "rolled-back" and "verification input 1" in rec.error
+    # by default, calibration batches verify too
+    gm = fxopt.trace(model, (x,))
+    res = fxopt.PassManager([WrongForNegativesPass()], warn=False).run(gm, (x,), calibration=[torch.randn(4, 16)])
+    assert res.history.records[0].status == "rolled-back"
+
+
+class Counter(torch.nn.Module):
+    """Updates buffers in forward: a step counter and a running mean of its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8)
+        self.register_buffer("steps", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(16))
+
+    def forward(self, x):
+        self.steps += 1
+        self.mean.mul_(0.9).add_(x.mean(0) * 0.1)
+        return self.fc(x - self.mean) * self.steps
+
+
+@pytest.mark.parametrize("recipe", ["default", "int8-dynamic", "prune-50"])
+def test_a_model_that_updates_its_buffers_compiles_and_keeps_its_state(recipe):
+    torch.manual_seed(0)
+    model = Counter().eval()
+    fresh = Counter().eval()
+    fresh.load_state_dict(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no pass rolled back
+        q = fxopt.compile(model, (X,), recipe=recipe, report=None)
+    assert float(model.steps) == 0 and float(q.steps) == 0  # neither the model nor the copy advanced
+    assert torch.equal(q.mean, fresh.mean)
+    for _ in range(3):  # the compiled copy keeps counting, like the model would
+        want, got = fresh(X), q(X)
+        tol = 1e-5 if recipe == "default" else 0.1 * float(want.detach().abs().max())
+        assert (got - want).abs().max() <= tol, recipe
+    assert float(q.steps) == 3
