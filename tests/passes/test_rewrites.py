@@ -203,9 +203,11 @@ def test_low_rank_factorizes_low_rank_weights_exactly():
 
 def test_low_rank_skips_layers_it_cannot_shrink():
     model = nn.Sequential(nn.Linear(128, 128))  # random: full rank at energy 0.99
-    out = fxopt.compile(model, (torch.randn(2, 128),), recipe="low-rank(energy=0.99)")
+    with pytest.warns(UserWarning, match="changed nothing in low-rank"):  # and says so
+        out = fxopt.compile(model, (torch.randn(2, 128),), recipe="low-rank(energy=0.99)")
     assert out.fxopt_history.records[0].status == "unchanged"
-    out = fxopt.compile(model, (torch.randn(2, 128),), recipe="low-rank(ratio=0.25,skip=['0'])")
+    with pytest.warns(UserWarning, match="changed nothing in low-rank"):
+        out = fxopt.compile(model, (torch.randn(2, 128),), recipe="low-rank(ratio=0.25,skip=['0'])")
     assert out.fxopt_history.records[0].status == "unchanged"
 
 
