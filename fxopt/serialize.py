@@ -7,11 +7,15 @@ A ``.fxopt`` file is a zip archive with two members:
 * ``model.pt2``: the compiled module re-exported with ``torch.export`` and
   written by ``torch.export.save`` (graph as JSON, weights as raw bytes).
 
-Before handing ``model.pt2`` to ``torch.export.load`` the loader checks the
-checksum and refuses archives that would need pickle: weights or constants
-marked ``use_pickle``, custom objects, or sample inputs that do not load with
-``weights_only=True``. A truncated, tampered or foreign file raises
-:class:`~fxopt.errors.LoadError` with what was wrong.
+Before handing ``model.pt2`` to ``torch.export.load`` the loader checks both
+zip archives, the manifest, the checksum, the payload tables, the sample
+inputs and the graph against whitelists of what ``fxopt.save`` writes
+(:mod:`fxopt.archive_check`, :mod:`fxopt.graph_check`), so loading never
+unpickles or evaluates anything from the file. The SHA-256 in the manifest
+catches accidents (a truncated or damaged file), not forgery: anyone can
+recompute it; the whitelists are what stop a crafted file. A truncated,
+tampered, crafted or foreign file raises :class:`~fxopt.errors.LoadError`
+with what was wrong and what to do.
 
 Example::
 
@@ -29,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import zipfile
 from typing import Any
@@ -36,6 +41,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .archive_check import DAMAGED, MAX_TOTAL, RESAVE, check_model_archive, read_checked_zip, read_member
 from .capture import dynamic_shapes_for, install_input_guard, normalize_inputs
 from .errors import InputError, LoadError
 
@@ -114,65 +120,94 @@ def _jsonable(v: Any) -> bool:
         return False
 
 
-def _check_no_pickle(blob: bytes) -> None:
+_MAX_MANIFEST = 64 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,), "version": (int,), "torch": (str,), "sha256": (dict,), "pipeline": (str, type(None)),
+    "history": (str, type(None)), "capture": (dict, type(None))}
+_CAPTURE_TYPES: dict[str, tuple[type, ...]] = {
+    "dynamic": (bool, str, type(None)), "model_class": (str, type(None)), "range_constraints": (dict,)}
+
+
+def _outer_cap(name: str) -> int | None:
+    return {_MANIFEST: _MAX_MANIFEST, _MODEL: MAX_TOTAL}.get(name)
+
+
+def _read(path: str) -> tuple[Any, bytes]:
+    """The manifest (parsed JSON) and the model archive's bytes, after the outer zip's checks."""
     try:
-        inner = zipfile.ZipFile(io.BytesIO(blob))
-    except zipfile.BadZipFile as e:
-        raise LoadError(f"the model archive inside is not a valid pt2 archive ({e})") from e
-    for name in inner.namelist():
-        if name.endswith("_config.json"):
-            try:
-                config = json.loads(inner.read(name)).get("config", {})
-            except (ValueError, AttributeError) as e:
-                raise LoadError(f"unreadable tensor table {name} in the model archive") from e
-            for key, entry in config.items():
-                if not isinstance(entry, dict) or entry.get("use_pickle", False):
-                    raise LoadError(f"the model archive stores '{key}' with pickle; fxopt refuses to load "
-                                    "files that could run code. Re-save it with fxopt.save")
-        low = name.lower()
-        if "custom_obj" in low or low.endswith(".pkl"):
-            raise LoadError(f"the model archive contains {name}, a pickled object; fxopt refuses to "
-                            "load files that could run code")
-        if "sample_inputs" in name:
-            data = inner.read(name)
-            if data:
-                try:
-                    torch.load(io.BytesIO(data), weights_only=True)
-                except Exception as e:
-                    raise LoadError(f"{name} in the model archive needs unsafe unpickling; refusing it") from e
+        with open(path, "rb") as f:
+            z, infos = read_checked_zip(f, path, _outer_cap, {_MANIFEST, _MODEL},
+                                        missing=f"{path} is a zip file but not an fxopt model (no {_MANIFEST}/"
+                                                f"{_MODEL}); load it with the tool that wrote it")
+            with z:
+                text = read_member(z, infos[_MANIFEST], path)
+                blob = read_member(z, infos[_MODEL], path)
+    except OSError as e:
+        raise LoadError(f"cannot read {path}: {e}") from e
+    try:
+        return json.loads(text), blob
+    except (ValueError, RecursionError) as e:
+        raise LoadError(f"{path}: the manifest is not valid JSON (file corrupted?); {DAMAGED}") from e
+
+
+def _check_manifest(manifest: Any, path: str) -> None:
+    """The manifest is a JSON object with the fields fxopt.save writes, of the right types."""
+    if not isinstance(manifest, dict):
+        raise LoadError(f"{path}: the manifest is a JSON {type(manifest).__name__}, not an object; "
+                        "this is not a file written by fxopt.save")
+    if manifest.get("format") != FORMAT:
+        raise LoadError(f"{path} is not an fxopt model file (format={str(manifest.get('format'))[:40]!r})")
+    version = manifest.get("version")
+    if type(version) is not int:
+        raise LoadError(f"{path}: the manifest's format version is {str(version)[:20]!r}, not a number; "
+                        "this is not a file written by fxopt.save")
+    if version != VERSION:
+        raise LoadError(f"{path} was written by file format version {str(version)[:20]}, this fxopt "
+                        f"reads version {VERSION}; upgrade fxopt or re-save the model")
+    for key, value in manifest.items():
+        if key not in _MANIFEST_TYPES or type(value) not in _MANIFEST_TYPES[key]:
+            raise LoadError(f"{path}: manifest field {str(key)[:40]!r} is unknown or has the wrong type "
+                            f"({type(value).__name__}); {RESAVE}")
+    sums = manifest.get("sha256")
+    if not (isinstance(sums, dict) and set(sums) == {_MODEL} and isinstance(sums[_MODEL], str)
+            and _SHA256.match(sums[_MODEL])):
+        raise LoadError(f"{path}: the manifest has no SHA-256 of {_MODEL}; save the model again with fxopt.save")
+    capture = manifest.get("capture") or {}
+    for key, value in capture.items():
+        if key not in _CAPTURE_TYPES or type(value) not in _CAPTURE_TYPES[key]:
+            raise LoadError(f"{path}: manifest capture field {str(key)[:40]!r} is unknown or has the wrong "
+                            f"type; {RESAVE}")
+    ranges = capture.get("range_constraints", {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in ranges.items()):
+        raise LoadError(f"{path}: manifest range constraints are not strings; {RESAVE}")
 
 
 def load(path: str | os.PathLike) -> fx.GraphModule:
-    """Read a file written by :func:`save`; outputs are bit-identical to the saved module's."""
+    """Read a file written by :func:`save`; outputs are bit-identical to the saved module's.
+
+    Nothing in the file is unpickled or evaluated: both zip archives, the
+    payload tables, the sample inputs and the graph are checked against
+    whitelists first (:mod:`fxopt.archive_check`, :mod:`fxopt.graph_check`).
+    Every refusal raises :class:`~fxopt.errors.LoadError`.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise LoadError(f"no such file: {path}")
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = set(z.namelist())
-            if _MANIFEST not in names or _MODEL not in names:
-                raise LoadError(f"{path} is a zip file but not an fxopt model (no {_MANIFEST}/{_MODEL}); "
-                                "load it with the tool that wrote it")
-            try:
-                manifest = json.loads(z.read(_MANIFEST))
-            except ValueError as e:
-                raise LoadError(f"{path}: the manifest is not valid JSON (file corrupted?)") from e
-            blob = z.read(_MODEL)
-    except zipfile.BadZipFile as e:
-        raise LoadError(f"{path} is not an fxopt file, or it is truncated or corrupted ({e}); "
-                        "save the model again with fxopt.save") from e
-    except (OSError, EOFError) as e:
-        raise LoadError(f"cannot read {path}: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise LoadError(f"{path} is not an fxopt model file (format={manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
-        raise LoadError(f"{path} was written by file format version {manifest.get('version')}, this fxopt "
-                        f"reads version {VERSION}; upgrade fxopt or re-save the model")
-    want = (manifest.get("sha256") or {}).get(_MODEL)
-    if want != hashlib.sha256(blob).hexdigest():
+    manifest, blob = _read(path)
+    _check_manifest(manifest, path)
+    # the checksum catches accidents (a cut or damaged file); anyone can recompute it, so
+    # what stops a crafted file is the whitelist check below
+    if manifest["sha256"][_MODEL] != hashlib.sha256(blob).hexdigest():
         raise LoadError(f"{path} failed its checksum: the model data was modified or damaged after saving; "
                         "save the model again")
-    _check_no_pickle(blob)
+    try:
+        check_model_archive(blob, path)
+    except LoadError:
+        raise
+    except Exception as e:  # a gap in the checks themselves must still read as a refusal
+        raise LoadError(f"{path}: the model archive could not be checked ({type(e).__name__}: "
+                        f"{str(e)[:200]}); {RESAVE}") from e
     try:
         ep = torch.export.load(io.BytesIO(blob))
         with torch.fx.experimental._config.patch(backed_size_oblivious=True):
@@ -184,7 +219,7 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
                         f"{str(e).splitlines()[0] if str(e) else ''}); it may need a newer torch "
                         f"(saved with {manifest.get('torch')}, running {torch.__version__}) or "
                         "`import fxopt` kernels it uses") from e
-    gm.meta["fxopt_capture"] = {**manifest.get("capture", {}), "front_end": "fxopt.load"}
+    gm.meta["fxopt_capture"] = {**(manifest.get("capture") or {}), "front_end": "fxopt.load"}
     example = getattr(ep, "example_inputs", None)
     if example is not None:
         gm.meta["fxopt_example_inputs"] = (tuple(example[0]), dict(example[1]))

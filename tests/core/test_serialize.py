@@ -8,7 +8,7 @@ import torch
 
 import fxopt
 from fxopt.models import DemoNet, demo_inputs
-from models import DictOut
+from models import MLP, DictOut, ResCNN
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,31 @@ def test_round_trip_is_bit_identical_at_other_batch_sizes(saved):
         x = demo_inputs(b, seed=b)
         assert torch.equal(loaded(x), out(x))
     assert loaded.meta["fxopt_manifest"]["pipeline"] == fxopt.recipes["default"].pipeline
+
+
+def _calibration():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 8, 8, generator=g),) for _ in range(3)]
+
+
+@pytest.mark.parametrize("recipe,model,shape,opts", [
+    ("default", MLP, (16,), {}),
+    ("int8-dynamic", MLP, (16,), {}),
+    ("int8", ResCNN, (3, 8, 8), {"calibration": "calib"}),
+    ("int4-weight", MLP, (16,), {"group_size": 4}),
+    ("prune-50", ResCNN, (3, 8, 8), {}),
+])
+def test_recipes_round_trip_bit_exact_with_dynamic_batch(tmp_path, recipe, model, shape, opts):
+    """Files of every recipe pass the load-time whitelist and give the saved module's outputs exactly."""
+    torch.manual_seed(0)
+    opts = {k: (_calibration() if v == "calib" else v) for k, v in opts.items()}
+    out = fxopt.compile(model().eval(), (torch.randn(4, *shape),), recipe=recipe, progress=False, **opts)
+    fxopt.save(out, tmp_path / "m.fxopt")
+    loaded = fxopt.load(tmp_path / "m.fxopt")
+    assert loaded.meta["fxopt_manifest"]["pipeline"] == out.fxopt_history.pipeline
+    for b in (1, 3, 9):
+        x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
+        assert torch.equal(loaded(x), out(x)), f"{recipe} differs at batch {b}"
 
 
 def test_structured_outputs_round_trip(tmp_path):
@@ -99,6 +124,17 @@ def test_pickle_entries_are_refused_even_with_a_valid_checksum(saved, tmp_path):
     _rewrite(path, tmp_path / "p.fxopt", change)
     with pytest.raises(fxopt.LoadError, match="pickle"):
         fxopt.load(tmp_path / "p.fxopt")
+
+
+def test_manifest_must_be_an_object_of_the_right_types(saved, tmp_path):
+    _, path = saved
+    for bad, match in ((b"[1, 2]", "not an object"), (b'"fxopt"', "not an object"),
+                       (b'{"format": "fxopt", "version": "1"}', "not a number"),
+                       (b'{"format": "fxopt", "version": 1, "sha256": "x"}', "wrong type"),
+                       (b'{"format": "fxopt", "version": 1, "sha256": {}}', "no SHA-256")):
+        _rewrite(path, tmp_path / "m.fxopt", lambda m: m.__setitem__("manifest.json", bad))
+        with pytest.raises(fxopt.LoadError, match=match):
+            fxopt.load(tmp_path / "m.fxopt")
 
 
 def test_other_bad_files(tmp_path):
