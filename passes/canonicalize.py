@@ -2,8 +2,13 @@
 
 * ``x @ W.t() + b``, ``addmm(b, x, W.t())``, ``mm(x, W.t())`` and ``x @ W.t()`` become
   ``linear(x, W, b)`` when ``W`` (2-D) and ``b`` (1-D) are weights;
-* ``x @ V`` with a 2-D weight ``V`` stored as ``[in, out]`` becomes ``linear(x, V.t())``
-  (the transposed copy replaces ``V`` when nothing else reads it).
+* ``x @ V`` and ``addmm(b, x, V)`` with a 2-D weight ``V`` stored as ``[in, out]``
+  (Hugging Face's ``Conv1D`` in GPT-2) become ``linear(x, V.t(), b)`` (the transposed
+  copy replaces ``V``; only when nothing else reads it);
+* a linear between ``view(x, [-1, in])`` and a view back to ``x``'s leading sizes
+  (how ``Conv1D`` and other hand-written layers flatten ``[batch, seq, in]``) runs on
+  ``x`` itself: ``linear`` takes any number of leading dimensions, and passes that
+  follow channels (pruning) see no views with literal sizes.
 
 Quantization, pruning and low-rank passes then see every dense layer as a
 ``linear``. Tolerance: atol/rtol 1e-5 (a different GEMM kernel may round differently).
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.dialect import aten
 from fxopt.meta import propagate_meta
@@ -37,6 +43,41 @@ def _weight_of_transpose(gm: fx.GraphModule, node: object) -> fx.Node | None:
     return w if t is not None and t.dim() == 2 else None  # type: ignore[return-value]
 
 
+def _transposed_copy(gm: fx.GraphModule, rhs: object, node: fx.Node) -> fx.Node | None:
+    """A new ``[out, in]`` weight for a 2-D ``[in, out]`` weight ``rhs`` that only ``node`` reads."""
+    v = attr_tensor(gm, rhs)
+    if v is None or v.dim() != 2 or len(rhs.users) != 1:  # type: ignore[union-attr]
+        return None
+    w = add_param(gm, f"{rhs.name}_t", v.t(), node, v.requires_grad)  # type: ignore[union-attr]
+    copy_meta(w, node)
+    return w
+
+
+def _is_input(x: object) -> bool:
+    return isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor) and x.meta["val"].dim() >= 1
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _same_sizes(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _skip_flatten(lin: fx.Node) -> fx.Node | None:
+    """For ``view(linear(view(x, [-1, in])), [*x.shape[:-1], out])`` return ``x``."""
+    flat = lin.args[0]
+    if not isinstance(flat, fx.Node) or flat.target not in _VIEWS or len(flat.users) != 1 or \
+            len(lin.users) != 1 or not isinstance(flat.args[0], fx.Node):
+        return None
+    x, out = flat.args[0], next(iter(lin.users))
+    xv, fv, ov = (n.meta.get("val") for n in (x, flat, out))
+    if out.target not in _VIEWS or not all(isinstance(v, torch.Tensor) for v in (xv, fv, ov)) or \
+            xv.dim() < 3 or fv.dim() != 2 or not statically_known_true(fv.shape[1] == xv.shape[-1]):
+        return None
+    return x if _same_sizes(tuple(ov.shape[:-1]), tuple(xv.shape[:-1])) else None
+
+
 @register_pass
 class CanonicalizePass(Pass):
     """Turn matmul/mm/addmm plus bias adds on weights into ``linear`` (see module docs)."""
@@ -53,13 +94,11 @@ class CanonicalizePass(Pass):
             replace = node
             if node.target in _MM:
                 x, rhs = node.args[0], node.args[1]
-                w = _weight_of_transpose(gm, rhs)
+                if not _is_input(x):
+                    continue
+                w = _weight_of_transpose(gm, rhs) or _transposed_copy(gm, rhs, node)
                 if w is None:
-                    v = attr_tensor(gm, rhs)
-                    if v is None or v.dim() != 2 or len(rhs.users) != 1:  # type: ignore[union-attr]
-                        continue
-                    w = add_param(gm, f"{rhs.name}_t", v.t(), node, v.requires_grad)  # type: ignore[union-attr]
-                    copy_meta(w, node)
+                    continue
                 # fuse a following bias add
                 users = list(node.users)
                 if len(users) == 1 and users[0].target is aten.add.Tensor and len(users[0].args) == 2:
@@ -72,19 +111,37 @@ class CanonicalizePass(Pass):
                         b, replace = other, add
             elif node.target is aten.addmm.default and not node.kwargs:
                 b, x, rhs = node.args[0], node.args[1], node.args[2]
+                bt, vt = attr_tensor(gm, b), attr_tensor(gm, rhs)
+                if bt is None or bt.dim() != 1 or not _is_input(x):
+                    continue
                 w = _weight_of_transpose(gm, rhs)
-                bt = attr_tensor(gm, b)
-                if w is None or bt is None or bt.dim() != 1:
+                if w is None and vt is not None and vt.dim() == 2 and vt.shape[1] == bt.shape[0]:
+                    w = _transposed_copy(gm, rhs, node)      # Conv1D: addmm(b, x, W[in, out])
+                if w is None:
                     continue
             else:
-                continue
-            if not isinstance(x, fx.Node) or not isinstance(x.meta.get("val"), torch.Tensor) or x.meta["val"].dim() < 1:
                 continue
             with gm.graph.inserting_before(replace):
                 lin = gm.graph.call_function(aten.linear.default, (x, w, b))
             copy_meta(lin, node)
             replace.replace_all_uses_with(lin)
             rewrites += 1
+        if rewrites:
+            erase_dead(gm)       # the replaced matmuls still read the flattening views
+            propagate_meta(gm)
+        for lin in list(gm.graph.nodes):
+            if lin.op == "call_function" and lin.target is aten.linear.default and "val" in lin.meta:
+                x = _skip_flatten(lin)
+                if x is None:
+                    continue
+                out = next(iter(lin.users))
+                with gm.graph.inserting_before(out):
+                    new = gm.graph.call_function(aten.linear.default, (x, *lin.args[1:]), dict(lin.kwargs))
+                copy_meta(new, lin)
+                out.replace_all_uses_with(new)
+                gm.graph.erase_node(out)
+                gm.graph.erase_node(lin)
+                rewrites += 1
         if rewrites:
             erase_dead(gm)
             propagate_meta(gm)

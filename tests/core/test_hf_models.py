@@ -97,3 +97,27 @@ def test_a_registration_of_your_own_is_kept():
     run = subprocess.run([sys.executable, "-c", _OWN_REGISTRATION], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-2000:]
+
+
+def test_gpt2_conv1d_layers_quantize_and_prune():
+    """GPT-2's Conv1D layers are addmm(b, x, W[in, out]): canonicalized into linears, int8-dynamic
+    quantizes all of them and prune-50 shrinks the MLPs."""
+    model = gpt2()
+    kw = {"input_ids": torch.randint(0, 100, (2, 16)), "use_cache": False}
+    other = {"input_ids": torch.randint(0, 100, (3, 20)), "use_cache": False}
+    with torch.no_grad():
+        want = model(**other).logits
+    q = fxopt.compile(model, kwargs=kw, recipe="int8-dynamic", strict=True)
+    ops = [n.target for n in q.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.fxopt.linear_int8_dynamic.default) == 9   # 4 Conv1D per layer, and the head
+    assert torch.ops.aten.addmm.default not in ops and torch.ops.aten.linear.default not in ops
+    with torch.no_grad():
+        got = q(**other).logits
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+    p = fxopt.compile(model, kwargs=kw, recipe="prune-50", strict=True)
+    size = sum(t.numel() for t in p.parameters()) / sum(t.numel() for t in model.parameters())
+    assert size < 0.8
+    with torch.no_grad():
+        got = p(**other).logits
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9

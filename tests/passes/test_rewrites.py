@@ -102,6 +102,28 @@ def test_canonicalize_structure():
     assert count(gm, aten.addmm.default) == 0
 
 
+def test_canonicalize_conv1d_is_a_linear_on_the_unflattened_input():
+    """Hugging Face's Conv1D (GPT-2): view [-1, in] -> addmm(b, x, W[in, out]) -> view back."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.proj = Conv1D(24, 8), Conv1D(8, 24)
+
+        def forward(self, x):
+            return self.proj(torch.relu(self.fc(x)))
+    torch.manual_seed(0)
+    model = Block().eval()
+    gm, rec = contract("canonicalize", model, (torch.randn(2, 5, 8),))
+    assert rec.status == "changed" and count(gm, aten.addmm.default) == 0
+    lins = [n for n in gm.graph.nodes if n.target is aten.linear.default]
+    assert len(lins) == 2 and all(n.args[0].meta["val"].dim() == 3 for n in lins)
+    assert count(gm, aten.view.default) == 0
+    assert sorted(tuple(p.shape) for p in gm.parameters() if p.dim() == 2) == [(8, 24), (24, 8)]
+
+
 def test_fuse_qkv_structure():
     class QKV(nn.Module):
         def __init__(self):
