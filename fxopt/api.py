@@ -26,6 +26,11 @@ def resolve_recipe(recipe: Any) -> Pipeline:
             return as_pipeline(recipe)
         except PipelineError as e:
             first = str(e).splitlines()[0]
+            from .pass_base import PASS_REGISTRY
+            import re
+            names = set(re.findall(r"(?:^|[,>])\s*([a-z][a-z0-9:-]*)\s*(?=\(|,|$)", recipe.strip()))
+            if names and all(n in PASS_REGISTRY or n in recipes or n == "repeat" for n in names):
+                raise RecipeError(str(e)) from e  # a pipeline of known passes with a bad option: say just that
             raise RecipeError(f"unknown recipe '{recipe}'. Known recipes: {', '.join(recipes)} "
                               f"(`fxopt recipes` lists them); read as a pipeline string it fails too: "
                               f"{first}") from e

@@ -139,6 +139,37 @@ class PassContext:
             return gm(*args, **kwargs)
 
 
+_SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _wrong_kind(fields: dict, key: str, value: Any) -> str | None:
+    """The kind an option declared as bool/int/float/str needs, when ``value`` is not of it."""
+    f = fields[key]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    want = _SCALARS.get(kind)
+    if want is None or value is None:
+        return None
+    if want is bool:
+        ok = isinstance(value, bool)
+    elif want in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (want is float or
+                                                                                  float(value).is_integer())
+    else:
+        ok = isinstance(value, str)
+    return None if ok else kind
+
+
+def _bad_value(name: str, fields: dict, options: dict, error: Exception | None) -> str:
+    """The message for an option of the right name and the wrong kind of value."""
+    for key, value in options.items():
+        kind = _wrong_kind(fields, key, value)
+        if kind:
+            default = fields[key].default
+            article = "an" if kind[0] in "aeiou" else "a"
+            return f"pass '{name}': option {key}={value!r} must be {article} {kind} (default {default!r})"
+    return f"pass '{name}': bad option value ({error})"
+
+
 class Pass:
     """Base class of transformation passes. See the module docstring for an example."""
 
@@ -159,12 +190,19 @@ class Pass:
         if config is not None and options:
             raise TypeError(f"{type(self).__name__}: give a config or keyword options, not both")
         if config is None:
+            fields = {f.name: f for f in dataclasses.fields(self.Config)}
+            unknown = sorted(set(options) - set(fields))
+            if unknown:
+                raise PipelineError(f"pass '{self.name}' got unknown option{'s' if len(unknown) > 1 else ''} "
+                                    f"{', '.join(unknown)}; its options are {', '.join(fields) or 'none'}")
+            if any(_wrong_kind(fields, k, v) for k, v in options.items()):
+                raise PipelineError(_bad_value(self.name, fields, options, None))
             try:
                 config = self.Config(**options)
-            except TypeError as e:
-                known = [f.name for f in dataclasses.fields(self.Config)]
-                raise PipelineError(f"pass '{self.name}' got unknown options {sorted(options)}; "
-                                    f"its options are {known or 'none'}") from e
+            except PipelineError:
+                raise
+            except (TypeError, ValueError) as e:
+                raise PipelineError(_bad_value(self.name, fields, options, e)) from e
         elif not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} expects a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config

@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 import fxopt
 from fxopt.pipeline import Pipeline, Repeat, format_value, parse_pipeline
@@ -94,3 +95,15 @@ def test_register_pass_validates_name_and_config():
 def test_empty_pipeline_is_an_error():
     with pytest.raises(fxopt.PipelineError, match="empty"):
         parse_pipeline("  ")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("magnitude-prune(ratio=abc)", "option ratio='abc' must be a float"),
+    ("magnitude-prune(rato=0.3)", "unknown option rato; its options are ratio"),
+    ("insert-qdq(budget=high)", "option budget='high' must be a float"),
+    ("cleanup,magnitude-prune(keep_output=3)", "option keep_output=3 must be a bool"),
+])
+def test_a_bad_option_value_names_the_option_not_an_unknown_recipe(text, message):
+    with pytest.raises(fxopt.RecipeError) as e:
+        fxopt.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), recipe=text)
+    assert message in str(e.value) and "unknown recipe" not in str(e.value)
