@@ -224,4 +224,18 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     if example is not None:
         gm.meta["fxopt_example_inputs"] = (tuple(example[0]), dict(example[1]))
     gm.meta["fxopt_manifest"] = manifest
+    _warn_slow_int8(gm, path, manifest)
     return gm
+
+
+def _warn_slow_int8(gm: fx.GraphModule, path: str, manifest: dict) -> None:
+    """A model quantized for another CPU stays exact here, but say which layers run the slower path."""
+    from .kernels.cpu_quant import fallback_layers
+    slow = fallback_layers(gm)
+    if slow:
+        import warnings
+        warnings.warn(f"{path}: {len(slow)} int8 layer(s) ({', '.join(slow[:3])}{' ...' if len(slow) > 3 else ''}) "
+                      "were quantized with activation codes this CPU's int8 kernels would saturate (a VNNI CPU's "
+                      "plan, on a CPU without VNNI); they compute exactly what they did, on a slower exact path. "
+                      "Compile the model again on this machine for the fastest kernels", RuntimeWarning,
+                      stacklevel=3)

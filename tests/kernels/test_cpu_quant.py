@@ -129,3 +129,21 @@ def test_no_exact_engine_at_all_still_computes_the_reference(monkeypatch):
     x = torch.randn(4, 40)
     out = fxq.linear_int8_dynamic(x, w, ws, None, 127, "fbgemm")
     assert (out - linear_int8_dynamic_reference(x, w, ws, None, 127)).abs().max() < 1e-4
+
+
+def test_a_file_saved_with_a_vnni_plan_loads_exact_on_avx2_and_says_so(monkeypatch, tmp_path):
+    import fxopt
+    from avx2_emulation import emulate_avx2
+    from models import MLP
+    torch.manual_seed(0)
+    model, x = MLP(40, 24, 6).eval(), torch.randn(8, 40)
+    calib = [torch.randn(8, 40) for _ in range(2)]
+    with cpu_isa.forced("vnni"):
+        q = fxopt.compile(model, (x,), recipe="int8", calibration=calib)
+        sim = fxopt.compile(model, (x,), recipe="int8", calibration=calib, disable=["lower-quant"])
+    fxopt.save(q, tmp_path / "m.fxopt")
+    emulate_avx2(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="2 int8 layer"):
+        loaded = fxopt.load(tmp_path / "m.fxopt")
+    big = torch.randn(5, 40) * 20
+    assert (loaded(big) - sim(big)).abs().max() <= 1e-4 * sim(big).abs().max()
