@@ -14,6 +14,14 @@ bytes halve); weights read by an island stay float32. Float outputs are cast bac
 their original dtype, so callers see the dtypes they had. Integer and bool tensors and
 explicit dtype conversions written in the model are left alone.
 
+Constants that reach ``dtype`` are clamped to its finite range: a float32-minimum mask
+value (``torch.finfo(torch.float32).min`` in Hugging Face attention masks, DeBERTa's
+``masked_fill``) overflows bf16 and fp16, and an infinite mask turns a softmax row into
+NaN. Python scalars of ops that run in ``dtype``, weights and buffers stored in
+``dtype``, and the fill values of constant-building ops (``full``, ``scalar_tensor``)
+read in ``dtype`` become the largest finite value of that sign; infinities written on
+purpose stay infinite.
+
 Precision (``tests/passes/test_cast.py`` checks): on the MiniLM BERT, bf16 keeps the
 sentence embeddings at cosine >= 0.99 to float32 and fp16 at >= 0.999. On CPU, fp16
 matmuls are slow (no native fp16 GEMM here); bf16 runs through oneDNN.
@@ -21,6 +29,7 @@ matmuls are slow (no native fp16 GEMM here); bf16 runs through oneDNN.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +65,22 @@ _EXPLICIT = {aten._to_copy.default, aten.full.default, aten.arange.default, aten
 
 def _is_float(val: object) -> bool:
     return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def _clamp_scalars(args: object, low: torch.dtype) -> object:
+    """Python floats beyond ``low``'s finite range, clamped to it (infinities stay)."""
+    fmax = torch.finfo(low).max
+
+    def clamp(a: object) -> object:
+        if type(a) is float and math.isfinite(a) and abs(a) > fmax:
+            return math.copysign(fmax, a)
+        return a
+    return torch.fx.node.map_aggregate(args, clamp)
+
+
+def _clamp_tensor(t: torch.Tensor, low: torch.dtype) -> torch.Tensor:
+    fmax = torch.finfo(low).max
+    return torch.where(torch.isfinite(t), t.clamp(-fmax, fmax), t)
 
 
 @register_pass
@@ -114,11 +139,16 @@ class CastPass(Pass):
                 else:
                     dtype[n] = t.dtype
         casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
-        n_casts = 0
+        n_casts = n_clamped = 0
 
         def cast(x: fx.Node, to: torch.dtype, before: fx.Node) -> fx.Node:
-            nonlocal n_casts
+            nonlocal n_casts, n_clamped
             key = (x, to)
+            if to == low and x.op == "call_function" and x.target in _EXPLICIT and x.target is not aten._to_copy.default:
+                clamped = _clamp_scalars(x.args, low), _clamp_scalars(x.kwargs, low)   # a constant fill
+                if clamped != (x.args, x.kwargs):
+                    x.args, x.kwargs = clamped
+                    n_clamped += 1
             if key not in casts:
                 with g.inserting_after(x):
                     c = g.call_function(aten._to_copy.default, (x,), {"dtype": to})
@@ -144,12 +174,17 @@ class CastPass(Pass):
                     dtype[n] = dtype[ins[0]]
                 continue
             target = want.get(n, torch.float32)
+            if target == low:
+                clamped = _clamp_scalars(n.args, low), _clamp_scalars(n.kwargs, low)
+                if clamped != (n.args, n.kwargs):
+                    n.args, n.kwargs = clamped
+                    n_clamped += 1
             for a in ins:
                 if dtype[a] != target:
                     n.replace_input_with(a, cast(a, target, n))
             if _is_float(n.meta.get("val")) or isinstance(n.meta.get("val"), (tuple, list)):
                 dtype[n] = target
-        if not n_casts and not stored:
+        if not n_casts and not stored and not n_clamped:
             return PassResult(False)
         for n in g.nodes:  # dtypes changed: recompute every fake value
             if n.op in ("call_function", "get_attr"):
@@ -159,14 +194,15 @@ class CastPass(Pass):
         propagate_meta(gm)
         islands = sorted({op_name(n) for n, d in want.items() if d == torch.float32 and n in g.nodes})
         return PassResult(True, frozenset(), {"dtype": str(low).replace("torch.", ""), "casts": n_casts,
-                                              "weights_stored_low": stored, "fp32_islands": islands})
+                                              "weights_stored_low": stored, "constants_clamped": n_clamped,
+                                              "fp32_islands": islands})
 
     @staticmethod
     def _store(gm: fx.GraphModule, target: str, t: torch.Tensor, low: torch.dtype) -> None:
         owner, _, attr = target.rpartition(".")
         mod = gm.get_submodule(owner) if owner else gm
         old = getattr(mod, attr)
-        new = t.detach().to(low)
+        new = _clamp_tensor(t.detach(), low).to(low)
         if isinstance(old, torch.nn.Parameter):
             setattr(mod, attr, torch.nn.Parameter(new, requires_grad=old.requires_grad))
         elif attr in mod._buffers:

@@ -23,7 +23,9 @@ def _casts(gm):
 
 def _compile(model, args=(), kwargs=None, recipe="bf16"):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error")     # a rolled-back pass warns: fail on it
+        warnings.simplefilter("ignore", FutureWarning)   # torch 2.13's export warns about its own pytree API
+        warnings.simplefilter("ignore", DeprecationWarning)
         return fxopt.compile(model, args, kwargs, recipe=recipe)
 
 
@@ -90,3 +92,55 @@ def test_keep_list_and_integer_inputs():
 def test_bad_dtype():
     with pytest.raises(fxopt.RecipeError, match="dtype must be one of"):
         fxopt.compile(nn.Linear(2, 2), (torch.randn(1, 2),), recipe="cast(dtype=int8)")
+
+
+class MinMasked(nn.Module):
+    """Attention-style masks built from float32's minimum, three ways."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("neg", torch.tensor(torch.finfo(torch.float32).min))
+
+    def forward(self, x, mask):
+        s = self.fc(x)
+        a = s.masked_fill(~mask, torch.finfo(torch.float32).min)          # DeBERTa
+        b = s + (1.0 - mask.to(s.dtype)) * torch.finfo(torch.float32).min  # BERT's additive mask
+        c = torch.where(mask, s, self.neg)                                 # a constant buffer
+        return torch.softmax(a, -1) + torch.softmax(b, -1) + torch.softmax(c, -1)
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "fp16"])
+def test_float32_minimum_constants_are_clamped_to_the_low_dtype(recipe):
+    torch.manual_seed(0)
+    model = MinMasked().eval()
+    x, mask = torch.randn(3, 8), torch.rand(3, 8) > 0.4
+    mask[:, 0] = True
+    q = _compile(model, (x, mask), recipe=recipe)
+    rec = next(r for r in q.fxopt_history.records if r.name == "cast")
+    assert rec.status == "changed" and rec.info["constants_clamped"] >= 2
+    out = q(x, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, model(x, mask), atol=0.05, rtol=0.05)
+
+
+def test_deberta_runs_in_bf16():
+    """DeBERTa masks its attention scores with masked_fill(finfo(float32).min): -inf/NaN in bf16."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DebertaV2Config(num_hidden_layers=2, num_attention_heads=2, hidden_size=32,
+                                          intermediate_size=64, vocab_size=100, max_position_embeddings=64,
+                                          relative_attention=True, position_buckets=16, max_relative_positions=32,
+                                          pos_att_type=["p2c", "c2p"])
+    model = transformers.DebertaV2Model(config).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0                                                        # padding: masked scores
+    q = _compile(model, kwargs={"input_ids": ids, "attention_mask": mask})
+    rec = next(r for r in q.fxopt_history.records if r.name == "cast")
+    assert rec.status == "changed", rec.error
+    with torch.no_grad():
+        got = q(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(got).all()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
