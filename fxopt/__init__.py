@@ -8,6 +8,9 @@
 
 Entry points: :func:`compile`, :func:`trace`, :class:`PassManager`, :class:`Pass`,
 :func:`graph_pass`, :func:`save`, :func:`load`, ``torch.compile(m, backend="fxopt")``.
+
+``import fxopt`` is cheap (it does not import torch): the library loads on the first use
+of any of its names, so ``fxopt --help`` and scripts that only handle errors start at once.
 """
 from __future__ import annotations
 
@@ -15,30 +18,53 @@ __version__ = "0.1.0"
 
 from .errors import (CalibrationError, FxoptError, InputError, LoadError, PassError, PipelineError,  # noqa: E402
                      RecipeError, TraceError)
-from .pass_base import (ALL, EXACT, Pass, PassContext, PassResult, Tolerance, get_pass, graph_pass,  # noqa: E402
-                        list_passes, register_pass)
-from .analysis import Analysis, AnalysisManager, get_analysis, list_analyses, register_analysis  # noqa: E402
-from .pipeline import Pipeline, Repeat, parse_pipeline, register_pipeline  # noqa: E402
-from .manager import History, Instrument, PassManager, PassRecord, PrintBeforeAfter, TimingReport  # noqa: E402
-from .capture import trace  # noqa: E402
-from .recipes import Recipe, recipes, register_recipe  # noqa: E402
-from . import passes  # noqa: E402,F401  (registers the built-in passes and analyses)
-from .recipes import _builtin as _builtin_recipes  # noqa: E402
-from .api import compile  # noqa: E402
-from .serialize import load, save  # noqa: E402
-from .backend import Backend, _register as _register_backend  # noqa: E402
-from .summarize import summary  # noqa: E402
-from .calibrate import calibrate  # noqa: E402
-from .sensitivity import SensitivityReport, sensitivity  # noqa: E402
-from .qspec import QSpec  # noqa: E402
-from .passes.dependency import register_channel_rule  # noqa: E402
-from .graph_diff import diff  # noqa: E402
-from .graph_render import render  # noqa: E402
-from .training import FinetuneHistory, cubic_sparsity, finetune, gradual_prune  # noqa: E402
-from .patterns import Match, Rewrite, RewritePass, RewriteSet, register_rewrites  # noqa: E402
 
-_builtin_recipes()
-_register_backend()
+#: public name -> the submodule that defines it (loaded on first use)
+_EXPORTS = {
+    **{n: ".pass_base" for n in ("ALL", "EXACT", "Pass", "PassContext", "PassResult", "Tolerance", "get_pass",
+                                  "graph_pass", "list_passes", "register_pass")},
+    **{n: ".analysis" for n in ("Analysis", "AnalysisManager", "get_analysis", "list_analyses",
+                                 "register_analysis")},
+    **{n: ".pipeline" for n in ("Pipeline", "Repeat", "parse_pipeline", "register_pipeline")},
+    **{n: ".manager" for n in ("History", "Instrument", "PassManager", "PassRecord", "PrintBeforeAfter",
+                                "TimingReport")},
+    "trace": ".capture", "Recipe": ".recipes", "recipes": ".recipes", "register_recipe": ".recipes",
+    "compile": ".api", "load": ".serialize", "save": ".serialize", "Backend": ".backend", "summary": ".summarize",
+    "calibrate": ".calibrate", "SensitivityReport": ".sensitivity", "sensitivity": ".sensitivity",
+    "QSpec": ".qspec", "register_channel_rule": ".passes.dependency", "diff": ".graph_diff",
+    "render": ".graph_render",
+    **{n: ".training" for n in ("FinetuneHistory", "cubic_sparsity", "finetune", "gradual_prune")},
+    **{n: ".patterns" for n in ("Match", "Rewrite", "RewritePass", "RewriteSet", "register_rewrites")},
+}
+_LOADED = False
+
+
+def _load() -> None:
+    """Import the library: the built-in passes, analyses, recipes and the torch.compile backend."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import importlib
+    from . import passes  # noqa: F401  (registers the built-in passes and analyses)
+    from .recipes import _builtin
+    from .backend import _register
+    _builtin()
+    _register()
+    for name, module in _EXPORTS.items():
+        globals()[name] = getattr(importlib.import_module(module, __name__), name)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module 'fxopt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "compile", "trace", "save", "load", "summary", "diff", "render", "finetune", "gradual_prune", "FinetuneHistory", "cubic_sparsity",

@@ -339,7 +339,97 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", nargs="?", help="show one pass's full documentation")
     q.set_defaults(fn=cmd_passes)
     q.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    f = sub.add_parser("info", help="versions, and the CPU's int8 plan (ISA, exact code widths per engine)",
+                       epilog="example:\n  fxopt info", formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    f.set_defaults(fn=cmd_info)
     return p
+
+
+_SHAPE = r"^\s*\d+(x\d+)*\s*(,\s*\d+(x\d+)*\s*)*$"
+_DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "int64", "long", "int32", "uint8")
+
+
+def _writable(flag: str, path: str | None, suffix: str = "") -> None:
+    """An output path that can be written, checked before any model is loaded."""
+    import os
+    from .errors import InputError
+    if not path:
+        return
+    if suffix and not path.endswith(suffix):
+        raise InputError(f"{flag} {path}: use a {suffix} file name, e.g. {flag} model{suffix}")
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a directory; give a file name inside it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise InputError(f"{flag} {path}: not writable here; choose another place")
+
+
+def _readable(flag: str, path: str | None) -> None:
+    import os
+    from .errors import InputError
+    if path and not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such file")
+
+
+def preflight(ns: argparse.Namespace) -> None:
+    """Check the arguments that need no model (paths, shapes, dtypes) before anything heavy loads."""
+    import os
+    import re
+    from .errors import InputError
+    spec = getattr(ns, "model", None) if ns.command in ("compile", "inspect", "sensitivity") else None
+    if spec:
+        if spec.startswith("hf:"):
+            if not os.path.isdir(spec[3:]):
+                raise InputError(f"MODEL {spec}: {spec[3:]} is not a directory (hf: takes a local transformers model folder)")
+        elif spec.endswith(".fxopt"):
+            _readable("MODEL", spec)
+        elif ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+            _readable("MODEL", spec.rpartition(":")[0])
+        elif not spec.startswith("torchvision:"):
+            raise InputError(f"cannot understand MODEL '{spec}': use path/to/file.py:NAME, torchvision:NAME, "
+                             "hf:LOCAL_DIR or a .fxopt file")
+    shape = getattr(ns, "input_shape", None)
+    if shape and not re.match(_SHAPE, shape):
+        raise InputError(f"bad --input-shape '{shape}': write sizes joined by x, e.g. 1x3x224x224, and separate "
+                         "several inputs with commas")
+    if getattr(ns, "dtype", None) and ns.dtype not in _DTYPE_NAMES:
+        raise InputError(f"unknown --dtype '{ns.dtype}'; use one of {', '.join(sorted(_DTYPE_NAMES))}")
+    for flag in ("example", "calibration"):
+        _readable(f"--{flag}", getattr(ns, flag, None))
+    if ns.command == "compile":
+        _writable("--out", ns.out, ".fxopt")
+    for flag in ("report", "svg", "dot"):
+        _writable(f"--{flag}", getattr(ns, flag, None))
+    for flag in ("batch", "seq_len", "calibration_batches", "repeats"):
+        v = getattr(ns, flag, None)
+        if v is not None and v < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
+
+
+def cmd_info(ns: argparse.Namespace) -> int:
+    """Versions and what this CPU offers for int8 (paste it into bug reports)."""
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .kernels import cpu_isa
+    info = cpu_isa.cpu_info()
+    print(f"fxopt {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"{platform.system()} {platform.machine()}")
+    print(f"cpu: {info.describe()}")
+    print(f"cpu flags: {' '.join(info.flags) or '-'}")
+    print(f"torch quantized engines: {', '.join(info.quantized_engines)}; {torch.get_num_threads()} threads")
+    for label, (kind, shape) in cpu_isa.SAMPLE_LAYERS.items():
+        bits = cpu_isa.activation_bits(kind, shape)
+        print(f"int8 {label} layers here use {bits}-bit activation codes"
+              + (" (the kernels would saturate 8-bit codes)" if bits == 7 and not info.forced else ""))
+    print(f"debug switch: {cpu_isa.DEBUG_SWITCH}=avx2|vnni forces a plan "
+          f"({'now ' + info.forced if info.forced else 'not set'})")
+    return 0
 
 
 def _version() -> str:
@@ -354,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        preflight(ns)
         return ns.fn(ns)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

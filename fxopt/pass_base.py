@@ -308,7 +308,15 @@ def graph_pass(name: str, *, preserves_semantics: bool = True, tolerance: Tolera
     return wrap
 
 
+def _builtins() -> None:
+    """Make sure the built-in passes are registered (``import fxopt`` alone loads nothing)."""
+    import fxopt
+    fxopt._load()
+
+
 def get_pass(name: str) -> type:
+    if name not in PASS_REGISTRY:
+        _builtins()
     if name not in PASS_REGISTRY:
         import difflib
         close = difflib.get_close_matches(name, PASS_REGISTRY, n=3)
@@ -319,4 +327,5 @@ def get_pass(name: str) -> type:
 
 
 def list_passes() -> dict[str, type]:
+    _builtins()
     return dict(sorted(PASS_REGISTRY.items()))

@@ -33,24 +33,30 @@ class RecipeRegistry(Mapping):
     def __init__(self) -> None:
         self._items: dict[str, Recipe] = {}
 
+    @property
+    def _all(self) -> dict[str, Recipe]:
+        import fxopt
+        fxopt._load()  # the built-in recipes register when the library loads
+        return self._items
+
     def __getitem__(self, name: str) -> Recipe:
-        if name not in self._items:
+        if name not in self._all:
             raise RecipeError(f"unknown recipe '{name}'. Known recipes: {', '.join(sorted(self._items))}. "
                               "A pipeline string such as 'cleanup,cse' works too "
                               "(`fxopt recipes` lists recipes with their docs)")
         return self._items[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._all
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(sorted(self._all))
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._all)
 
     def __repr__(self) -> str:
-        return "\n".join(str(self._items[k]) for k in self)
+        return "\n".join(str(self._all[k]) for k in self)
 
 
 recipes = RecipeRegistry()

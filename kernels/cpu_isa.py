@@ -54,7 +54,7 @@ from typing import Any, Iterator
 import torch
 
 __all__ = ["CpuInfo", "cpu_info", "exact_bits", "activation_bits", "plan", "forced", "forced_isa", "conv_shape",
-           "quantized_engine",
+           "quantized_engine", "SAMPLE_LAYERS",
            "ENGINES", "KINDS", "DEBUG_SWITCH"]
 
 DEBUG_SWITCH = "FXOPT_CPU_ISA"
@@ -256,7 +256,7 @@ def _measured_bits(engine: str, kind: str, shape: tuple) -> int:
 
 
 #: the layer shapes cpu_info() reports: a linear, a 3x3 conv, a 3x3 depthwise conv
-_SAMPLES = {"linear": ("linear", (64, 67)),
+SAMPLE_LAYERS = _SAMPLES = {"linear": ("linear", (64, 67)),
             "conv3x3": ("conv", ((16, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1)),
             "depthwise3x3": ("conv", ((16, 1, 3, 3), (1, 1), (1, 1), (1, 1), 16))}
 

@@ -153,3 +153,41 @@ def test_quantize_from_the_command_line(tmp_path, capsys):
     # static int8 without calibration data: one clear line
     assert main(["sensitivity", f"{TINY}:build", "--input-shape", "4x3x8x8", "--recipe", "int8"]) == 1
     assert "calibration" in capsys.readouterr().err
+
+
+_NO_TORCH = """
+import sys
+from fxopt.cli import main
+code = main({argv!r})
+print("TORCH" if "torch" in sys.modules else "NOTORCH", code)
+"""
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["compile", "torchvision:resnet18", "--out", "/no/such/folder/r.fxopt"], "does not exist"),
+    (["compile", "torchvision:resnet18", "--out", "r18.pt"], ".fxopt"),
+    (["inspect", "torchvision:resnet18", "--svg", "/no/such/folder/a.svg"], "does not exist"),
+    (["compile", "torchvision:resnet18", "--out", "r.fxopt", "--calibration", "nope.pt"], "no such file"),
+    (["inspect", "torchvision:resnet18", "--input-shape", "1x3xx4"], "bad --input-shape"),
+    (["inspect", "torchvision:resnet18", "--batch", "0"], "--batch must be at least 1"),
+])
+def test_argument_errors_come_before_torch_is_even_imported(argv, needle, tmp_path):
+    """A mistake in the command line is reported in a fraction of a second, not after a 50 s capture."""
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH.format(argv=argv)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert "NOTORCH 1" in done.stdout, (done.stdout, done.stderr)
+    assert needle in done.stderr
+
+
+def test_help_does_not_import_torch():
+    done = subprocess.run([sys.executable, "-c", "import sys, fxopt, fxopt.cli\n"
+                           "try:\n    fxopt.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+                           "print('TORCH' if 'torch' in sys.modules else 'NOTORCH')"],
+                          capture_output=True, text=True, timeout=120)
+    assert "NOTORCH" in done.stdout and "compile" in done.stdout
+
+
+def test_info_shows_the_cpu_plan(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu:" in out and "fbgemm/linear" in out and "activation codes" in out and "FXOPT_CPU_ISA" in out
