@@ -32,7 +32,7 @@ from fxopt.dialect import aten, is_conv, is_linear
 from fxopt.meta import size_expr
 from fxopt.rewrite_utils import arg
 
-__all__ = ["layout_mask", "elementwise_unary", "BN", "POOL", "VIEWS", "COPIES", "REDUCE", "UNARY"]
+__all__ = ["layout_mask", "elementwise_unary", "along_other_dim", "BN", "POOL", "VIEWS", "COPIES", "REDUCE", "UNARY"]
 
 BN = aten._native_batch_norm_legit_no_training.default
 POOL = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
@@ -185,6 +185,38 @@ def _shuffle(node: fx.Node, space: dict, segs: dict, layouts: list, seg_member: 
     return True
 
 
+def along_other_dim(node: fx.Node, space: dict, uf: Any) -> bool:
+    """``slice`` and ``cat`` along a dimension that is not the channel (or head) dim keep the space:
+    Phi's partial rotary embedding splits every head's features into a rotated part and a
+    pass-through part and concatenates them back, ``rotate_half`` does the same; the heads
+    (or channels) are untouched, so Q and K keep their head space to the attention.
+    A ``cat`` joins only attention-head spaces (of one projection, or Q/K pieces); other
+    concatenations along a non-channel dim keep their spaces whole, as before."""
+    out = _val(node)
+    if not isinstance(out, torch.Tensor) or not node.args:
+        return False
+    if node.target is aten.slice.Tensor and node.args[0] in space:
+        sid, cdim, factor = space[node.args[0]]
+        if factor == 1 and _dim_of(node, 1) % out.dim() != cdim:
+            space[node] = (sid, cdim, 1)
+            return True
+        return False
+    if node.target is aten.cat.default:
+        tensors = [a for a in node.args[0] if isinstance(a, fx.Node)]
+        if len(tensors) != len(node.args[0]) or not tensors or not all(a in space for a in tensors):
+            return False
+        sid, cdim, factor = space[tensors[0]]
+        if factor != 1 or _dim_of(node, 1) % out.dim() == cdim or \
+                any(space[a][1:] != (cdim, 1) for a in tensors) or \
+                not all(any(m[0] == "heads" for m in uf.group(space[a][0]).members) for a in tensors):
+            return False
+        for a in tensors[1:]:
+            sid = uf.union(sid, space[a][0])
+        space[node] = (sid, cdim, 1)
+        return True
+    return False
+
+
 def through_concat(node: fx.Node, segs: dict, seg_member: Any, mark: Any) -> bool:
     """Ops reading a layout: batch norm, activations, pooling, depthwise convs carry it; convs consume it."""
     seg_ins = [a for a in node.all_input_nodes if a in segs]
@@ -231,7 +263,9 @@ def through_concat(node: fx.Node, segs: dict, seg_member: Any, mark: Any) -> boo
             seg_member("seg_flatten", node, layout)
             segs[node] = (layout, 1)
             return True
-    for a in seg_ins:
+    # an op no layout rule knows: every channel reaching it is kept, those of its inputs that are
+    # plain spaces too (sdpa reading a concatenated Q and K must keep V's heads whole as well)
+    for a in (node.all_input_nodes if not (is_conv(node) or is_linear(node)) else seg_ins):
         mark(a, f"used by {getattr(t, '__name__', str(t))}")
     return not (is_conv(node) or is_linear(node))
 

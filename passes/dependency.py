@@ -10,6 +10,8 @@ producers added to it. This analysis finds those groups with a union-find over
 * batch/layer norm, activations, unary elementwise ops, pooling, reductions over other
   dims, permutes (the channel dim moves) and flattening ``[N, C, H, W] -> [N, C*H*W]``
   carry the space through;
+* ``slice`` along another dim than the channel (head) dim carries the space, and so does a
+  ``cat`` of head spaces along another dim, joining them (Phi's partial rotary embedding);
 * a binary elementwise op joins the spaces of its two inputs (residual adds, SE gates); a
   per-channel operand computed from one parameter (a layer scale, Swin's relative position
   bias table) is recorded so pruning slices that parameter;
@@ -49,8 +51,8 @@ from fxopt.dialect import aten, is_conv, is_linear, module_path
 from fxopt.meta import size_expr
 from fxopt.rewrite_utils import arg, attr_tensor
 
-from .channel_layouts import (BN, COPIES, POOL, REDUCE, VIEWS, concat, elementwise_unary, split_or_shuffle,
-                              through_concat)
+from .channel_layouts import (BN, COPIES, POOL, REDUCE, VIEWS, along_other_dim, concat, elementwise_unary,
+                              split_or_shuffle, through_concat)
 
 __all__ = ["ChannelGroup", "ChannelGroupsAnalysis", "channel_groups", "register_channel_rule", "CHANNEL_RULES"]
 
@@ -206,7 +208,8 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
             continue
         t = node.target
         out = _val(node)
-        if split_or_shuffle(node, space, segs, splits, layouts, seg_member, mark) or \
+        if along_other_dim(node, space, uf) or \
+                split_or_shuffle(node, space, segs, splits, layouts, seg_member, mark) or \
                 concat(node, space, segs, layouts, mark) or through_concat(node, segs, seg_member, mark):
             continue
         ins = [a for a in node.all_input_nodes if a in space]

@@ -146,3 +146,88 @@ def test_swin_window_attention_heads_are_pruned_whole(torchvision_models):
     assert shapes["attn_relative_position_bias_table_pruned"] == (9, 2)
     assert widths(out)["attn_linear_1"] == (16, 8)     # the output projection reads 2 heads
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class PartialRotary(HeadAttention):
+    """Phi's partial rotary embedding: the first half of every head's features of Q and K is
+    rotated (rotate_half and a cat), the rest passes through, and the two are concatenated back."""
+
+    def forward(self, x):
+        b, t, e = x.shape
+        half = self.d // 2
+        pos = torch.arange(t, dtype=x.dtype)[:, None] * torch.ones(half)
+        cos, sin = pos.cos(), pos.sin()
+
+        def heads(y):
+            return y.view(b, t, -1, self.d).transpose(1, 2)
+
+        def rope(y):
+            rot, rest = y[..., :half], y[..., half:]
+            turned = torch.cat((-rot[..., half // 2:], rot[..., :half // 2]), dim=-1)
+            return torch.cat((rot * cos + turned * sin, rest), dim=-1)
+        q, k, v = rope(heads(self.q(x))), rope(heads(self.k(x))), heads(self.v(x))
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.o(a.transpose(1, 2).reshape(b, t, e))
+
+
+def test_partial_rotary_heads_are_pruned_with_their_values():
+    """Q/K went through a slice/cat the channel groups did not know, so only V's heads were cut."""
+    torch.manual_seed(0)
+    model = PartialRotary().eval()
+    with torch.no_grad():
+        for lin in (model.q, model.k, model.v):
+            lin.weight[4:8] = 0
+            lin.bias[4:8] = 0
+    x = torch.randn(2, 5, 16)
+    out, rec = prune(model, x, recipe="prune(ratio=0.25)")
+    w = widths(out)
+    assert w["q_linear"] == w["k_linear"] == w["v_linear"] == (12, 16) and w["o_linear"] == (16, 12)
+    torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+    assert out(torch.randn(3, 5, 16)).shape == (3, 5, 16)
+
+
+class CatHeads(HeadAttention):
+    """Q's heads concatenated from two projections (a layout on the head dim): no rule knows
+    an sdpa reading it, so K and V must stay whole too."""
+
+    def __init__(self):
+        super().__init__()
+        self.q2 = nn.Linear(16, 8)
+        self.q = nn.Linear(16, 8)
+
+    def forward(self, x):
+        b, t, e = x.shape
+
+        def heads(y):
+            return y.view(b, t, -1, self.d).transpose(1, 2)
+        q = torch.cat((heads(self.q(x)), heads(self.q2(x))), dim=1)
+        a = nn.functional.scaled_dot_product_attention(q, heads(self.k(x)), heads(self.v(x)))
+        return x + self.o(a.transpose(1, 2).reshape(b, t, e))
+
+
+def test_an_unknown_reader_of_a_layout_keeps_its_other_inputs_whole():
+    torch.manual_seed(0)
+    model = CatHeads().eval()
+    x = torch.randn(2, 5, 16)
+    out, rec = prune(model, x)
+    w = widths(out)
+    assert w["k_linear"] == w["v_linear"] == (16, 16)
+    torch.testing.assert_close(out(x), model(x))
+
+
+def test_phi_prune_50_prunes_query_key_and_value_heads_together():
+    transformers = __import__("pytest").importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.PhiConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                                    intermediate_size=64, vocab_size=100, max_position_embeddings=64,
+                                    partial_rotary_factor=0.5)
+    model = transformers.PhiForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (2, 16))
+    out = fxopt.compile(model, kwargs={"input_ids": ids, "use_cache": False}, recipe="prune-50", strict=True)
+    rec = next(r for r in out.fxopt_history.records if r.name == "prune")
+    assert rec.info["channels"]["model.layers.0.self_attn.q_proj+model.layers.0.self_attn.k_proj+"
+                                "model.layers.0.self_attn.v_proj"] == "4->2"
+    ids = torch.randint(0, 100, (3, 23))   # another batch and sequence length
+    with torch.no_grad():
+        got = out(input_ids=ids, use_cache=False).logits
+    assert got.shape == (3, 23, 100) and torch.isfinite(got).all()
