@@ -161,7 +161,15 @@ class Rewrite:
             out = next(n for n in graph.nodes if n.op == "output")
             first = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
             self._anchor = first.target if isinstance(first, fx.Node) and first.op == "call_function" else None
+            self._ops = frozenset(n.target for n in graph.nodes if n.op == "call_function"
+                                  and isinstance(n.target, torch._ops.OpOverload) and "sym_" not in str(n.target))
         return self._anchor
+
+    def required_ops(self) -> frozenset:
+        """Every op of the pattern (from the same quick trace): a graph lacking one cannot match, so
+        the rule is skipped without capturing it (cold, each capture costs a few hundred ms)."""
+        self.anchor()
+        return self._ops
 
     def __add__(self, other: Any) -> "RewriteSet":
         return RewriteSet([self]) + other
@@ -224,7 +232,7 @@ class RewritePass(Pass):
             round_total = 0
             for rule in self.rules:
                 anchor = rule.anchor()
-                if anchor is not None and anchor not in present:
+                if anchor is not None and anchor not in present or not rule.required_ops() <= present:
                     continue
                 n = rule.apply(gm)
                 counts[rule.label] += n
