@@ -87,6 +87,9 @@ class History:
                          f"{_fmt_int(s0.get('model_bytes'))} -> {_fmt_int(s1.get('model_bytes'))}",
                          f"{_fmt_flops(s0.get('flops'))} -> {_fmt_flops(s1.get('flops'))}", ""])
         text = render_table(head, rows) + f"\npipeline: {self.pipeline}"
+        for r in self.records:  # which CPU kernels the lowering chose (engine, activation code width)
+            if r.status == "changed" and isinstance(r.info, dict) and r.info.get("int8_kernels"):
+                text += f"\n{r.name}: int8 kernels {r.info['int8_kernels']} on {r.info.get('cpu', 'this CPU')}"
         symbols = self.initial_stats.get("symbols")
         if symbols:
             text += "\nsymbols: " + ", ".join(f"{k} = {v}" for k, v in symbols.items())

@@ -73,6 +73,7 @@ def test_recipes_lower_linears_and_agree_with_the_simulation(recipe, kernel, cpu
     if recipe in ("int8", "int8-dynamic"):  # which CPU, engine and code width each layer got
         want = {"native": None, "avx2": "7-bit", "vnni-plan-on-avx2": "8-bit"}[cpu_kind]
         assert "int8_kernels" in low.info and (want is None or want in low.info["int8_kernels"]), low.info
+        assert f"lower-quant: int8 kernels {low.info['int8_kernels']} on " in str(q.fxopt_history)
         act = next(n for n in sim.graph.nodes if n.meta.get("fxopt_quant")).meta["fxopt_quant"]
         assert act["activation"].startswith(("uint7", "int7") if cpu_kind == "avx2" else ("uint", "int"))
     # integer kernels do the float layers' multiply-accumulates: the cost analysis counts them alike
