@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 from torch.fx import subgraph_rewriter
 
+from .torch_compat import torch_internals
 from .errors import PipelineError, TraceError
 from .meta import propagate_meta
 from .pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
@@ -65,7 +66,8 @@ def capture_pattern(fn: Callable, example_inputs: Sequence[Any] | None = None) -
     if example_inputs is None:
         example_inputs = tuple(torch.randn(8, 8) for _ in params)
     try:
-        ep = torch.export.export(_Fn(fn), tuple(example_inputs), strict=False).run_decompositions({})
+        with torch_internals():
+            ep = torch.export.export(_Fn(fn), tuple(example_inputs), strict=False).run_decompositions({})
     except Exception as e:
         raise TraceError(f"cannot capture the pattern function {fn.__qualname__}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}",

@@ -43,6 +43,7 @@ import torch.fx as fx
 
 from .archive_check import DAMAGED, MAX_TOTAL, RESAVE, check_model_archive, read_checked_zip, read_member
 from .capture import dynamic_shapes_for, install_input_guard, normalize_inputs
+from .torch_compat import torch_internals
 from .errors import InputError, LoadError
 
 __all__ = ["save", "load", "FORMAT", "VERSION"]
@@ -66,10 +67,11 @@ def _export(gm: fx.GraphModule, example_inputs: Any) -> Any:
         args, kwargs = normalize_inputs(example_inputs)
     dyn = dynamic_shapes_for(gm, args, kwargs, capture.get("dynamic"))
     try:
-        if dyn is not None:
-            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-                return torch.export.export(gm, args, kwargs, dynamic_shapes=dyn, strict=False)
-        return torch.export.export(gm, args, kwargs, dynamic_shapes=dyn, strict=False)
+        with torch_internals():
+            if dyn is not None:
+                with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                    return torch.export.export(gm, args, kwargs, dynamic_shapes=dyn, strict=False)
+            return torch.export.export(gm, args, kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:
         raise InputError(f"cannot export the module for saving: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
@@ -85,7 +87,8 @@ def save(module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any =
                          f"{type(module).__name__}; compile it first")
     ep = _export(module, example_inputs)
     buf = io.BytesIO()
-    torch.export.save(ep, buf)
+    with torch_internals():
+        torch.export.save(ep, buf)
     blob = buf.getvalue()
     history = getattr(module, "fxopt_history", None)
     manifest = {
@@ -209,10 +212,11 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
         raise LoadError(f"{path}: the model archive could not be checked ({type(e).__name__}: "
                         f"{str(e)[:200]}); {RESAVE}") from e
     try:
-        ep = torch.export.load(io.BytesIO(blob))
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-            ep = ep.run_decompositions({})
-        gm = ep.module()
+        with torch_internals():
+            ep = torch.export.load(io.BytesIO(blob))
+            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                ep = ep.run_decompositions({})
+            gm = ep.module()
         install_input_guard(gm)
     except Exception as e:
         raise LoadError(f"{path}: torch could not rebuild the model ({type(e).__name__}: "

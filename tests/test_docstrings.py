@@ -7,7 +7,8 @@ import pytest
 MODULES = ["fxopt", "fxopt.api", "fxopt.capture", "fxopt.manager", "fxopt.pipeline", "fxopt.recipes",
            "fxopt.serialize", "fxopt.backend", "fxopt.passes.cleanup", "fxopt.summarize", "fxopt.graph_diff",
            "fxopt.graph_render", "fxopt.training", "fxopt.qspec", "fxopt.observers", "fxopt.calibrate",
-           "fxopt.qops", "fxopt.sensitivity"]
+           "fxopt.qops", "fxopt.sensitivity", "fxopt.timeout", "fxopt.torch_compat", "fxopt.kernels.cpu_isa",
+           "fxopt.archive_check", "fxopt.graph_check", "fxopt.expr_check"]
 
 
 @pytest.mark.parametrize("name", MODULES)
