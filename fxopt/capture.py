@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
-from .capture_rewrites import ExportFriendly
+from .capture_rewrites import ExportFriendly, stride_safe_views
 from .dialect import op_name
 from .errors import InputError, TraceError
 from .input_guard import SIGNATURE_KEY, InputGuard, install_input_guard
@@ -389,6 +389,7 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
     gm.meta[SIGNATURE_KEY] = _signature(model)
     install_input_guard(gm)
     unpack_split_params(gm)   # packed Q/K/V weights (nn.MultiheadAttention): one parameter per projection
+    stride_safe_views(gm)     # views of attention outputs must not depend on the kernel's strides
     _readable_names(gm)
     gm.graph.lint()
     gm.recompile()

@@ -21,6 +21,16 @@ size, so a graph captured at batch 2 rejects batch 1 (or the reverse):
 
 Only calls these rewrites fully support are changed (anything else runs the original);
 the results match the originals up to float rounding (``tests/core/test_capture.py``).
+
+After capture, :func:`stride_safe_views` fixes what export cannot see: the strides of a
+kernel's output. ``scaled_dot_product_attention`` returns a ``[B, H, S, D]`` tensor laid
+out as ``[B, S, H, D]`` from the fused CPU kernel (no grad) and contiguous from the math
+kernel (grad enabled, some masks). Export traces one of them, so a
+``transpose(1, 2).view(B, S, H * D)`` (or a ``.contiguous()`` that was a no-op on the
+traced strides and vanished) only works for that kernel: T5 called with grad enabled, or
+re-exported by ``fxopt.save``, failed with "view size is not compatible". Every ``view``
+reached from an attention output through layout ops becomes a ``reshape``: a view where
+the strides allow it (no copy), a copy where they do not.
 """
 from __future__ import annotations
 
@@ -28,10 +38,11 @@ import math
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ExportFriendly", "multi_head_attention"]
+__all__ = ["ExportFriendly", "multi_head_attention", "stride_safe_views"]
 
 _POOLS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
 _CONVS = {F.conv1d, F.conv2d, F.conv3d}
@@ -121,3 +132,33 @@ class ExportFriendly(TorchFunctionMode):
                     x.stride(-1) != 1:   # only permuted inputs: contiguous ones export fine
                 return x.mean(dim=tuple(range(-n, 0)), keepdim=True)
         return func(*args, **kwargs)
+
+
+_aten = torch.ops.aten
+#: ops whose output strides the kernel chooses at run time
+_LAYOUT_SOURCES = {_aten.scaled_dot_product_attention.default}
+#: ops that keep their input's memory layout (so a view after them depends on it)
+_KEEP_LAYOUT = {_aten.transpose.int, _aten.permute.default, _aten.view.default, _aten.reshape.default,
+                _aten._unsafe_view.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.squeeze.dims,
+                _aten.expand.default, _aten.slice.Tensor, _aten.select.int, _aten.alias.default, _aten.t.default}
+
+
+def stride_safe_views(gm: fx.GraphModule) -> int:
+    """Turn every ``view`` of an attention output (through layout-keeping ops) into a
+    ``reshape``; returns how many. See the module docs."""
+    done, seen = 0, set()
+    todo = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _LAYOUT_SOURCES]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user in seen or user.op != "call_function" or user.target not in _KEEP_LAYOUT or \
+                    user.args[0] is not node:
+                continue
+            seen.add(user)
+            if user.target is _aten.view.default:
+                user.target = _aten.reshape.default
+                done += 1
+            todo.append(user)
+    if done:
+        gm.recompile()
+    return done

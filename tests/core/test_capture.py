@@ -378,3 +378,25 @@ def test_meta_device_models_and_inputs_say_to_materialize():
     assert gm(torch.randn(3, 16, device="meta")).shape == (3, 4)
     model.to_empty(device="cpu").load_state_dict(MLP().state_dict())
     assert fxopt.compile(model, (torch.randn(2, 16),))(torch.randn(3, 16)).shape == (3, 4)
+
+
+@pytest.mark.slow
+def test_attention_views_do_not_depend_on_the_kernels_strides(tmp_path):
+    """sdpa's output is [B, S, H, D]-strided from the fused CPU kernel and contiguous from the
+    math kernel (grad enabled): T5's transpose(1, 2).view(...) captured on one failed on the other."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(num_layers=2, num_decoder_layers=2, num_heads=2, d_model=32, d_kv=16,
+                                   d_ff=64, vocab_size=100)
+    model = transformers.T5Model(config).eval()
+    kw = {"input_ids": torch.randint(0, 100, (2, 10)), "decoder_input_ids": torch.randint(0, 100, (2, 6))}
+    fast = fxopt.compile(model, kwargs=kw)
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    after = [u for n in fast.graph.nodes if n.target is sdpa for u in n.users]
+    assert after and not any(u.target is torch.ops.aten.view.default for u in after)
+    with torch.enable_grad():
+        got = fast(**kw).last_hidden_state
+    want = model(**kw).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    fxopt.save(fast, tmp_path / "t5.fxopt")          # its re-export traces the other kernel's strides
+    assert (tmp_path / "t5.fxopt").stat().st_size > 0
