@@ -424,9 +424,9 @@ def cmd_info(ns: argparse.Namespace) -> int:
     print(f"cpu flags: {' '.join(info.flags) or '-'}")
     print(f"torch quantized engines: {', '.join(info.quantized_engines)}; {torch.get_num_threads()} threads")
     for label, (kind, shape) in cpu_isa.SAMPLE_LAYERS.items():
-        bits = cpu_isa.activation_bits(kind, shape)
-        print(f"int8 {label} layers here use {bits}-bit activation codes"
-              + (" (the kernels would saturate 8-bit codes)" if bits == 7 and not info.forced else ""))
+        a, w = cpu_isa.int8_plan(kind, shape)
+        print(f"int8 {label} layers here use {a}-bit activation codes and {w}-bit weights"
+              + (" (8 on both would saturate the kernels)" if min(a, w) == 7 and not info.forced else ""))
     print(f"debug switch: {cpu_isa.DEBUG_SWITCH}=avx2|vnni forces a plan "
           f"({'now ' + info.forced if info.forced else 'not set'})")
     return 0

@@ -1,45 +1,52 @@
-"""What this CPU offers for int8, and which activation range makes each kernel exact.
+"""What this CPU offers for int8, and which code ranges make each kernel exact.
 
 Why this exists: on x86 CPUs without VNNI, fbgemm's and oneDNN's u8 x s8 GEMMs multiply
 with ``vpmaddubsw``, which adds *two* u8*s8 products into a **saturating int16** before
-widening to int32. With full-range activation codes (0..255) and int8 weights the pair
-sum reaches 2*255*127 = 64770 > 32767, so results are silently wrong for some inputs
-(the reason PyTorch's fbgemm configs quantize activations with ``reduce_range``). With
-7-bit codes (0..127) the worst pair is 2*127*128 = 32512 and the arithmetic is exact for
-*every* input. VNNI (``vpdpbusd``) and AMX accumulate in int32 and are exact at 8 bits.
+widening to int32. With full-range activation codes (0..255) and int8 weights (-127..127)
+the pair sum reaches 2*255*127 = 64770 > 32767, so results are silently wrong for some
+inputs. Narrowing either side by one bit makes the arithmetic exact for *every* input:
+7-bit weights (-63..63: 2*255*63 = 32130) or 7-bit activation codes (0..127, PyTorch's
+``reduce_range``: 2*127*128 = 32512). VNNI (``vpdpbusd``) and AMX accumulate in int32 and
+are exact at 8 bits on both sides.
 
-So the int8 plan is decided per (engine, op kind), by construction rather than by a spot
+Measured on the pretrained MiniLM (``bench/quant.py``, min cosine over 64 sentences), the
+weights lose less than the activations from the missing bit (dynamic int8: 0.9972 with
+7-bit weights against 0.9953 with 7-bit activations; static: 0.988 against 0.964), so
+that is fxopt's choice where a CPU saturates.
+
+The plan is decided per engine and layer shape, by construction rather than by a spot
 check of the user's data:
 
 1. :func:`cpu_info` reads the CPU's flags (``/proc/cpuinfo`` on Linux) and torch's
    quantized engines, for reports;
-2. :func:`exact_bits` *measures* each engine once per process with a tiny probe whose
-   codes are all at their extremes: 8 when full-range codes accumulate exactly, 7 when
-   only 7-bit codes do, 0 when the engine is missing or wrong even then;
-3. :func:`activation_bits` is what ``insert-qdq`` simulates (``reduce_range='auto'``):
-   8 where every candidate engine is exact at 8 bits, else 7. The kernels in
-   :mod:`fxopt.kernels.cpu_quant` check at run time that the engine they call is exact
-   for the codes the layer was quantized with, and otherwise take an exact slower path
-   (a model quantized on a VNNI machine and loaded on an AVX2 one stays correct).
+2. :func:`exact_bits` *measures* each engine once per process and layer shape with a
+   probe whose codes are all at their extremes: 8 when full-range activation codes sum
+   exactly with weights of the given width, 7 when only 7-bit codes do, 0 when the engine
+   is missing or wrong even then (fbgemm's depthwise kernels saturate even with VNNI);
+3. :func:`int8_plan` is what ``insert-qdq`` simulates (``reduce_range='auto'``): 8-bit
+   codes and weights where an engine is exact with them, else 7-bit weights. The kernels in
+   :mod:`fxopt.kernels.cpu_quant` check at run time that the engine they call is exact for
+   the codes and weights the layer was quantized with, and otherwise take an exact slower
+   path (a model quantized on a VNNI machine and loaded on an AVX2 one stays correct).
 
 One debug switch, ``FXOPT_CPU_ISA``, forces a plan so that both paths run on any machine:
 
-* ``FXOPT_CPU_ISA=avx2``: plan 7-bit activations, and (when set before fbgemm and oneDNN
-  are first used, e.g. in the environment of the process) make fbgemm and oneDNN take
-  their AVX2 code paths (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``, ``ONEDNN_MAX_CPU_ISA=AVX2``),
-  so a VNNI machine runs the real saturating kernels;
-* ``FXOPT_CPU_ISA=vnni``: plan 8-bit activations even where the kernels saturate; the
-  kernels then use their exact fallback (what a VNNI-quantized model loaded here does);
+* ``FXOPT_CPU_ISA=avx2``: plan as on a CPU without VNNI (7-bit weights), and (when set
+  before fbgemm and oneDNN are first used, e.g. in the environment of the process) make
+  fbgemm and oneDNN take their AVX2 code paths (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``,
+  ``ONEDNN_MAX_CPU_ISA=AVX2``), so a VNNI machine runs the real saturating kernels;
+* ``FXOPT_CPU_ISA=vnni``: plan 8-bit codes and weights even where the kernels saturate;
+  the kernels then use their exact fallback (what a VNNI-quantized model loaded here does);
 * unset or ``auto``: measure.
 
 Tests force a plan in-process with :func:`forced`. Example::
 
     >>> from fxopt.kernels import cpu_isa
-    >>> cpu_isa.activation_bits("linear") in (7, 8)
+    >>> cpu_isa.int8_plan("linear") in ((8, 8), (8, 7))
     True
     >>> with cpu_isa.forced("avx2"):
-    ...     cpu_isa.activation_bits("linear")
-    7
+    ...     cpu_isa.int8_plan("linear")
+    (8, 7)
 """
 from __future__ import annotations
 
@@ -53,7 +60,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["CpuInfo", "cpu_info", "exact_bits", "activation_bits", "plan", "forced", "forced_isa", "conv_shape",
+__all__ = ["CpuInfo", "cpu_info", "exact_bits", "int8_plan", "activation_bits", "weight_max", "plan", "forced", "forced_isa", "conv_shape",
            "quantized_engine", "SAMPLE_LAYERS",
            "ENGINES", "KINDS", "DEBUG_SWITCH"]
 
@@ -73,10 +80,14 @@ class CpuInfo:
     torch_capability: str = ""
     quantized_engines: tuple = ()
     forced: str | None = None
-    exact: dict = field(default_factory=dict)   # "engine/kind" -> exact activation bits
+    exact: dict = field(default_factory=dict)   # "engine/layer" -> exact activation bits with 8-bit weights
+    exact_w7: dict = field(default_factory=dict)  # ... with 7-bit weights
 
     def describe(self) -> str:
-        bits = ", ".join(f"{k} {v}-bit" for k, v in sorted(self.exact.items())) or "not probed"
+        def one(k: str, v: int) -> str:
+            w7 = self.exact_w7.get(k)
+            return f"{k} {v}-bit" + (f" ({w7}-bit with 7-bit weights)" if v < 8 and w7 and w7 > v else "")
+        bits = ", ".join(one(k, v) for k, v in sorted(self.exact.items())) or "not probed"
         force = f", forced by {DEBUG_SWITCH}={self.forced}" if self.forced else ""
         return f"{self.isa} ({self.arch}; torch {self.torch_capability or '?'}{force}); exact int8 codes: {bits}"
 
@@ -134,7 +145,7 @@ def forced_isa() -> str | None:
 
 @contextlib.contextmanager
 def forced(value: str) -> Iterator[None]:
-    """Plan as if the CPU were ``value`` (``'avx2'``: 7-bit codes; ``'vnni'``: 8-bit codes) inside the block.
+    """Plan as if the CPU were ``value`` (``'avx2'``: 7-bit weights; ``'vnni'``: 8-bit everything) inside the block.
 
     Only the plan changes: the kernels still run what this CPU runs, with their exact fallback
     where the plan's codes would saturate them.
@@ -211,8 +222,8 @@ def _conv_once(engine: str, codes: torch.Tensor, w: torch.Tensor, conv: tuple, s
     return y.float() * scale
 
 
-def _exact_at(engine: str, kind: str, shape: tuple, top: int) -> bool:
-    """Is ``engine`` exact for layer ``shape`` with every activation code at ``top`` and weights at +-127?
+def _exact_at(engine: str, kind: str, shape: tuple, top: int, wtop: int) -> bool:
+    """Is ``engine`` exact for layer ``shape`` with every activation code at ``top`` and weights at +-``wtop``?
 
     Every pair of products is at its extreme, so a kernel that sums pairs into a saturating
     int16 is caught whatever pairs it forms; the layer's own shape makes the library take the
@@ -220,19 +231,24 @@ def _exact_at(engine: str, kind: str, shape: tuple, top: int) -> bool:
     """
     if kind == "linear":
         n, k = shape
-        w = torch.full((min(n, 64), k), 127, dtype=torch.int8)
-        w[1::2] = -127
+        w = torch.full((min(n, 64), k), wtop, dtype=torch.int8)
+        w[1::2] = -wtop
         codes = torch.full((3, k), top, dtype=torch.uint8)
         return bool(torch.equal(_linear_once(engine, codes, w), codes.float() @ w.float().t()))
     w_shape, conv = shape[0], shape[1:5]
-    w = torch.full(w_shape, 127, dtype=torch.int8)  # positive: requantized outputs keep the sums
+    w = torch.full(w_shape, wtop, dtype=torch.int8)  # positive: requantized outputs keep the sums
     side = max(w_shape[2] * conv[2][0], w_shape[3] * conv[2][1]) + 2 * max(conv[0]) + 1
     codes = torch.full((1, w_shape[1] * conv[3], side, side), top, dtype=torch.uint8)
     want = torch.nn.functional.conv2d(codes.float(), w.float(), None, *conv)
     # the engines requantize conv outputs: map the largest sum to code ~250; saturation is far off
-    scale = float(top) * 127 * w[0].numel() / 250
+    scale = float(top) * wtop * w[0].numel() / 250
     got = _conv_once(engine, codes, w, conv, scale)
     return bool(((got - want).abs() <= scale * 0.51 + 1e-3).all())
+
+
+def weight_max(weight_bits: int) -> int:
+    """The largest weight code of a symmetric ``weight_bits``-wide spec: 127 for 8, 63 for 7."""
+    return 2 ** (weight_bits - 1) - 1
 
 
 def _available(engine: str) -> bool:
@@ -242,13 +258,14 @@ def _available(engine: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_bits(engine: str, kind: str, shape: tuple) -> int:
+def _measured_bits(engine: str, kind: str, shape: tuple, weight_bits: int = 8) -> int:
     if not _available(engine):
         return 0
+    wtop = weight_max(weight_bits)
     try:
-        if _exact_at(engine, kind, shape, 255):
+        if _exact_at(engine, kind, shape, 255, wtop):
             return 8
-        if _exact_at(engine, kind, shape, 127):
+        if _exact_at(engine, kind, shape, 127, wtop):
             return 7
     except Exception:  # noqa: BLE001 - an engine this build cannot run is simply not used
         return 0
@@ -267,40 +284,55 @@ def conv_shape(w_shape: Any, stride: Any, padding: Any, dilation: Any, groups: i
     return (tuple(int(i) for i in w_shape), pair(stride), pair(padding), pair(dilation), int(groups))
 
 
-def exact_bits(engine: str, kind: str = "linear", shape: tuple | None = None) -> int:
-    """Widest activation codes (8 or 7 bits) ``engine`` accumulates exactly here; 0 if unusable.
+def exact_bits(engine: str, kind: str = "linear", shape: tuple | None = None, weight_bits: int = 8) -> int:
+    """Widest activation codes (8 or 7 bits) ``engine`` sums exactly here with ``weight_bits``-wide weights; 0 if
+    unusable.
 
     ``kind`` is ``linear`` (``shape`` = ``(out_features, in_features)``) or ``conv`` (``shape``
-    from :func:`conv_shape`). Measured once per engine, kind and shape in a process, on this
-    CPU; the debug switch does not change it.
+    from :func:`conv_shape`). Measured once per engine, kind, shape and weight width in a
+    process, on this CPU; the debug switch does not change it.
     """
     if engine not in ENGINES or kind not in KINDS:
         raise ValueError(f"exact_bits(engine in {ENGINES}, kind in {KINDS}), got {engine!r}, {kind!r}")
     if shape is None:
         shape = _SAMPLES["linear" if kind == "linear" else "conv3x3"][1]
-    return _measured_bits(engine, kind, tuple(shape))
+    return _measured_bits(engine, kind, tuple(shape), 8 if weight_bits > 7 else 7)
+
+
+def int8_plan(kind: str = "linear", shape: tuple | None = None) -> tuple[int, int]:
+    """``(activation bits, weight bits)`` ``insert-qdq`` uses for an int8 layer on this CPU.
+
+    (8, 8) where an engine sums full-range codes exactly; else (8, 7): 7-bit weights, which
+    cost less accuracy than 7-bit activations (see the module docs); (7, 8) only if no engine
+    is exact with 7-bit weights either.
+    """
+    force = _forced_value()
+    if force == "avx2":
+        return (8, 7)
+    if force == "vnni":
+        return (8, 8)
+    if any(exact_bits(e, kind, shape) >= 8 for e in ENGINES):
+        return (8, 8)
+    if any(exact_bits(e, kind, shape, 7) >= 8 for e in ENGINES):
+        return (8, 7)
+    return (7, 8)
 
 
 def activation_bits(kind: str = "linear", shape: tuple | None = None) -> int:
-    """Activation code width ``insert-qdq`` uses for an int8 layer on this CPU: 8 or 7."""
-    force = _forced_value()
-    if force == "avx2":
-        return 7
-    if force == "vnni":
-        return 8
-    best = max((exact_bits(e, kind, shape) for e in ENGINES), default=0)
-    return 8 if best >= 8 else 7
+    """The activation code width of :func:`int8_plan` (8 or 7)."""
+    return int8_plan(kind, shape)[0]
 
 
-def plan(kind: str, bits: int, preferred: str = "", shape: tuple | None = None) -> str | None:
-    """The engine to run an int8 layer whose activation codes are ``bits`` wide, or None (exact fallback).
+def plan(kind: str, bits: int, preferred: str = "", shape: tuple | None = None, weight_bits: int = 8) -> str | None:
+    """The engine to run an int8 layer whose activation codes are ``bits`` and weights ``weight_bits`` wide,
+    or None (exact fallback).
 
     ``preferred`` (the engine recorded at lowering) wins when it is exact for those codes here.
     """
     order = [preferred] if preferred in ENGINES else []
     order += [e for e in ENGINES if e not in order]
     for e in order:
-        if exact_bits(e, kind, shape) >= bits:
+        if exact_bits(e, kind, shape, weight_bits) >= bits:
             return e
     return None
 
@@ -322,4 +354,6 @@ def cpu_info(probe: bool = True) -> CpuInfo:
     arch, isa, flags, capability, engines = _static_info()
     exact = ({f"{e}/{name}": exact_bits(e, *_SAMPLES[name]) for e in ENGINES for name in _SAMPLES}
              if probe else {})
-    return CpuInfo(arch, isa, flags, capability, engines, _forced_value(), exact)
+    exact_w7 = ({f"{e}/{name}": exact_bits(e, *_SAMPLES[name], 7) for e in ENGINES for name in _SAMPLES}
+                if probe else {})
+    return CpuInfo(arch, isa, flags, capability, engines, _forced_value(), exact, exact_w7)

@@ -126,15 +126,33 @@ def fallback_layers(gm: torch.nn.Module) -> list[str]:
         if n.op != "call_function" or n.target not in REFERENCES or not isinstance(n.args[1], torch.fx.Node):
             continue
         try:
-            w = gm.get_buffer(n.args[1].target) if n.args[1].op == "get_attr" else n.args[1].meta.get("val")
+            w = gm.get_buffer(n.args[1].target) if n.args[1].op == "get_attr" else None
         except AttributeError:
-            w = n.args[1].meta.get("val")
+            w = None
         if not isinstance(w, torch.Tensor):
             continue
         kind, bits, shape = _plan_key(n.target, list(n.args), tuple(w.shape))
-        if cpu_isa.plan(kind, bits, "", shape) is None:
+        if cpu_isa.plan(kind, bits, "", shape, weight_bits(w)) is None:
             out.append(n.name)
     return out
+
+
+_WBITS: dict[int, tuple[Any, int, int]] = {}
+
+
+def weight_bits(w_q: torch.Tensor) -> int:
+    """7 when every weight code lies in -63..63 (a 7-bit spec), else 8: the kernels' exactness depends on it.
+
+    Read from the codes themselves (cached per tensor and version), so a layer quantized with
+    7-bit weights stays on the fast path wherever it is loaded.
+    """
+    key = id(w_q)
+    hit = _WBITS.get(key)
+    if hit is not None and hit[0]() is w_q and hit[1] == w_q._version:
+        return hit[2]
+    bits = 7 if w_q.numel() == 0 or int(w_q.abs().max()) <= cpu_isa.weight_max(7) else 8
+    _WBITS[key] = (weakref.ref(w_q, lambda _r, k=key: _WBITS.pop(k, None)), w_q._version, bits)
+    return bits
 
 
 def _plan_key(target: Any, a: list, w_shape: tuple) -> tuple[str, int, tuple]:
@@ -171,11 +189,11 @@ def _gemm_exact(codes: torch.Tensor, zp: int, w_q: torch.Tensor, w_scale: torch.
     """Like :func:`_gemm_codes` on whichever engine is exact for ``qmax``-wide codes here; 8-bit codes on a
     CPU that would saturate them are split into two exact 7-bit GEMMs (``codes = 2 * hi + lo``)."""
     bits = 8 if qmax > 127 else 7
-    shape = tuple(w_q.shape)
-    engine = cpu_isa.plan("linear", bits, "", shape)
+    shape, wb = tuple(w_q.shape), weight_bits(w_q)
+    engine = cpu_isa.plan("linear", bits, "", shape, wb)
     if engine is not None:
         return _gemm_codes(codes, zp, w_q, w_scale, engine)
-    engine = cpu_isa.plan("linear", 7, "", shape)
+    engine = cpu_isa.plan("linear", 7, "", shape, wb)
     if engine is None:  # no exact int8 engine at all: float arithmetic on the codes
         return F.linear(codes.float() - zp, w_q.float() * w_scale.reshape(-1, 1))
     hi, lo = codes >> 1, codes & 1
@@ -185,7 +203,7 @@ def _gemm_exact(codes: torch.Tensor, zp: int, w_q: torch.Tensor, w_scale: torch.
 def _linear_static(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zp: int,
                    x_qmax: int, engine: str) -> torch.Tensor:
     bits = 8 if x_qmax > 127 else 7
-    use = cpu_isa.plan("linear", bits, engine, tuple(w_q.shape))
+    use = cpu_isa.plan("linear", bits, engine, tuple(w_q.shape), weight_bits(w_q))
     if use == "fbgemm":
         # fbgemm quantizes the fp32 input itself (fused) with codes in 0..255: clamping the input to the
         # range of the layer's codes first gives exactly the simulation's clamp(round(x / s) + z, 0, qmax)
@@ -240,7 +258,7 @@ def linear_int8_dynamic(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tenso
     # the symmetric codes -qmax..qmax sit on zero point qmax + 1 (1..255 for 8 bits, 1..127 for 7)
     zp = x_qmax + 1
     bits = 8 if x_qmax > 63 else 7
-    use = cpu_isa.plan("linear", bits, engine, tuple(w_q.shape))
+    use = cpu_isa.plan("linear", bits, engine, tuple(w_q.shape), weight_bits(w_q))
     scaled = x2 * (1.0 / row_scale)
     if use == "fbgemm":
         out = _fbgemm_linear(scaled, 1.0, zp, w_q, w_scale)
@@ -279,7 +297,8 @@ def conv2d_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
                 x_zp: int, out_scale: float, out_zp: int, relu: bool, x_qmax: int = 255, out_qmax: int = 255,
                 engine: str = "fbgemm") -> torch.Tensor:
     bits = 8 if x_qmax > 127 else 7
-    use = cpu_isa.plan("conv", bits, engine, cpu_isa.conv_shape(w_q.shape, stride, padding, dilation, groups))
+    use = cpu_isa.plan("conv", bits, engine, cpu_isa.conv_shape(w_q.shape, stride, padding, dilation, groups),
+                       weight_bits(w_q))
     if use is None:
         return conv2d_int8_reference(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
                                      out_scale, out_zp, relu, x_qmax, out_qmax)

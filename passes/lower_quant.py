@@ -34,7 +34,7 @@ import fxopt.kernels.cpu_quant  # noqa: F401  (registers the kernels)
 from fxopt.kernels import cpu_isa
 import fxopt.qops  # noqa: F401  (registers quantize/dequantize)
 from fxopt.dialect import aten, arg
-from fxopt.kernels.cpu_quant import REFERENCES, pack_int4
+from fxopt.kernels.cpu_quant import REFERENCES, pack_int4, weight_bits
 from fxopt.qspec import QSpec
 from fxopt.meta import propagate_meta
 from fxopt.pass_base import Pass, PassContext, PassResult, register_pass
@@ -169,10 +169,11 @@ class LowerQuantPass(Pass):
             info["layer_kernels"] = dict(self._kernels)
         return PassResult(True, frozenset({"shapes"}), info)
 
-    def _engine(self, node: fx.Node, kind: str, bits: int, shape: tuple) -> str:
-        """The engine exact for ``bits``-wide codes on this CPU (recorded with the layer's kernel)."""
-        engine = cpu_isa.plan(kind, bits, "", shape)
-        self._kernels[node.name] = f"{engine or 'exact fallback'} {bits}-bit"
+    def _engine(self, node: fx.Node, kind: str, bits: int, shape: tuple, w_q: torch.Tensor) -> str:
+        """The engine exact for ``bits``-wide codes and these weights on this CPU (recorded per layer)."""
+        wb = weight_bits(w_q)
+        engine = cpu_isa.plan(kind, bits, "", shape, wb)
+        self._kernels[node.name] = f"{engine or 'exact fallback'} a{bits}w{wb}"
         return engine or "fbgemm"
 
     def _wargs(self, gm: fx.GraphModule, w: _W, bits: int) -> tuple:
@@ -199,12 +200,12 @@ class LowerQuantPass(Pass):
             shape = tuple(attr_tensor(gm, w.q).shape)
             if act is not None and act[0] == "dynamic" and int8_channel:
                 qmax = act[2]
-                engine = self._engine(node, "linear", _bits(qmax, True), shape)
+                engine = self._engine(node, "linear", _bits(qmax, True), shape, attr_tensor(gm, w.q))
                 _replace(gm, node, fxq.linear_int8_dynamic.default, (act[1], w.q, w.scale, bias, qmax, engine))
                 return "linear_int8_dynamic"
             if act is not None and act[0] == "static" and int8_channel:
                 (s, z, qmax) = act[2]
-                engine = self._engine(node, "linear", _bits(qmax, False), shape)
+                engine = self._engine(node, "linear", _bits(qmax, False), shape, attr_tensor(gm, w.q))
                 _replace(gm, node, fxq.linear_int8.default, (act[1], w.q, w.scale, bias, s, z, qmax, engine))
                 return "linear_int8"
             if act is None and not (isinstance(x_node, fx.Node) and x_node.target is _DQ):
@@ -250,7 +251,7 @@ class LowerQuantPass(Pass):
             return None
         (s, z, qmax) = act[2]
         shape = cpu_isa.conv_shape(attr_tensor(gm, w.q).shape, stride, padding, dilation, groups)
-        engine = self._engine(node, "conv", _bits(qmax, False), shape)
+        engine = self._engine(node, "conv", _bits(qmax, False), shape, attr_tensor(gm, w.q))
         with gm.graph.inserting_before(q_out):
             new = gm.graph.call_function(fxq.conv2d_int8.default, (
                 act[1], w.q, w.scale, bias, stride, padding, dilation, groups, s, z, float(so), int(zo), relu,

@@ -21,11 +21,13 @@ Config (all strings are :class:`~fxopt.qspec.QSpec` text):
 * ``ops``: which ops to quantize, from ``linear``, ``conv``, ``embedding``;
 * ``skip``: module-path globs kept in float; ``overrides``: ``"GLOB=WEIGHT[;ACT]"``
   per-layer specs (``"encoder.layer.5.*=int8/channel;none"``; ``float`` skips);
-* ``reduce_range``: ``auto`` (default) quantizes activations of int8 linears and convs to
-  7-bit codes (0..127) on CPUs whose int8 kernels would saturate with 8-bit codes (x86
-  without VNNI, see :mod:`fxopt.kernels.cpu_isa`) and to 8-bit codes elsewhere; ``true``
-  always uses 7 bits, ``false`` always 8 (on a saturating CPU the kernels then take an
-  exact, slower path). The choice is in the specs of the QDQ nodes and the pass record;
+* ``reduce_range``: ``auto`` (default) fits int8 linears and convs to what this CPU's
+  int8 kernels sum exactly: 8-bit weights and activation codes where an engine can (VNNI,
+  AMX), else 7-bit weights (-63..63), which on MiniLM cost less accuracy than 7-bit
+  activations (see :mod:`fxopt.kernels.cpu_isa`). ``weights`` / ``activations`` force one
+  side to 7 bits (``true`` is PyTorch's meaning, activations), ``none`` keeps 8 bits on
+  both (on a saturating CPU the kernels then take an exact, slower path). The choice is in
+  the specs of the QDQ nodes and the pass record;
 * ``budget``: a minimum output cosine similarity to the float model over the
   calibration data; the most quantization-sensitive layers are kept in float until it
   holds (the chosen layers are in the pass record). A user metric works too:
@@ -148,30 +150,45 @@ def plan_targets(gm: fx.GraphModule, config: Any, skipped: dict | None = None) -
             if isinstance(v, torch.Tensor) and v.dtype != torch.float32:
                 a = None
         out.append(QuantTarget(node, kind, path, ws, a))
-    return _fit_activation_range(gm, out, getattr(config, "reduce_range", False))
+    return _fit_int8_plan(gm, out, getattr(config, "reduce_range", "none"))
 
 
 def int8_kernel_target(t: QuantTarget) -> bool:
     """Will ``lower-quant`` run this target on an int8 x int8 kernel (int8 symmetric per-channel weights)?"""
     w, a = t.weight, t.activation
-    return (t.kind in ("linear", "conv") and a is not None and w.bits == 8 and w.signed and w.symmetric
+    return (t.kind in ("linear", "conv") and a is not None and w.bits >= 7 and w.signed and w.symmetric
             and w.granularity == "channel")
 
 
-def _kernel_kind(gm: fx.GraphModule, t: QuantTarget) -> str:
+_RANGES = {"auto": None, "none": (8, 8), "weights": (8, 7), "activations": (7, 8)}
+
+
+def _probe_shape(gm: fx.GraphModule, t: QuantTarget) -> tuple[str, tuple]:
+    w = attr_tensor(gm, _weight_node(t.node, t.kind))
     if t.kind == "linear":
-        return "linear"
-    groups = t.node.args[6] if len(t.node.args) > 6 else t.node.kwargs.get("groups", 1)
-    return "depthwise" if isinstance(groups, int) and groups > 1 else "conv"
+        return "linear", tuple(w.shape)
+    a = list(t.node.args) + [None] * 7
+    pick = lambda i, name, d: a[i] if a[i] is not None else t.node.kwargs.get(name, d)  # noqa: E731
+    padding = pick(4, "padding", 0)
+    if isinstance(padding, str):
+        padding = 0  # 'same'/'valid' convs are not lowered; any probe shape will do
+    return "conv", cpu_isa.conv_shape(w.shape, pick(3, "stride", 1), padding, pick(5, "dilation", 1),
+                                      pick(6, "groups", 1))
 
 
-def activation_bits_for(gm: fx.GraphModule, t: QuantTarget, reduce_range: Any) -> int:
-    """8 or 7: the activation code width of an int8-kernel target under ``reduce_range``."""
-    if reduce_range is True:
-        return 7
-    if reduce_range is False:
-        return 8
-    return cpu_isa.activation_bits(_kernel_kind(gm, t))
+def int8_bits_for(gm: fx.GraphModule, t: QuantTarget, reduce_range: Any) -> tuple[int, int]:
+    """(activation bits, weight bits) of an int8-kernel target under ``reduce_range``."""
+    fixed = _RANGES.get(_range_name(reduce_range))
+    if fixed is not None:
+        return fixed
+    return cpu_isa.int8_plan(*_probe_shape(gm, t))
+
+
+def _range_name(value: Any) -> str:
+    """``reduce_range``: True is PyTorch's meaning (7-bit activations), False none."""
+    if value is None:
+        return "none"
+    return {True: "activations", False: "none"}.get(value, value) if isinstance(value, bool) else str(value)
 
 
 def _isa_label() -> str:
@@ -179,21 +196,26 @@ def _isa_label() -> str:
     return f"{force} (forced)" if force else cpu_isa.cpu_info(probe=False).isa
 
 
-def _fit_activation_range(gm: fx.GraphModule, targets: list[QuantTarget], reduce_range: Any) -> list[QuantTarget]:
-    """Narrow the activations of int8-kernel targets to 7-bit codes where the CPU plan needs it.
+def _fit_int8_plan(gm: fx.GraphModule, targets: list[QuantTarget], reduce_range: Any) -> list[QuantTarget]:
+    """Narrow int8-kernel targets to the code widths the CPU plan needs (7-bit weights or activations).
 
-    All consumers of one tensor share its quantize node, so they get the narrowest width any
-    of them needs.
+    All consumers of one tensor share its quantize node, so they get the narrowest activation
+    width any of them needs.
     """
-    bits: dict[Any, int] = {}
+    act: dict[Any, int] = {}
+    plans = {}
     for t in targets:
         if int8_kernel_target(t) and isinstance(t.node.args[0], fx.Node):
-            x = t.node.args[0]
-            bits[x] = min(bits.get(x, 8), activation_bits_for(gm, t, reduce_range))
+            plans[id(t)] = a_bits, w_bits = int8_bits_for(gm, t, reduce_range)
+            act[t.node.args[0]] = min(act.get(t.node.args[0], 8), a_bits)
     for t in targets:
-        x = t.node.args[0] if t.kind != "embedding" else None
-        if t.activation is not None and bits.get(x, 8) < t.activation.bits:
-            t.activation = dataclasses.replace(t.activation, bits=bits[x])
+        if id(t) not in plans:
+            continue
+        x = t.node.args[0]
+        if t.activation is not None and act.get(x, 8) < t.activation.bits:
+            t.activation = dataclasses.replace(t.activation, bits=act[x])
+        if plans[id(t)][1] < t.weight.bits:
+            t.weight = dataclasses.replace(t.weight, bits=plans[id(t)][1])
     return targets
 
 
@@ -499,8 +521,9 @@ class InsertQDQPass(Pass):
             bad = [o for o in self.ops if o not in _OPS]
             if bad:
                 raise PipelineError(f"insert-qdq: unknown ops {bad}; choose from {sorted(_OPS)}")
-            if self.reduce_range not in ("auto", True, False):
-                raise PipelineError(f"insert-qdq: reduce_range is auto, true or false, got {self.reduce_range!r}")
+            if _range_name(self.reduce_range) not in _RANGES:
+                raise PipelineError(f"insert-qdq: reduce_range is one of {', '.join(_RANGES)} (true means "
+                                    f"activations, false none), got {self.reduce_range!r}")
             if not 0 <= self.budget < 1:
                 raise PipelineError(f"insert-qdq: budget is a minimum cosine in [0, 1), got {self.budget}")
             _spec(self.weight), _spec(self.activation), _spec(self.embedding)

@@ -29,21 +29,23 @@ def test_the_probe_sees_a_saturating_cpu(monkeypatch):
     emulate_avx2(monkeypatch)
     assert cpu_isa.exact_bits("fbgemm", "linear") == 7
     assert cpu_isa.exact_bits("fbgemm", "conv", cpu_isa.conv_shape((8, 1, 3, 3), 1, 1, 1, 8)) == 7
+    assert cpu_isa.exact_bits("fbgemm", "linear", None, 7) == 8  # 7-bit weights: 8-bit codes are exact again
     assert cpu_isa.exact_bits("onednn", "linear") == 0  # hidden by the emulation
-    assert cpu_isa.activation_bits("linear") == 7
+    assert cpu_isa.int8_plan("linear") == (8, 7) and cpu_isa.activation_bits("linear") == 8
     assert cpu_isa.plan("linear", 8) is None and cpu_isa.plan("linear", 7) == "fbgemm"
+    assert cpu_isa.plan("linear", 8, weight_bits=7) == "fbgemm"
 
 
 def test_forced_plans_and_the_debug_switch(monkeypatch):
     with cpu_isa.forced("avx2"):
-        assert cpu_isa.activation_bits("linear") == 7 and cpu_isa.forced_isa() == "avx2"
+        assert cpu_isa.int8_plan("linear") == (8, 7) and cpu_isa.forced_isa() == "avx2"
         with cpu_isa.forced("vnni"):
-            assert cpu_isa.activation_bits("conv") == 8
+            assert cpu_isa.int8_plan("conv") == (8, 8)
     with pytest.raises(ValueError, match="avx2"):
         with cpu_isa.forced("sse"):
             pass
     monkeypatch.setenv(cpu_isa.DEBUG_SWITCH, "avx2")
-    assert cpu_isa.activation_bits("linear") == 7 and "forced" in cpu_isa.cpu_info(probe=False).describe()
+    assert cpu_isa.int8_plan("linear") == (8, 7) and "forced" in cpu_isa.cpu_info(probe=False).describe()
     monkeypatch.setenv(cpu_isa.DEBUG_SWITCH, "avx9000")
     with pytest.warns(UserWarning, match="FXOPT_CPU_ISA"):
         assert cpu_isa.forced_isa() is None
@@ -63,13 +65,15 @@ _REAL_AVX2 = textwrap.dedent("""
     from fxopt.kernels import cpu_isa
     from fxopt.kernels.cpu_quant import REFERENCES
     torch.manual_seed(0)
-    out = {"fbgemm_bits": cpu_isa.exact_bits("fbgemm", "linear"), "isa": cpu_isa.cpu_info().describe()}
+    out = {"fbgemm_bits": cpu_isa.exact_bits("fbgemm", "linear"), "isa": cpu_isa.cpu_info().describe(),
+           "fbgemm_bits_w7": cpu_isa.exact_bits("fbgemm", "linear", None, 7)}
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8)).eval()
     x = torch.randn(16, 64)
     big = torch.cat([torch.full((2, 64), 50.0), torch.full((2, 64), -50.0), torch.randn(4, 64) * 20])
-    for recipe, extra in [("int8-dynamic", {}), ("int8", {"calibration": [torch.randn(16, 64) for _ in range(3)]}),
-                          ("canonicalize,insert-qdq(reduce_range=false),lower-quant", {
-                              "calibration": [torch.randn(16, 64) for _ in range(3)]})]:
+    calib = [torch.randn(16, 64) for _ in range(3)]
+    for recipe, extra in [("int8-dynamic", {}), ("int8", {"calibration": calib}),
+                          ("canonicalize,insert-qdq(reduce_range=activations),lower-quant", {"calibration": calib}),
+                          ("canonicalize,insert-qdq(reduce_range=none),lower-quant", {"calibration": calib})]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             q = fxopt.compile(model, (x,), recipe=recipe, **extra)
@@ -92,7 +96,8 @@ def test_the_real_avx2_kernels_agree_with_the_simulation():
     assert line is not None, done.stderr[-3000:]
     out = json.loads(line[len("RESULT"):])
     assert out["fbgemm_bits"] == 7, out["isa"]  # the AVX2 kernels saturate 8-bit codes, on any x86 machine
+    assert out["fbgemm_bits_w7"] == 8, out["isa"]  # ... unless the weights are 7-bit
     for recipe, r in out.items():
-        if isinstance(r, dict):
+        if isinstance(r, dict) and recipe != "exact":
             assert r["kernels"] == 2 and not r["rolled_back"], (recipe, r)
             assert r["err"] < 1e-4, (recipe, r)

@@ -66,16 +66,21 @@ def test_recipes_lower_linears_and_agree_with_the_simulation(recipe, kernel, cpu
     # every input: typical ones, and ones far outside the calibrated range (every code at its extreme)
     sim = fxopt.compile(model, (x,), recipe=recipe, calibration=calib, disable=["lower-quant"])
     for probe in (x, torch.randn(5, 128) * 40, torch.full((2, 128), 9.0), torch.rand(3, 128) * 4):
-        err = (q(probe) - sim(probe)).abs().max()
-        assert err <= 1e-4 * sim(probe).abs().max(), (cpu_kind, err)
+        with torch.no_grad():
+            got, want = q(probe), sim(probe)
+        # integer sums vs float sums may put a hidden value on the other side of a rounding boundary
+        # of the next layer's input grid: a rare one-code flip moves a row by one input step, not by
+        # the tens of percent a saturating kernel does (each layer alone is checked exactly below)
+        assert (got - want).abs().max() <= 0.01 * want.abs().max(), cpu_kind
     low = q.fxopt_history.records[[r.name for r in q.fxopt_history.records].index("lower-quant")]
     assert low.info["worst_layer_error"] <= 1e-4 * max(1.0, float(sim(x).detach().abs().max()))
     if recipe in ("int8", "int8-dynamic"):  # which CPU, engine and code width each layer got
-        want = {"native": None, "avx2": "7-bit", "vnni-plan-on-avx2": "8-bit"}[cpu_kind]
+        want = {"native": None, "avx2": "fbgemm a8w7", "vnni-plan-on-avx2": "exact fallback a8w8"}[cpu_kind]
         assert "int8_kernels" in low.info and (want is None or want in low.info["int8_kernels"]), low.info
         assert f"lower-quant: int8 kernels {low.info['int8_kernels']} on " in str(q.fxopt_history)
-        act = next(n for n in sim.graph.nodes if n.meta.get("fxopt_quant")).meta["fxopt_quant"]
-        assert act["activation"].startswith(("uint7", "int7") if cpu_kind == "avx2" else ("uint", "int"))
+        spec = next(n for n in sim.graph.nodes if n.meta.get("fxopt_quant")).meta["fxopt_quant"]
+        assert spec["weight"].startswith("int7" if cpu_kind == "avx2" else "int8"), spec  # 7-bit weights on AVX2
+        assert "8/" in spec["activation"], spec
     # integer kernels do the float layers' multiply-accumulates: the cost analysis counts them alike
     from fxopt.passes.cost import CostAnalysis
     def macs_at_16(gm):
@@ -110,7 +115,7 @@ def test_a_saturating_kernel_is_caught_at_the_edges_of_its_ranges(monkeypatch, r
     from avx2_emulation import emulate_avx2
     from fxopt.kernels import cpu_isa
     emulate_avx2(monkeypatch)
-    monkeypatch.setattr(cpu_isa, "exact_bits", lambda engine, kind="linear", shape=None: 8 * (engine == "fbgemm"))
+    monkeypatch.setattr(cpu_isa, "exact_bits", lambda engine, kind="linear", shape=None, weight_bits=8: 8 * (engine == "fbgemm"))
     torch.manual_seed(0)
     model, x = model_cls().eval(), torch.rand(*shape) * 0.1  # small inputs: codes far from saturating
     with pytest.warns(UserWarning, match="lower-quant"):
