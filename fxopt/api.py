@@ -13,6 +13,7 @@ from .errors import InputError, PipelineError, RecipeError
 from .manager import DEFAULT_PASS_TIMEOUT, History, Instrument, PassManager
 from .pipeline import Pipeline, as_pipeline
 from .recipes import recipes
+from .torch_compat import torch_internals
 
 __all__ = ["compile", "resolve_recipe"]
 
@@ -107,7 +108,8 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
         cap = options.get("calibration_batches")
         calibration = list(itertools.islice(calibration, int(cap) if cap else None))  # one-shot: read it once
     try:
-        work = copy.deepcopy(model)
+        with torch_internals():
+            work = copy.deepcopy(model)
     except Exception as e:
         raise InputError(f"cannot copy the model ({type(e).__name__}: {e}); fxopt works on a copy so that "
                          "your model is never changed; make it deep-copyable") from e

@@ -29,6 +29,7 @@ from torch.export import Dim
 from .capture_rewrites import ExportFriendly, stride_safe_views
 from .dialect import op_name
 from .errors import InputError, TraceError
+from .torch_compat import torch_internals
 from .input_guard import SIGNATURE_KEY, InputGuard, install_input_guard
 from .rewrite_utils import unpack_split_params
 
@@ -350,7 +351,8 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
         check_materialized(model)   # an all-meta capture (graph structure only) is allowed
     if copy_model:
         try:
-            model = copy.deepcopy(model)
+            with torch_internals():
+                model = copy.deepcopy(model)
         except Exception as e:
             raise InputError(f"cannot copy the model ({type(e).__name__}: {e}); fxopt copies the model "
                              "so that yours is never changed; make it deep-copyable or pass "
@@ -372,7 +374,7 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
     for i, (mode, dyn) in enumerate(tries):
         out, err = io.StringIO(), io.StringIO()
         try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch_internals():
                 ep = _export(model, args, kwargs, dyn)
             break
         except Exception as e:  # noqa: BLE001 - every capture failure becomes a TraceError
@@ -385,7 +387,8 @@ def trace(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, dy
             raise error from e
     sys.stdout.write(out.getvalue())
     sys.stderr.write(err.getvalue())
-    gm = ep.module()
+    with torch_internals():
+        gm = ep.module()
     gm.meta[SIGNATURE_KEY] = _signature(model)
     install_input_guard(gm)
     unpack_split_params(gm)   # packed Q/K/V weights (nn.MultiheadAttention): one parameter per projection

@@ -226,7 +226,9 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     history = None
     if pipeline is not None or ns.report:
         import copy
-        work = copy.deepcopy(gm)
+        from .torch_compat import torch_internals
+        with torch_internals():
+            work = copy.deepcopy(gm)
         _status(f"running passes '{pipeline}' ..." if pipeline else "analysing ...")
         res = fxopt.PassManager(pipeline, warn=False).run(work, loaded.args, loaded.kwargs,
                                                           calibration=_calibration(ns), options=_quant_options(ns))

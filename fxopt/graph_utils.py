@@ -10,6 +10,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .torch_compat import torch_internals
+
 
 __all__ = ["Snapshot", "take_snapshot", "restore_snapshot", "changed_tensors", "max_abs_error",
            "within_tolerance", "param_stats", "GraphSnapshot", "remove_unused_attributes", "state_tensors",
@@ -113,7 +115,9 @@ def take_snapshot(gm: fx.GraphModule, deep: bool = False) -> Snapshot:
             clones[id(t)] = (t, t.detach().clone())
     sample = sum(t.numel() * t.element_size() for _, t in tensors) > FULL_FINGERPRINT_BYTES
     versions = [(n, t, t._version, fingerprint(t, sample)) for n, t in tensors]
-    return Snapshot(copy.deepcopy(gm.graph), modules, versions, clones, state)
+    with torch_internals():  # torch 2.13 warns about its own pytree specs being copied
+        graph = copy.deepcopy(gm.graph)
+    return Snapshot(graph, modules, versions, clones, state)
 
 
 def restore_snapshot(gm: fx.GraphModule, snap: Snapshot) -> None:
@@ -131,7 +135,8 @@ def restore_snapshot(gm: fx.GraphModule, snap: Snapshot) -> None:
             t.data = clone
         for t, clone in snap.state.values():
             t.data = clone.clone()
-    gm.graph = copy.deepcopy(snap.graph)
+    with torch_internals():
+        gm.graph = copy.deepcopy(snap.graph)
     gm.recompile()
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .errors import InputError
+from .torch_compat import torch_internals
 
 
 def _train_bn(x, weight, bias, running_mean, running_var, momentum, eps):  # noqa: ANN001
@@ -222,7 +223,8 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
         torch.manual_seed(seed)
         random.seed(seed)
     if not inplace:
-        model = copy.deepcopy(model)
+        with torch_internals():
+            model = copy.deepcopy(model)
     try:
         steps_per_epoch = len(data)  # type: ignore[arg-type]
     except TypeError:

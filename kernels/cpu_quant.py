@@ -205,11 +205,12 @@ def _linear_static(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, x
     bits = 8 if x_qmax > 127 else 7
     use = cpu_isa.plan("linear", bits, engine, tuple(w_q.shape), weight_bits(w_q))
     if use == "fbgemm":
-        # fbgemm quantizes the fp32 input itself (fused) with codes in 0..255: clamping the input to the
-        # range of the layer's codes first gives exactly the simulation's clamp(round(x / s) + z, 0, qmax)
-        if x_qmax < 255:
-            x2 = x2.clamp((0 - x_zp) * x_scale, (x_qmax - x_zp) * x_scale)
-        return _fbgemm_linear(x2, x_scale, x_zp, w_q, w_scale)
+        # round here, exactly as the simulation does, and hand fbgemm integers (code - zero point) with
+        # scale 1: how fbgemm rounds a non-integer input is version-dependent (torch 2.13's adds the
+        # zero point in float before rounding, so x.4999 can round up), an integer it cannot get wrong
+        inv = 1.0 / torch.tensor(float(x_scale))
+        ints = torch.round(x2 * inv).clamp_(-x_zp, x_qmax - x_zp)
+        return _fbgemm_linear(ints, 1.0, x_zp, w_q, w_scale).mul_(x_scale)
     codes = _codes(x2, x_scale, x_zp, x_qmax)
     if use == "onednn":
         return _gemm_codes(codes, x_zp, w_q, w_scale, "onednn").mul_(x_scale)
@@ -259,11 +260,11 @@ def linear_int8_dynamic(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tenso
     zp = x_qmax + 1
     bits = 8 if x_qmax > 63 else 7
     use = cpu_isa.plan("linear", bits, engine, tuple(w_q.shape), weight_bits(w_q))
-    scaled = x2 * (1.0 / row_scale)
+    scaled = torch.round_(x2 * (1.0 / row_scale))  # integers for fbgemm too (see _linear_static)
     if use == "fbgemm":
         out = _fbgemm_linear(scaled, 1.0, zp, w_q, w_scale)
     else:
-        codes = (torch.round(scaled) + zp).clamp_(1, 2 * x_qmax + 1).to(torch.uint8)
+        codes = (scaled + zp).clamp_(1, 2 * x_qmax + 1).to(torch.uint8)
         out = (_gemm_codes(codes, zp, w_q, w_scale, "onednn") if use == "onednn"
                else _gemm_exact(codes, zp, w_q, w_scale, 2 * x_qmax + 1))
     out = out.mul_(row_scale) if bias is None else torch.addcmul(bias, out, row_scale)  # one pass: bias + out * s

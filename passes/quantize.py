@@ -68,6 +68,7 @@ from fxopt.qspec import QSpec
 from fxopt.qspec import quantize as quantize_tensor
 from fxopt.rewrite_utils import attr_tensor, copy_meta, erase_dead
 from fxopt.kernels import cpu_isa
+from fxopt.torch_compat import torch_internals
 
 __all__ = ["InsertQDQPass", "QuantTarget", "plan_targets", "materialize", "collect_qparams", "share_groups",
            "output_similarity", "sensitivity_scores"]
@@ -439,7 +440,8 @@ def _quantized_copy(gm: fx.GraphModule, targets: list[QuantTarget], keep: set[st
                     qparams: dict) -> fx.GraphModule:
     """A deep copy of ``gm`` with ``targets`` quantized except the layers labelled in ``keep``."""
     memo: dict = {}
-    dup = copy.deepcopy(gm, memo)
+    with torch_internals():
+        dup = copy.deepcopy(gm, memo)
     by_name = {n.name: n for n in dup.graph.nodes}
     sub = [QuantTarget(by_name[t.node.name], t.kind, t.path, t.weight, t.activation)
            for t in targets if t.label not in keep]

@@ -147,3 +147,21 @@ def test_a_file_saved_with_a_vnni_plan_loads_exact_on_avx2_and_says_so(monkeypat
         loaded = fxopt.load(tmp_path / "m.fxopt")
     big = torch.randn(5, 40) * 20
     assert (loaded(big) - sim(big)).abs().max() <= 1e-4 * sim(big).abs().max()
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_many_ordinary_inputs_round_exactly_like_the_simulation(dynamic):
+    """Thousands of random rows put some values within a float ulp of a .5 rounding boundary; the kernels
+    must round them as the simulation does (torch 2.13's fbgemm rounds its own input quantization
+    differently: the kernels hand it integers)."""
+    torch.manual_seed(0)
+    w, ws = _weights(512, 384)
+    x = torch.randn(512, 384) * 3
+    for engine in ENGINES:
+        if dynamic:
+            out, ref = fxq.linear_int8_dynamic(x, w, ws, None, 127, engine), \
+                linear_int8_dynamic_reference(x, w, ws, None, 127)
+        else:
+            out, ref = fxq.linear_int8(x, w, ws, None, 0.037, 131, 255, engine), \
+                linear_int8_reference(x, w, ws, None, 0.037, 131, 255)
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), engine
