@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 
-from .capture import _check_finite, normalize_inputs, trace
+from .capture import _check_finite, check_materialized, normalize_inputs, trace
 from .errors import InputError, PipelineError, RecipeError
 from .manager import DEFAULT_PASS_TIMEOUT, History, Instrument, PassManager
 from .pipeline import Pipeline, as_pipeline
@@ -58,7 +58,8 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
 
     ``recipe``: a name from ``fxopt.recipes``, a pipeline string
     (``"cleanup,fold-bn"``), or a list of passes. ``dynamic``: see
-    :func:`fxopt.trace` (default: batch dimension symbolic). ``strict``: raise
+    :func:`fxopt.trace` (default: the batch dimension symbolic, and the sequence dimension
+    of token inputs such as ``input_ids``). ``strict``: raise
     ``PassError`` when a pass fails instead of rolling it back. ``disable`` and
     ``stop_after`` bisect a pipeline. ``progress``: a progress bar on stderr
     (default: when stderr is a terminal). ``report``: write the HTML report
@@ -113,6 +114,7 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     except Exception as e:
         raise InputError(f"cannot copy the model ({type(e).__name__}: {e}); fxopt works on a copy so that "
                          "your model is never changed; make it deep-copyable") from e
+    check_materialized(work)  # meta-device weights: say how to materialize them, not "does not run"
     work.eval()
     state = _buffers(work)  # a model that updates buffers in forward: every run here is undone
     with torch.no_grad():

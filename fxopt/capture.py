@@ -280,6 +280,32 @@ def _hf_cache_classes(model: torch.nn.Module, args: tuple, kwargs: dict) -> list
     return list(dict.fromkeys(found))
 
 
+def register_hf_cache_class(module: str, name: str) -> bool:
+    """Register ``module.name`` (a transformers cache or cache-layer class) as a pytree, as capture does.
+
+    Used when loading a saved decoder in a fresh process. Only classes deriving from
+    transformers' ``Cache`` or its cache layers are registered; returns whether it is now.
+    """
+    import importlib
+    try:
+        mod = importlib.import_module(module)
+        from transformers import cache_utils
+    except ImportError:
+        return False
+    cls = getattr(mod, name, None)
+    bases = tuple(b for b in (getattr(cache_utils, "Cache", None), getattr(cache_utils, "CacheLayerMixin", None))
+                  if isinstance(b, type))
+    if not (isinstance(cls, type) and bases and issubclass(cls, bases)):
+        return False
+    if cls not in torch.utils._pytree.SUPPORTED_NODES:
+        try:
+            from transformers.exporters.exporter_dynamo import register_pytree_node
+        except ImportError:
+            return False
+        register_pytree_node(cls)
+    return cls in torch.utils._pytree.SUPPORTED_NODES
+
+
 def register_hf_caches(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> list[type]:
     """Make the Hugging Face cache classes a model returns (``DynamicCache``) pytrees.
 

@@ -251,6 +251,13 @@ def _device_type(v: Any, at: str) -> None:
         raise GraphRefused(f"unknown device type {v!r:.40}", at)
 
 
+def _constant_value(v: Any, at: str) -> None:
+    kinds = {"as_none", "as_int", "as_float", "as_bool", "as_string"}
+    if not (isinstance(v, dict) and len(v) == 1 and set(v) <= kinds):
+        raise GraphRefused("a constant input must be one none/int/float/bool/string", at)
+    _struct(v, at)
+
+
 _S = _struct
 _FIELDS: dict[str, Callable[[Any, str], None]] = {
     # ExportedProgram
@@ -283,6 +290,8 @@ _FIELDS: dict[str, Callable[[Any, str], None]] = {
     "input_specs": _list(_S), "output_specs": _list(_S), "parameter": _S, "buffer": _S, "tensor_constant": _S,
     "user_input": _S, "user_output": _S, "parameter_name": _dotted, "buffer_name": _dotted,
     "tensor_constant_name": _dotted, "persistent": _opt_bool,
+    # a keyword input captured as a constant (use_cache=False): its value is one plain scalar
+    "constant_input": _S, "value": _constant_value,
     # ModuleCallGraph
     "fqn": lambda v, at: _dotted(v, at, empty=True), "in_spec": _treespec_field, "out_spec": _treespec_field,
     "forward_arg_names": _opt(_list(_name)),
@@ -387,7 +396,20 @@ def _spec_node(n: Any, depth: int) -> None:
         if ctx is not None or kids:
             raise GraphRefused("malformed leaf")
         return
+    if isinstance(t, str) and ":" in t:
+        _library_type(t)
+        if not isinstance(ctx, str):
+            raise GraphRefused("context must be a JSON string")
+        try:
+            _library_context(json.loads(ctx), 0)
+        except (ValueError, RecursionError) as e:
+            raise GraphRefused("context is not JSON") from e
+        for k in kids:
+            _spec_node(k, depth + 1)
+        return
     _dotted(t, "type")
+    if t not in _CONTAINERS and t != _NAMEDTUPLE and not _registered_plain(t):
+        _import_library_module(t.rpartition(".")[0])  # a ModelOutput registers when its module is imported
     if t == _NAMEDTUPLE:
         _dotted(ctx, "context")
     elif t in _CONTAINERS or _registered_plain(t):
@@ -403,6 +425,130 @@ def _spec_node(n: Any, depth: int) -> None:
                            "(import the library that defines it before loading)")
     for k in kids:
         _spec_node(k, depth + 1)
+
+
+#: libraries whose container types (``module:Class``) a saved output may hold, e.g. the cache a
+#: Hugging Face decoder returns; importing them is what the user's own code does
+_TYPE_LIBRARIES = ("transformers.cache_utils",)
+
+
+_LIBRARY_MODULE = re.compile(r"transformers\.(modeling_outputs|cache_utils|models\.[a-z0-9_]+\.modeling_[a-z0-9_]+)\Z")
+
+
+def _import_library_module(module: str) -> None:
+    """Import a transformers module that defines output types (nothing else): in a fresh process its
+    ``ModelOutput`` classes are not registered with pytree until it is imported."""
+    if _LIBRARY_MODULE.match(module):
+        import importlib
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
+def _library_type(name: str) -> None:
+    """A ``module:Class`` pytree type: only from a known library module, and only pytree-registered classes.
+
+    transformers' cache classes are registered when a model that returns them is captured; in a
+    fresh process fxopt registers them here (after checking the class really is one of that
+    library's caches), the way capture does.
+    """
+    module, _, qual = name.partition(":")
+    if module not in _TYPE_LIBRARIES or not _IDENT.match(qual):
+        raise GraphRefused(f"container type {name[:80]!r} is not from a library fxopt knows")
+    if not _registered_plain(name):
+        from .capture import register_hf_cache_class
+        register_hf_cache_class(module, qual)
+    if not _registered_plain(name):
+        raise GraphRefused(f"container type {name[:80]!r} is not a known pytree container "
+                           "(import the library that defines it before loading)")
+
+
+_DTYPE_NAMES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+                "complex64", "complex128"}
+_CTX_TAGS = {"tensor", "sym", "size", "device", "dtype", "layout", "items", "type", "map", "seq", "obj"}
+_DEVICE = re.compile(r"(cpu|cuda|meta|mps|xpu)(:[0-9]{1,4})?\Z")
+_BUILTIN_PATHS = {"builtins:list", "builtins:tuple", "builtins:dict"}
+
+
+def _library_class(path: Any) -> None:
+    """A class a library context may rebuild: transformers' caches and cache layers, plain containers.
+
+    transformers rebuilds such contexts by importing the ``module:Class`` path and calling it;
+    any other path (``os:system``) would run code, so only these are accepted.
+    """
+    if not isinstance(path, str):
+        raise GraphRefused("class path must be a string")
+    if path in _BUILTIN_PATHS:
+        return
+    module, _, qual = path.partition(":")
+    if module not in _TYPE_LIBRARIES or not _IDENT.match(qual):
+        raise GraphRefused(f"context names class {path[:80]!r}, which fxopt does not rebuild")
+    from transformers import cache_utils
+    cls = getattr(cache_utils, qual, None)
+    bases = tuple(b for b in (getattr(cache_utils, "Cache", None), getattr(cache_utils, "CacheLayerMixin", None))
+                  if isinstance(b, type))
+    if not (isinstance(cls, type) and bases and issubclass(cls, bases)):
+        raise GraphRefused(f"context names {path[:80]!r}, which is not a transformers cache class")
+
+
+def _library_context(c: Any, depth: int) -> None:
+    """transformers' cache contexts (see ``exporter_dynamo``): every tag, class path and name checked."""
+    if depth > 64:
+        raise GraphRefused("context nested too deeply")
+    if c is None or type(c) in (bool, int, float):
+        return
+    if isinstance(c, str):
+        if len(c) > 1024 or not c.isprintable():
+            raise GraphRefused("context string refused")
+        return
+    if isinstance(c, list):
+        for x in c:
+            _library_context(x, depth + 1)
+        return
+    if not isinstance(c, dict):
+        raise GraphRefused("unknown context value")
+    if "_t" not in c:
+        for k, v in c.items():
+            _library_context(k, depth + 1)
+            _library_context(v, depth + 1)
+        return
+    tag = c["_t"]
+    if tag not in _CTX_TAGS:
+        raise GraphRefused(f"unknown context tag {str(tag)[:40]!r}")
+    if tag in ("tensor", "sym"):
+        if set(c) != {"_t", "i"} or type(c["i"]) is not int:
+            raise GraphRefused("malformed tensor reference in context")
+    elif tag == "size":
+        if set(c) != {"_t", "v"} or not isinstance(c["v"], list) or not all(type(v) is int for v in c["v"]):
+            raise GraphRefused("malformed size in context")
+    elif tag == "device":
+        if set(c) != {"_t", "s"} or not isinstance(c["s"], str) or not _DEVICE.match(c["s"]):
+            raise GraphRefused("malformed device in context")
+    elif tag in ("dtype", "layout"):
+        names = _DTYPE_NAMES if tag == "dtype" else {"strided", "sparse_coo"}
+        if set(c) != {"_t", "n"} or c["n"] not in names:
+            raise GraphRefused(f"unknown {tag} in context")
+    elif tag == "items":
+        if set(c) != {"_t", "v"} or not isinstance(c["v"], list):
+            raise GraphRefused("malformed items in context")
+        for pair in c["v"]:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise GraphRefused("malformed items in context")
+            _library_context(pair, depth + 1)
+    elif tag == "type":
+        if set(c) != {"_t", "p"}:
+            raise GraphRefused("malformed type in context")
+        _library_class(c["p"])
+    else:  # map, seq, obj: an instance of a class rebuilt from its state
+        key = "s" if tag == "obj" else "v"
+        if set(c) != {"_t", "p", key}:
+            raise GraphRefused(f"malformed {tag} in context")
+        _library_class(c["p"])
+        if tag == "obj" and not (isinstance(c["s"], dict) and all(isinstance(k, str) and _IDENT.match(k)
+                                                                    for k in c["s"])):
+            raise GraphRefused("object state must map attribute names to values")
+        _library_context(c[key], depth + 1)
 
 
 def check_treespec(text: str) -> None:

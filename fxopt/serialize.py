@@ -44,6 +44,8 @@ import torch.fx as fx
 from .archive_check import DAMAGED, MAX_TOTAL, RESAVE, check_model_archive, read_checked_zip, read_member
 from .capture import dynamic_shapes_for, install_input_guard, normalize_inputs
 from .torch_compat import torch_internals
+from .capture_rewrites import stride_safe_views
+from .input_guard import SIGNATURE_KEY
 from .errors import InputError, LoadError
 
 __all__ = ["save", "load", "FORMAT", "VERSION"]
@@ -98,8 +100,10 @@ def save(module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any =
         "sha256": {_MODEL: hashlib.sha256(blob).hexdigest()},
         "pipeline": history.pipeline if history is not None else None,
         "history": history.table() if history is not None else None,
-        "capture": {k: v for k, v in module.meta.get("fxopt_capture", {}).items()
-                    if k in ("dynamic", "model_class", "range_constraints") and _jsonable(v)},
+        "capture": {**{k: v for k, v in module.meta.get("fxopt_capture", {}).items()
+                       if k in ("dynamic", "model_class", "range_constraints") and _jsonable(v)},
+                    # forward's parameter names: positional calls map to keyword inputs after loading too
+                    "signature": [[str(n), bool(d)] for n, d in module.meta.get(SIGNATURE_KEY) or []]},
     }
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -129,7 +133,8 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "format": (str,), "version": (int,), "torch": (str,), "sha256": (dict,), "pipeline": (str, type(None)),
     "history": (str, type(None)), "capture": (dict, type(None))}
 _CAPTURE_TYPES: dict[str, tuple[type, ...]] = {
-    "dynamic": (bool, str, type(None)), "model_class": (str, type(None)), "range_constraints": (dict,)}
+    "dynamic": (bool, str, type(None)), "model_class": (str, type(None)), "range_constraints": (dict,),
+    "signature": (list,)}
 
 
 def _outer_cap(name: str) -> int | None:
@@ -181,6 +186,10 @@ def _check_manifest(manifest: Any, path: str) -> None:
         if key not in _CAPTURE_TYPES or type(value) not in _CAPTURE_TYPES[key]:
             raise LoadError(f"{path}: manifest capture field {str(key)[:40]!r} is unknown or has the wrong "
                             f"type; {RESAVE}")
+    sig = capture.get("signature", [])
+    if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and p[0].isidentifier()
+               and isinstance(p[1], bool) for p in sig) or len(sig) > 4096:
+        raise LoadError(f"{path}: manifest signature is not a list of [name, optional] pairs; {RESAVE}")
     ranges = capture.get("range_constraints", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in ranges.items()):
         raise LoadError(f"{path}: manifest range constraints are not strings; {RESAVE}")
@@ -217,13 +226,16 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
             with torch.fx.experimental._config.patch(backed_size_oblivious=True):
                 ep = ep.run_decompositions({})
             gm = ep.module()
+        stride_safe_views(gm)  # the re-export brings back views whose validity depends on sdpa's kernel
+        gm.meta[SIGNATURE_KEY] = [(n, d) for n, d in (manifest.get("capture") or {}).get("signature", [])]
         install_input_guard(gm)
     except Exception as e:
         raise LoadError(f"{path}: torch could not rebuild the model ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); it may need a newer torch "
                         f"(saved with {manifest.get('torch')}, running {torch.__version__}) or "
                         "`import fxopt` kernels it uses") from e
-    gm.meta["fxopt_capture"] = {**(manifest.get("capture") or {}), "front_end": "fxopt.load"}
+    gm.meta["fxopt_capture"] = {**{k: v for k, v in (manifest.get("capture") or {}).items() if k != "signature"},
+                                "front_end": "fxopt.load"}
     example = getattr(ep, "example_inputs", None)
     if example is not None:
         gm.meta["fxopt_example_inputs"] = (tuple(example[0]), dict(example[1]))
