@@ -149,11 +149,16 @@ def test_a_file_saved_with_a_vnni_plan_loads_exact_on_avx2_and_says_so(monkeypat
     assert (loaded(big) - sim(big)).abs().max() <= 1e-4 * sim(big).abs().max()
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_many_ordinary_inputs_round_exactly_like_the_simulation(dynamic):
+def test_many_ordinary_inputs_round_exactly_like_the_simulation(dynamic, fused, monkeypatch):
     """Thousands of random rows put some values within a float ulp of a .5 rounding boundary; the kernels
     must round them as the simulation does (torch 2.13's fbgemm rounds its own input quantization
-    differently: the kernels hand it integers)."""
+    differently: there the kernels hand it integers; ``fused=False`` takes that path on any version)."""
+    if not fused:
+        monkeypatch.setattr(cpu_quant, "fbgemm_rounds_like_the_simulation", lambda: False)
+    elif not cpu_quant.fbgemm_rounds_like_the_simulation():
+        pytest.skip("this fbgemm rounds differently: the kernels never use its fused quantization here")
     torch.manual_seed(0)
     w, ws = _weights(512, 384)
     x = torch.randn(512, 384) * 3
@@ -165,3 +170,16 @@ def test_many_ordinary_inputs_round_exactly_like_the_simulation(dynamic):
             out, ref = fxq.linear_int8(x, w, ws, None, 0.037, 131, 255, engine), \
                 linear_int8_reference(x, w, ws, None, 0.037, 131, 255)
         assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), engine
+
+
+def test_the_rounding_probe_tells_the_two_fbgemm_behaviours_apart(monkeypatch):
+    """The probe must see the 2.13 behaviour (round(x / s + zp) in float32) wherever it happens."""
+    cpu_quant.fbgemm_rounds_like_the_simulation.cache_clear()
+    try:
+        def adds_zp_first(x2, x_scale, x_zp, w_q, w_scale):
+            codes = torch.round(x2.float() * (1.0 / x_scale) + x_zp).clamp(0, 255)  # zp added in float32
+            return (codes - x_zp) @ (w_q.float() * w_scale.reshape(-1, 1)).t()
+        monkeypatch.setattr(cpu_quant, "_fbgemm_linear", adds_zp_first)
+        assert cpu_quant.fbgemm_rounds_like_the_simulation.__wrapped__() is False
+    finally:
+        cpu_quant.fbgemm_rounds_like_the_simulation.cache_clear()
