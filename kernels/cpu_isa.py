@@ -323,6 +323,7 @@ def activation_bits(kind: str = "linear", shape: tuple | None = None) -> int:
     return int8_plan(kind, shape)[0]
 
 
+@functools.lru_cache(maxsize=4096)  # called by every int8 kernel call: one dict lookup after the first
 def plan(kind: str, bits: int, preferred: str = "", shape: tuple | None = None, weight_bits: int = 8) -> str | None:
     """The engine to run an int8 layer whose activation codes are ``bits`` and weights ``weight_bits`` wide,
     or None (exact fallback).

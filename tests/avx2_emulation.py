@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["saturating_sums", "fbgemm_linear", "fbgemm_conv", "emulate_avx2"]
+__all__ = ["saturating_sums", "fbgemm_linear", "fbgemm_conv", "emulate_avx2", "fresh_plans"]
 
 
 def saturating_sums(codes: torch.Tensor, zp: int, w_q: torch.Tensor) -> torch.Tensor:
@@ -76,3 +76,10 @@ def emulate_avx2(monkeypatch) -> None:
     monkeypatch.setattr(cpu_isa, "_available", lambda engine: engine == "fbgemm")
     # probes cached for this emulated CPU only; the real cache is untouched
     monkeypatch.setattr(cpu_isa, "_measured_bits", functools.lru_cache(maxsize=None)(cpu_isa._measured_bits.__wrapped__))
+    fresh_plans(monkeypatch)
+
+
+def fresh_plans(monkeypatch) -> None:
+    """The kernels cache their engine choice: give a test that changes what the probes say a fresh cache."""
+    from fxopt.kernels import cpu_isa
+    monkeypatch.setattr(cpu_isa, "plan", functools.lru_cache(maxsize=None)(cpu_isa.plan.__wrapped__))

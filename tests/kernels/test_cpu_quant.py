@@ -125,6 +125,8 @@ def test_a_model_planned_for_vnni_runs_exactly_on_avx2_and_says_which_layers_are
 
 def test_no_exact_engine_at_all_still_computes_the_reference(monkeypatch):
     monkeypatch.setattr(cpu_isa, "exact_bits", lambda engine, kind="linear", shape=None, weight_bits=8: 0)
+    from avx2_emulation import fresh_plans
+    fresh_plans(monkeypatch)
     w, ws = _weights(6, 40)
     x = torch.randn(4, 40)
     out = fxq.linear_int8_dynamic(x, w, ws, None, 127, "fbgemm")

@@ -116,6 +116,8 @@ def test_a_saturating_kernel_is_caught_at_the_edges_of_its_ranges(monkeypatch, r
     from fxopt.kernels import cpu_isa
     emulate_avx2(monkeypatch)
     monkeypatch.setattr(cpu_isa, "exact_bits", lambda engine, kind="linear", shape=None, weight_bits=8: 8 * (engine == "fbgemm"))
+    from avx2_emulation import fresh_plans
+    fresh_plans(monkeypatch)
     torch.manual_seed(0)
     model, x = model_cls().eval(), torch.rand(*shape) * 0.1  # small inputs: codes far from saturating
     with pytest.warns(UserWarning, match="lower-quant"):
