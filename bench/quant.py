@@ -242,15 +242,16 @@ def kernels_section(repeats: int) -> None:
     from fxopt.qspec import QSpec, quantize
     torch.manual_seed(0)
     x, w, b = torch.randn(1024, 384), torch.randn(1536, 384) * 0.05, torch.randn(1536)
-    s, z = weight_qparams(w, QSpec.parse("int8/channel"))
-    wq = quantize(w, s, z, -127, 127)
-    fq = torch.ops.fxopt
     from fxopt.kernels import cpu_isa
-    bits = cpu_isa.activation_bits("linear", tuple(wq.shape))
+    bits, wbits = cpu_isa.int8_plan("linear", tuple(w.shape))  # the plan fxopt uses on this CPU
+    spec = QSpec.parse(f"int{wbits}/channel")
+    s, z = weight_qparams(w, spec)
+    wq = quantize(w, s, z, spec.qmin, spec.qmax)
+    fq = torch.ops.fxopt
     qs, qd = (255, 127) if bits == 8 else (127, 63)
     fns = {"fp32 linear": lambda: nn.functional.linear(x, w, b),
-           f"fxopt.linear_int8 (static, {bits}-bit codes)": lambda: fq.linear_int8(x, wq, s, b, 0.03, qs // 2 + 1, qs),
-           f"fxopt.linear_int8_dynamic (per token, {bits}-bit codes)": lambda: fq.linear_int8_dynamic(x, wq, s, b, qd),
+           f"fxopt.linear_int8 (static, a{bits}w{wbits})": lambda: fq.linear_int8(x, wq, s, b, 0.03, qs // 2 + 1, qs),
+           f"fxopt.linear_int8_dynamic (per token, a{bits}w{wbits})": lambda: fq.linear_int8_dynamic(x, wq, s, b, qd),
            "fxopt.linear_wq (int8 weight-only)": lambda: fq.linear_wq(x, wq, s, z, b, 0, 8),
            "torch._weight_int8pack_mm": lambda: torch._weight_int8pack_mm(x, wq, s.flatten())}
     ms = interleaved_ms(fns, max(3, repeats // 3))
@@ -266,39 +267,41 @@ def engines_section(repeats: int) -> None:
     torch.manual_seed(0)
     rows = []
     for m, k, n in [(1024, 384, 1536), (1024, 1536, 384), (1024, 384, 384), (8, 384, 384), (1, 4096, 4096)]:
-        wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        bits, wbits = cpu_isa.int8_plan("linear", (n, k))
+        top = cpu_isa.weight_max(wbits)
+        wq = torch.randint(-top, top + 1, (n, k), dtype=torch.int8)
         ws, b, x = torch.rand(n, 1) * 0.01, torch.randn(n), torch.randn(m, k)
         wf = wq.float() * ws
-        bits = cpu_isa.activation_bits("linear", (n, k))
         qs, qd = (255, 127) if bits == 8 else (127, 63)
         fns = {"fp32": lambda: nn.functional.linear(x, wf, b)}
         for e in cpu_isa.ENGINES:
-            if cpu_isa.exact_bits(e, "linear", (n, k)) >= bits:
+            if cpu_isa.exact_bits(e, "linear", (n, k), wbits) >= bits:
                 fns[f"static {e}"] = lambda e=e: fq.linear_int8(x, wq, ws, b, 0.02, qs // 2 + 1, qs, e)
                 fns[f"dynamic {e}"] = lambda e=e: fq.linear_int8_dynamic(x, wq, ws, b, qd, e)
         ms = interleaved_ms(fns, repeats)
-        rows.append({"layer": f"linear {m}x{k} @ {k}x{n}", "codes": f"{bits}-bit",
+        rows.append({"layer": f"linear {m}x{k} @ {k}x{n}", "codes": f"a{bits}w{wbits}",
                      **{name: f"{ms['fp32'] / v:.2f}x" for name, v in ms.items() if name != "fp32"},
                      "fp32 ms": f"{ms['fp32']:.2f}"})
-    print("\n(d) int8 engines, speed vs fp32 at the activation code width fxopt plans here (- : not exact here)")
+    print("\n(d) int8 engines, speed vs fp32 with the code widths fxopt plans here (- : not exact here)")
     cols = sorted({c for r in rows for c in r} - {"layer", "codes", "fp32 ms"})
     print(table([{"layer": r["layer"], "codes": r["codes"], **{c: r.get(c, "-") for c in cols},
                   "fp32 ms": r["fp32 ms"]} for r in rows]))
     rows = []
     for c, g, h in [(64, 1, 56), (256, 1, 14), (128, 128, 28), (32, 32, 112)]:
-        w = torch.randint(-127, 128, (c, c // g, 3, 3), dtype=torch.int8)
+        shape = cpu_isa.conv_shape((c, c // g, 3, 3), 1, 1, 1, g)
+        bits, wbits = cpu_isa.int8_plan("conv", shape)
+        top = cpu_isa.weight_max(wbits)
+        w = torch.randint(-top, top + 1, (c, c // g, 3, 3), dtype=torch.int8)
         cs, x = torch.rand(c) * 0.01, torch.rand(8, c, h, h)
         wf = w.float() * cs.reshape(-1, 1, 1, 1)
-        shape = cpu_isa.conv_shape(w.shape, 1, 1, 1, g)
-        bits = cpu_isa.activation_bits("conv", shape)
         q = 255 if bits == 8 else 127
         fns = {"fp32": lambda: nn.functional.conv2d(x, wf, None, 1, 1, 1, g)}
         for e in cpu_isa.ENGINES:
-            if cpu_isa.exact_bits(e, "conv", shape) >= bits:
+            if cpu_isa.exact_bits(e, "conv", shape, wbits) >= bits:
                 fns[e] = lambda e=e: fq.conv2d_int8(x, w, cs, None, [1, 1], [1, 1], [1, 1], g, 0.01, 0, 0.05, 0, True,
                                                    q, q, e)
         ms = interleaved_ms(fns, max(3, repeats // 2))
-        rows.append({"layer": f"conv3x3 {c}ch groups={g} 8x{h}x{h}", "codes": f"{bits}-bit",
+        rows.append({"layer": f"conv3x3 {c}ch groups={g} 8x{h}x{h}", "codes": f"a{bits}w{wbits}",
                      **{e: (f"{ms['fp32'] / ms[e]:.2f}x" if e in ms else "-") for e in cpu_isa.ENGINES},
                      "fp32 ms": f"{ms['fp32']:.2f}"})
     print(table(rows))

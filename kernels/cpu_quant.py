@@ -58,7 +58,7 @@ __all__ = ["linear_int8", "linear_int8_dynamic", "conv2d_int8", "linear_int8_ref
            "linear_int8_dynamic_reference", "conv2d_int8_reference", "REFERENCES", "fallback_layers", "linear_wq", "conv2d_wq", "embedding_wq",
            "pack_int4", "unpack_int4", "LOWERED_OPS"]
 
-_CACHE: dict[int, tuple[Any, tuple, Any]] = {}
+_CACHE: dict[tuple, tuple[Any, tuple, Any]] = {}
 _EPS = torch.finfo(torch.float32).eps
 
 
@@ -70,8 +70,8 @@ def _per_channel(w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
 
 
 def _packed(w_q: torch.Tensor, w_scale: torch.Tensor, kind: str, engine: str, extra: tuple = ()) -> Any:
-    key = id(w_q)
-    stamp = (w_q._version, w_scale._version, w_scale.data_ptr(), kind, engine,
+    key = (id(w_q), kind, engine)  # one entry per engine: a weight two engines use is not repacked per call
+    stamp = (w_q._version, w_scale._version, w_scale.data_ptr(),
              tuple((id(e), e._version) if isinstance(e, torch.Tensor) else e for e in extra))
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is w_q and hit[1] == stamp:
@@ -107,13 +107,15 @@ def _fbgemm_linear(x2: torch.Tensor, x_scale: float, x_zp: int, w_q: torch.Tenso
 
 
 def _fbgemm_conv(xq: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                 conv: tuple, out_scale: float, out_zp: int, relu: bool) -> torch.Tensor:
-    """fbgemm's int8 conv of quantized ``xq``: the output codes (uint8) on the output grid."""
+                 conv: tuple, out_scale: float, out_zp: int, relu: bool, dequantize: bool = False) -> torch.Tensor:
+    """fbgemm's int8 conv of quantized ``xq``: the output codes (uint8) on the output grid, or (``dequantize``)
+    their values ``(q - out_zp) * out_scale`` in fp32."""
     stride, padding, dilation, groups = conv
     packed = _packed(w_q, w_scale, "conv", "fbgemm", (tuple(stride), tuple(padding), tuple(dilation), groups,
                                                       float(xq.q_scale()), int(xq.q_zero_point()), bias))
     op = torch.ops.quantized.conv2d_relu if relu else torch.ops.quantized.conv2d
-    return op(xq, packed, out_scale, out_zp).int_repr()
+    out = op(xq, packed, out_scale, out_zp)
+    return out.dequantize() if dequantize else out.int_repr()
 
 
 def fallback_layers(gm: torch.nn.Module) -> list[str]:
@@ -345,7 +347,11 @@ def conv2d_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            xq = torch.quantize_per_tensor(xf.contiguous(), x_scale, x_zp, torch.quint8)
+            # any layout: fbgemm works channels-last and its own outputs are channels-last already
+            xq = torch.quantize_per_tensor(xf, x_scale, x_zp, torch.quint8)
+        if out_qmax == 255:  # fbgemm's own dequantize: the simulation's (q - z) * s, fused
+            return _fbgemm_conv(xq, w_q, w_scale, b, (stride, padding, dilation, groups), out_scale, out_zp,
+                                relu, dequantize=True)
         q = _fbgemm_conv(xq, w_q, w_scale, b, (stride, padding, dilation, groups), out_scale, out_zp, relu)
     if out_qmax < 255:
         q = q.clamp(max=out_qmax)

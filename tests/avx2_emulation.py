@@ -33,7 +33,7 @@ def fbgemm_linear(x2, x_scale, x_zp, w_q, w_scale):
     return acc * float(x_scale) * w_scale.reshape(1, -1).float()
 
 
-def fbgemm_conv(xq, w_q, w_scale, bias, conv, out_scale, out_zp, relu):
+def fbgemm_conv(xq, w_q, w_scale, bias, conv, out_scale, out_zp, relu, dequantize=False):
     stride, padding, dilation, groups = conv
     codes, zp, scale = xq.int_repr().to(torch.int64), int(xq.q_zero_point()), float(xq.q_scale())
     codes = F.pad(codes, (padding[1], padding[1], padding[0], padding[0]), value=zp)  # padding holds real zeros
@@ -55,7 +55,8 @@ def fbgemm_conv(xq, w_q, w_scale, bias, conv, out_scale, out_zp, relu):
     if relu:
         y = y.relu()
     q = (torch.round(y.float() * (1.0 / torch.tensor(float(out_scale)))) + out_zp).clamp(0, 255)
-    return q.to(torch.uint8).reshape(n, cout, ho, wo)
+    q = q.to(torch.uint8).reshape(n, cout, ho, wo)
+    return (q.float() - out_zp) * float(out_scale) if dequantize else q
 
 
 def emulate_avx2(monkeypatch) -> None:
