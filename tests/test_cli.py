@@ -116,6 +116,8 @@ def test_inspect_hf_directory(capsys, tmp_path):
     (["inspect", "broken.fxopt"], "no such file"),
 ])
 def test_bad_arguments_give_one_clear_line(argv, needle, capsys):
+    if needle == "did you mean":
+        pytest.importorskip("torchvision")  # without it the message says to install it (checked below)
     assert main(argv) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("loading")]
     assert err[0].startswith("fxopt: error: ") and needle in err[0], err
@@ -191,3 +193,16 @@ def test_info_shows_the_cpu_plan(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "cpu:" in out and "fbgemm/linear" in out and "activation codes" in out and "FXOPT_CPU_ISA" in out
+
+
+def test_a_torchvision_model_without_torchvision_says_what_to_install(capsys, monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_torchvision(name, *a, **k):
+        if name == "torchvision" or name.startswith("torchvision."):
+            raise ImportError("No module named 'torchvision'")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    assert main(["inspect", "torchvision:resnet18"]) == 1
+    assert "pip install 'fxopt[models]'" in capsys.readouterr().err
