@@ -24,8 +24,9 @@ def cpu_kind(request, monkeypatch):
     from fxopt.kernels import cpu_isa
     if request.param != "native":
         emulate_avx2(monkeypatch)
-    if request.param == "vnni-plan-on-avx2":
-        force = cpu_isa.forced("vnni")
+        # the emulated CPU's own plan ("auto"), or a VNNI plan; FXOPT_CPU_ISA in the environment only
+        # steers the native case (where it makes fbgemm run its real AVX2 code paths)
+        force = cpu_isa.forced("vnni" if request.param == "vnni-plan-on-avx2" else "auto")
         force.__enter__()
         request.addfinalizer(lambda: force.__exit__(None, None, None))
     return request.param
