@@ -262,6 +262,7 @@ def kernels_section(repeats: int) -> None:
 
 def engines_section(repeats: int) -> None:
     """fbgemm against oneDNN on the shapes that matter, at the code width fxopt plans here."""
+    import fxopt.kernels.cpu_quant  # noqa: F401  (registers torch.ops.fxopt.*)
     from fxopt.kernels import cpu_isa
     fq = torch.ops.fxopt
     torch.manual_seed(0)

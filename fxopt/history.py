@@ -90,6 +90,9 @@ class History:
         for r in self.records:  # which CPU kernels the lowering chose (engine, activation code width)
             if r.status == "changed" and isinstance(r.info, dict) and r.info.get("int8_kernels"):
                 text += f"\n{r.name}: int8 kernels {r.info['int8_kernels']} on {r.info.get('cpu', 'this CPU')}"
+                timed = r.info.get("engine_ms") or {}
+                if timed:
+                    text += f" (engines timed on {len(timed)} layers, fastest kept)"
         symbols = self.initial_stats.get("symbols")
         if symbols:
             text += "\nsymbols: " + ", ".join(f"{k} = {v}" for k, v in symbols.items())

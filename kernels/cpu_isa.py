@@ -208,18 +208,12 @@ def _linear_once(engine: str, codes: torch.Tensor, w: torch.Tensor) -> torch.Ten
 def _conv_once(engine: str, codes: torch.Tensor, w: torch.Tensor, conv: tuple, scale: float) -> torch.Tensor:
     """Conv sums of ``codes`` (uint8) with ``w`` (int8), requantized with ``scale`` (kept in range)."""
     stride, padding, dilation, groups = (list(conv[0]), list(conv[1]), list(conv[2]), conv[3])
-    if engine == "fbgemm":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            xq = torch._make_per_tensor_quantized_tensor(codes, 1.0, 0)
-            with quantized_engine("fbgemm"):
-                packed = torch.ops.quantized.conv2d_prepack(_per_channel(w), None, stride, padding, dilation, groups)
+    with warnings.catch_warnings():  # fbgemm and oneDNN alike, through torch's quantized-tensor API
+        warnings.simplefilter("ignore")
+        xq = torch._make_per_tensor_quantized_tensor(codes, 1.0, 0)
+        with quantized_engine(engine):
+            packed = torch.ops.quantized.conv2d_prepack(_per_channel(w), None, stride, padding, dilation, groups)
             return torch.ops.quantized.conv2d(xq, packed, scale, 0).int_repr().float() * scale
-    n = w.shape[0]
-    packed = torch.ops.onednn.qconv_prepack(w, torch.ones(n), 1.0, 0, stride, padding, dilation, groups, None)
-    y = torch.ops.onednn.qconv2d_pointwise(codes, 1.0, 0, packed, torch.ones(n), torch.zeros(n, dtype=torch.long),
-                                           None, stride, padding, dilation, groups, scale, 0, None, "none", [], "")
-    return y.float() * scale
 
 
 def _exact_at(engine: str, kind: str, shape: tuple, top: int, wtop: int) -> bool:
@@ -254,7 +248,8 @@ def weight_max(weight_bits: int) -> int:
 def _available(engine: str) -> bool:
     if engine == "fbgemm":
         return "fbgemm" in torch.backends.quantized.supported_engines
-    return hasattr(torch.ops.onednn, "qlinear_pointwise")
+    # linears call torch.ops.onednn directly, convs go through torch's "onednn" quantized engine
+    return hasattr(torch.ops.onednn, "qlinear_pointwise") and "onednn" in torch.backends.quantized.supported_engines
 
 
 @functools.lru_cache(maxsize=None)

@@ -142,6 +142,14 @@ class LowerQuantPass(Pass):
     @dataclass(frozen=True)
     class Config:
         pack_int4: bool = True
+        # which engine runs each int8 layer: "auto" times every engine that is exact for the layer's codes
+        # on its example-input shapes and keeps the fastest; "fbgemm"/"onednn" where exact (else the other)
+        engine: str = "auto"
+
+        def __post_init__(self) -> None:
+            if self.engine not in ("auto",) + cpu_isa.ENGINES:
+                raise ValueError(f"lower-quant(engine=...) takes auto, {', '.join(cpu_isa.ENGINES)}; "
+                                 f"got {self.engine!r}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts: dict[str, int] = {}
@@ -160,8 +168,11 @@ class LowerQuantPass(Pass):
             return PassResult(False, info={"kept": kept})
         erase_dead(gm)
         propagate_meta(gm)
+        timings = choose_engines(gm, ctx, self.config.engine, self._kernels)
         worst = check_layers(gm, ctx)
         info: dict[str, Any] = {"lowered": counts, "kept": kept, "worst_layer_error": worst}
+        if timings:
+            info["engine_ms"] = timings
         if self._kernels:
             info["cpu"] = cpu_isa.cpu_info(probe=False).isa + (f" (plan forced: {cpu_isa.forced_isa()})"
                                                                if cpu_isa.forced_isa() else "")
@@ -270,6 +281,99 @@ class LowerQuantPass(Pass):
             gm.graph.erase_node(dead)
         new._rename(node.name)
         return "conv2d_int8_relu" if relu else "conv2d_int8"
+
+
+# ---------------------------------------------------------------- engine choice
+_INT8 = {fxq.linear_int8.default: "linear", fxq.linear_int8_dynamic.default: "linear", fxq.conv2d_int8.default: "conv"}
+_TIMED: dict[tuple, dict[str, float]] = {}  # (kernel, argument shapes and options) -> engine -> ms, per process
+
+
+class _Capture:
+    """Stands in for a kernel for one run: records the arguments it is called with."""
+
+    def __init__(self, kernel: Any):
+        self.kernel, self.args = kernel, None
+        self.__name__ = "capture"
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        if self.args is None:
+            self.args = args
+        return self.kernel(*args)
+
+
+def _exact_engines(node: fx.Node, args: tuple) -> list[str]:
+    from fxopt.kernels.cpu_quant import _plan_key
+    kind, bits, shape = _plan_key(node.target, list(args), tuple(args[1].shape))
+    wb = weight_bits(args[1])
+    return [e for e in cpu_isa.ENGINES if cpu_isa.exact_bits(e, kind, shape, wb) >= bits]
+
+
+def _time_engines(kernel: Any, args: tuple, engines: list[str]) -> dict[str, float]:
+    """Median milliseconds of ``kernel`` on ``args`` with each engine (interleaved rounds, warm caches)."""
+    import time
+    key = (kernel, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else tuple(a) if isinstance(a, list) else a
+                         for a in args[:-1]), tuple(engines))
+    if key in _TIMED:
+        return _TIMED[key]
+    times: dict[str, list[float]] = {e: [] for e in engines}
+    with torch.no_grad():
+        for e in engines:  # warm-up: packs the weights, faults in the buffers
+            kernel(*args[:-1], e)
+        rounds, spent = 0, 0.0
+        while rounds < 7 and (rounds < 3 or spent < 0.2):  # 3-7 rounds, about 0.2 s at most per layer shape
+            for e in engines:
+                t0 = time.perf_counter()
+                kernel(*args[:-1], e)
+                dt = time.perf_counter() - t0
+                times[e].append(dt * 1e3)
+                spent += dt
+            rounds += 1
+    _TIMED[key] = {e: sorted(v)[len(v) // 2] for e, v in times.items()}
+    return _TIMED[key]
+
+
+def choose_engines(gm: fx.GraphModule, ctx: PassContext, engine: str, kernels: dict) -> dict[str, dict]:
+    """Give every int8 layer the fastest engine that is exact for its codes on this CPU.
+
+    With ``engine="auto"`` each layer's candidates are timed on the arguments it gets from the
+    example inputs (one timing per distinct layer shape in a process); otherwise the named
+    engine is used wherever it is exact. Updates the engine argument of each kernel node and
+    ``kernels`` (layer -> "engine aNwM"); returns the timings (layer -> engine -> ms).
+    """
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _INT8]
+    if not nodes:
+        return {}
+    capture = {n: _Capture(n.target) for n in nodes}
+    for n in nodes:
+        n.target = capture[n]
+    gm.recompile()
+    try:
+        ctx.run(gm)
+    finally:
+        for n in nodes:
+            n.target = capture[n].kernel
+        gm.recompile()
+    from fxopt.kernels.cpu_quant import _plan_key
+    timings: dict[str, dict] = {}
+    kernels.clear()  # rebuilt under the kernels' own node names
+    for n in nodes:
+        args = capture[n].args
+        cands = [] if args is None else _exact_engines(n, args)
+        if engine != "auto" and engine in cands:
+            cands = [engine]
+        if len(cands) > 1:
+            ms = _time_engines(n.target, args, cands)
+            timings[n.name] = {e: round(v, 3) for e, v in ms.items()}
+            cands = [min(cands, key=ms.__getitem__)]
+        if cands:
+            n.args = (*n.args[:-1], cands[0])
+        w = args[1] if args is not None else attr_tensor(gm, n.args[1])
+        _, bits, shape = _plan_key(n.target, list(n.args), tuple(w.shape))
+        wb = weight_bits(w)
+        chosen = cands[0] if cands else cpu_isa.plan(_INT8[n.target], bits, n.args[-1], shape, wb)
+        kernels[n.name] = f"{chosen or 'exact fallback'} a{bits}w{wb}"
+    gm.recompile()
+    return timings
 
 
 # ---------------------------------------------------------------- per-layer check

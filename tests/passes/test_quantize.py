@@ -320,3 +320,59 @@ def test_budget_with_a_user_metric():
     assert agreement(q) == 1.0 and len(calls) >= 2
     with pytest.raises(fxopt.PassError, match="budget_metric"):
         fxopt.compile(model, (x,), recipe="insert-qdq", calibration=[x], budget_metric=3, strict=True)
+
+
+def _lower_record(q):
+    return next(r for r in q.fxopt_history.records if r.name == "lower-quant")
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int8-dynamic"])
+def test_lower_quant_times_the_exact_engines_and_keeps_the_fastest(recipe, monkeypatch):
+    from fxopt.kernels import cpu_isa
+    from fxopt.passes import lower_quant
+    exact = [e for e in cpu_isa.ENGINES if cpu_isa.exact_bits(e, "linear", (256, 128), 7) >= 8]
+    if len(exact) < 2:
+        pytest.skip("one int8 engine on this CPU: nothing to choose between")
+    monkeypatch.setattr(lower_quant, "_TIMED", {})
+    # a fake clock: oneDNN looks slow, so the choice must follow the timings, not the engine order
+    real = lower_quant._time_engines
+    monkeypatch.setattr(lower_quant, "_time_engines",
+                        lambda kernel, args, engines: {**real(kernel, args, engines), "onednn": 1e9})
+    torch.manual_seed(0)
+    model, x = MLP(128, 256, 64).eval(), torch.randn(16, 128)
+    q = _compile(model, x, recipe, calibration=[torch.randn(16, 128) for _ in range(3)])
+    rec = _lower_record(q)
+    assert set(rec.info["engine_ms"]) == set(rec.info["layer_kernels"])  # every layer timed
+    assert all(set(t) == set(exact) for t in rec.info["engine_ms"].values())
+    assert [n.args[-1] for n in q.graph.nodes if n.op == "call_function" and "int8" in str(n.target)] == \
+        ["fbgemm", "fbgemm"]
+    monkeypatch.setattr(lower_quant, "_time_engines",
+                        lambda kernel, args, engines: {**real(kernel, args, engines), "fbgemm": 1e9})
+    q = _compile(model, x, recipe, calibration=[torch.randn(16, 128) for _ in range(3)])
+    assert "onednn a8w" in _lower_record(q).info["int8_kernels"]
+    # the layer names in the record are the graph's own (what fallback_layers and errors name)
+    assert set(_lower_record(q).info["layer_kernels"]) <= {n.name for n in q.graph.nodes}
+
+
+def test_lower_quant_engine_option_and_its_errors(cpu_kind):
+    from fxopt.kernels import cpu_isa
+    torch.manual_seed(0)
+    model, x = ResCNN().eval(), torch.randn(4, 3, 12, 12)
+    calib = [torch.randn(4, 3, 12, 12) for _ in range(3)]
+    pipeline = fxopt.recipes["int8"].pipeline
+    for engine in cpu_isa.ENGINES:
+        q = _compile(model, x, pipeline.replace("lower-quant", f"lower-quant(engine={engine})"), calibration=calib)
+        rec = _lower_record(q)
+        assert "engine_ms" not in rec.info  # a named engine is not timed
+        for layer, kernel in rec.info["layer_kernels"].items():
+            node = next(n for n in q.graph.nodes if n.name == layer)
+            shape = cpu_isa.conv_shape(node.args[1].meta["val"].shape, *node.args[4:8]) \
+                if node.target is fxq.conv2d_int8.default else tuple(node.args[1].meta["val"].shape)
+            kind = "conv" if node.target is fxq.conv2d_int8.default else "linear"
+            bits, wbits = int(kernel.split()[-1][1]), int(kernel.split()[-1][3])
+            if cpu_isa.exact_bits(engine, kind, shape, wbits) >= bits:  # the named engine, where it is exact
+                assert kernel.startswith(engine), (engine, layer, kernel)
+        assert _cos(q(x), model(x)) > 0.99
+    with pytest.raises(fxopt.RecipeError, match="engine.*auto, fbgemm, onednn"):
+        fxopt.compile(model, (x,), recipe=pipeline.replace("lower-quant", "lower-quant(engine=mkl)"),
+                      calibration=calib)
