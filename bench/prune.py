@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import fxopt  # noqa: E402
 from common import interleaved_ms, table  # noqa: E402
 from fxopt.models import DemoNet  # noqa: E402
-from fxopt.passes.sparsity import sparsity_report  # noqa: E402
-from fxopt.timing import median_ms  # noqa: E402
-from fxopt.training import _evaluate  # noqa: E402
+from fxopt.ir.masks import sparsity_report  # noqa: E402
+from fxopt.viz.timing import median_ms  # noqa: E402
+from fxopt.train.training import _evaluate  # noqa: E402
 
 
 def digits():
@@ -112,7 +112,7 @@ def structured_rows(repeats):
 
 def resnet_rows(repeats):
     import torchvision
-    from fxopt.passes.cost import CostAnalysis
+    from fxopt.passes.analysis.cost import CostAnalysis
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
     x = torch.randn(1, 3, 224, 224)
@@ -143,7 +143,7 @@ def latency_rows(repeats):
     least by the square root of the FLOP reduction), judged against the same pipeline without
     pruning (``default``: batch norms folded, cleanup); ``vs eager`` is against the plain model."""
     import torchvision
-    from fxopt.passes.cost import CostAnalysis
+    from fxopt.passes.analysis.cost import CostAnalysis
     rows = []
     x = torch.randn(1, 3, 224, 224)
 

@@ -205,7 +205,7 @@ def minilm_section(repeats: int) -> None:
 def digits_section(repeats: int) -> None:
     from prune import digits
     from fxopt.models import DemoNet
-    from fxopt.training import _evaluate
+    from fxopt.train.training import _evaluate
     train, test = digits()
     torch.manual_seed(0)
     model, _ = fxopt.finetune(DemoNet(width=32), train, epochs=8, lr=0.05, progress=False)
@@ -238,8 +238,8 @@ def digits_section(repeats: int) -> None:
 
 def kernels_section(repeats: int) -> None:
     import fxopt.kernels.cpu_quant  # noqa: F401
-    from fxopt.observers import weight_qparams
-    from fxopt.qspec import QSpec, quantize
+    from fxopt.quant.observers import weight_qparams
+    from fxopt.quant.qspec import QSpec, quantize
     torch.manual_seed(0)
     x, w, b = torch.randn(1024, 384), torch.randn(1536, 384) * 0.05, torch.randn(1536)
     from fxopt.kernels import cpu_isa

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import fxopt  # noqa: E402
 from common import interleaved_ms, table  # noqa: E402
-from fxopt.graph_utils import max_abs_error  # noqa: E402
+from fxopt.ir.graph_utils import max_abs_error  # noqa: E402
 
 
 class ManualBlock(nn.Module):

@@ -21,20 +21,20 @@ from .errors import (CalibrationError, FxoptError, InputError, LoadError, PassEr
 
 #: public name -> the submodule that defines it (loaded on first use)
 _EXPORTS = {
-    **{n: ".pass_base" for n in ("ALL", "EXACT", "Pass", "PassContext", "PassResult", "Tolerance", "get_pass",
+    **{n: ".passmgr.pass_base" for n in ("ALL", "EXACT", "Pass", "PassContext", "PassResult", "Tolerance", "get_pass",
                                   "graph_pass", "list_passes", "register_pass")},
-    **{n: ".analysis" for n in ("Analysis", "AnalysisManager", "get_analysis", "list_analyses",
+    **{n: ".passmgr.analysis" for n in ("Analysis", "AnalysisManager", "get_analysis", "list_analyses",
                                  "register_analysis")},
-    **{n: ".pipeline" for n in ("Pipeline", "Repeat", "parse_pipeline", "register_pipeline")},
-    **{n: ".manager" for n in ("History", "Instrument", "PassManager", "PassRecord", "PrintBeforeAfter",
+    **{n: ".passmgr.pipeline" for n in ("Pipeline", "Repeat", "parse_pipeline", "register_pipeline")},
+    **{n: ".passmgr.manager" for n in ("History", "Instrument", "PassManager", "PassRecord", "PrintBeforeAfter",
                                 "TimingReport")},
-    "trace": ".capture", "Recipe": ".recipes", "recipes": ".recipes", "register_recipe": ".recipes",
-    "compile": ".api", "load": ".serialize", "save": ".serialize", "Backend": ".backend", "summary": ".summarize",
-    "calibrate": ".calibrate", "SensitivityReport": ".sensitivity", "sensitivity": ".sensitivity",
-    "QSpec": ".qspec", "register_channel_rule": ".passes.dependency", "diff": ".graph_diff",
-    "render": ".graph_render",
-    **{n: ".training" for n in ("FinetuneHistory", "cubic_sparsity", "finetune", "gradual_prune")},
-    **{n: ".patterns" for n in ("Match", "Rewrite", "RewritePass", "RewriteSet", "register_rewrites")},
+    "trace": ".ir.capture", "Recipe": ".passmgr.recipes", "recipes": ".passmgr.recipes", "register_recipe": ".passmgr.recipes",
+    "compile": ".api", "load": ".archive.serialize", "save": ".archive.serialize", "Backend": ".backend", "summary": ".viz.summarize",
+    "calibrate": ".quant.calibrate", "SensitivityReport": ".quant.sensitivity", "sensitivity": ".quant.sensitivity",
+    "QSpec": ".quant.qspec", "register_channel_rule": ".passes.analysis.dependency", "diff": ".viz.graph_diff",
+    "render": ".viz.graph_render",
+    **{n: ".train.training" for n in ("FinetuneHistory", "cubic_sparsity", "finetune", "gradual_prune")},
+    **{n: ".ir.patterns" for n in ("Match", "Rewrite", "RewritePass", "RewriteSet", "register_rewrites")},
 }
 _LOADED = False
 
@@ -47,7 +47,7 @@ def _load() -> None:
     _LOADED = True
     import importlib
     from . import passes  # noqa: F401  (registers the built-in passes and analyses)
-    from .recipes import _builtin
+    from .passmgr.recipes import _builtin
     from .backend import _register
     _builtin()
     _register()

@@ -8,12 +8,12 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 
-from .capture import _check_finite, check_materialized, normalize_inputs, trace
-from .errors import InputError, PipelineError, RecipeError
-from .manager import DEFAULT_PASS_TIMEOUT, History, Instrument, PassManager
-from .pipeline import Pipeline, as_pipeline
-from .recipes import recipes
-from .torch_compat import torch_internals
+from fxopt.ir.capture import _check_finite, check_materialized, normalize_inputs, trace
+from fxopt.errors import InputError, PipelineError, RecipeError
+from fxopt.passmgr.manager import DEFAULT_PASS_TIMEOUT, History, Instrument, PassManager
+from fxopt.passmgr.pipeline import Pipeline, as_pipeline
+from fxopt.passmgr.recipes import recipes
+from fxopt.ir.torch_compat import torch_internals
 
 __all__ = ["compile", "resolve_recipe"]
 
@@ -27,7 +27,7 @@ def resolve_recipe(recipe: Any) -> Pipeline:
             return as_pipeline(recipe)
         except PipelineError as e:
             first = str(e).splitlines()[0]
-            from .pass_base import PASS_REGISTRY
+            from fxopt.passmgr.pass_base import PASS_REGISTRY
             import re
             names = set(re.findall(r"(?:^|[,>])\s*([a-z][a-z0-9:-]*)\s*(?=\(|,|$)", recipe.strip()))
             if names and all(n in PASS_REGISTRY or n in recipes or n == "repeat" for n in names):
@@ -131,7 +131,7 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     import sys
 
     from tqdm.auto import tqdm
-    from .timing import median_ms
+    from fxopt.viz.timing import median_ms
     measured: dict = {}
     if report is not None:
         measured["original_ms"] = median_ms(lambda: work(*args, **kwargs), latency_repeats)
@@ -158,7 +158,7 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     history: History = result.history
     history.capture = gm.meta.get("fxopt_capture", {})  # type: ignore[attr-defined]
     history.symbol_values = _symbol_values(out)  # type: ignore[attr-defined]
-    from .graph_utils import preserved_state
+    from fxopt.ir.graph_utils import preserved_state
     if "original_ms" in measured:
         with preserved_state(out):
             compiled_ms = median_ms(lambda: out(*args, **kwargs), latency_repeats)
@@ -197,7 +197,7 @@ def _restore(state: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 def _idle_compressions(pipeline: Pipeline, history: History) -> list[str]:
     """Passes that exist to compress the model (``Pass.compresses``) but changed nothing, with why."""
-    from .pipeline import passes_of
+    from fxopt.passmgr.pipeline import passes_of
     compressing = {p.name for p in passes_of(pipeline) if getattr(p, "compresses", False)}
     out = []
     for r in history.records:
@@ -211,7 +211,7 @@ def _check_options(pipeline: Pipeline, options: dict) -> None:
     """Warn about keyword options no pass of the pipeline reads (a typo, or the wrong recipe)."""
     if not options:
         return
-    from .pipeline import passes_of
+    from fxopt.passmgr.pipeline import passes_of
     steps = passes_of(pipeline)
     known = {o for p in steps for o in getattr(p, "reads_options", ())}
     declared_all = all(type(p).__module__.startswith(("fxopt.", "passes.")) for p in steps)
@@ -227,7 +227,7 @@ def _check_options(pipeline: Pipeline, options: dict) -> None:
 
 
 def _write_report(out: fx.GraphModule, path: str) -> None:
-    from .report import write_report
+    from fxopt.viz.report import write_report
     write_report(out.fxopt_history, path)
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .errors import FxoptError, PipelineError, RecipeError
+from fxopt.errors import FxoptError, PipelineError, RecipeError
 
 __all__ = ["Backend", "fxopt_backend"]
 
@@ -36,7 +36,7 @@ class Backend:
     """
 
     def __init__(self, recipe: Any = "default", **compile_options: Any):
-        from .api import resolve_recipe
+        from fxopt.api import resolve_recipe
         resolve_recipe(recipe)  # a typo is the user's mistake: a RecipeError now, not a warning per graph
         self.recipe = recipe
         self.compile_options = compile_options
@@ -47,8 +47,8 @@ class Backend:
         options = dict(self.compile_options)
         options.update(kwargs.get("options") or {})
         recipe = options.pop("recipe", self.recipe)
-        from .api import compile as fxopt_compile
-        from .api import resolve_recipe
+        from fxopt.api import compile as fxopt_compile
+        from fxopt.api import resolve_recipe
         resolve_recipe(recipe)  # raises RecipeError (Dynamo reports it) instead of silently running eager
         inputs = []
         for x in example_inputs:

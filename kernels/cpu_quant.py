@@ -49,10 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch.library import custom_op
 
-import fxopt.qops  # noqa: F401  (the references use torch.ops.fxopt.dynamic_scale)
-from fxopt import qspec
+import fxopt.quant.qops  # noqa: F401  (the references use torch.ops.fxopt.dynamic_scale)
+from fxopt.quant import qspec
 from fxopt.kernels import cpu_isa
-from fxopt.qspec import dequantize
+from fxopt.quant.qspec import dequantize
 
 __all__ = ["linear_int8", "linear_int8_dynamic", "conv2d_int8", "linear_int8_reference",
            "linear_int8_dynamic_reference", "conv2d_int8_reference", "REFERENCES", "fallback_layers", "linear_wq", "conv2d_wq", "embedding_wq",

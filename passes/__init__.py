@@ -1,6 +1,5 @@
-"""fxopt's built-in passes and analyses, one module per family. Importing registers them."""
-from . import (activations, attention, canonicalize, cast, cleanup, cost, dependency, fold_bn, fuse_qkv,  # noqa: F401
-               graph_view, low_rank, lower_quant, lower_sparse, provenance, prune, quantize, shapes, smooth_quant, sparsity)
+"""fxopt's built-in passes and analyses, grouped by family (one subpackage each, one module per
+pass). Importing registers them; ``fxopt.get_pass(name)`` finds any of them by name."""
+from fxopt.passes import analysis, cleanup, compress, fusion, lower, quant  # noqa: F401
 
-__all__ = ["activations", "attention", "canonicalize", "cast", "cleanup", "cost", "dependency", "fold_bn", "prune", "fuse_qkv", "graph_view",
-           "low_rank", "lower_quant", "lower_sparse", "provenance", "quantize", "shapes", "smooth_quant", "sparsity"]
+__all__ = ["analysis", "cleanup", "compress", "fusion", "lower", "quant"]

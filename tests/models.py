@@ -106,7 +106,7 @@ def minilm_path() -> str:
 
 def widths(gm) -> dict:
     """Weight shape of every conv/linear of a graph, by node name."""
-    from fxopt.dialect import get_attr_tensor, is_conv, is_linear
+    from fxopt.ir.dialect import get_attr_tensor, is_conv, is_linear
     return {n.name: tuple(get_attr_tensor(gm, n.args[1]).shape) for n in gm.graph.nodes
             if is_conv(n) or is_linear(n)}
 

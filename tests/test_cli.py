@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fxopt.cli import main
+from fxopt.cli.main import main
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -58,7 +58,7 @@ def test_bad_recipe_is_one_clear_line(capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "fxopt.cli", "recipes"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "fxopt.cli.main", "recipes"], capture_output=True, text=True)
     assert out.returncode == 0 and "default" in out.stdout
 
 
@@ -159,7 +159,7 @@ def test_quantize_from_the_command_line(tmp_path, capsys):
 
 _NO_TORCH = """
 import sys
-from fxopt.cli import main
+from fxopt.cli.main import main
 code = main({argv!r})
 print("TORCH" if "torch" in sys.modules else "NOTORCH", code)
 """
@@ -182,8 +182,8 @@ def test_argument_errors_come_before_torch_is_even_imported(argv, needle, tmp_pa
 
 
 def test_help_does_not_import_torch():
-    done = subprocess.run([sys.executable, "-c", "import sys, fxopt, fxopt.cli\n"
-                           "try:\n    fxopt.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+    done = subprocess.run([sys.executable, "-c", "import sys, fxopt, fxopt.cli.main\n"
+                           "try:\n    fxopt.cli.main.main(['--help'])\nexcept SystemExit:\n    pass\n"
                            "print('TORCH' if 'torch' in sys.modules else 'NOTORCH')"],
                           capture_output=True, text=True, timeout=120)
     assert "NOTORCH" in done.stdout and "compile" in done.stdout

@@ -4,11 +4,11 @@ import importlib
 
 import pytest
 
-MODULES = ["fxopt", "fxopt.api", "fxopt.capture", "fxopt.manager", "fxopt.pipeline", "fxopt.recipes",
-           "fxopt.serialize", "fxopt.backend", "fxopt.passes.cleanup", "fxopt.summarize", "fxopt.graph_diff",
-           "fxopt.graph_render", "fxopt.training", "fxopt.qspec", "fxopt.observers", "fxopt.calibrate",
-           "fxopt.qops", "fxopt.sensitivity", "fxopt.timeout", "fxopt.torch_compat", "fxopt.kernels.cpu_isa",
-           "fxopt.archive_check", "fxopt.graph_check", "fxopt.expr_check"]
+MODULES = ["fxopt", "fxopt.api", "fxopt.ir.capture", "fxopt.passmgr.manager", "fxopt.passmgr.pipeline", "fxopt.passmgr.recipes",
+           "fxopt.archive.serialize", "fxopt.backend", "fxopt.passes.cleanup.cleanup", "fxopt.viz.summarize", "fxopt.viz.graph_diff",
+           "fxopt.viz.graph_render", "fxopt.train.training", "fxopt.quant.qspec", "fxopt.quant.observers", "fxopt.quant.calibrate",
+           "fxopt.quant.qops", "fxopt.quant.sensitivity", "fxopt.passmgr.timeout", "fxopt.ir.torch_compat", "fxopt.kernels.cpu_isa",
+           "fxopt.archive.archive_check", "fxopt.archive.graph_check", "fxopt.archive.expr_check"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.dialect import is_conv, is_linear, module_path
+from fxopt.ir.dialect import is_conv, is_linear, module_path
 from models import MLP, Branchy, DictOut, ResCNN, state_hash
 
 
@@ -199,7 +199,7 @@ def test_multihead_attention_captures_batch_polymorphic_and_exact(ctor, call):
 @pytest.mark.parametrize("ctor,call", MHA_CASES)
 def test_batch_first_attention_equals_torch_function(ctor, call):
     """fxopt's equivalent against F.multi_head_attention_forward, masks included."""
-    from fxopt.capture_rewrites import ExportFriendly
+    from fxopt.ir.capture_rewrites import ExportFriendly
     torch.manual_seed(0)
     model = Attn(**ctor).eval()
     b, kdim = 3, ctor.get("kdim", 16)
@@ -273,7 +273,7 @@ def test_token_inputs_have_a_symbolic_sequence_by_default():
 def test_token_inputs_by_position_and_other_names_keep_their_rules():
     """Names come from the forward signature for positional inputs too; other inputs keep a
     symbolic batch only, and a [B, 1, S, S] mask keeps its broadcast dimension."""
-    from fxopt.capture import dynamic_shapes_for
+    from fxopt.ir.capture import dynamic_shapes_for
 
     class M(torch.nn.Module):
         def forward(self, input_ids, features, attention_mask):
@@ -285,7 +285,7 @@ def test_token_inputs_by_position_and_other_names_keep_their_rules():
 
 
 def test_sequence_that_cannot_be_symbolic_falls_back_to_the_batch(monkeypatch):
-    import fxopt.capture as capture
+    import fxopt.ir.capture as capture
     real = capture._export
 
     def export(model, args, kwargs, dyn):

@@ -57,7 +57,7 @@ def test_decoder_with_its_default_cache_compiles_and_keeps_the_output_structure(
 def test_cache_registration_only_fills_what_is_missing():
     from transformers.cache_utils import DynamicCache
 
-    from fxopt.capture import register_hf_caches
+    from fxopt.ir.capture import register_hf_caches
     model = gpt2()
     register_hf_caches(model)
     entry = torch.utils._pytree.SUPPORTED_NODES[DynamicCache]

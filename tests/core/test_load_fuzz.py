@@ -4,7 +4,7 @@ The files are built from a real saved model. Every payload is live (``test_paylo
 runs each one outside fxopt and sees its marker): pickles whose ``__reduce__`` runs code,
 ``sympify`` and guard strings that call ``exec``, pytree contexts and a graph node that import
 a module planted on ``sys.path``. Each crafted file goes through ``fxopt.load`` and through
-``fxopt inspect FILE`` (``fxopt.cli.main``); the marker file and environment variable must
+``fxopt inspect FILE`` (``fxopt.cli.main.main``); the marker file and environment variable must
 never appear.
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import fxopt
-import fxopt.archive_check
-import fxopt.expr_check
-import fxopt.graph_check
-from fxopt.cli import main as cli_main
+import fxopt.archive.archive_check
+import fxopt.archive.expr_check
+import fxopt.archive.graph_check
+from fxopt.cli.main import main as cli_main
 from models import MLP
 
 ENV = "FXOPT_FUZZ_PWNED"
@@ -481,7 +481,7 @@ def test_cli_reports_a_refusal_in_one_line(env, capsys):
     "Pow(Symbol('s53', positive=True, integer=True), Integer(2))", "FloorDiv(s0, 2) + Mod(s1, 8) - 1",
     "s0 * s1 // 4 + (s2 % 3) ** 2", "Rational(1, 2) * s0", "Float('0.5', precision=53)", "-u3", "Max(s0, 1)"])
 def test_expression_grammar_accepts(text):
-    fxopt.expr_check.check_sym_expr(text)
+    fxopt.archive.expr_check.check_sym_expr(text)
 
 
 @pytest.mark.parametrize("text", [
@@ -490,12 +490,12 @@ def test_expression_grammar_accepts(text):
     "Symbol('a b')", "S.true", "[s0]", "s0; s1", "Float('nan', precision=99999)", "Integer(" + "9" * 50 + ")",
     "Symbol('s0', evaluate=False)", "LShift(1, 100000)", "x!", "s0 if s1 else s2", "'s0'"])
 def test_expression_grammar_refuses(text):
-    with pytest.raises(fxopt.expr_check.GraphRefused):
-        fxopt.expr_check.check_sym_expr(text)
+    with pytest.raises(fxopt.archive.expr_check.GraphRefused):
+        fxopt.archive.expr_check.check_sym_expr(text)
 
 
 def test_guard_and_target_and_spec_grammars():
-    g = fxopt.expr_check.check_guard
+    g = fxopt.archive.expr_check.check_guard
     for ok in ["L['x'].size()[1] == 6", "L['attention_mask'].size()[1] == torch.sym_min(512, L['m'].size()[1])",
                "2 <= L['x'].size()[0] <= 64", "L['kw']['a'].stride()[0] % 8 == 0", "not L['n'] > 3",
                "L['m'].size()[1] == min(512, L['m'].size()[1])"]:
@@ -503,26 +503,26 @@ def test_guard_and_target_and_spec_grammars():
     for bad in ["__import__('os')", "L['x'].size.__self__", "L['x'].numpy()", "torch.save(1, 'f')", "L[f'{1}']",
                 "L['x'] == 'a'", "(lambda: 1)()", "L['x'].size()[0] ** 99999", "L['x'];1", "getattr(L, 'x')",
                 "min.__self__", "eval('1')", "min(key=print)"]:
-        with pytest.raises(fxopt.expr_check.GraphRefused):
+        with pytest.raises(fxopt.archive.expr_check.GraphRefused):
             g(bad)
-    t = fxopt.graph_check.check_target
+    t = fxopt.archive.graph_check.check_target
     for ok in ["torch.ops.aten.__and__.Tensor", "torch.ops.fxopt.linear_int8.default", "_operator.getitem",
                "torch.sym_max", "math.floor"]:
         t(ok)
     for bad in ["torch.ops.aten.save.default", "torch.ops.aten.add.__call__", "torch.ops.aten.add.overloads",
                 "torch.ops.higher_order.cond", "torch.ops.profiler._record_function_enter.default",
                 "_operator.attrgetter", "torch.load", "builtins.eval", "torch.ops.aten.add"]:
-        with pytest.raises(fxopt.expr_check.GraphRefused):
+        with pytest.raises(fxopt.archive.expr_check.GraphRefused):
             t(bad)
-    s = fxopt.graph_check.check_treespec
+    s = fxopt.archive.graph_check.check_treespec
     s(json.dumps([1, {"type": "builtins.dict", "context": json.dumps(["a", "b"]), "children_spec": []}]))
     for bad in (_ENUM, _DEFAULTDICT, [1, {"type": "os.system", "context": None, "children_spec": []}], [2, {}]):
-        with pytest.raises(fxopt.expr_check.GraphRefused):
+        with pytest.raises(fxopt.archive.expr_check.GraphRefused):
             s(json.dumps(bad))
 
 
 def test_pickle_scan():
-    scan = fxopt.archive_check.scan_pickle
+    scan = fxopt.archive.archive_check.scan_pickle
     buf = io.BytesIO()
     torch.save(((torch.ones(2), torch.arange(3)), {"m": torch.zeros(1, dtype=torch.bool)}), buf)
     with zipfile.ZipFile(buf) as z:
@@ -533,7 +533,7 @@ def test_pickle_scan():
             scan(bad)
 
 
-@pytest.mark.parametrize("module", [fxopt.expr_check, fxopt.graph_check, fxopt.archive_check])
+@pytest.mark.parametrize("module", [fxopt.archive.expr_check, fxopt.archive.graph_check, fxopt.archive.archive_check])
 def test_doctests(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

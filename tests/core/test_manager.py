@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.dialect import aten, is_linear
+from fxopt.ir.dialect import aten, is_linear
 from models import MLP, ResCNN
 
 X = torch.randn(4, 16)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import fxopt
-from fxopt.dialect import aten
+from fxopt.ir.dialect import aten
 
 
 class SwishNet(torch.nn.Module):

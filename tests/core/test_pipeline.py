@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.pipeline import Pipeline, Repeat, format_value, parse_pipeline
+from fxopt.passmgr.pipeline import Pipeline, Repeat, format_value, parse_pipeline
 
 
 @fxopt.graph_pass("test-opts", register=True)

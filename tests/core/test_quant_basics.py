@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.calibrate import iter_calibration
+from fxopt.quant.calibrate import iter_calibration
 from fxopt.errors import CalibrationError, PipelineError
-from fxopt.observers import make_observer, weight_qparams
-from fxopt.qspec import QSpec, dequantize, quantize
+from fxopt.quant.observers import make_observer, weight_qparams
+from fxopt.quant.qspec import QSpec, dequantize, quantize
 
 
 @pytest.mark.parametrize("text", ["int8/channel", "uint8/tensor", "int4/group64", "int8/token",

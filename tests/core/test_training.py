@@ -25,7 +25,7 @@ def test_sgd_with_cosine_learns_digits_and_is_deterministic(digits):
 
 
 def test_finetune_a_compiled_model(digits):
-    from fxopt.training import _evaluate
+    from fxopt.train.training import _evaluate
     train, test = digits
     torch.manual_seed(0)
     trained, _ = fxopt.finetune(DemoNet(), train, epochs=4, lr=0.05, progress=False)
@@ -48,7 +48,7 @@ def test_optimizers_schedules_and_amp(digits, opt, sched, amp):
 
 
 def test_schedules_shape():
-    from fxopt.training import make_schedule
+    from fxopt.train.training import make_schedule
     cos = make_schedule("cosine", 100, 10, warmup_steps=10)
     assert cos(0) == pytest.approx(0.1) and cos(10) == pytest.approx(1.0) and cos(100) == pytest.approx(0.0)
     step = make_schedule("step", 100, 10, step_size=2, gamma=0.5)
@@ -103,7 +103,7 @@ def test_compiled_batch_norm_trains_then_freezes_again():
 
 def test_gradual_structured_pruning_shrinks_step_by_step(digits):
     from fxopt.models import DemoNet
-    from fxopt.training import _evaluate
+    from fxopt.train.training import _evaluate
     train, test = digits
     torch.manual_seed(0)
     dense, _ = fxopt.finetune(DemoNet(width=32), train, epochs=4, lr=0.05, progress=False)

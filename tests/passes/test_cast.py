@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.dialect import op_name
+from fxopt.ir.dialect import op_name
 from models import state_hash
 
 
@@ -66,7 +66,7 @@ def test_minilm_keeps_islands_in_float32(minilm, recipe, min_cos):
     ref = model(**kw).last_hidden_state
     cos = nn.functional.cosine_similarity(h.flatten(1), ref.flatten(1)).min()
     assert cos > min_cos
-    bytes_ratio = fxopt.graph_utils.param_stats(q)[1] / fxopt.graph_utils.param_stats(model)[1]
+    bytes_ratio = fxopt.ir.graph_utils.param_stats(q)[1] / fxopt.ir.graph_utils.param_stats(model)[1]
     assert bytes_ratio < 0.51
 
 

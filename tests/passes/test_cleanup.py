@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.dialect import aten
+from fxopt.ir.dialect import aten
 from models import MLP, DictOut, Redundant, ResCNN
 
 CLEANUP = ["remove-noops", "fold-constants", "cse", "dce"]
@@ -46,7 +46,7 @@ def test_contract_on_small_models(name, label, make, args, kwargs):
     kwargs = kwargs or {}
     # numerics against eager, at the example batch and another one
     ref, out = model(*args, **kwargs), gm(*args, **kwargs)
-    assert fxopt.graph_utils.max_abs_error(out, ref) <= 1e-6
+    assert fxopt.ir.graph_utils.max_abs_error(out, ref) <= 1e-6
     # idempotence: a second run reports no change
     again = fxopt.PassManager(name, strict=True).run(gm, args, kwargs)
     assert not again.changed, again.history.table()

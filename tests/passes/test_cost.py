@@ -2,7 +2,7 @@ import sympy
 import torch
 
 import fxopt
-from fxopt.passes.cost import CostAnalysis
+from fxopt.passes.analysis.cost import CostAnalysis
 from models import MLP, ResCNN
 
 

@@ -6,8 +6,8 @@ from torch import nn
 
 import fxopt
 from fxopt.models import DemoNet
-from fxopt.training import _evaluate
-from fxopt.passes.dependency import channel_groups
+from fxopt.train.training import _evaluate
+from fxopt.passes.analysis.dependency import channel_groups
 from models import ResCNN, prune, state_hash, widths
 
 
@@ -40,7 +40,7 @@ def test_flatten_into_linear_keeps_spatial_blocks():
     w = widths(out)
     assert w["conv_conv2d"][0] == 4 and w["fc_linear"] == (5, 4 * 16)
     # the kept channels' 16-feature blocks are exactly the original columns
-    from fxopt.passes.prune import group_importance
+    from fxopt.passes.compress.prune import group_importance
     gm = fxopt.trace(model, (x,))
     (g,) = [g for g in channel_groups(gm) if g.prunable]
     keep = torch.sort(torch.topk(group_importance(gm, g, "l1"), 4).indices).values
@@ -235,7 +235,7 @@ def _(x):
 
 
 def test_custom_op_channel_rule():
-    from fxopt.passes.dependency import CHANNEL_RULES, register_channel_rule
+    from fxopt.passes.analysis.dependency import CHANNEL_RULES, register_channel_rule
 
     class Net(nn.Module):
         def __init__(self):

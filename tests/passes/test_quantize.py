@@ -84,13 +84,13 @@ def test_recipes_lower_linears_and_agree_with_the_simulation(recipe, kernel, cpu
         assert spec["weight"].startswith("int7" if seven else "int8"), spec  # 7-bit weights without VNNI
         assert "8/" in spec["activation"], spec
     # integer kernels do the float layers' multiply-accumulates: the cost analysis counts them alike
-    from fxopt.passes.cost import CostAnalysis
+    from fxopt.passes.analysis.cost import CostAnalysis
     def macs_at_16(gm):
         c = CostAnalysis().run(gm)
         return c.at(**{s: 16 for s in c.symbols})["macs"]
     float_macs, macs = macs_at_16(fxopt.compile(model, (x,), recipe="cleanup")), macs_at_16(q)
     assert macs == float_macs == 16 * (128 * 256 + 256 * 64), (macs, float_macs)
-    ratio = fxopt.graph_utils.param_stats(q)[1] / fxopt.graph_utils.param_stats(model)[1]
+    ratio = fxopt.ir.graph_utils.param_stats(q)[1] / fxopt.ir.graph_utils.param_stats(model)[1]
     assert ratio < (0.15 if recipe == "int4-weight" else 0.27), ratio
     assert _cos(q(x), model(x)) > (0.99 if recipe == "int4-weight" else 0.999)
     assert q(torch.randn(3, 128)).shape == (3, 64)  # batch stays dynamic
@@ -132,7 +132,7 @@ def test_a_saturating_kernel_is_caught_at_the_edges_of_its_ranges(monkeypatch, r
 
 
 def test_a_wrong_kernel_is_caught_and_rolled_back(monkeypatch):
-    import fxopt.passes.lower_quant as lq
+    import fxopt.passes.lower.lower_quant as lq
 
     from fxopt.kernels.cpu_quant import linear_int8_dynamic_reference
     monkeypatch.setitem(lq._SIM, fxq.linear_int8_dynamic.default, lambda *a: linear_int8_dynamic_reference(*a) + 1)
@@ -244,7 +244,7 @@ def test_quantized_model_saves_and_loads(tmp_path):
 
 def test_digits_cnn_int8_keeps_accuracy(digits):
     from fxopt.models import DemoNet
-    from fxopt.training import _evaluate
+    from fxopt.train.training import _evaluate
     train, test = digits
     torch.manual_seed(0)
     dense, _ = fxopt.finetune(DemoNet(width=32), train, epochs=6, lr=0.05, progress=False)
@@ -253,7 +253,7 @@ def test_digits_cnn_int8_keeps_accuracy(digits):
     q = _compile(dense, train[0][0], "int8", calibration=train, calibration_inputs=0)
     assert fxq.conv2d_int8.default in _targets(q)
     assert _evaluate(q, test, ce)[1] >= acc - 0.3
-    assert fxopt.graph_utils.param_stats(q)[1] <= 0.27 * fxopt.graph_utils.param_stats(dense)[1]
+    assert fxopt.ir.graph_utils.param_stats(q)[1] <= 0.27 * fxopt.ir.graph_utils.param_stats(dense)[1]
 
 
 def test_minilm_int8_dynamic(minilm):
@@ -269,7 +269,7 @@ def test_minilm_int8_dynamic(minilm):
     pool = lambda h: (h * mask).sum(1) / mask.sum(1)  # noqa: E731
     assert _cos(pool(out), pool(ref)) > 0.99
     assert _targets(q).count(fxq.linear_int8_dynamic.default) == 37
-    assert fxopt.graph_utils.param_stats(q)[1] < 0.27 * fxopt.graph_utils.param_stats(model)[1]
+    assert fxopt.ir.graph_utils.param_stats(q)[1] < 0.27 * fxopt.ir.graph_utils.param_stats(model)[1]
 
 
 def test_report_shows_the_sensitivity_table(tmp_path):
@@ -329,7 +329,7 @@ def _lower_record(q):
 @pytest.mark.parametrize("recipe", ["int8", "int8-dynamic"])
 def test_lower_quant_times_the_exact_engines_and_keeps_the_fastest(recipe, monkeypatch):
     from fxopt.kernels import cpu_isa
-    from fxopt.passes import lower_quant
+    from fxopt.passes.lower import lower_quant
     exact = [e for e in cpu_isa.ENGINES if cpu_isa.exact_bits(e, "linear", (256, 128), 7) >= 8]
     if len(exact) < 2:
         pytest.skip("one int8 engine on this CPU: nothing to choose between")

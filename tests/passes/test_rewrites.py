@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
-from fxopt.dialect import aten
-from fxopt.graph_utils import max_abs_error
+from fxopt.ir.dialect import aten
+from fxopt.ir.graph_utils import max_abs_error
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 from rewrites import ManualTransformer  # noqa: E402
@@ -189,7 +189,7 @@ def test_simplify_activations_exact_forms():
 
 
 def test_activation_error_bounds_hold():
-    from fxopt.passes.activations import ERROR_BOUNDS
+    from fxopt.passes.fusion.activations import ERROR_BOUNDS
     x = torch.linspace(-20, 20, 400_001, dtype=torch.float64)
     assert (F.gelu(x, approximate="tanh") - F.gelu(x)).abs().max() <= ERROR_BOUNDS["gelu-tanh"]
     assert (F.hardsigmoid(x) - torch.sigmoid(x)).abs().max() <= ERROR_BOUNDS["hard-sigmoid"]

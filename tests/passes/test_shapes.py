@@ -2,7 +2,7 @@ import networkx as nx
 import torch
 
 import fxopt
-from fxopt.passes.shapes import ShapeAnalysis, TensorInfo
+from fxopt.passes.analysis.shapes import ShapeAnalysis, TensorInfo
 from models import DictOut, ResCNN
 
 

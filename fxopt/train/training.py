@@ -1,0 +1,399 @@
+"""``fxopt.finetune``: recover accuracy after compression with mini-batch training.
+
+Works on plain modules and on modules returned by ``fxopt.compile`` (their graphs
+keep inference semantics: batch norm uses its running statistics, dropout is gone;
+fine-tuning updates the weights). The model you pass is copied unless
+``inplace=True``.
+
+    >>> import torch, fxopt
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    >>> data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    >>> model, hist = fxopt.finetune(torch.nn.Linear(4, 2), data, epochs=3, lr=0.1, progress=False)
+    >>> len(hist.epochs), hist.epochs[-1]["loss"] < hist.epochs[0]["loss"]
+    (3, True)
+
+Optimizers: ``"sgd"`` (mini-batch SGD with momentum, Nesterov and weight decay
+options; the core), ``"adam"``, ``"adamw"``. Schedules (per step, with optional
+linear warm-up): ``"constant"``, ``"cosine"``, ``"step"`` (``step_size`` epochs,
+``gamma``), ``"linear"`` (to zero), ``"onecycle"``. ``amp``: ``"bf16"`` autocast
+(CPU or GPU) or ``"fp16"`` with a gradient scaler (GPU). ``loss``:
+``"cross_entropy"``, ``"mse"``, ``"l1"``, or a callable ``loss(outputs, targets)``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from fxopt.errors import InputError
+from fxopt.ir.torch_compat import torch_internals
+
+
+def _train_bn(x, weight, bias, running_mean, running_var, momentum, eps):  # noqa: ANN001
+    """Training-mode batch norm with the inference op's signature (updates the running stats)."""
+    out = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    return out, None, None
+
+
+def _swap_bn(model: torch.nn.Module, train: bool) -> int:
+    """Switch a compiled graph's inference batch norms to training mode (and back)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return 0
+    frozen = torch.ops.aten._native_batch_norm_legit_no_training.default
+    n = 0
+    for node in model.graph.nodes:
+        if node.op == "call_function" and node.target is (frozen if train else _train_bn):
+            node.target = _train_bn if train else frozen
+            n += 1
+    if n:
+        model.recompile()
+    return n
+
+
+def reapply_masks(model: torch.nn.Module) -> int:
+    from fxopt.ir.masks import reapply_masks as _reapply
+    return _reapply(model)
+
+__all__ = ["finetune", "gradual_prune", "FinetuneHistory", "cubic_sparsity", "make_optimizer", "make_schedule"]
+
+
+@dataclass
+class FinetuneHistory:
+    """Per-epoch records: ``{"epoch", "loss", "accuracy", "lr", "seconds", "eval_loss", "eval_accuracy"}``."""
+
+    epochs: list = field(default_factory=list)
+    steps: int = 0
+
+    def table(self) -> str:
+        keys = [k for k in ("epoch", "loss", "accuracy", "eval_loss", "eval_accuracy", "lr", "seconds")
+                if any(k in e for e in self.epochs)]
+        rows = [[_fmt(e.get(k)) for k in keys] for e in self.epochs]
+        widths = [max(len(x) for x in col) for col in zip(keys, *rows)]
+        return "\n".join("  ".join(x.rjust(w) for x, w in zip(r, widths)) for r in [keys, *rows])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+_LOSSES: dict[str, Callable] = {
+    "cross_entropy": torch.nn.functional.cross_entropy,
+    "mse": torch.nn.functional.mse_loss,
+    "l1": torch.nn.functional.l1_loss,
+}
+
+
+def cubic_sparsity(step: int, final: float, begin: int, end: int, initial: float = 0.0) -> float:
+    """Zhu & Gupta's gradual pruning schedule: sparsity at ``step`` rising from ``initial`` at
+    ``begin`` to ``final`` at ``end`` as ``final + (initial - final) * (1 - t)^3``."""
+    if step <= begin:
+        return initial
+    if step >= end:
+        return final
+    t = (step - begin) / max(1, end - begin)
+    return final + (initial - final) * (1 - t) ** 3
+
+
+def make_optimizer(params: Iterable, name: str, lr: float, momentum: float, weight_decay: float,
+                   nesterov: bool) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise InputError("the model has no trainable parameters (requires_grad=True)")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov and momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise InputError(f"unknown optimizer '{name}'; use sgd, adam or adamw")
+
+
+def make_schedule(name: str, total_steps: int, steps_per_epoch: int, warmup_steps: int = 0,
+                  step_size: int = 1, gamma: float = 0.1) -> Callable[[int], float]:
+    """A multiplier of the base learning rate for each optimizer step."""
+    if name not in ("constant", "cosine", "step", "linear", "onecycle"):
+        raise InputError(f"unknown schedule '{name}'; use constant, cosine, step, linear or onecycle")
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        s = step - warmup_steps
+        n = max(1, total_steps - warmup_steps)
+        if name == "constant":
+            return 1.0
+        if name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(s, n) / n))
+        if name == "linear":
+            return max(0.0, 1 - s / n)
+        if name == "step":
+            return gamma ** ((step // max(1, steps_per_epoch)) // max(1, step_size))
+        # onecycle: up for 30% of the steps, then cosine down
+        up = max(1, int(0.3 * n))
+        if s < up:
+            return 0.1 + 0.9 * s / up
+        return 0.5 * (1 + math.cos(math.pi * (s - up) / max(1, n - up)))
+    return factor
+
+
+def _call(model: torch.nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "logits"):
+        return out.logits
+    raise InputError(f"cannot find the prediction in a model output of type {type(out).__name__}")
+
+
+def _batches(data: Iterable, epoch: int) -> Iterable:
+    for i, item in enumerate(data):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise InputError(f"batch {i} of epoch {epoch} is a {type(item).__name__}; fine-tuning data must "
+                             "yield (inputs, targets) pairs (a DataLoader over a TensorDataset does)")
+        yield item
+
+
+def _evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable) -> tuple[float, float | None]:
+    total, n, correct, counted = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for inputs, target in _batches(data, -1):
+            out = _logits(_call(model, inputs))
+            total += float(loss_fn(out, target)) * len(target)
+            n += len(target)
+            if out.dim() == target.dim() + 1 and not target.is_floating_point():
+                correct += int((out.argmax(-1) == target).sum())
+                counted += target.numel()
+    return total / max(n, 1), (100.0 * correct / counted if counted else None)
+
+
+def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimizer: str = "sgd",
+             lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
+             schedule: str = "cosine", warmup_steps: int = 0, step_size: int = 1, gamma: float = 0.1,
+             amp: str | None = None, loss: str | Callable = "cross_entropy", eval_data: Iterable | None = None,
+             clip_grad_norm: float | None = None, seed: int | None = 0, inplace: bool = False,
+             progress: bool | None = None, on_step: Callable[[int, torch.nn.Module], None] | None = None,
+             keep_sparsity: bool = True, train_bn: bool = True) -> tuple[torch.nn.Module, FinetuneHistory]:
+    """Train ``model`` on ``data`` (an iterable of ``(inputs, targets)`` batches, re-iterable when
+    ``epochs > 1``); return ``(trained_model, history)``. See the module docstring.
+
+    ``on_step(step, model)`` runs after every optimizer step (gradual pruning hooks in here).
+    ``keep_sparsity``: weights pruned by fxopt's sparsity passes stay zero (their masks are
+    re-applied after every step). ``train_bn``: a compiled graph's batch norms train like
+    ``nn.BatchNorm`` in train mode (batch statistics, running statistics updated), which
+    is what lets a pruned network recover; they are inference batch norms again afterwards.
+    ``seed`` makes the run deterministic (torch, Python ``random``); ``None`` leaves RNGs alone.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"finetune expects a torch.nn.Module, got {type(model).__name__}")
+    if epochs < 1:
+        raise InputError(f"epochs must be >= 1, got {epochs}")
+    if iter(data) is data and epochs > 1:  # type: ignore[call-overload]
+        raise InputError("data is a one-shot iterator but epochs > 1; pass a list or a DataLoader")
+    loss_fn = _LOSSES.get(loss) if isinstance(loss, str) else loss
+    if loss_fn is None:
+        raise InputError(f"unknown loss '{loss}'; use {', '.join(_LOSSES)} or a callable")
+    if amp not in (None, "bf16", "fp16"):
+        raise InputError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
+        random.seed(seed)
+    if not inplace:
+        with torch_internals():
+            model = copy.deepcopy(model)
+    try:
+        steps_per_epoch = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = 0
+    if steps_per_epoch == 0 and hasattr(data, "__len__"):
+        raise InputError("the fine-tuning data is empty")
+    opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay, nesterov)
+    total = steps_per_epoch * epochs if steps_per_epoch else epochs * 1000
+    factor = make_schedule(schedule, total, steps_per_epoch or 1000, warmup_steps, step_size, gamma)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    use_scaler = amp == "fp16" and device.type == "cuda"
+    if amp == "fp16" and not use_scaler:
+        raise InputError("amp='fp16' needs a CUDA device (gradient scaling); on CPU use amp='bf16'")
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    from tqdm.auto import tqdm
+    import sys
+    show = sys.stderr.isatty() if progress is None else progress
+    history = FinetuneHistory()
+    step = 0
+    model.train()
+    if train_bn:
+        _swap_bn(model, True)
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        total_loss, seen, correct, counted = 0.0, 0, 0, 0
+        bar = tqdm(total=steps_per_epoch or None, desc=f"epoch {epoch}/{epochs}", disable=not show, leave=False)
+        for inputs, target in _batches(data, epoch):
+            for g in opt.param_groups:
+                g["lr"] = lr * factor(step)
+            opt.zero_grad(set_to_none=True)
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16) \
+                if amp else _nullctx()
+            with ctx:
+                out = _logits(_call(model, inputs))
+                value = loss_fn(out.float() if amp else out, target)
+            if not torch.isfinite(value.detach()):
+                raise InputError(f"the loss became {float(value.detach())} at epoch {epoch}, step {step}; lower the "
+                                 "learning rate or check the data for NaN/Inf")
+            if scaler is not None:
+                scaler.scale(value).backward()
+                if clip_grad_norm:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                value.backward()
+                if clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                opt.step()
+            step += 1
+            if keep_sparsity:
+                reapply_masks(model)
+            if on_step is not None:
+                on_step(step, model)
+            n = len(target)
+            total_loss += float(value.detach()) * n
+            seen += n
+            if out.dim() == target.dim() + 1 and not target.is_floating_point():
+                correct += int((out.detach().argmax(-1) == target).sum())
+                counted += target.numel()
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        if seen == 0:
+            raise InputError("the fine-tuning data is empty")
+        record = {"epoch": epoch, "loss": total_loss / seen, "lr": opt.param_groups[0]["lr"],
+                  "seconds": time.perf_counter() - start}
+        if counted:
+            record["accuracy"] = 100.0 * correct / counted
+        if eval_data is not None:
+            model.eval()
+            _swap_bn(model, False)
+            record["eval_loss"], acc = _evaluate(model, eval_data, loss_fn)
+            if acc is not None:
+                record["eval_accuracy"] = acc
+            model.train()
+            if train_bn:
+                _swap_bn(model, True)
+        history.epochs.append(record)
+    history.steps = step
+    _swap_bn(model, False)
+    model.eval()
+    return model, history
+
+
+class _nullctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def _first_inputs(data: Iterable) -> tuple[tuple, dict]:
+    inputs = next(iter(data))[0]
+    if isinstance(inputs, dict):
+        return (), inputs
+    return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+
+
+def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: float = 0.8, epochs: int = 4,
+                  begin_epoch: int = 0, end_epoch: int | None = None, every: int = 10,
+                  structured: bool = False, importance: str = "l1",
+                  **finetune_options: Any) -> tuple[torch.nn.Module, FinetuneHistory]:
+    """Pruning interleaved with training on Zhu & Gupta's cubic schedule.
+
+    Unstructured (default): every ``every`` steps, each conv/linear (output layer excepted) is
+    magnitude-pruned to ``cubic_sparsity(step)``, rising from 0 at ``begin_epoch`` to
+    ``final_sparsity`` at ``end_epoch`` (default: the last epoch), and training continues with
+    the pruned weights held at zero.
+
+    ``structured=True``: before each epoch from ``begin_epoch`` to ``end_epoch`` the model is
+    recompiled with ``prune`` (``importance=``) so that ``cubic_sparsity(epoch)`` of the channels
+    of every prunable group are gone, then fine-tuned one epoch: the model really shrinks step by
+    step (``final_sparsity=0.5`` ends like ``prune-50``). Learning-rate schedules span one epoch.
+
+    ``model`` may be a plain module (compiled first, on the first batch's inputs) or a compiled
+    one. Other options go to :func:`finetune`.
+    """
+    from fxopt.ir.masks import set_sparsity
+    if not 0 <= final_sparsity < 1:
+        raise InputError(f"final_sparsity must be in [0, 1), got {final_sparsity}")
+    try:
+        steps_per_epoch = len(data)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise InputError("gradual_prune needs data with a length (a list or a DataLoader)") from e
+    if not steps_per_epoch:
+        raise InputError("the fine-tuning data is empty")
+    if structured:
+        return _gradual_structured(model, data, final_sparsity, epochs, begin_epoch,
+                                   epochs - 1 if end_epoch is None else end_epoch, importance, finetune_options)
+    if not any(n.endswith("_mask") for n, _ in model.named_buffers()):
+        from fxopt.api import compile as fxopt_compile
+        args, kwargs = _first_inputs(data)
+        model = fxopt_compile(model, args, kwargs, recipe="magnitude-prune(ratio=1e-12)")
+    end = (epochs - 1 if end_epoch is None else end_epoch) * steps_per_epoch
+    begin = begin_epoch * steps_per_epoch
+
+    def hook(step: int, m: torch.nn.Module) -> None:
+        if step % every == 0 or step >= end:
+            set_sparsity(m, cubic_sparsity(step, final_sparsity, begin, end))
+    user_hook = finetune_options.pop("on_step", None)
+
+    def both(step: int, m: torch.nn.Module) -> None:
+        hook(step, m)
+        if user_hook is not None:
+            user_hook(step, m)
+    return finetune(model, data, epochs=epochs, on_step=both, **finetune_options)
+
+
+def _gradual_structured(model: torch.nn.Module, data: Iterable, final: float, epochs: int, begin: int, end: int,
+                        importance: str, options: dict) -> tuple[torch.nn.Module, FinetuneHistory]:
+    from fxopt.api import compile as fxopt_compile
+    args, kwargs = _first_inputs(data)
+    history = FinetuneHistory()
+    done = 0.0
+    for epoch in range(epochs):
+        target = cubic_sparsity(epoch, final, begin, end)
+        if target > done + 1e-9:
+            ratio = 1 - (1 - target) / (1 - done)   # of the channels still there
+            calib = {"calibration": data, "calibration_inputs": 0} if importance == "taylor" else {}
+            model = fxopt_compile(model, args, kwargs, progress=False,
+                                  recipe=f"canonicalize,prune(ratio={ratio:.6f},importance={importance}),cleanup",
+                                  **calib)
+            done = target
+        model, h = finetune(model, data, epochs=1, **options)
+        for e in h.epochs:
+            history.epochs.append({**e, "epoch": epoch + 1, "pruned": round(done, 4),
+                                   "params": sum(p.numel() for p in model.parameters())})
+        history.steps += h.steps
+    return model, history

@@ -1,0 +1,1 @@
+"""Inspection: graph snapshots, summaries, diffs, SVG rendering, the HTML report and timing."""
