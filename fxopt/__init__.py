@@ -16,7 +16,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (CalibrationError, FxoptError, InputError, LoadError, PassError, PipelineError,  # noqa: E402
+from fxopt.errors import (CalibrationError, FxoptError, InputError, LoadError, PassError, PipelineError,  # noqa: E402
                      RecipeError, TraceError)
 
 #: public name -> the submodule that defines it (loaded on first use)
@@ -34,7 +34,7 @@ _EXPORTS = {
     "QSpec": ".quant.qspec", "register_channel_rule": ".passes.analysis.dependency", "diff": ".viz.graph_diff",
     "render": ".viz.graph_render",
     **{n: ".train.training" for n in ("FinetuneHistory", "cubic_sparsity", "finetune", "gradual_prune")},
-    **{n: ".ir.patterns" for n in ("Match", "Rewrite", "RewritePass", "RewriteSet", "register_rewrites")},
+    **{n: ".passmgr.patterns" for n in ("Match", "Rewrite", "RewritePass", "RewriteSet", "register_rewrites")},
 }
 _LOADED = False
 
@@ -46,9 +46,9 @@ def _load() -> None:
         return
     _LOADED = True
     import importlib
-    from . import passes  # noqa: F401  (registers the built-in passes and analyses)
-    from .passmgr.recipes import _builtin
-    from .backend import _register
+    import fxopt.passes  # noqa: F401  (registers the built-in passes and analyses)
+    from fxopt.passmgr.recipes import _builtin
+    from fxopt.backend import _register
     _builtin()
     _register()
     for name, module in _EXPORTS.items():

@@ -102,6 +102,10 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     _check_finite(args, kwargs)
     pipeline = resolve_recipe(recipe)
     _check_options(pipeline, options)
+    # options that change what a pass does become part of its printed config: the history's pipeline
+    # reproduces the run without them
+    from fxopt.passmgr.pipeline import fold_options
+    pipeline = fold_options(pipeline, options)
     if calibration is not None and (not hasattr(calibration, "__iter__") or isinstance(calibration, (str, bytes))):
         raise InputError(f"calibration must be an iterable of model inputs, got {type(calibration).__name__}")
     if calibration is not None and not isinstance(calibration, torch.Tensor) and iter(calibration) is calibration:
@@ -156,19 +160,19 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
         bar.close()
     out = result.module
     history: History = result.history
-    history.capture = gm.meta.get("fxopt_capture", {})  # type: ignore[attr-defined]
-    history.symbol_values = _symbol_values(out)  # type: ignore[attr-defined]
+    history.capture = gm.meta.get("fxopt_capture", {})
+    history.symbol_values = _symbol_values(out)
     from fxopt.ir.graph_utils import preserved_state
     if "original_ms" in measured:
         with preserved_state(out):
             compiled_ms = median_ms(lambda: out(*args, **kwargs), latency_repeats)
-        history.latency = {"original_ms": measured["original_ms"], "repeats": latency_repeats,  # type: ignore[attr-defined]
+        history.latency = {"original_ms": measured["original_ms"], "repeats": latency_repeats,
                            "compiled_ms": compiled_ms}
     if metric is not None:
         name = getattr(metric, "__name__", "metric")
         with preserved_state(out):
             compiled = _run_metric(metric, out)
-        history.metric = {"name": "metric" if name == "<lambda>" else name,  # type: ignore[attr-defined]
+        history.metric = {"name": "metric" if name == "<lambda>" else name,
                           "original": measured["metric_original"], "compiled": compiled}
     out.fxopt_history = history
     out.meta["fxopt_history"] = history

@@ -233,9 +233,9 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         res = fxopt.PassManager(pipeline, warn=False).run(work, loaded.args, loaded.kwargs,
                                                           calibration=_calibration(ns), options=_quant_options(ns))
         history = res.history
-        history.capture = gm.meta.get("fxopt_capture", {})  # type: ignore[attr-defined]
+        history.capture = gm.meta.get("fxopt_capture", {})
         from fxopt.api import _symbol_values
-        history.symbol_values = _symbol_values(gm)  # type: ignore[attr-defined]
+        history.symbol_values = _symbol_values(gm)
         gm = res.module
     color = None if not ns.no_color else False
     print(f"{loaded.description}")

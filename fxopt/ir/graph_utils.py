@@ -251,4 +251,4 @@ def remove_unused_attributes(gm: fx.GraphModule) -> int:
     return removed
 
 
-from fxopt.viz.snapshot import GraphSnapshot, NodeInfo  # noqa: E402,F401  (re-exported)
+from fxopt.ir.snapshot import GraphSnapshot, NodeInfo  # noqa: E402,F401  (re-exported)

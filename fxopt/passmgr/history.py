@@ -55,6 +55,12 @@ class History:
     initial_stats: dict = field(default_factory=dict)
     final_stats: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # what fxopt.compile adds for the report: how the model was captured, the example sizes of the
+    # graph's size symbols, the measured latencies and the user's metric (None when not asked for)
+    capture: dict = field(default_factory=dict)
+    symbol_values: dict = field(default_factory=dict)
+    latency: dict | None = None
+    metric: dict | None = None
 
     @property
     def failures(self) -> list[PassRecord]:

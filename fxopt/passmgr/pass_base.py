@@ -223,6 +223,15 @@ class Pass:
             gm.recompile()
         return result
 
+    def with_options(self, options: dict) -> "Pass":
+        """This pass with the ``compile(**options)`` it reads folded into its config.
+
+        A pass whose behaviour a compile option changes returns a copy whose config says so,
+        so the printed pipeline reproduces the run without the options
+        (``compile(model, args, recipe=history.pipeline)``). The default: the pass itself.
+        """
+        return self
+
     # -- pipeline text -------------------------------------------------
     def options(self) -> dict:
         """Options that differ from the defaults, in declaration order."""

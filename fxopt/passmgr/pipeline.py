@@ -25,7 +25,7 @@ from fxopt.passmgr.pass_base import EmptyConfig, Pass, get_pass, register_pass
 from fxopt.passmgr.syntax import _KEYWORDS, format_options, format_value  # noqa: F401  (re-exported)
 
 __all__ = ["Pipeline", "Repeat", "PipelineAlias", "parse_pipeline", "format_options", "register_pipeline",
-           "as_pipeline"]
+           "as_pipeline", "fold_options", "passes_of"]
 
 Step = Union[Pass, "Repeat", "Pipeline"]
 
@@ -96,7 +96,8 @@ class PipelineAlias(Pass):
 def register_pipeline(name: str, pipeline: str, doc: str) -> type:
     """Register ``name`` as a step that expands to ``pipeline``."""
     parse_pipeline(pipeline)  # fail early on typos
-    cls = type(f"{name.replace('-', '_').title()}Alias", (PipelineAlias,),
+    ident = "".join(w.capitalize() for w in re.split(r"[^0-9A-Za-z]+", name) if w)  # sparse-2:4 -> Sparse24
+    cls = type(f"{ident}Alias", (PipelineAlias,),
                {"name": name, "pipeline": pipeline, "__doc__": f"{doc}\n\nExpands to ``{pipeline}``."})
     return register_pass(cls, replace=True)
 
@@ -243,6 +244,25 @@ def parse_pipeline(text: str) -> Pipeline:
     if p.peek() is not None:
         p.fail(p.peek()[2], f"unexpected '{p.peek()[1]}'")  # type: ignore[index]
     return Pipeline(steps)
+
+
+def fold_options(pipeline: Any, options: dict) -> Pipeline:
+    """``pipeline`` with every pass's :meth:`~fxopt.Pass.with_options` applied: the compile options that
+    change what a pass does become part of its printed config. An alias stays an alias unless a step
+    inside it changes (then it is replaced by its folded expansion)."""
+    def fold(step: Any) -> Any:
+        if isinstance(step, Repeat):
+            return Repeat(fold_options(step.inner, options), max=step.max)
+        if isinstance(step, Pipeline):
+            return fold_options(step, options)
+        if isinstance(step, PipelineAlias):
+            inner = step.expand()
+            folded = fold_options(inner, options)
+            return step if folded == inner else folded
+        return step.with_options(options)
+    if not options:
+        return as_pipeline(pipeline)
+    return Pipeline([fold(s) for s in as_pipeline(pipeline).steps])
 
 
 def passes_of(pipeline: Any) -> list:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fxopt.viz.snapshot import NodeInfo
+from fxopt.ir.snapshot import NodeInfo
 from fxopt.viz.summarize import as_snapshot
 
 __all__ = ["GraphDiff", "diff"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from fxopt.viz.snapshot import GraphSnapshot
+from fxopt.ir.snapshot import GraphSnapshot
 from fxopt.viz.summarize import as_snapshot, fmt_count
 
 __all__ = ["render", "layout", "FAMILY_COLORS"]

@@ -22,7 +22,7 @@ import sympy
 
 from fxopt.viz.graph_diff import diff
 from fxopt.viz.graph_render import FAMILY_COLORS, render
-from fxopt.viz.snapshot import GraphSnapshot
+from fxopt.ir.snapshot import GraphSnapshot
 from fxopt.viz.summarize import fmt_count
 
 __all__ = ["write_report", "report_html"]
@@ -136,8 +136,8 @@ def _by_family(snap: GraphSnapshot, symbols: dict) -> dict[str, int]:
 def report_html(history: Any, title: str | None = None) -> str:
     """The report for a :class:`~fxopt.passmgr.manager.History` as an HTML string."""
     h = history
-    symbols = dict(getattr(h, "symbol_values", {}) or {})
-    capture = getattr(h, "capture", {}) or {}
+    symbols = dict(h.symbol_values or {})
+    capture = h.capture or {}
     title = title or f"fxopt report: {capture.get('model_class', 'model')}"
     s0, s1 = h.initial_stats, h.final_stats
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -164,12 +164,12 @@ def report_html(history: Any, title: str | None = None) -> str:
     if s0.get("flops") is not None and not isinstance(s0.get("flops"), int):
         parts.append(f"<tr><td>FLOPs (symbolic)</td><td>{html.escape(fmt_count(s0.get('flops')))}</td>"
                      f"<td>{html.escape(fmt_count(s1.get('flops')))}</td><td></td></tr>")
-    lat = getattr(h, "latency", None)
+    lat = h.latency
     if lat:
         parts.append(f"<tr><td>latency on the example inputs (median of {lat['repeats']})</td>"
                      f"<td>{lat['original_ms']:.3f} ms</td><td>{lat['compiled_ms']:.3f} ms</td>"
                      f"<td>{_ratio(lat['original_ms'], lat['compiled_ms'])}</td></tr>")
-    metric = getattr(h, "metric", None)
+    metric = h.metric
     if metric:
         parts.append(f"<tr><td>metric: {html.escape(metric['name'])}</td><td>{metric['original']:.6g}</td>"
                      f"<td>{metric['compiled']:.6g}</td><td>{metric['compiled'] - metric['original']:+.4g} (delta)</td></tr>")

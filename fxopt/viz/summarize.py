@@ -21,7 +21,7 @@ from typing import Any
 import sympy
 import torch.fx as fx
 
-from fxopt.viz.snapshot import GraphSnapshot, NodeInfo
+from fxopt.ir.snapshot import GraphSnapshot, NodeInfo
 
 __all__ = ["Summary", "summary", "as_snapshot", "fmt_count"]
 

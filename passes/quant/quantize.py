@@ -123,15 +123,24 @@ class InsertQDQPass(Pass):
             if a is not None and a.dynamic and (a.bits not in (7, 8) or a.granularity != "token"):
                 raise PipelineError("insert-qdq: dynamic activations are int8/token (or int7/token)")
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    def _grouped(self, options: dict) -> Any:
+        """The config with ``compile(..., group_size=G)`` applied to every group-wise spec."""
         config = self.config
-        group = ctx.options.get("group_size")
-        if group is not None:  # compile(..., group_size=64) sets the group of every group-wise spec
-            self.check_options(ctx.options)
-            swap = {f: str(dataclasses.replace(QSpec.parse(getattr(config, f)), group_size=int(group)))
-                    for f in ("weight", "embedding") if parse_spec(getattr(config, f)) is not None
-                    and QSpec.parse(getattr(config, f)).granularity == "group"}
-            config = dataclasses.replace(config, **swap)
+        group = options.get("group_size")
+        if group is None:
+            return config
+        self.check_options(options)
+        swap = {f: str(dataclasses.replace(QSpec.parse(getattr(config, f)), group_size=int(group)))
+                for f in ("weight", "embedding") if parse_spec(getattr(config, f)) is not None
+                and QSpec.parse(getattr(config, f)).granularity == "group"}
+        return dataclasses.replace(config, **swap) if swap else config
+
+    def with_options(self, options: dict) -> "InsertQDQPass":
+        config = self._grouped(options)  # group_size=32: the printed spec says group32
+        return self if config == self.config else type(self)(config=config)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        config = self._grouped(ctx.options)  # (a PassManager given the option directly)
         skipped: dict[str, list[str]] = {}
         targets = plan_targets(gm, config, skipped)
         if not targets:

@@ -133,6 +133,15 @@ class SmoothQuantPass(Pass):
             if self.alpha is not None and not 0 <= float(self.alpha) <= 1:
                 raise PipelineError(f"smooth-quant: alpha must be in [0, 1], got {self.alpha}")
 
+    def with_options(self, options: dict) -> "SmoothQuantPass":
+        """``alpha=none`` with ``compile(..., smoothquant=A)``: the pass with ``alpha=A`` (or off, for False)."""
+        if self.config.alpha is not None or "smoothquant" not in options:
+            return self
+        value = options["smoothquant"]
+        if value is None or value is False:
+            return type(self)(config=self.Config(skip=self.config.skip))  # off, and says so: no alpha, no default
+        return type(self)(config=self.Config(alpha=float(value), skip=self.config.skip))
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         alpha = self.config.alpha
         if alpha is None:

@@ -167,7 +167,7 @@ def test_multihead_attention_captures_batch_polymorphic_and_exact(ctor, call):
         kv = torch.randn(b, 6, kdim) if bf else torch.randn(6, b, kdim)
         kw = dict(call)
         masks = {"kpm": torch.arange(6).expand(b, 6) >= 4, "bool2d": torch.rand(5, 6) > 0.7,
-                 "float3d": torch.randn(b * 4, 5, 6), "causal": torch.rand(5, 6) > 2}
+                 "float3d": torch.randn(b * 4, 5, 6), "causal": torch.ones(5, 6).triu(1).bool()}  # no key after the query
         for k, v in kw.items():
             if isinstance(v, str):
                 kw[k] = masks[v]

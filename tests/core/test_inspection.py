@@ -79,7 +79,7 @@ def test_render_svg_is_well_formed_and_highlights(before_after, tmp_path):
 
 
 def test_render_escapes_every_label():
-    from fxopt.viz.snapshot import GraphSnapshot, NodeInfo
+    from fxopt.ir.snapshot import GraphSnapshot, NodeInfo
     evil = "a<b>&\"c'</text><script>x</script>"
     nodes = (NodeInfo(evil, "placeholder", evil, (), "2x3", "float32", evil, "capture", evil, "input"),
              NodeInfo("y", "call_function", evil, (evil,), "2x3", "float32", evil + ".sub", evil, evil, "compute"),

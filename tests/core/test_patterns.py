@@ -76,3 +76,21 @@ def test_a_rewrite_that_changes_numerics_is_rolled_back():
     with pytest.warns(UserWarning, match="t-wrong"):
         out = fxopt.compile(SwishNet(), (torch.randn(2, 8),), recipe="t-wrong")
     assert out.fxopt_history.records[0].status == "rolled-back"
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda m: m.shape("xx")[-1] == 3, "no input named 'xx'; its inputs are x, y"),  # a typo'd input name
+    (lambda m: m.shape("x").nonexistent, "where= raised AttributeError"),         # a bug in the check
+])
+def test_a_where_that_cannot_run_is_an_error_naming_the_rule_not_a_disabled_rule(where, message):
+    rule = fxopt.Rewrite(lambda x, y: x * y, lambda x, y: y * x, name="broken-where", where=where)
+    fxopt.register_rewrites("t-broken-where", [rule])
+    class Mul(torch.nn.Module):
+        def forward(self, a, b):
+            return a * b
+    args = (torch.randn(2, 3), torch.randn(2, 3))
+    with pytest.raises(fxopt.PassError, match=message):
+        fxopt.compile(Mul(), args, recipe="t-broken-where", strict=True)
+    with pytest.warns(UserWarning, match="t-broken-where"):  # non-strict: rolled back, and named
+        out = fxopt.compile(Mul(), args, recipe="t-broken-where")
+    assert out.fxopt_history.failures[0].name == "t-broken-where"

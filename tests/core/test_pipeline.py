@@ -107,3 +107,45 @@ def test_a_bad_option_value_names_the_option_not_an_unknown_recipe(text, message
     with pytest.raises(fxopt.RecipeError) as e:
         fxopt.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), recipe=text)
     assert message in str(e.value) and "unknown recipe" not in str(e.value)
+
+
+class _Net(torch.nn.Module):
+    """Conv + batch norm (prune, fold-bn), a norm feeding linears (smooth-quant), a group-wise-sized linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+        self.norm, self.fc1, self.fc2 = torch.nn.LayerNorm(16), torch.nn.Linear(16, 256), torch.nn.Linear(256, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+        return self.fc2(torch.relu(self.fc1(self.norm(h))))
+
+
+# every recipe, and the compile options that change what its passes do
+_RUNS = [(name, {}) for name in ("default", "cleanup", "bf16", "fp16", "int4-weight", "int8", "int8-dynamic",
+                                 "int8-weight", "prune-50", "sparse-2:4")] + [
+    ("int4-weight", {"group_size": 32}), ("int8-dynamic", {"smoothquant": 0.3}),
+    ("int8-dynamic", {"smoothquant": False}), ("int8", {"smoothquant": 0.5}), ("int8-weight", {"group_size": 64})]
+
+
+@pytest.mark.parametrize("recipe, options", _RUNS, ids=[f"{r}-{o}" for r, o in _RUNS])
+def test_the_printed_pipeline_reproduces_the_run_bit_for_bit(recipe, options):
+    import warnings
+    import fxopt
+    torch.manual_seed(0)
+    model, x = _Net().eval(), torch.randn(4, 3, 8, 8)
+    calib = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (int8-weight's group_size reaches no group-wise spec: a warning)
+        first = fxopt.compile(model, (x,), recipe=recipe, calibration=calib, **options)
+        pipeline = first.fxopt_history.pipeline
+        again = fxopt.compile(model, (x,), recipe=pipeline, calibration=calib)  # the options are in the text now
+    assert not first.fxopt_history.failures and not again.fxopt_history.failures
+    assert again.fxopt_history.pipeline == pipeline
+    for probe in (x, torch.randn(2, 3, 8, 8)):
+        assert torch.equal(first(probe), again(probe)), (recipe, options, pipeline)
+    if options.get("group_size") == 32:
+        assert "group32" in pipeline and "group128" not in pipeline
+    if "smoothquant" in options:
+        assert ("smooth-quant(alpha=" in pipeline) == bool(options["smoothquant"])

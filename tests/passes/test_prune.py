@@ -479,3 +479,11 @@ def test_pointwise_ops_carry_a_concatenation_to_its_reader():
             return self.c(nn.functional.hardswish(torch.cat([self.a(x), self.b(x)], 1))).mean(dim=(2, 3))
     out, rec = prune(CatAct().eval(), torch.randn(2, 3, 4, 4))
     assert rec.info["groups_pruned"] == 2 and widths(out)["c_conv2d"] == (2, 4, 1, 1)
+
+
+def test_channel_groups_through_the_analysis_manager_match_the_function_and_are_cached():
+    gm = fxopt.trace(ResCNN().eval(), torch.randn(1, 3, 8, 8))
+    ctx = fxopt.PassContext((torch.randn(1, 3, 8, 8),))
+    via_manager = ctx.analysis("channel-groups", gm)
+    assert [g.describe() for g in via_manager] == [g.describe() for g in channel_groups(gm)]
+    assert ctx.analysis("channel-groups", gm) is via_manager  # cached until a pass invalidates it

@@ -93,11 +93,14 @@ class Match:
         self._by_name = {pn.name: gn for pn, gn in internal.nodes_map.items() if pn.op == "placeholder"}
 
     def __getitem__(self, name: str) -> Any:
+        if name not in self._by_name:  # a typo in where= must not silently disable the rule
+            raise PipelineError(f"where=: the pattern has no input named {name!r}; its inputs are "
+                                f"{', '.join(sorted(self._by_name)) or 'none'}")
         return self._by_name[name]
 
     def val(self, name: str) -> Any:
         """The FakeTensor (or value) bound to pattern input ``name``."""
-        node = self._by_name[name]
+        node = self[name]
         return node.meta.get("val") if isinstance(node, fx.Node) else node
 
     def shape(self, name: str) -> tuple:
@@ -185,8 +188,11 @@ class Rewrite:
             def keep(internal: Any, graph: fx.Graph, pattern_graph: fx.Graph) -> bool:
                 try:
                     return bool(where(Match(internal, pattern_graph)))
-                except Exception:  # a check that cannot be evaluated rejects the match
-                    return False
+                except PipelineError:
+                    raise
+                except Exception as e:  # a broken check is the rule author's bug: say which rule, not skip it
+                    raise PipelineError(f"rewrite rule {self.label}: its where= raised {type(e).__name__}: {e}"
+                                        ) from e
             filters.append(keep)
         replaced = subgraph_rewriter.replace_pattern_with_filters(
             gm, pattern, replacement, match_filters=filters, ignore_literals=self.ignore_literals)
