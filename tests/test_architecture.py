@@ -93,3 +93,12 @@ def test_every_registered_pass_analysis_and_kernel_module_is_tested():
     kernels = [m for m in _modules() if m.startswith("fxopt.kernels.")]
     missing = [m for m in kernels if m.rsplit(".", 1)[1] not in text]
     assert not missing, missing
+
+
+def test_pyproject_installs_every_package():
+    # a subpackage missing from [tool.setuptools] packages is left out of a (non-editable) install
+    import re
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    listed = set(re.findall(r'"(fxopt[\w.]*)"', text.split("[tool.setuptools]")[1].split("[tool.setuptools.package-dir]")[0]))
+    packages = {m for m, path in _modules().items() if path.endswith("__init__.py")}
+    assert packages == listed, (sorted(packages - listed), sorted(listed - packages))

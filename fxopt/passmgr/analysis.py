@@ -80,10 +80,13 @@ class AnalysisManager:
             if not result.preserves(key):
                 del self._cache[key]
 
-    def check(self, gm: fx.GraphModule, ctx: Any = None) -> list[str]:
-        """Names of cached analyses that no longer match a fresh computation."""
+    def check(self, gm: fx.GraphModule, ctx: Any = None, result: Any = None) -> list[str]:
+        """Names of cached analyses that no longer match a fresh computation; with ``result`` (a
+        PassResult), only those it claims to preserve (the manager's ``check_preserved``)."""
         stale = []
         for key, cached in self._cache.items():
+            if result is not None and not result.preserves(key):
+                continue
             analysis = get_analysis(key)()
             if not analysis.same(cached, analysis.run(gm, ctx), gm):
                 stale.append(key)

@@ -325,15 +325,7 @@ class PassManager:
         return self._snap
 
     def _check_preserved(self, result: PassResult, gm: fx.GraphModule) -> list[str]:
-        from fxopt.passmgr.analysis import get_analysis
-        stale = []
-        for key in self._analyses.cached():
-            if result.preserves(key):
-                analysis = get_analysis(key)()
-                cached = self._analyses.get(key, gm, self._ctx)
-                if not analysis.same(cached, analysis.run(gm, self._ctx), gm):
-                    stale.append(key)
-        return stale
+        return self._analyses.check(gm, self._ctx, result)
 
     def _fill_stats_from_previous(self, record: PassRecord) -> None:
         prev = next((r for r in reversed(self.history.records) if r.status in ("changed", "unchanged",

@@ -199,7 +199,6 @@ class Rewrite:
         for r in replaced:  # metadata copied from the replacement's own trace belongs to another fake mode
             for node in r.replacements:
                 node.meta.pop("val", None)
-                node.meta.pop("fxopt_cost", None)
                 anchor = r.anchor
                 if "nn_module_stack" in anchor.meta:
                     node.meta["nn_module_stack"] = anchor.meta["nn_module_stack"]

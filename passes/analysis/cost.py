@@ -151,9 +151,30 @@ def node_cost(node: fx.Node) -> NodeCost:
     return NodeCost(flops=flops, macs=macs, bytes=nbytes)
 
 
+def _sig(v: Any) -> Any:
+    """What a node's cost depends on in a value: a tensor's shape and dtype, else the value's text."""
+    if isinstance(v, torch.Tensor):
+        return (tuple(str(d) for d in v.shape), str(v.dtype))
+    if isinstance(v, (list, tuple)):
+        return tuple(_sig(x) for x in v)
+    return str(v)
+
+
+def _freeze(a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        return ("%", _sig(a.meta.get("val")))
+    if isinstance(a, (list, tuple)):
+        return tuple(_freeze(x) for x in a)
+    if isinstance(a, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in a.items()))
+    return repr(a)
+
+
 def _key(node: fx.Node) -> tuple:
-    return (node.target, tuple(id(a.meta.get("val")) for a in node.all_input_nodes),
-            id(node.meta.get("val")), tuple(a for a in node.args if not isinstance(a, (fx.Node, list, tuple))))
+    """The cost cache key: the op, every argument and keyword (inputs by shape and dtype) and the
+    output's shape. Value-based, so a pass that edits a node in place (a new target, ``approximate=``,
+    new shapes) never reads a stale cost, and no pass has to clear the cache by hand."""
+    return (node.target, _freeze(node.args), _freeze(node.kwargs), _sig(node.meta.get("val")))
 
 
 @register_analysis

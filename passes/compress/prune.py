@@ -53,7 +53,7 @@ from fxopt.ir.rewrite_utils import (add_param, arg, attr_tensor, erase_dead, unp
                                  unpack_split_params)
 
 from fxopt.passes.analysis.channel_layouts import layout_mask
-from fxopt.passes.analysis.dependency import ChannelGroup, channel_groups
+from fxopt.passes.analysis.dependency import ChannelGroup
 
 __all__ = ["StructuredPrunePass", "group_importance"]
 
@@ -378,7 +378,9 @@ class StructuredPrunePass(Pass):
         unpacked = unpack_split_params(gm) + unpack_packed_projections(gm)
         if unpacked:
             propagate_meta(gm)
-        groups = channel_groups(gm)
+        if unpacked:  # the graph changed inside this pass: what the manager cached is stale
+            ctx.analyses.invalidate() if ctx.analyses is not None else None
+        groups = ctx.analysis("channel-groups", gm)  # through the analysis manager (cached)
         grads = taylor_gradients(gm, ctx, [g for g in groups if g.prunable]) if c.importance == "taylor" else None
         for g in groups:
             for kind, n, extra in g.members:
@@ -413,7 +415,6 @@ class StructuredPrunePass(Pass):
         for n in gm.graph.nodes:  # shapes changed downstream: recompute every fake value
             if n.op in ("call_function", "get_attr"):
                 n.meta.pop("val", None)
-                n.meta.pop("fxopt_cost", None)
         erase_dead(gm)
         propagate_meta(gm)
         return PassResult(True, frozenset(), {"groups_pruned": len(pruned), "channels": pruned,

@@ -117,8 +117,6 @@ class SimplifyActivationsPass(RewritePass):
                 node.target = aten.hardswish.default
                 swaps += 1
         if swaps:
-            for node in gm.graph.nodes:
-                node.meta.pop("fxopt_cost", None) if node.op == "call_function" else None
             propagate_meta(gm)
         info = dict(result.info)
         info["approximated"] = swaps

@@ -64,3 +64,30 @@ def test_cost_cache_reuses_unchanged_nodes():
     c2 = CostAnalysis().run(gm)
     assert c1.per_node == c2.per_node
     assert all("fxopt_cost" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+
+
+def test_the_cost_cache_follows_in_place_edits_without_clearing():
+    import torch.nn.functional as F
+    from fxopt.ir.meta import propagate_meta
+    from fxopt.passes.analysis.cost import CostAnalysis, _key
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return F.gelu(self.conv(x))
+    gm = fxopt.trace(Net().eval(), torch.randn(1, 3, 16, 16), dynamic=False)
+    conv = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default)
+    gelu = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.gelu.default)
+    before = CostAnalysis().run(gm).per_node[conv.name].flops
+    k = _key(gelu)
+    gelu.kwargs = {"approximate": "tanh"}  # a keyword changed in place: another key
+    assert _key(gelu) != k
+    conv.args = (*conv.args[:3], [2, 2], *conv.args[4:])  # stride 2: a quarter of the outputs
+    for n in gm.graph.nodes:
+        n.meta.pop("val", None) if n.op == "call_function" else None
+    propagate_meta(gm)
+    after = CostAnalysis().run(gm).per_node[conv.name].flops  # no cache cleared by hand
+    assert after * 4 == before, (before, after)
