@@ -71,6 +71,12 @@ _MATMUL = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.de
            aten.baddbmm.default}
 
 
+# op sets the passes share (one declaration each; passes import these rather than redeclare them)
+CONV_OPS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default})
+RELU_OPS = frozenset({aten.relu.default, aten.relu_.default})
+SOFTMAX_OPS = frozenset({aten.softmax.int, aten._softmax.default})
+
+
 _FRIENDLY = {"_native_batch_norm_legit_no_training": "batch_norm", "_native_batch_norm_legit": "batch_norm",
              "native_batch_norm": "batch_norm", "native_layer_norm": "layer_norm",
              "scaled_dot_product_attention": "sdpa", "_assert_tensor_metadata": "assert_meta"}

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 import fxopt.quant.qops  # noqa: F401  (registers torch.ops.fxopt.quantize/dequantize)
 from fxopt.quant.calibrate import observe
-from fxopt.ir.dialect import aten, module_path
+from fxopt.ir.dialect import RELU_OPS, aten, module_path
 from fxopt.errors import CalibrationError, PipelineError
 from fxopt.ir.meta import propagate_meta
 from fxopt.quant.observers import make_observer, weight_qparams
@@ -31,7 +31,7 @@ __all__ = ["QUANT_OPS", "parse_spec", "QuantTarget", "plan_targets", "int8_kerne
 
 fxq = torch.ops.fxopt
 QUANT_OPS = {"linear": {aten.linear.default}, "conv": {aten.conv2d.default}, "embedding": {aten.embedding.default}}
-_RELU = {aten.relu.default, aten.relu_.default}
+_RELU = RELU_OPS
 
 
 def parse_spec(text: Any) -> QSpec | None:

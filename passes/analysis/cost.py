@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.passmgr.analysis import Analysis, register_analysis
-from fxopt.ir.dialect import aten, get_attr_tensor, is_view_target
+from fxopt.ir.dialect import CONV_OPS, aten, get_attr_tensor, is_view_target
 from fxopt.ir.meta import propagate_meta, size_expr
 
 __all__ = ["NodeCost", "CostResult", "CostAnalysis", "node_cost"]
@@ -80,7 +80,7 @@ def _val(a: Any) -> Any:
 
 _LINEAR = {aten.linear.default}
 _MM = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default, aten.baddbmm.default}
-_CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+_CONV = CONV_OPS
 _CONV_T = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 _NORM = {aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
          aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxopt.ir.dialect import aten
+from fxopt.ir.dialect import SOFTMAX_OPS, aten
 from fxopt.ir.meta import propagate_meta
 from fxopt.passmgr.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from fxopt.ir.rewrite_utils import copy_meta, erase_dead
 
 __all__ = ["FuseAttentionPass"]
 
-_SOFTMAX = {aten.softmax.int, aten._softmax.default}
+_SOFTMAX = SOFTMAX_OPS
 _MATMUL = {aten.matmul.default, aten.bmm.default}
 
 

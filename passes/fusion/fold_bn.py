@@ -17,14 +17,14 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxopt.ir.dialect import aten, is_linear
+from fxopt.ir.dialect import CONV_OPS, aten, is_linear
 from fxopt.ir.meta import propagate_meta
 from fxopt.passmgr.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from fxopt.ir.rewrite_utils import add_param, arg, attr_tensor, copy_meta, erase_dead
 
 __all__ = ["FoldBatchNormPass"]
 
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+_CONVS = CONV_OPS
 _BN = aten._native_batch_norm_legit_no_training.default
 
 

@@ -33,7 +33,7 @@ import torch.fx as fx
 import fxopt.kernels.cpu_quant  # noqa: F401  (registers the kernels)
 from fxopt.kernels import cpu_isa
 import fxopt.quant.qops  # noqa: F401  (registers quantize/dequantize)
-from fxopt.ir.dialect import aten, arg
+from fxopt.ir.dialect import RELU_OPS, arg, aten
 from fxopt.kernels.cpu_quant import REFERENCES, pack_int4, weight_bits
 from fxopt.quant.qspec import QSpec
 from fxopt.ir.meta import propagate_meta
@@ -44,7 +44,7 @@ __all__ = ["LowerQuantPass"]
 
 fxq = torch.ops.fxopt
 _Q, _DQ, _DYN = fxq.quantize.default, fxq.dequantize.default, fxq.dynamic_scale.default
-_RELU = {aten.relu.default, aten.relu_.default}
+_RELU = RELU_OPS
 
 
 @dataclass
