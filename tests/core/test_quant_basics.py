@@ -1,4 +1,4 @@
-"""QSpec text and arithmetic, observers, and calibration (fxopt/qspec.py, observers.py, calibrate.py)."""
+"""QSpec text and arithmetic, observers, and calibration (fxopt/quant/qspec.py, observers.py, calibrate.py)."""
 from __future__ import annotations
 
 import pytest
