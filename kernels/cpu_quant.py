@@ -55,7 +55,7 @@ from fxopt.kernels import cpu_isa
 from fxopt.quant.qspec import dequantize
 
 __all__ = ["linear_int8", "linear_int8_dynamic", "conv2d_int8", "linear_int8_reference",
-           "linear_int8_dynamic_reference", "conv2d_int8_reference", "REFERENCES", "fallback_layers", "linear_wq", "conv2d_wq", "embedding_wq",
+           "linear_int8_dynamic_reference", "conv2d_int8_reference", "REFERENCES", "fallback_layers", "int8_layer_plans", "linear_wq", "conv2d_wq", "embedding_wq",
            "pack_int4", "unpack_int4", "LOWERED_OPS"]
 
 _CACHE: dict[tuple, tuple[Any, tuple, Any]] = {}
@@ -120,13 +120,10 @@ def _fbgemm_conv(xq: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     return _qconv("fbgemm", xq, w_q, w_scale, bias, conv, out_scale, out_zp, relu, dequantize)
 
 
-def fallback_layers(gm: torch.nn.Module) -> list[str]:
-    """Names of the int8 layers of ``gm`` that take the exact (slower) fallback on this CPU.
-
-    A layer does when no engine here sums its activation codes exactly: e.g. 8-bit codes
-    (planned on a VNNI machine) on an x86 CPU without VNNI. ``fxopt.load`` warns about them.
-    """
-    out = []
+def int8_layer_plans(gm: torch.nn.Module) -> dict[str, tuple[Optional[str], int, int]]:
+    """layer -> (engine that runs it exactly here or None, activation bits, weight bits) for every int8
+    kernel node of ``gm`` (the engine recorded at lowering where it is exact here, else another)."""
+    out = {}
     for n in gm.graph.nodes if isinstance(getattr(gm, "graph", None), torch.fx.Graph) else []:
         if n.op != "call_function" or n.target not in REFERENCES or not isinstance(n.args[1], torch.fx.Node):
             continue
@@ -137,9 +134,19 @@ def fallback_layers(gm: torch.nn.Module) -> list[str]:
         if not isinstance(w, torch.Tensor):
             continue
         kind, bits, shape = _plan_key(n.target, list(n.args), tuple(w.shape))
-        if cpu_isa.plan(kind, bits, "", shape, weight_bits(w)) is None:
-            out.append(n.name)
+        wb = weight_bits(w)
+        engine = n.args[-1] if isinstance(n.args[-1], str) else ""
+        out[n.name] = (cpu_isa.plan(kind, bits, engine, shape, wb), bits, wb)
     return out
+
+
+def fallback_layers(gm: torch.nn.Module) -> list[str]:
+    """Names of the int8 layers of ``gm`` that take the exact (slower) fallback on this CPU.
+
+    A layer does when no engine here sums its activation codes exactly: e.g. 8-bit codes
+    (planned on a VNNI machine) on an x86 CPU without VNNI. ``fxopt.load`` warns about them.
+    """
+    return [name for name, (engine, _, _) in int8_layer_plans(gm).items() if engine is None]
 
 
 _WBITS: dict[int, tuple[Any, int, int]] = {}

@@ -31,7 +31,6 @@ __all__ = ["QUANT_OPS", "parse_spec", "QuantTarget", "plan_targets", "int8_kerne
 
 fxq = torch.ops.fxopt
 QUANT_OPS = {"linear": {aten.linear.default}, "conv": {aten.conv2d.default}, "embedding": {aten.embedding.default}}
-_RELU = RELU_OPS
 
 
 def parse_spec(text: Any) -> QSpec | None:
@@ -179,7 +178,7 @@ def fit_int8_plan(gm: fx.GraphModule, targets: list[QuantTarget], reduce_range: 
 def _output_node(t: QuantTarget) -> fx.Node:
     """A static conv's quantized output: after its ReLU when the ReLU is its only user."""
     users = list(t.node.users)
-    if len(users) == 1 and users[0].op == "call_function" and users[0].target in _RELU:
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in RELU_OPS:
         return users[0]
     return t.node
 

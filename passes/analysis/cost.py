@@ -80,7 +80,6 @@ def _val(a: Any) -> Any:
 
 _LINEAR = {aten.linear.default}
 _MM = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default, aten.baddbmm.default}
-_CONV = CONV_OPS
 _CONV_T = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 _NORM = {aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
          aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default,
@@ -122,7 +121,7 @@ def node_cost(node: fx.Node) -> NodeCost:
         k = size_expr(a.shape[-1]) if isinstance(a, torch.Tensor) and a.dim() else 0
         macs = _numel(out) * k
         flops = 2 * macs
-    elif t in _CONV or t in _CONV_T:
+    elif t in CONV_OPS or t in _CONV_T:
         # weight is [C_out, C_in/groups, *k] (or [C_in, C_out/groups, *k] transposed), so
         # each output (input, when transposed) element costs prod(weight.shape[1:]) MACs
         w = _val(node.args[1])
@@ -163,6 +162,8 @@ def _sig(v: Any) -> Any:
 def _freeze(a: Any) -> Any:
     if isinstance(a, fx.Node):
         return ("%", _sig(a.meta.get("val")))
+    if isinstance(a, torch.Tensor):  # a constant argument: by shape and dtype (its repr could be huge)
+        return _sig(a)
     if isinstance(a, (list, tuple)):
         return tuple(_freeze(x) for x in a)
     if isinstance(a, dict):

@@ -18,7 +18,6 @@ from fxopt.ir.rewrite_utils import copy_meta, erase_dead
 
 __all__ = ["FuseAttentionPass"]
 
-_SOFTMAX = SOFTMAX_OPS
 _MATMUL = {aten.matmul.default, aten.bmm.default}
 
 
@@ -50,7 +49,7 @@ class FuseAttentionPass(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         fused = 0
         for sm in list(gm.graph.nodes):
-            if sm.op != "call_function" or sm.target not in _SOFTMAX:
+            if sm.op != "call_function" or sm.target not in SOFTMAX_OPS:
                 continue
             val = sm.meta.get("val")
             if not isinstance(val, torch.Tensor) or sm.args[1] % val.dim() != val.dim() - 1:

@@ -24,7 +24,6 @@ from fxopt.ir.rewrite_utils import add_param, arg, attr_tensor, copy_meta, erase
 
 __all__ = ["FoldBatchNormPass"]
 
-_CONVS = CONV_OPS
 _BN = aten._native_batch_norm_legit_no_training.default
 
 
@@ -43,7 +42,7 @@ class FoldBatchNormPass(Pass):
             src = bn.args[0]
             if not isinstance(src, fx.Node) or len(src.users) != 1:
                 continue
-            if src.target in _CONVS:
+            if src.target in CONV_OPS:
                 if src.target is aten.convolution.default and arg(src, 6, "transposed", False):
                     continue
             elif is_linear(src):

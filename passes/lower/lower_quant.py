@@ -34,7 +34,7 @@ import fxopt.kernels.cpu_quant  # noqa: F401  (registers the kernels)
 from fxopt.kernels import cpu_isa
 import fxopt.quant.qops  # noqa: F401  (registers quantize/dequantize)
 from fxopt.ir.dialect import RELU_OPS, arg, aten
-from fxopt.kernels.cpu_quant import REFERENCES, pack_int4, weight_bits
+from fxopt.kernels.cpu_quant import REFERENCES, int8_layer_plans, pack_int4, weight_bits
 from fxopt.quant.qspec import QSpec
 from fxopt.ir.meta import propagate_meta
 from fxopt.passmgr.pass_base import Pass, PassContext, PassResult, register_pass
@@ -44,7 +44,6 @@ __all__ = ["LowerQuantPass"]
 
 fxq = torch.ops.fxopt
 _Q, _DQ, _DYN = fxq.quantize.default, fxq.dequantize.default, fxq.dynamic_scale.default
-_RELU = RELU_OPS
 
 
 @dataclass
@@ -154,7 +153,6 @@ class LowerQuantPass(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts: dict[str, int] = {}
         kept: list[str] = []
-        self._kernels: dict[str, str] = {}
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or getattr(node, "_erased", False):
                 continue
@@ -168,24 +166,24 @@ class LowerQuantPass(Pass):
             return PassResult(False, info={"kept": kept})
         erase_dead(gm)
         propagate_meta(gm)
-        timings = choose_engines(gm, ctx, self.config.engine, self._kernels)
-        worst = check_layers(gm, ctx)
+        chooser = EngineChooser(self.config.engine)
+        worst = check_layers(gm, ctx, chooser)
         info: dict[str, Any] = {"lowered": counts, "kept": kept, "worst_layer_error": worst}
-        if timings:
-            info["engine_ms"] = timings
-        if self._kernels:
+        if chooser.timings:
+            info["engine_ms"] = chooser.timings
+        kernels = layer_kernels(gm)
+        if kernels:
             info["cpu"] = cpu_isa.cpu_info(probe=False).isa + (f" (plan forced: {cpu_isa.forced_isa()})"
                                                                if cpu_isa.forced_isa() else "")
-            info["int8_kernels"] = _summarize(self._kernels)
-            info["layer_kernels"] = dict(self._kernels)
+            info["int8_kernels"] = _summarize(kernels)
+            info["layer_kernels"] = kernels
         return PassResult(True, frozenset({"shapes"}), info)
 
-    def _engine(self, node: fx.Node, kind: str, bits: int, shape: tuple, w_q: torch.Tensor) -> str:
-        """The engine exact for ``bits``-wide codes and these weights on this CPU (recorded per layer)."""
-        wb = weight_bits(w_q)
-        engine = cpu_isa.plan(kind, bits, "", shape, wb)
-        self._kernels[node.name] = f"{engine or 'exact fallback'} a{bits}w{wb}"
-        return engine or "fbgemm"
+    @staticmethod
+    def _engine(node: fx.Node, kind: str, bits: int, shape: tuple, w_q: torch.Tensor) -> str:
+        """The first engine exact for ``bits``-wide codes and these weights here (``check_layers`` may pick a
+        faster exact one)."""
+        return cpu_isa.plan(kind, bits, "", shape, weight_bits(w_q)) or "fbgemm"
 
     def _wargs(self, gm: fx.GraphModule, w: _W, bits: int) -> tuple:
         q = _pack4(gm, w) if bits == 4 and self.config.pack_int4 else w.q
@@ -249,7 +247,7 @@ class LowerQuantPass(Pass):
         out, relu = node, False
         if len(node.users) == 1:
             u = next(iter(node.users))
-            if u.op == "call_function" and u.target in _RELU:
+            if u.op == "call_function" and u.target in RELU_OPS:
                 out, relu = u, True
         if len(out.users) != 1:
             return None
@@ -288,22 +286,9 @@ _INT8 = {fxq.linear_int8.default: "linear", fxq.linear_int8_dynamic.default: "li
 _TIMED: dict[tuple, dict[str, float]] = {}  # (kernel, argument shapes and options) -> engine -> ms, per process
 
 
-class _Capture:
-    """Stands in for a kernel for one run: records the arguments it is called with."""
-
-    def __init__(self, kernel: Any):
-        self.kernel, self.args = kernel, None
-        self.__name__ = "capture"
-
-    def __call__(self, *args: Any) -> torch.Tensor:
-        if self.args is None:
-            self.args = args
-        return self.kernel(*args)
-
-
-def _exact_engines(node: fx.Node, args: tuple) -> list[str]:
+def _exact_engines(kernel: Any, args: tuple) -> list[str]:
     from fxopt.kernels.cpu_quant import _plan_key
-    kind, bits, shape = _plan_key(node.target, list(args), tuple(args[1].shape))
+    kind, bits, shape = _plan_key(kernel, list(args), tuple(args[1].shape))
     wb = weight_bits(args[1])
     return [e for e in cpu_isa.ENGINES if cpu_isa.exact_bits(e, kind, shape, wb) >= bits]
 
@@ -332,48 +317,33 @@ def _time_engines(kernel: Any, args: tuple, engines: list[str]) -> dict[str, flo
     return _TIMED[key]
 
 
-def choose_engines(gm: fx.GraphModule, ctx: PassContext, engine: str, kernels: dict) -> dict[str, dict]:
-    """Give every int8 layer the fastest engine that is exact for its codes on this CPU.
+class EngineChooser:
+    """Picks each int8 layer's engine from the arguments it gets on the example inputs (``check_layers``
+    calls it on a layer's first call, so choosing costs no extra run of the model).
 
-    With ``engine="auto"`` each layer's candidates are timed on the arguments it gets from the
-    example inputs (one timing per distinct layer shape in a process); otherwise the named
-    engine is used wherever it is exact. Updates the engine argument of each kernel node and
-    ``kernels`` (layer -> "engine aNwM"); returns the timings (layer -> engine -> ms).
+    ``engine="auto"`` times every engine that is exact for the layer's codes on this CPU (once per
+    distinct layer shape in a process) and keeps the fastest; a named engine is used where it is exact.
+    ``timings``: layer -> engine -> ms, for the record.
     """
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _INT8]
-    if not nodes:
-        return {}
-    capture = {n: _Capture(n.target) for n in nodes}
-    for n in nodes:
-        n.target = capture[n]
-    gm.recompile()
-    try:
-        ctx.run(gm)
-    finally:
-        for n in nodes:
-            n.target = capture[n].kernel
-        gm.recompile()
-    from fxopt.kernels.cpu_quant import _plan_key
-    timings: dict[str, dict] = {}
-    kernels.clear()  # rebuilt under the kernels' own node names
-    for n in nodes:
-        args = capture[n].args
-        cands = [] if args is None else _exact_engines(n, args)
-        if engine != "auto" and engine in cands:
-            cands = [engine]
+
+    def __init__(self, engine: str = "auto"):
+        self.engine, self.timings = engine, {}
+
+    def __call__(self, name: str, kernel: Any, args: tuple) -> str | None:
+        cands = _exact_engines(kernel, args)
+        if self.engine != "auto" and self.engine in cands:
+            return self.engine
         if len(cands) > 1:
-            ms = _time_engines(n.target, args, cands)
-            timings[n.name] = {e: round(v, 3) for e, v in ms.items()}
-            cands = [min(cands, key=ms.__getitem__)]
-        if cands:
-            n.args = (*n.args[:-1], cands[0])
-        w = args[1] if args is not None else attr_tensor(gm, n.args[1])
-        _, bits, shape = _plan_key(n.target, list(n.args), tuple(w.shape))
-        wb = weight_bits(w)
-        chosen = cands[0] if cands else cpu_isa.plan(_INT8[n.target], bits, n.args[-1], shape, wb)
-        kernels[n.name] = f"{chosen or 'exact fallback'} a{bits}w{wb}"
-    gm.recompile()
-    return timings
+            ms = _time_engines(kernel, args, cands)
+            self.timings[name] = {e: round(v, 3) for e, v in ms.items()}
+            return min(cands, key=ms.__getitem__)
+        return cands[0] if cands else None  # None: no exact engine, the kernel's own fallback decides
+
+
+def layer_kernels(gm: fx.GraphModule) -> dict[str, str]:
+    """layer -> "engine aNwM" (or "exact fallback aNwM") for every int8 kernel of ``gm``, as it runs here."""
+    return {name: f"{engine or 'exact fallback'} a{bits}w{wb}"
+            for name, (engine, bits, wb) in int8_layer_plans(gm).items()}
 
 
 # ---------------------------------------------------------------- per-layer check
@@ -389,12 +359,17 @@ def _allowed(kernel: Any, args: tuple, ref: torch.Tensor) -> float:
 class _Checked:
     """Stands in for a kernel during the check: runs it and its simulated formula on the same inputs."""
 
-    def __init__(self, node: fx.Node, errors: dict):
+    def __init__(self, node: fx.Node, errors: dict, choose: Any = None):
         self.kernel, self.sim, self.node, self.errors = node.target, _SIM[node.target], node, errors
         self.__name__ = f"check_{node.name}"
         self.args: tuple | None = None
+        self.choose, self.engine = choose, None
 
     def __call__(self, *args: Any) -> torch.Tensor:
+        if self.choose is not None and self.engine is None:  # first call: pick the engine on these arguments
+            self.engine = self.choose(self.node.name, self.kernel, args) or args[-1]
+        if self.engine is not None:
+            args = (*args[:-1], self.engine)
         out = self.kernel(*args)
         ref = self.sim(*args)
         err = float((out - ref).abs().max()) if out.numel() else 0.0
@@ -465,8 +440,11 @@ def _edge_errors(node: fx.Node, args: tuple) -> tuple[float, float, str] | None:
     return worst
 
 
-def check_layers(gm: fx.GraphModule, ctx: PassContext) -> float:
+def check_layers(gm: fx.GraphModule, ctx: PassContext, choose: Any = None) -> float:
     """Run each int8 kernel next to its simulated formula, on the inputs and at the edges of its ranges.
+
+    With ``choose`` (an :class:`EngineChooser`), each layer's engine is picked on its first call and
+    written into the graph; everything after that call checks the chosen engine.
 
     The example inputs (and ``ctx.verify_inputs``) give each layer its real arguments; each
     layer is then also run on synthetic inputs whose codes all sit at their extremes, both
@@ -480,7 +458,7 @@ def check_layers(gm: fx.GraphModule, ctx: PassContext) -> float:
     if not nodes:
         return 0.0
     errors: dict[str, tuple[float, float, str]] = {}
-    checked = {n: _Checked(n, errors) for n in nodes}
+    checked = {n: _Checked(n, errors, choose) for n in nodes}
     for n in nodes:
         n.target = checked[n]
     gm.recompile()
@@ -490,6 +468,8 @@ def check_layers(gm: fx.GraphModule, ctx: PassContext) -> float:
     finally:
         for n in nodes:
             n.target = checked[n].kernel
+            if checked[n].engine is not None:
+                n.args = (*n.args[:-1], checked[n].engine)
         gm.recompile()
     with torch.no_grad():
         for n in nodes:
