@@ -23,13 +23,16 @@ def attr_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
 
 
 def add_param(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.Node,
-              requires_grad: bool = True) -> fx.Node:
-    """Register ``value`` as a new root parameter named after ``base`` and return a get_attr for it."""
+              requires_grad: bool = True, buffer: bool | None = None) -> fx.Node:
+    """Register ``value`` as a new root attribute named after ``base`` and return a get_attr for it.
+
+    A parameter when it is floating point, a buffer otherwise; ``buffer=True`` keeps a float
+    tensor a buffer (batch-norm statistics, masks, scales), ``buffer=False`` insists on a parameter."""
     name, i = base, 1
     while hasattr(gm, name):
         name, i = f"{base}_{i}", i + 1
     value = value.detach().contiguous()
-    if value.is_floating_point():
+    if not buffer and (value.is_floating_point() or buffer is False):
         gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=requires_grad))
     else:
         gm.register_buffer(name, value)

@@ -49,11 +49,9 @@ from fxopt.ir.dialect import module_path
 from fxopt.errors import PipelineError
 from fxopt.ir.meta import propagate_meta
 from fxopt.passmgr.pass_base import Pass, PassContext, PassResult, register_pass
-from fxopt.ir.rewrite_utils import (add_param, arg, attr_tensor, erase_dead, unpack_packed_projections,
-                                 unpack_split_params)
+from fxopt.ir.rewrite_utils import attr_tensor, erase_dead, unpack_packed_projections, unpack_split_params
 
-from fxopt.passes.analysis.channel_layouts import layout_mask
-from fxopt.passes.analysis.dependency import ChannelGroup
+from fxopt.passes.analysis.channel_members import BatchNorm, ChannelGroup, Depthwise, LayoutMember, Produces
 
 __all__ = ["StructuredPrunePass", "group_importance"]
 
@@ -69,11 +67,10 @@ def taylor_gradients(gm: fx.GraphModule, ctx: PassContext, groups: list[ChannelG
     from fxopt.quant.calibrate import Inputs, normalize_item
     weights = {}
     for g in groups:
-        for kind, n, _ in g.members:
-            if kind in ("out", "dw"):
-                w = attr_tensor(gm, n.args[1])
-                if isinstance(w, torch.nn.Parameter):
-                    weights[id(w)] = w
+        for m in g.of((Produces, Depthwise)):
+            w = attr_tensor(gm, m.node.args[1])
+            if isinstance(w, torch.nn.Parameter):
+                weights[id(w)] = w
     flags = {k: w.requires_grad for k, w in weights.items()}
     grads = {k: torch.zeros_like(w) for k, w in weights.items()}
     pick = ctx.options.get("calibration_inputs")
@@ -108,69 +105,30 @@ def group_importance(gm: fx.GraphModule, g: ChannelGroup, kind: str,
     """One score per channel of the group (higher = keep)."""
     if kind == "taylor" and grads is not None:
         score = torch.zeros(g.size)
-        for k, n, extra in g.members:
-            if k in ("out", "dw"):
-                w = attr_tensor(gm, n.args[1])
-                gr = grads.get(id(w))
-                if gr is not None:
-                    s = (w.detach() * gr).abs().reshape(w.shape[0], -1).sum(1).float()
-                    if k == "out" and extra > 1:  # attention heads: rows come in blocks of head_dim
-                        s = s.view(-1, extra).sum(1)
-                    score += s / s.mean().clamp_min(1e-12)
+        for m in g.of((Produces, Depthwise)):
+            w = attr_tensor(gm, m.node.args[1])
+            gr = grads.get(id(w))
+            if gr is not None:
+                s = (w.detach() * gr).abs().reshape(w.shape[0], -1).sum(1).float()
+                score += _per_channel(s, m)
         return score
     if kind == "bn":
-        gammas = [attr_tensor(gm, n.args[1]) for k, n, _ in g.members if k == "bn" and n.args[1] is not None]
+        gammas = [attr_tensor(gm, m.node.args[1]) for m in g.of(BatchNorm) if m.node.args[1] is not None]
         if gammas:
             return sum(t.detach().abs().float() for t in gammas)
     score = torch.zeros(g.size)
     p = 1 if kind in ("l1", "bn") else 2
-    for k, n, extra in g.members:
-        if k in ("out", "dw"):
-            w = attr_tensor(gm, n.args[1]).detach().float()
-            s = w.reshape(w.shape[0], -1).norm(p=p, dim=1)
-            if k == "out" and extra > 1:  # attention heads: rows come in blocks of head_dim
-                s = s.view(-1, extra).sum(1)
-            score += s / s.mean().clamp_min(1e-12)
+    for m in g.of((Produces, Depthwise)):
+        w = attr_tensor(gm, m.node.args[1]).detach().float()
+        score += _per_channel(w.reshape(w.shape[0], -1).norm(p=p, dim=1), m)
     return score
 
 
-def _slice(gm: fx.GraphModule, node: fx.Node, index: int, dim: int, keep: torch.Tensor, tag: str) -> None:
-    """Replace ``node.args[index]`` (a weight read) by its slice along ``dim``."""
-    src = node.args[index]
-    t = attr_tensor(gm, src)
-    if t is None:
-        return
-    new = add_param(gm, f"{src.name}_{tag}", t.detach().index_select(dim, keep), node,
-                    t.requires_grad if isinstance(t, torch.nn.Parameter) else False)
-    if not isinstance(t, torch.nn.Parameter):  # statistics stay buffers
-        value = getattr(gm, new.target)
-        delattr(gm, new.target)
-        gm.register_buffer(new.target, value.detach())
-    args = list(node.args)
-    args[index] = new
-    node.args = tuple(args)
-
-
-def _gather_group_inputs(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, groups: int, size: int) -> None:
-    """A grouped conv keeps, for the rows of each group, the kept input channels of that group."""
-    src = node.args[1]
-    w = attr_tensor(gm, src)
-    per_in, per_keep = size // groups, len(keep) // groups
-    local = keep.view(groups, per_keep) - (torch.arange(groups) * per_in)[:, None]    # [groups, per_keep]
-    cols = local.repeat_interleave(w.shape[0] // groups, dim=0)                       # [rows, per_keep]
-    new_w = w.detach().gather(1, cols.reshape(*cols.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:]))
-    new = add_param(gm, f"{src.name}_pruned", new_w, node, isinstance(w, torch.nn.Parameter) and w.requires_grad)
-    args = list(node.args)
-    args[1] = new
-    node.args = tuple(args)
-
-
-def _slice_grouped(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, groups: int, size: int) -> None:
-    """A grouped C -> C conv keeps output rows ``keep`` and, in each group, the kept inputs of that group."""
-    _slice(gm, node, 1, 0, keep, "pruned")
-    if arg(node, 2, "bias") is not None:
-        _slice(gm, node, 2, 0, keep, "pruned")
-    _gather_group_inputs(gm, node, keep, groups, size)
+def _per_channel(rows: torch.Tensor, m: Any) -> torch.Tensor:
+    """Row scores summed per channel (attention heads: ``block`` rows each), normalized by their mean."""
+    if isinstance(m, Produces) and m.block > 1:
+        rows = rows.view(-1, m.block).sum(1)
+    return rows / rows.mean().clamp_min(1e-12)
 
 
 def _balanced_topk(scores: torch.Tensor, k: int, cuts: list[int]) -> torch.Tensor:
@@ -214,110 +172,9 @@ def _global_counts(todo: list, c: "StructuredPrunePass.Config") -> dict[int, int
 
 
 def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None:
-    k = len(keep)
-    for kind, n, extra in g.members:
-        if kind == "out":
-            rows = keep if extra == 1 else (keep[:, None] * extra + torch.arange(extra)[None, :]).reshape(-1)
-            _slice(gm, n, 1, 0, rows, "pruned")
-            if arg(n, 2, "bias") is not None:
-                _slice(gm, n, 2, 0, rows, "pruned")
-        elif kind in ("heads", "merge"):  # literal sizes in attention views: head count, or heads * dim
-            dim, old = extra
-            sizes = list(n.args[1])
-            if sizes[dim] == old:
-                sizes[dim] = k if kind == "heads" else old // g.size * k
-                n.args = (n.args[0], sizes) + tuple(n.args[2:])
-        elif kind == "dw":
-            _slice(gm, n, 1, 0, keep, "pruned")
-            if arg(n, 2, "bias") is not None:
-                _slice(gm, n, 2, 0, keep, "pruned")
-            _set_groups(n, k)
-        elif kind == "gconv":
-            _slice_grouped(gm, n, keep, extra, g.size)
-        elif kind == "pbias":   # a parameter-derived per-channel operand (layer scale, position bias)
-            reader, at, dim, views = extra
-            _slice(gm, reader, at, dim, keep, "pruned")
-            for view, d in views:
-                sizes = list(view.args[1])
-                sizes[d] = k
-                view.args = (view.args[0], sizes) + tuple(view.args[2:])
-        elif kind == "gin":
-            _gather_group_inputs(gm, n, keep, extra, g.size)
-        elif kind == "in":
-            idx = keep if extra == 1 else (keep[:, None] * extra + torch.arange(extra)[None, :]).reshape(-1)
-            _slice(gm, n, 1, 1, idx, "pruned_in")
-        elif kind == "bn":
-            for i in (1, 2, 3, 4):
-                if n.args[i] is not None:
-                    _slice(gm, n, i, 0, keep, "pruned")
-        elif kind == "ln":
-            args = list(n.args)
-            args[1] = [k]
-            n.args = tuple(args)
-            for i in (2, 3):
-                if len(n.args) > i and n.args[i] is not None:
-                    _slice(gm, n, i, 0, keep, "pruned")
-        elif kind == "flatten" and len(n.args) > 1 and isinstance(n.args[1], (list, tuple)):
-            sizes = list(n.args[1])
-            if len(sizes) == 2 and isinstance(sizes[1], int) and sizes[1] == g.size * extra:
-                sizes[1] = k * extra
-                n.args = (n.args[0], sizes) + tuple(n.args[2:])
-
-
-def apply_layout(gm: fx.GraphModule, node: fx.Node, kind: str, extra: Any, decided: dict) -> None:
-    """Rewrite a reader of a layout (concatenation, split part, shuffle) for the kept channels."""
-    if kind == "split":   # new part sizes: the kept channels of each part
-        layout, parts = extra
-        counts = [int(layout_mask(p, decided).sum()) for p in parts]
-        if counts != [sum(e[1] for e in p) for p in parts]:
-            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-            node.target = torch.ops.aten.split_with_sizes.default
-            node.args, node.kwargs = (node.args[0], counts, dim), {}
-        return
-    if kind == "shuffle":  # a gather of the kept channels in shuffled order
-        flat, perm, src = extra
-        mask = layout_mask(flat, decided)
-        if bool(mask.all()):
-            return
-        pos = torch.cumsum(mask.long(), 0) - 1
-        perm = torch.tensor(perm)
-        order = pos[perm[mask[perm]]]
-        idx = add_param(gm, f"{node.name}_order", order, node)
-        with gm.graph.inserting_before(node):
-            gather = gm.graph.call_function(torch.ops.aten.index_select.default, (src, 1, idx))
-        gather.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        node.replace_all_uses_with(gather)
-        return
-    mask = layout_mask(extra, decided)
-    if bool(mask.all()):
-        return
-    idx = mask.nonzero().flatten()
-    if kind == "seg_flatten":  # a literal [N, C] view size
-        if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
-            sizes = list(node.args[1])
-            if len(sizes) == 2 and sizes[1] == mask.numel():
-                sizes[1] = len(idx)
-                node.args = (node.args[0], sizes) + tuple(node.args[2:])
-        return
-    if kind == "seg_in":
-        _slice(gm, node, 1, 1, idx, "pruned_in")
-    elif kind == "seg_dw":
-        _slice(gm, node, 1, 0, idx, "pruned")
-        if arg(node, 2, "bias") is not None:
-            _slice(gm, node, 2, 0, idx, "pruned")
-        _set_groups(node, len(idx))
-    else:
-        for i in (1, 2, 3, 4):
-            if node.args[i] is not None:
-                _slice(gm, node, i, 0, idx, "pruned")
-
-
-def _set_groups(node: fx.Node, groups: int) -> None:
-    args = list(node.args)
-    while len(args) < 7:
-        args.append([1, 1] if len(args) in (3, 5) else [0, 0] if len(args) == 4 else 1)
-    args[6] = groups
-    node.args = tuple(args)
+    """Rewrite every member of ``g`` to keep the channels ``keep`` (each member knows how)."""
+    for m in g.members:
+        m.prune(gm, g, keep)
 
 
 @register_pass
@@ -373,7 +230,7 @@ class StructuredPrunePass(Pass):
         c = self.config
         pruned, kept = {}, []
         decided: dict[int, torch.Tensor] = {}
-        readers: dict[tuple, list] = {}   # (node, kind) -> layout, for readers of concatenations
+        readers: dict[tuple, LayoutMember] = {}   # (node, kind) -> reader of a concatenation, split or shuffle
         # packed Q/K/V weights and projections: one parameter and one linear per projection
         unpacked = unpack_split_params(gm) + unpack_packed_projections(gm)
         if unpacked:
@@ -383,9 +240,8 @@ class StructuredPrunePass(Pass):
         groups = ctx.analysis("channel-groups", gm)  # through the analysis manager (cached)
         grads = taylor_gradients(gm, ctx, [g for g in groups if g.prunable]) if c.importance == "taylor" else None
         for g in groups:
-            for kind, n, extra in g.members:
-                if kind in ("seg_in", "seg_bn", "seg_dw", "seg_flatten", "split", "shuffle"):
-                    readers[(n, kind)] = extra
+            for m in g.of(LayoutMember):
+                readers[(m.node, m.kind)] = m
         todo = []
         for g in groups:
             names = list(dict.fromkeys(module_path(p) or p.name for p in g.producers))
@@ -408,8 +264,8 @@ class StructuredPrunePass(Pass):
             apply_group(gm, g, keep)
             decided[id(g)] = keep
             pruned["+".join(names)] = f"{g.size}->{k}"
-        for (n, kind), layout in readers.items():
-            apply_layout(gm, n, kind, layout, decided)
+        for m in readers.values():
+            m.prune_layout(gm, decided)
         if not pruned:
             return PassResult(bool(unpacked), frozenset(), {"kept": kept, "unpacked": unpacked})
         for n in gm.graph.nodes:  # shapes changed downstream: recompute every fake value
