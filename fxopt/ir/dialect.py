@@ -54,6 +54,9 @@ __all__ = [
     "is_view_target",
     "op_family",
     "FAMILIES",
+    "QUANT_META",
+    "QUANT_ANNOTATION_META",
+    "CUSTOM_META",
 ]
 
 aten = torch.ops.aten
@@ -75,6 +78,15 @@ _MATMUL = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.de
 CONV_OPS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default})
 RELU_OPS = frozenset({aten.relu.default, aten.relu_.default})
 SOFTMAX_OPS = frozenset({aten.softmax.int, aten._softmax.default})
+
+
+# node meta keys (one declaration each; see fxopt.quant.annotation for the quantization ones)
+#: insert-qdq's specs of a layer as text ({"weight": "int8/channel", "activation": "uint8/tensor"}), for display
+QUANT_META = "fxopt_quant"
+#: the same as a typed ``fxopt.quant.annotation.QuantAnnotation``: what lower-quant reads
+QUANT_ANNOTATION_META = "fxopt_quant_annotation"
+#: torch's dict of user annotations: the node metadata torch.export keeps (JSON data) through save/load
+CUSTOM_META = "custom"
 
 
 _FRIENDLY = {"_native_batch_norm_legit_no_training": "batch_norm", "_native_batch_norm_legit": "batch_norm",

@@ -1,7 +1,8 @@
 """Quantization planning, shared by ``insert-qdq`` and :func:`fxopt.sensitivity`: which layers get
 which spec (:func:`plan_targets`), the ISA-aware int8 code widths (:func:`int8_bits_for`), the
-observers' parameters on calibration data (:func:`collect_qparams`) and writing the QDQ nodes
-and integer weights into the graph (:func:`materialize`). See :mod:`fxopt.passes.quant.quantize`
+observers' parameters on calibration data (:func:`collect_qparams`) and writing the QDQ nodes,
+the integer weights and each layer's :class:`~fxopt.quant.annotation.QuantAnnotation` into the
+graph (:func:`materialize`). See :mod:`fxopt.passes.quant.quantize`
 for what the pass does with them.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fxopt.errors import CalibrationError, PipelineError
 from fxopt.ir.meta import propagate_meta
 from fxopt.quant.observers import make_observer, weight_qparams
 from fxopt.passmgr.pass_base import PassContext
+from fxopt.quant.annotation import QuantAnnotation
 from fxopt.quant.qspec import QSpec
 from fxopt.quant.qspec import quantize as quantize_tensor
 from fxopt.ir.rewrite_utils import attr_tensor, copy_meta, erase_dead
@@ -308,9 +310,7 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
             wd = g.call_function(fxq.dequantize.default, (qn, sn, zn, gs))
         copy_meta(wd, node)
         node.replace_input_with(w_node, wd)
-        node.meta["fxopt_quant"] = {"weight": str(t.weight), "activation": str(t.activation) if t.activation else None}
-        if int8_kernel_target(t):
-            node.meta["fxopt_quant"]["isa"] = isa_label()
+        QuantAnnotation(t.weight, t.activation, isa_label() if int8_kernel_target(t) else None).write(node)
         if t.activation is None or not isinstance(node.args[0], fx.Node):
             continue
         x = node.args[0]

@@ -8,7 +8,9 @@ The pass turns ``linear(x, W, b)`` into::
     y  = linear(xd, wd, b)
 
 so the graph *simulates* integer arithmetic exactly in float, can be inspected, and
-``lower-quant`` can swap each pattern for a real integer kernel. Weights are quantized
+``lower-quant`` can swap each pattern for a real integer kernel. Each quantized layer's node
+carries its specs as a typed :class:`~fxopt.quant.annotation.QuantAnnotation` (its text form
+too, for display, and through ``fxopt.save``/``fxopt.load``). Weights are quantized
 right away (their int8 tensors replace the fp32 ones, so model bytes already drop).
 
 Config (all strings are :class:`~fxopt.quant.qspec.QSpec` text):
@@ -27,7 +29,7 @@ Config (all strings are :class:`~fxopt.quant.qspec.QSpec` text):
   activations (see :mod:`fxopt.kernels.cpu_isa`). ``weights`` / ``activations`` force one
   side to 7 bits (``true`` is PyTorch's meaning, activations), ``none`` keeps 8 bits on
   both (on a saturating CPU the kernels then take an exact, slower path). The choice is in
-  the specs of the QDQ nodes and the pass record;
+  the specs of each layer's annotation and the pass record;
 * ``budget``: a minimum output cosine similarity to the float model over the
   calibration data; the most quantization-sensitive layers are kept in float until it
   holds (the chosen layers are in the pass record). A user metric works too:
