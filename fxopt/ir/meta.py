@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-__all__ = ["fake_mode_of", "propagate_meta", "same_shape", "size_expr"]
+__all__ = ["fake_mode_of", "fake_values", "propagate_meta", "same_shape", "size_expr"]
 
 
 def fake_mode_of(gm: fx.GraphModule) -> Any:
@@ -29,6 +29,44 @@ def fake_mode_of(gm: fx.GraphModule) -> Any:
     return mode
 
 
+def fake_values(gm: fx.GraphModule, nodes: list[fx.Node] | None = None) -> dict[fx.Node, Any]:
+    """The fake value of every node, computing (without storing) those whose ``meta["val"]`` is
+    missing (only those in ``nodes`` when given). Analyses use this: they never write the graph.
+    Nodes whose op cannot run on fake tensors are absent from the result."""
+    todo = set(nodes if nodes is not None else [n for n in gm.graph.nodes if "val" not in n.meta])
+    vals: dict[fx.Node, Any] = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta and n not in todo}
+    if not todo:
+        return vals
+    mode = fake_mode_of(gm)
+    for node in gm.graph.nodes:
+        if node not in todo or node.op in ("output", "placeholder"):
+            continue
+        try:
+            if node.op == "get_attr":
+                from fxopt.ir.dialect import get_attr_tensor
+                obj = get_attr_tensor(gm, node)
+                if isinstance(obj, torch.Tensor):
+                    vals[node] = mode.from_tensor(obj, static_shapes=True)
+                continue
+            if node.op != "call_function":
+                continue
+
+            def val(a: Any) -> Any:
+                if isinstance(a, fx.Node):
+                    if a not in vals:
+                        raise KeyError(a.name)
+                    return vals[a]
+                return a
+            args = pytree.tree_map(val, node.args)
+            kwargs = pytree.tree_map(val, node.kwargs)
+            # like capture: sizes of 1 in symbolic dims must not specialize the symbol
+            with mode, torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                vals[node] = node.target(*args, **kwargs)
+        except Exception:  # unknown meta stays unknown; analyses say so
+            continue
+    return vals
+
+
 def propagate_meta(gm: fx.GraphModule, nodes: list[fx.Node] | None = None) -> int:
     """Fill ``meta["val"]`` for nodes that lack it (all such nodes when ``nodes`` is None).
 
@@ -38,37 +76,12 @@ def propagate_meta(gm: fx.GraphModule, nodes: list[fx.Node] | None = None) -> in
     todo = nodes if nodes is not None else [n for n in gm.graph.nodes if "val" not in n.meta]
     if not todo:
         return 0
-    mode = fake_mode_of(gm)
+    vals = fake_values(gm, todo)
     filled = 0
-    todo_set = set(todo)
-    for node in gm.graph.nodes:
-        if node not in todo_set or node.op in ("output", "placeholder"):
-            continue
-        try:
-            if node.op == "get_attr":
-                from fxopt.ir.dialect import get_attr_tensor
-                obj = get_attr_tensor(gm, node)
-                if isinstance(obj, torch.Tensor):
-                    node.meta["val"] = mode.from_tensor(obj, static_shapes=True)
-                    filled += 1
-                continue
-            if node.op != "call_function":
-                continue
-
-            def val(a: Any) -> Any:
-                if isinstance(a, fx.Node):
-                    if "val" not in a.meta:
-                        raise KeyError(a.name)
-                    return a.meta["val"]
-                return a
-            args = pytree.tree_map(val, node.args)
-            kwargs = pytree.tree_map(val, node.kwargs)
-            # like capture: sizes of 1 in symbolic dims must not specialize the symbol
-            with mode, torch.fx.experimental._config.patch(backed_size_oblivious=True):
-                node.meta["val"] = node.target(*args, **kwargs)
+    for node in todo:
+        if node in vals and node.op not in ("output", "placeholder"):
+            node.meta["val"] = vals[node]
             filled += 1
-        except Exception:  # unknown meta stays unknown; analyses say so
-            continue
     return filled
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.passmgr.analysis import Analysis, register_analysis
-from fxopt.ir.meta import propagate_meta, size_expr
+from fxopt.ir.meta import fake_values, size_expr
 
 __all__ = ["TensorInfo", "ShapeAnalysis"]
 
@@ -37,14 +37,15 @@ def _info(val: Any) -> Any:
 class ShapeAnalysis(Analysis):
     """Per node name: a ``TensorInfo`` (or a tuple of them, or an int/sympy size, or None).
 
-    Nodes a pass created without metadata get it by fake-tensor propagation first.
+    Nodes a pass created without metadata are computed by fake-tensor propagation (the
+    graph is not written: an analysis never mutates it).
     """
 
     name = "shapes"
 
     def run(self, gm: fx.GraphModule, ctx: Any = None) -> dict[str, Any]:
-        propagate_meta(gm)
-        return {n.name: _info(n.meta.get("val")) for n in gm.graph.nodes}
+        vals = fake_values(gm)
+        return {n.name: _info(vals.get(n)) for n in gm.graph.nodes}
 
     def same(self, cached: dict, fresh: dict, gm: fx.GraphModule) -> bool:
         # entries of removed nodes may linger in the cache; every live node must agree

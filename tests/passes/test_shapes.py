@@ -24,6 +24,7 @@ def test_shapes_fill_in_nodes_that_passes_create():
     assert "val" not in new.meta
     shapes = ShapeAnalysis().run(gm)
     assert shapes[new.name] == shapes[relu.name]
+    assert "val" not in new.meta   # computed, not written: an analysis never mutates the graph
 
 
 def test_graph_view_mirrors_the_graph():
