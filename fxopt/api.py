@@ -47,7 +47,8 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
             instruments: Iterable[Instrument] = (), report: str | None = None,
             progress: bool | None = None, metric: Callable[[torch.nn.Module], float] | None = None,
             latency_repeats: int = 10, verify_inputs: Any = None,
-            pass_timeout: float | None = DEFAULT_PASS_TIMEOUT, **options: Any) -> fx.GraphModule:
+            pass_timeout: float | None = DEFAULT_PASS_TIMEOUT, reproducer: str | None = None,
+            **options: Any) -> fx.GraphModule:
     """Capture ``model``, run ``recipe`` over it, and return the optimized module.
 
     The result is called exactly like ``model`` (same positional and keyword
@@ -61,7 +62,9 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     :func:`fxopt.trace` (default: the batch dimension symbolic, and the sequence dimension
     of token inputs such as ``input_ids``). ``strict``: raise
     ``PassError`` when a pass fails instead of rolling it back. ``disable`` and
-    ``stop_after`` bisect a pipeline. ``progress``: a progress bar on stderr
+    ``stop_after`` bisect a pipeline. ``reproducer``: a directory where the first failing pass
+    leaves a crash reproducer (the graph before it, the pass, the inputs), rerun with
+    ``fxopt repro DIR`` or :func:`fxopt.passmgr.repro.rerun`. ``progress``: a progress bar on stderr
     (default: when stderr is a terminal). ``report``: write the HTML report
     there (also ``result.fxopt_history.report(path)``); latency on the example
     inputs is measured for it (median of ``latency_repeats``). ``metric``: a
@@ -152,6 +155,9 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
         def tick(record: Any) -> None:
             bar.set_postfix_str(record.path, refresh=False)
             bar.update(1)
+        if reproducer is not None:
+            from fxopt.passmgr.instruments import CrashReproducer
+            instruments = [*instruments, CrashReproducer(reproducer)]
         pm = PassManager(pipeline, strict=strict, verify=verify, disable=disable, stop_after=stop_after,
                          instruments=instruments, warn=False, progress=tick, pass_timeout=pass_timeout)
         result = pm.run(gm, args, kwargs, reference=reference, calibration=calibration, options=options,

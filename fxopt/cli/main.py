@@ -158,12 +158,26 @@ def cmd_compile(ns: argparse.Namespace) -> int:
     out = fxopt.compile(loaded.model, loaded.args, loaded.kwargs, recipe=ns.recipe, calibration=calibration,
                         dynamic=_DYNAMIC[ns.dynamic], strict=ns.strict,
                         disable=[d for d in (ns.disable or "").split(",") if d], stop_after=ns.stop_after,
-                        report=ns.report, progress=None, **_quant_options(ns))
+                        report=ns.report, progress=None, reproducer=ns.reproducer, **_quant_options(ns))
     print(out.fxopt_history.table())
     _status(f"saving {ns.out} ...")
     fxopt.save(out, ns.out)
     print(f"\nwrote {ns.out}" + (f" and {ns.report}" if ns.report else ""))
     return 1 if (ns.strict and out.fxopt_history.failures) else 0
+
+
+def cmd_repro(ns: argparse.Namespace) -> int:
+    import importlib
+    from fxopt.passmgr.repro import read_reproducer, rerun
+    for mod in ns.imports or []:
+        importlib.import_module(mod)   # the user's passes register themselves
+    _, pipeline, *_ = read_reproducer(ns.directory)
+    _status(f"rerunning '{pipeline}' on the graph saved in {ns.directory} ...")
+    result = rerun(ns.directory, strict=not ns.no_strict)
+    print(result.history.table())
+    failed = result.history.failures
+    print("\nthe pass failed again" if failed else "\nthe pass ran without failing this time")
+    return 1 if failed else 0
 
 
 def _calibration(ns: argparse.Namespace) -> Any:
@@ -294,7 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strict", action="store_true", help="fail instead of rolling back a failing pass")
     c.add_argument("--disable", metavar="PASSES", help="comma-separated pass names to skip")
     c.add_argument("--stop-after", type=int, metavar="N", help="run only the first N passes (bisecting)")
+    c.add_argument("--reproducer", metavar="DIR",
+                   help="where a failing pass leaves a crash reproducer (rerun it with: fxopt repro DIR)")
     c.set_defaults(fn=cmd_compile)
+    rp = sub.add_parser("repro", help="rerun a crash reproducer: the failing pass on the graph it got",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="example:\n  fxopt compile MODEL --out m.fxopt --reproducer crash/\n  fxopt repro crash/",
+                        description="Load the graph, inputs and pass a CrashReproducer wrote, and run the pass "
+                                    "again (strict: its error is shown). Nothing in the directory is executed.")
+    rp.add_argument("directory", help="the directory given to --reproducer / compile(..., reproducer=)")
+    rp.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                    help="import MODULE first (where your own passes are registered); repeatable")
+    rp.add_argument("--no-strict", action="store_true", help="roll the pass back and print the record instead")
+    rp.set_defaults(fn=cmd_repro)
     i = sub.add_parser("inspect", help="print a model's graph summary; optionally run passes, draw, report",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG_INSPECT,
                        description="Capture MODEL and print one row per node (or per module with --depth).")

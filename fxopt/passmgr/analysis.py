@@ -11,6 +11,7 @@ caught.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar
 
 import torch.fx as fx
@@ -54,18 +55,31 @@ def list_analyses() -> dict[str, type]:
     return dict(sorted(ANALYSIS_REGISTRY.items()))
 
 
+def _ignore(*args: Any) -> None:
+    pass
+
+
 class AnalysisManager:
     """Caches analysis results for one graph module."""
 
-    def __init__(self) -> None:
+    def __init__(self, instruments: Any = ()) -> None:
         self._cache: dict[str, Any] = {}
         self.computed: dict[str, int] = {}  # how often each analysis ran (for tests and timing)
+        #: objects with before_analysis/after_analysis hooks (the pass manager's instruments)
+        self.instruments = list(instruments)
 
     def get(self, name: str | type, gm: fx.GraphModule, ctx: Any = None) -> Any:
         key = name if isinstance(name, str) else name.name
-        if key not in self._cache:
+        cached = key in self._cache
+        for inst in self.instruments:
+            getattr(inst, "before_analysis", _ignore)(key, gm, ctx)
+        t0 = time.perf_counter()
+        if not cached:
             self._cache[key] = get_analysis(key)().run(gm, ctx)
             self.computed[key] = self.computed.get(key, 0) + 1
+        seconds = 0.0 if cached else time.perf_counter() - t0
+        for inst in self.instruments:
+            getattr(inst, "after_analysis", _ignore)(key, gm, ctx, self._cache[key], cached, seconds)
         return self._cache[key]
 
     def cached(self) -> list[str]:

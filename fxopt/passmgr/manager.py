@@ -51,7 +51,7 @@ from fxopt.passmgr.timeout import PassTimeout, time_limit
 from fxopt.passmgr.pass_base import Pass, PassContext, PassResult
 from fxopt.passmgr.pipeline import Pipeline, PipelineAlias, Repeat, as_pipeline
 from fxopt.passmgr.history import History, PassRecord
-from fxopt.passmgr.instruments import Instrument, PrintBeforeAfter, TimingReport
+from fxopt.passmgr.instruments import Disable, Instrument, PrintBeforeAfter, StopAfter, TimingReport
 
 __all__ = ["PassManager", "PassRecord", "History", "ManagerResult", "Instrument", "PrintBeforeAfter",
            "TimingReport", "DEFAULT_PASS_TIMEOUT"]  # records and instruments live in history.py / instruments.py
@@ -76,7 +76,9 @@ class PassManager:
     ``pipeline``: a string (``"cleanup,fold-bn"``), a list of passes, or a Pipeline.
     ``strict``: raise ``PassError`` instead of rolling back. ``verify``: run and
     compare after each changed pass (``False`` only lints). ``stop_after=N``:
-    run only the first N passes (bisecting). ``disable``: pass names to skip.
+    run only the first N passes (bisecting). ``disable``: pass names to skip (both are
+    should-run instruments, :class:`~fxopt.passmgr.instruments.StopAfter` and ``Disable``,
+    asked before the user's ``instruments``).
     ``check_preserved``: recompute analyses a pass claims to keep and fail it on
     a mismatch. ``record_cost``: FLOPs per record (costs a little time).
     ``pass_timeout``: seconds one pass may run (``None``: no limit).
@@ -93,8 +95,8 @@ class PassManager:
                                          or not pass_timeout > 0):
             raise ValueError(f"pass_timeout must be a positive number of seconds or None, got {pass_timeout!r}")
         self.pass_timeout = pass_timeout
-        if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
-            raise ValueError(f"stop_after must be a non-negative int, got {stop_after!r}")
+        if stop_after is not None:
+            StopAfter(stop_after)  # validates
         self.stop_after = stop_after
         self.disable = set(disable)
         self.instruments = list(instruments)
@@ -114,12 +116,14 @@ class PassManager:
         """
         from fxopt.ir.capture import normalize_inputs
         args, kwargs = normalize_inputs(args, kwargs)
-        self._analyses = AnalysisManager()
+        # per run: the should-run instruments for disable/stop_after (fresh counts), then the user's
+        self._instruments = ([Disable(self.disable)] if self.disable else []) + \
+            ([StopAfter(self.stop_after)] if self.stop_after is not None else []) + self.instruments
+        self._analyses = AnalysisManager(instruments=self._instruments)
         self._ctx = ctx or PassContext(args, kwargs, analyses=self._analyses, calibration=calibration,
                                        options=options)
         self._ctx.analyses = self._analyses
         self._ctx.verify_inputs = _verification_inputs(verify_inputs, self._ctx)
-        self._count = 0
         self._index = 0
         self._snap = None
         start = time.perf_counter()
@@ -134,7 +138,7 @@ class PassManager:
         self.history.final = self._snapshot if self.record_graphs else None
         self.history.final_stats = self._stats(gm)
         self.history.seconds = time.perf_counter() - start
-        for inst in self.instruments:
+        for inst in self._instruments:
             inst.on_finish(self.history)
         return ManagerResult(gm, self.history)
 
@@ -168,13 +172,23 @@ class PassManager:
                 any_change = True
             return any_change
         if isinstance(step, PipelineAlias):
-            if step.name in self.disable:
-                self._record_skip(step, join(step.name), "disabled")
+            status = self._should_run(step, gm)
+            if status:
+                self._record_skip(step, join(step.name), status)
                 return False
             return self._run_pipeline(step.expand(), gm, join(step.name))
         if isinstance(step, Pass):
             return self._run_pass(step, gm, join(step.name))
         raise TypeError(f"unexpected pipeline step {step!r}")
+
+    def _should_run(self, p: Any, gm: fx.GraphModule) -> str | None:
+        """The first skip status an instrument gives for ``p``, or None to run it."""
+        for inst in self._instruments:
+            ask = getattr(inst, "should_run", None)   # instruments written before should_run existed
+            status = ask(p, gm, self._ctx) if ask is not None else None
+            if status:
+                return str(status)
+        return None
 
     def _record_skip(self, p: Pass, path: str, status: str) -> None:
         self._index += 1
@@ -189,19 +203,16 @@ class PassManager:
         return self.history.initial_stats.get("nodes", 0)
 
     def _run_pass(self, p: Pass, gm: fx.GraphModule, path: str) -> bool:
-        if p.name in self.disable:
-            self._record_skip(p, path, "disabled")
+        status = self._should_run(p, gm)
+        if status:
+            self._record_skip(p, path, status)
             return False
-        if self.stop_after is not None and self._count >= self.stop_after:
-            self._record_skip(p, path, "skipped")
-            return False
-        self._count += 1
         self._index += 1
         ctx = self._ctx
         record = PassRecord(self._index, p.name, str(p), path, "unchanged", nodes_before=len(gm.graph.nodes))
         if self.progress is not None:
             self.progress(record)
-        for inst in self.instruments:
+        for inst in self._instruments:
             inst.before_pass(p, gm, ctx)
         before_ids = {id(n) for n in gm.graph.nodes}
         snap = self._rollback_point(gm, p)
@@ -235,7 +246,7 @@ class PassManager:
             record.error_vs_original = self.history.records[-1].error_vs_original if self.history.records else 0.0
             self._fill_stats_from_previous(record)
             self.history.records.append(record)
-            for inst in self.instruments:
+            for inst in self._instruments:
                 inst.after_pass(p, gm, ctx, record)
             return False
 
@@ -304,7 +315,7 @@ class PassManager:
             self._snapshot = GraphSnapshot.of(gm)
             record.graph_after = self._snapshot
         self.history.records.append(record)
-        for inst in self.instruments:
+        for inst in self._instruments:
             inst.after_pass(p, gm, ctx, record)
         return True
 
@@ -363,7 +374,7 @@ class PassManager:
         self._fill_stats_from_previous(record)
         self.history.records.append(record)
         err = PassError(p.name, reason, remedy="disable it with disable=['%s'] or fix the pass" % p.name)
-        for inst in self.instruments:
+        for inst in self._instruments:
             inst.after_failure(p, gm, self._ctx, record, err)
         if self.strict:
             raise err from cause
