@@ -86,8 +86,12 @@ def cmd_passes(ns: argparse.Namespace) -> int:
     import inspect as pyinspect
 
     import fxopt
-    from fxopt.passmgr.pipeline import PipelineAlias
+    from fxopt.passmgr.pipeline import get_pipeline, list_pipelines
     if ns.name:
+        alias = get_pipeline(ns.name)
+        if alias is not None:
+            print(f"{ns.name}\n{'=' * len(ns.name)}\n\n{alias.doc}")
+            return 0
         cls = fxopt.get_pass(ns.name)
         print(f"{ns.name}\n{'=' * len(ns.name)}\n")
         print(pyinspect.getdoc(cls) or "")
@@ -98,11 +102,16 @@ def cmd_passes(ns: argparse.Namespace) -> int:
         if opts:
             print("\noptions:\n" + "\n".join(opts))
         return 0
-    for name, cls in fxopt.list_passes().items():
+    rows = {**{n: None for n in list_pipelines()}, **fxopt.list_passes()}
+    aliases = list_pipelines()
+    for name in sorted(rows):
+        if name in aliases:
+            print(f"{name:<16} [pipeline] {aliases[name].doc.splitlines()[0]}")
+            continue
+        cls = rows[name]
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
-        kind = "pipeline" if issubclass(cls, PipelineAlias) else \
-            ("exact" if cls.tolerance.atol == 0 and cls.tolerance.rtol == 0 else
-             f"tol atol={cls.tolerance.atol:g} rtol={cls.tolerance.rtol:g}") if cls.preserves_semantics \
+        kind = ("exact" if cls.tolerance.atol == 0 and cls.tolerance.rtol == 0 else
+                f"tol atol={cls.tolerance.atol:g} rtol={cls.tolerance.rtol:g}") if cls.preserves_semantics \
             else "changes numerics"
         print(f"{name:<16} [{kind}] {cls.doc()}")
         if opts:

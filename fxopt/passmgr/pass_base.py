@@ -268,11 +268,21 @@ class Pass:
 PASS_REGISTRY: dict[str, type] = {}
 
 
+#: pipeline aliases by name (fxopt.passmgr.pipeline.PipelineAlias: data, expanded by the manager)
+ALIAS_REGISTRY: dict[str, Any] = {}
+
+
 def register_pass(cls: type, *, replace: bool = False) -> type:
     """Class decorator: make a pass available by name in pipeline strings."""
     name = getattr(cls, "name", "")
     if not name or not _KEBAB.match(name):
         raise PipelineError(f"{cls.__name__}.name must be a kebab-case name like 'fold-bn', got {name!r}")
+    alias = ALIAS_REGISTRY.get(name)
+    if alias is not None:
+        if not (alias.from_recipe or replace):
+            raise PipelineError(f"'{name}' is a pipeline alias ({alias.pipeline}); pick another name for the "
+                                f"pass {cls.__name__} or pass replace=True")
+        del ALIAS_REGISTRY[name]   # a pass owns its name over a recipe's alias
     if name in PASS_REGISTRY and PASS_REGISTRY[name] is not cls and not replace:
         raise PipelineError(f"a pass named '{name}' is already registered ({PASS_REGISTRY[name].__name__}); "
                             "pick another name or pass replace=True")
@@ -330,6 +340,9 @@ def get_pass(name: str) -> type:
         import difflib
         close = difflib.get_close_matches(name, PASS_REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
+        if name in ALIAS_REGISTRY:
+            raise PipelineError(f"'{name}' is a pipeline alias ({ALIAS_REGISTRY[name].pipeline}), not a pass; "
+                                "use it in a pipeline string, or fxopt.passmgr.pipeline.get_pipeline")
         raise PipelineError(f"unknown pass '{name}'.{hint} Known passes: {', '.join(sorted(PASS_REGISTRY))} "
                             "(`fxopt passes` lists them with their options)")
     return PASS_REGISTRY[name]

@@ -17,14 +17,17 @@ one line its history prints::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import re
 from typing import Any, Iterator, Sequence, Union
 
 from fxopt.errors import PipelineError
-from fxopt.passmgr.pass_base import EmptyConfig, Pass, get_pass, register_pass
+from fxopt.passmgr.pass_base import (_KEBAB, ALIAS_REGISTRY, PASS_REGISTRY, Pass, _builtins, get_pass)
 from fxopt.passmgr.syntax import _KEYWORDS, format_options, format_value  # noqa: F401  (re-exported)
 
 __all__ = ["Pipeline", "Repeat", "PipelineAlias", "parse_pipeline", "format_options", "register_pipeline",
+           "get_pipeline", "list_pipelines",
            "as_pipeline", "fold_options", "passes_of"]
 
 Step = Union[Pass, "Repeat", "Pipeline"]
@@ -79,31 +82,49 @@ class Repeat:
         return isinstance(other, Repeat) and self.inner == other.inner and self.max == other.max
 
 
-class PipelineAlias(Pass):
-    """A named pipeline, usable as one step (``cleanup``). Subclasses set ``name`` and ``pipeline``."""
+@dataclass(frozen=True)
+class PipelineAlias:
+    """A named pipeline, usable as one step (``cleanup``, every recipe): data, not a pass. The
+    manager expands it in place; it has no semantics flag or tolerance of its own (its passes do)."""
 
-    pipeline: str = ""
-    Config = EmptyConfig
+    name: str
+    pipeline: str
+    doc: str = ""
+    from_recipe: bool = False   # registered by register_recipe (a pass may take the name later)
 
     def expand(self) -> Pipeline:
         return parse_pipeline(self.pipeline)
 
-    def run(self, gm, ctx):
-        raise PipelineError(f"'{self.name}' is a pipeline alias: the PassManager expands it into its steps "
-                            f"({self.pipeline}); run it with fxopt.PassManager('{self.name}') or compile(recipe=...)")
+    def __str__(self) -> str:
+        return self.name
 
 
-def register_pipeline(name: str, pipeline: str, doc: str) -> type:
+def register_pipeline(name: str, pipeline: str, doc: str, *, from_recipe: bool = False) -> PipelineAlias:
     """Register ``name`` as a step that expands to ``pipeline``."""
+    if not isinstance(name, str) or not _KEBAB.match(name):
+        raise PipelineError(f"a pipeline alias needs a kebab-case name like 'my-cleanup', got {name!r}")
+    if name in PASS_REGISTRY:
+        raise PipelineError(f"'{name}' is a pass ({PASS_REGISTRY[name].__name__}); an alias cannot take its name")
     parse_pipeline(pipeline)  # fail early on typos
-    ident = "".join(w.capitalize() for w in re.split(r"[^0-9A-Za-z]+", name) if w)  # sparse-2:4 -> Sparse24
-    cls = type(f"{ident}Alias", (PipelineAlias,),
-               {"name": name, "pipeline": pipeline, "__doc__": f"{doc}\n\nExpands to ``{pipeline}``."})
-    return register_pass(cls, replace=True)
+    alias = PipelineAlias(name, pipeline, f"{doc}\n\nExpands to ``{pipeline}``.", from_recipe)
+    ALIAS_REGISTRY[name] = alias
+    return alias
+
+
+def get_pipeline(name: str) -> PipelineAlias | None:
+    """The alias registered as ``name``, or None."""
+    if name not in ALIAS_REGISTRY and name not in PASS_REGISTRY:
+        _builtins()
+    return ALIAS_REGISTRY.get(name)
+
+
+def list_pipelines() -> dict[str, PipelineAlias]:
+    _builtins()
+    return dict(sorted(ALIAS_REGISTRY.items()))
 
 
 def as_step(step: Any) -> Any:
-    if isinstance(step, (Pass, Repeat, Pipeline)):
+    if isinstance(step, (Pass, Repeat, Pipeline, PipelineAlias)):
         return step
     if isinstance(step, type) and issubclass(step, Pass):
         return step()
@@ -208,6 +229,11 @@ class _Parser:
                     continue
                 break
             self.take(")")
+        alias = get_pipeline(name) if name not in PASS_REGISTRY else None
+        if alias is not None:
+            if opts:
+                self.fail(name_tok[2], f"'{name}' is a pipeline alias ({alias.pipeline}); it takes no options")
+            return alias
         try:
             cls = get_pass(name)
         except PipelineError as e:

@@ -69,11 +69,10 @@ def register_recipe(name: str, pipeline: str, doc: str, *, replace: bool = False
     parse_pipeline(pipeline)
     recipes._items[name] = Recipe(name, pipeline, doc)
     # a recipe is also a pipeline step ("default,magnitude-prune"), unless a pass owns the name
-    from fxopt.passmgr.pass_base import PASS_REGISTRY
-    from fxopt.passmgr.pipeline import PipelineAlias, register_pipeline
-    if name not in PASS_REGISTRY or issubclass(PASS_REGISTRY[name], PipelineAlias) and \
-            getattr(PASS_REGISTRY[name], "from_recipe", False):
-        register_pipeline(name, pipeline, doc.split(";")[0]).from_recipe = True
+    from fxopt.passmgr.pass_base import ALIAS_REGISTRY, PASS_REGISTRY
+    from fxopt.passmgr.pipeline import register_pipeline
+    if name not in PASS_REGISTRY and (name not in ALIAS_REGISTRY or ALIAS_REGISTRY[name].from_recipe):
+        register_pipeline(name, pipeline, doc.split(";")[0], from_recipe=True)
     return recipes._items[name]
 
 

@@ -149,3 +149,24 @@ def test_the_printed_pipeline_reproduces_the_run_bit_for_bit(recipe, options):
         assert "group32" in pipeline and "group128" not in pipeline
     if "smoothquant" in options:
         assert ("smooth-quant(alpha=" in pipeline) == bool(options["smoothquant"])
+
+
+def test_aliases_are_data_not_passes():
+    from fxopt.passmgr.pipeline import PipelineAlias, get_pipeline, register_pipeline
+    step = parse_pipeline("cleanup").steps[0]
+    assert isinstance(step, PipelineAlias) and not isinstance(step, fxopt.Pass)
+    assert not hasattr(step, "tolerance") and not hasattr(step, "preserves_semantics")
+    assert step == get_pipeline("cleanup") and str(step) == "cleanup"
+    assert get_pipeline("int8-dynamic").from_recipe and "cleanup" not in fxopt.list_passes()
+    with pytest.raises(fxopt.PipelineError, match="takes no options"):
+        parse_pipeline("cleanup(max=2)")
+    with pytest.raises(fxopt.PipelineError, match="is a pass"):
+        register_pipeline("cse", "dce", "shadowing a pass")
+    with pytest.raises(fxopt.PipelineError, match="pipeline alias"):
+        fxopt.get_pass("cleanup")
+
+    class Shadow(fxopt.Pass):
+        name = "cleanup"
+    with pytest.raises(fxopt.PipelineError, match="pipeline alias"):
+        fxopt.register_pass(Shadow)
+    assert get_pipeline("cleanup") is step
