@@ -39,8 +39,8 @@ class GraphSnapshot:
     code: str
 
     @staticmethod
-    def of(gm: fx.GraphModule) -> "GraphSnapshot":
-        return snapshot_of(gm)
+    def of(gm: fx.GraphModule, costs: dict | None = None) -> "GraphSnapshot":
+        return snapshot_of(gm, costs)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -58,8 +58,9 @@ def _count(v: Any) -> Any:
         return str(v)
 
 
-def snapshot_of(gm: fx.GraphModule) -> GraphSnapshot:
-    """Snapshot ``gm``. Per-node FLOPs/bytes come from the cost analysis cache when present."""
+def snapshot_of(gm: fx.GraphModule, costs: dict | None = None) -> GraphSnapshot:
+    """Snapshot ``gm``. Per-node FLOPs/bytes come from ``costs`` (node name -> an object with
+    ``flops`` and ``bytes``: the cost analysis's ``per_node``) when given."""
     infos = []
     for n in gm.graph.nodes:
         val = n.meta.get("val")
@@ -70,10 +71,10 @@ def snapshot_of(gm: fx.GraphModule) -> GraphSnapshot:
             dtype = str(val.dtype).replace("torch.", "")
             if n.op == "get_attr":
                 params = int(val.numel())
-        cost = n.meta.get("fxopt_cost")
+        cost = costs.get(n.name) if costs else None
         flops = nbytes = 0
         if cost is not None:
-            flops, nbytes = _count(cost[1].flops), _count(cost[1].bytes)
+            flops, nbytes = _count(cost.flops), _count(cost.bytes)
         infos.append(NodeInfo(n.name, n.op, _target_str(n), tuple(a.name for a in n.all_input_nodes),
                               shape, dtype, module_path(n), n.meta.get("fxopt_created_by", "capture"),
                               op_name(n), op_family(n), flops, nbytes, params))

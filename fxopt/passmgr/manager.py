@@ -132,7 +132,7 @@ class PassManager:
         self._reference = reference if reference is not None else self._prev_out
         self.history = History(str(self.pipeline))
         self.history.initial_stats = self._stats(gm)  # first: the snapshot picks up per-node costs
-        self._snapshot = GraphSnapshot.of(gm) if self.record_graphs else None
+        self._snapshot = GraphSnapshot.of(gm, self._costs) if self.record_graphs else None
         self.history.initial = self._snapshot
         self._run_pipeline(self.pipeline, gm, "")
         self.history.final = self._snapshot if self.record_graphs else None
@@ -145,10 +145,12 @@ class PassManager:
     def _stats(self, gm: fx.GraphModule) -> dict:
         params, nbytes = param_stats(gm)
         out = {"nodes": len(gm.graph.nodes), "params": params, "model_bytes": nbytes, "flops": None}
+        self._costs = None   # per-node costs for the snapshot taken next
         if self.record_cost:
             try:
                 cost = self._ctx.analysis("cost", gm)
                 out["flops"], out["symbols"] = cost.total_flops, cost.symbols
+                self._costs = cost.per_node
             except Exception:  # cost is informative; never fail a run over it
                 out["flops"] = None
         return out
@@ -312,7 +314,7 @@ class PassManager:
         record.params, record.model_bytes, record.flops = stats["params"], stats["model_bytes"], stats["flops"]
         if self.record_graphs:
             record.graph_before = self._snapshot
-            self._snapshot = GraphSnapshot.of(gm)
+            self._snapshot = GraphSnapshot.of(gm, self._costs)
             record.graph_after = self._snapshot
         self.history.records.append(record)
         for inst in self._instruments:

@@ -32,8 +32,7 @@ def as_snapshot(obj: Any) -> GraphSnapshot:
         return obj
     if isinstance(obj, fx.GraphModule):
         from fxopt.passmgr.analysis import AnalysisManager
-        AnalysisManager().get("cost", obj)  # fills the per-node cost cache the snapshot reads
-        return GraphSnapshot.of(obj)
+        return GraphSnapshot.of(obj, AnalysisManager().get("cost", obj).per_node)
     raise TypeError(f"expected a GraphModule (from fxopt.trace/compile) or a GraphSnapshot, got {type(obj).__name__}")
 
 

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from fxopt.passmgr.analysis import Analysis, register_analysis
 from fxopt.ir.dialect import CONV_OPS, aten, get_attr_tensor, is_view_target
-from fxopt.ir.meta import propagate_meta, size_expr
+from fxopt.ir.meta import fake_values, size_expr
 
 __all__ = ["NodeCost", "CostResult", "CostAnalysis", "node_cost"]
 
@@ -78,6 +78,12 @@ def _val(a: Any) -> Any:
     return a.meta.get("val") if isinstance(a, fx.Node) else None
 
 
+def _val_of(vals: dict | None) -> Any:
+    if vals is None:
+        return _val
+    return lambda a: vals.get(a) if isinstance(a, fx.Node) else None
+
+
 _LINEAR = {aten.linear.default}
 _MM = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default, aten.baddbmm.default}
 _CONV_T = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
@@ -90,10 +96,12 @@ _FXOPT_SPARSE = {"fxopt::linear_csr"}
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int}
 
 
-def node_cost(node: fx.Node) -> NodeCost:
-    """Cost of one ``call_function`` node from the metadata of it and its inputs."""
+def node_cost(node: fx.Node, vals: dict | None = None) -> NodeCost:
+    """Cost of one ``call_function`` node from the fake values of it and its inputs (``vals``, node ->
+    value, as :func:`fxopt.ir.meta.fake_values` returns; default: their ``meta["val"]``)."""
+    _val = _val_of(vals)
     t = node.target
-    out = node.meta.get("val")
+    out = _val(node)
     if is_view_target(t) or t in (aten.sym_size.int, aten._assert_tensor_metadata.default):
         return NodeCost()
     in_bytes = sum((_nbytes(_val(a)) for a in node.all_input_nodes), 0)
@@ -159,23 +167,30 @@ def _sig(v: Any) -> Any:
     return str(v)
 
 
-def _freeze(a: Any) -> Any:
+def _freeze(a: Any, val: Any = _val) -> Any:
     if isinstance(a, fx.Node):
-        return ("%", _sig(a.meta.get("val")))
+        return ("%", _sig(val(a)))
     if isinstance(a, torch.Tensor):  # a constant argument: by shape and dtype (its repr could be huge)
         return _sig(a)
     if isinstance(a, (list, tuple)):
-        return tuple(_freeze(x) for x in a)
+        return tuple(_freeze(x, val) for x in a)
     if isinstance(a, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in a.items()))
+        return tuple(sorted((k, _freeze(v, val)) for k, v in a.items()))
     return repr(a)
 
 
-def _key(node: fx.Node) -> tuple:
+def _key(node: fx.Node, vals: dict | None = None) -> tuple:
     """The cost cache key: the op, every argument and keyword (inputs by shape and dtype) and the
     output's shape. Value-based, so a pass that edits a node in place (a new target, ``approximate=``,
     new shapes) never reads a stale cost, and no pass has to clear the cache by hand."""
-    return (node.target, _freeze(node.args), _freeze(node.kwargs), _sig(node.meta.get("val")))
+    val = _val_of(vals)
+    return (node.target, _freeze(node.args, val), _freeze(node.kwargs, val), _sig(val(node)))
+
+
+#: node costs by value key (op, arguments by shape and dtype, output shape): a pure function's cache,
+#: kept here, not in the graph (an analysis never writes the graph)
+_COSTS: dict[tuple, NodeCost] = {}
+_MAX_COSTS = 200_000
 
 
 @register_analysis
@@ -186,13 +201,13 @@ class CostAnalysis(Analysis):
 
     def run(self, gm: fx.GraphModule, ctx: Any = None) -> CostResult:
         from fxopt.ir.meta import input_symbols
-        propagate_meta(gm)
+        vals = fake_values(gm)   # computed, not written: nodes a pass left without metadata
         res = CostResult(symbols=input_symbols(gm))
         flops, macs, nbytes = [], [], []
         seen: set[str] = set()
         for node in gm.graph.nodes:
             if node.op == "get_attr":
-                val = node.meta.get("val")
+                val = vals.get(node)
                 if not isinstance(val, torch.Tensor):  # a non-tensor attribute, or meta that failed
                     val = get_attr_tensor(gm, node)
                 n = int(_numel(val)) if isinstance(val, torch.Tensor) else 0
@@ -204,16 +219,20 @@ class CostAnalysis(Analysis):
                 continue
             if node.op != "call_function":
                 continue
-            cached = node.meta.get("fxopt_cost")
-            key = _key(node)
-            if cached is not None and cached[0] == key:
-                c = cached[1]
-            else:
+            try:
+                key = _key(node, vals)
+                c = _COSTS.get(key)
+            except TypeError:   # an unhashable argument: no caching for this node
+                key, c = None, None
+            if c is None:
                 try:
-                    c = node_cost(node)
+                    c = node_cost(node, vals)
                 except Exception:  # unknown shapes: count nothing rather than fail
                     c = NodeCost()
-                node.meta["fxopt_cost"] = (key, c)
+                if key is not None:
+                    if len(_COSTS) >= _MAX_COSTS:
+                        _COSTS.clear()
+                    _COSTS[key] = c
             res.per_node[node.name] = c
             flops.append(c.flops)
             macs.append(c.macs)

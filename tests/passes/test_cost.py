@@ -59,11 +59,15 @@ def test_resnet_cost_matches_published_macs(torchvision_models):
         sum(b.numel() for b in torchvision_models.resnet18().buffers())
 
 
-def test_cost_cache_reuses_unchanged_nodes():
+def test_cost_cache_reuses_unchanged_nodes_and_never_writes_the_graph(monkeypatch):
+    from fxopt.passes.analysis import cost
     gm, c1 = cost_of(ResCNN().eval(), torch.randn(2, 3, 8, 8))
+    metas = {n.name: dict(n.meta) for n in gm.graph.nodes}
+    calls = []
+    monkeypatch.setattr(cost, "node_cost", lambda *a: calls.append(a) or cost.NodeCost())
     c2 = CostAnalysis().run(gm)
-    assert c1.per_node == c2.per_node
-    assert all("fxopt_cost" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+    assert c1.per_node == c2.per_node and not calls   # every node from the value-keyed cache
+    assert {n.name: dict(n.meta) for n in gm.graph.nodes} == metas
 
 
 def test_the_cost_cache_follows_in_place_edits_without_clearing():
