@@ -46,6 +46,8 @@ def test_passes_shows_one_pass_in_full(capsys):
     assert main(["passes", "fold-bn"]) == 0
     out = capsys.readouterr().out
     assert "Preconditions" in out and "Tolerance" in out
+    assert "defined in fxopt.passes.fusion.fold_bn (" in out and "passes/fusion/fold_bn.py" in out  # one hop
+    assert main(["passes", "cleanup"]) == 0 and "Expands to" in capsys.readouterr().out
     assert main(["passes", "fold-bnn"]) == 1
     assert "Did you mean fold-bn" in capsys.readouterr().err
 

@@ -94,6 +94,11 @@ def cmd_passes(ns: argparse.Namespace) -> int:
             return 0
         cls = fxopt.get_pass(ns.name)
         print(f"{ns.name}\n{'=' * len(ns.name)}\n")
+        try:
+            where = pyinspect.getsourcefile(cls) or "?"
+        except TypeError:
+            where = "?"
+        print(f"defined in {cls.__module__} ({where})\n")
         print(pyinspect.getdoc(cls) or "")
         module_doc = pyinspect.getdoc(sys.modules.get(cls.__module__))
         if module_doc and module_doc != pyinspect.getdoc(cls):
