@@ -17,7 +17,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from fxopt.errors import (CalibrationError, FxoptError, InputError, LoadError, PassError, PipelineError,  # noqa: E402
-                     RecipeError, TraceError)
+                     RecipeError, TraceError, ExportError, RuntimeUnavailable)
 
 #: public name -> the submodule that defines it (loaded on first use)
 _EXPORTS = {
@@ -34,7 +34,8 @@ _EXPORTS = {
     "calibrate": ".quant.calibrate", "SensitivityReport": ".quant.sensitivity", "sensitivity": ".quant.sensitivity",
     "QSpec": ".quant.qspec", "register_channel_rule": ".passes.analysis.dependency",
     "ChannelRule": ".passes.analysis.channel_rules", "diff": ".viz.graph_diff",
-    "render": ".viz.graph_render",
+    "render": ".viz.graph_render", "export_onnx": ".runtime.onnx_export", "RuntimeModule": ".runtime.engines",
+    "list_runtimes": ".runtime.engines",
     **{n: ".train.training" for n in ("FinetuneHistory", "cubic_sparsity", "finetune", "gradual_prune")},
     **{n: ".passmgr.patterns" for n in ("Match", "Rewrite", "RewritePass", "RewriteSet", "register_rewrites")},
 }
@@ -77,5 +78,6 @@ __all__ = [
     "PassManager", "PassRecord", "History", "Instrument", "PrintBeforeAfter", "TimingReport", "Backend",
     "CrashReproducer", "Disable", "StopAfter", "ChannelRule",
     "FxoptError", "TraceError", "PassError", "PipelineError", "RecipeError", "InputError", "LoadError",
-    "CalibrationError", "calibrate", "sensitivity", "SensitivityReport", "QSpec", "register_channel_rule", "__version__",
+    "CalibrationError", "ExportError", "RuntimeUnavailable", "export_onnx", "RuntimeModule", "list_runtimes",
+    "calibrate", "sensitivity", "SensitivityReport", "QSpec", "register_channel_rule", "__version__",
 ]

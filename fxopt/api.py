@@ -48,6 +48,7 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
             progress: bool | None = None, metric: Callable[[torch.nn.Module], float] | None = None,
             latency_repeats: int = 10, verify_inputs: Any = None,
             pass_timeout: float | None = DEFAULT_PASS_TIMEOUT, reproducer: str | None = None,
+            runtime: str = "torch", runtime_candidates: Iterable[str] | None = None,
             **options: Any) -> fx.GraphModule:
     """Capture ``model``, run ``recipe`` over it, and return the optimized module.
 
@@ -73,6 +74,16 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     (a list of input tuples) every pass is verified on; by default the first two
     calibration batches. ``pass_timeout``: seconds a pass may run before it is stopped,
     rolled back and named (default 1800; ``None``: no limit).
+
+    ``runtime``: what runs the optimized graph. ``"torch"`` (the default): fxopt's graph on eager
+    PyTorch with fxopt's CPU kernels. ``"onnxruntime"``, ``"openvino"``: the graph exported to ONNX
+    (:func:`fxopt.export_onnx`) and run by that runtime; ``"inductor"``: ``torch.compile`` of the graph.
+    ``"auto"``: each installed runtime (``runtime_candidates=``, default torch, onnxruntime, openvino)
+    is built, checked against fxopt's graph on the example and verification inputs, and timed on the
+    example inputs; the fastest that agrees is kept. A runtime other than torch comes back as a
+    :class:`fxopt.RuntimeModule`, called exactly like the model; ``history.runtime`` has the decision
+    (every candidate's milliseconds, error and why it was refused). A named runtime that is missing or
+    disagrees raises :class:`~fxopt.errors.RuntimeUnavailable`.
 
     Bad calibration data (empty, NaN/Inf, wrong shapes) raises ``CalibrationError``,
     strict or not, and an exception raised by your own data loader or metric reaches
@@ -189,6 +200,22 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     if idle:
         warnings.warn(f"fxopt.compile: recipe '{recipe if isinstance(recipe, str) else pipeline}' changed nothing "
                       f"in {'; '.join(idle)}: the model is not compressed as the recipe says", stacklevel=2)
+    if runtime != "torch" or runtime_candidates is not None:
+        from fxopt.runtime.select import choose_runtime, warn_if_slower
+        extra = list(verify_inputs or []) or (list(calibration)[:2] if isinstance(calibration, list) else [])
+        with preserved_state(out):
+            handed, record = choose_runtime(out, args, kwargs, runtime, candidates=runtime_candidates,
+                                            verify_inputs=extra, original=work, reference=reference,
+                                            repeats=latency_repeats)
+        _restore(state)
+        history.runtime = record
+        warn_if_slower(record)
+        if handed is not out:
+            out = handed
+    elif history.latency and history.latency["compiled_ms"] > 1.05 * history.latency["original_ms"]:
+        warnings.warn(f"fxopt.compile: the compiled model runs slower than the original on the example inputs "
+                      f"({history.latency['compiled_ms']:.3g} ms vs {history.latency['original_ms']:.3g} ms); "
+                      "try runtime='auto' or another recipe", RuntimeWarning, stacklevel=2)
     if report is not None:
         _write_report(out, report)
     return out
@@ -236,7 +263,7 @@ def _check_options(pipeline: Pipeline, options: dict) -> None:
                       stacklevel=3)
 
 
-def _write_report(out: fx.GraphModule, path: str) -> None:
+def _write_report(out: Any, path: str) -> None:
     from fxopt.viz.report import write_report
     write_report(out.fxopt_history, path)
 

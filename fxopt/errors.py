@@ -10,6 +10,8 @@ __all__ = [
     "InputError",
     "LoadError",
     "CalibrationError",
+    "ExportError",
+    "RuntimeUnavailable",
     "mark_user_error",
     "is_user_error",
 ]
@@ -74,6 +76,14 @@ class LoadError(FxoptError):
 
 class CalibrationError(FxoptError):
     """Calibration data that cannot be used (empty, NaN/Inf, wrong shapes)."""
+
+
+class ExportError(FxoptError):
+    """A graph that cannot be written in an exchange format (ONNX): names the op and what to do."""
+
+
+class RuntimeUnavailable(FxoptError, ValueError):
+    """A runtime (``runtime="onnxruntime"`` ...) that is not installed, unknown, or cannot run the model."""
 
 
 def mark_user_error(e: BaseException) -> BaseException:

@@ -61,6 +61,8 @@ class History:
     symbol_values: dict = field(default_factory=dict)
     latency: dict | None = None
     metric: dict | None = None
+    # fxopt.compile(runtime=...): the runtime kept, every candidate's timing, error, or why it was refused
+    runtime: dict | None = None
 
     @property
     def failures(self) -> list[PassRecord]:
@@ -102,6 +104,9 @@ class History:
         symbols = self.initial_stats.get("symbols")
         if symbols:
             text += "\nsymbols: " + ", ".join(f"{k} = {v}" for k, v in symbols.items())
+        if self.runtime:
+            from fxopt.runtime.select import describe
+            text += "\n" + describe(self.runtime)
         return text
 
     def __str__(self) -> str:

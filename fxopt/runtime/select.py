@@ -1,0 +1,250 @@
+"""``runtime=`` of :func:`fxopt.compile`: hand the optimized graph to a runtime, check it, keep the fastest.
+
+For every candidate runtime the graph is built (exported to ONNX once, shared by ONNX Runtime and
+OpenVINO), run on the example inputs and the verification inputs, and compared with fxopt's own graph.
+Float graphs must agree to ``1e-4`` of the output's magnitude. A quantized graph amplifies last-bit
+differences: a runtime whose float parts (GELU, softmax, layer norm) differ in the last bit moves an
+activation code by one here and there, and attention spreads the move over every token and layer
+(measured on the MiniLM BERT, dynamic int8, 8x128: the first layer agrees to 2e-7, the last hidden
+state to 0.05 of its magnitude, against 0.9 for the quantization itself; fxopt's own lowered kernels
+differ from its simulation just as much). So a quantized graph's runtime must (1) be as accurate as
+fxopt's graph: its error against the float model within 1.1x fxopt's (worst and median element, plus
+``1e-4``), and (2) stay near fxopt's graph: the worst element within half the quantization error
+(at least ``1e-2``), the median within the quantization's median (at least ``1e-4``). Exactness of
+each translated layer is what the tests check, on single layers, to 1e-6. A runtime outside the bounds is refused, with the error. Then each runtime that agrees
+is timed on the example inputs (median of ``repeats`` calls after two warm-up calls, one runtime after
+the other; worker threads do not spin, see :mod:`fxopt.runtime.engines`) and the fastest is kept.
+``history.runtime`` holds the decision: every candidate with its milliseconds, its errors, and why it
+was refused.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from fxopt.errors import InputError, RuntimeUnavailable
+from fxopt.runtime.engines import RUNTIMES, Built, RuntimeModule, build_runtime, get_runtime
+
+__all__ = ["choose_runtime", "AUTO_CANDIDATES", "FLOAT_TOLERANCE", "QUANT_TOLERANCE", "agreement"]
+
+#: what ``runtime="auto"`` tries, in order, when installed; Inductor only when named in
+#: ``runtime_candidates=``: its cold compile takes tens of seconds to minutes on a 2-core CPU
+AUTO_CANDIDATES = ("torch", "onnxruntime", "openvino")
+FLOAT_TOLERANCE = 1e-4
+QUANT_TOLERANCE = 1e-2
+
+
+def _is_quantized(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "fxopt"
+               and "csr" not in str(n.target) for n in gm.graph.nodes)
+
+
+def agreement(ref: Any, out: Any) -> tuple[float, float]:
+    """(max, median) of |out - ref| / max |ref| over the floating output leaves (inf when the structures differ)."""
+    a, sa = pytree.tree_flatten(ref)
+    b, sb = pytree.tree_flatten(out)
+    if len(a) != len(b):
+        return math.inf, math.inf
+    worst, median = 0.0, 0.0
+    for x, y in zip(a, b):
+        if not isinstance(x, torch.Tensor):
+            continue
+        if not isinstance(y, torch.Tensor) or tuple(x.shape) != tuple(y.shape):
+            return math.inf, math.inf
+        if not x.is_floating_point():
+            if not torch.equal(x, y.to(x.dtype)):
+                return math.inf, math.inf
+            continue
+        x, y = x.detach().float(), y.detach().float()
+        if x.numel() == 0:
+            continue
+        if not torch.isfinite(y).all():
+            return math.inf, math.inf
+        scale = max(float(x.abs().max()), 1e-6)
+        d = (x - y).abs()
+        worst = max(worst, float(d.max()) / scale)
+        median = max(median, float(d.flatten().median()) / scale)
+    return worst, median
+
+
+def _median_ms(fn: Any, repeats: int, budget_s: float = 3.0) -> float:
+    with torch.no_grad():
+        fn()
+        fn()
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, *,
+                   candidates: Iterable[str] | None = None, verify_inputs: list | None = None,
+                   original: Any = None, reference: Any = None, repeats: int = 10,
+                   threads: int | None = None, tolerance: float | None = None) -> tuple[Any, dict]:
+    """The module to hand back for ``runtime`` (``gm`` itself for ``torch``) and the decision record.
+
+    ``runtime``: ``auto`` or a name in :data:`~fxopt.runtime.engines.RUNTIMES`. A named runtime that
+    is missing or cannot run the graph raises :class:`~fxopt.errors.RuntimeUnavailable`; one whose
+    outputs disagree raises it too (``auto`` skips both, with the reason in the record).
+    ``original``: the uncompressed model, timed too so the record says what the user gained;
+    ``reference``: its outputs on the example inputs (the quantization error bounds a quantized graph's).
+    """
+    if runtime != "auto":
+        get_runtime(runtime)
+        names = [runtime]
+    else:
+        names = list(candidates) if candidates is not None else list(AUTO_CANDIDATES)
+        for n in names:
+            get_runtime(n)
+        if "torch" not in names:
+            names.insert(0, "torch")
+    inputs = [(args, kwargs)] + [_as_call(v) for v in (verify_inputs or [])]
+    with torch.no_grad():
+        refs = [gm(*a, **k) for a, k in inputs]
+    quantized = _is_quantized(gm)
+    median_tol = None
+    if tolerance is not None:
+        tol = tolerance
+    elif quantized:
+        q_max, q_med = agreement(reference, refs[0]) if reference is not None else (0.0, 0.0)
+        q_max, q_med = (q_max, q_med) if math.isfinite(q_max) else (0.0, 0.0)
+        tol = max(QUANT_TOLERANCE, 0.5 * q_max)
+        median_tol = max(FLOAT_TOLERANCE, q_med)
+    else:
+        tol = FLOAT_TOLERANCE
+    quant_err = (q_max, q_med) if quantized and reference is not None else None
+    record: dict[str, Any] = {"asked": runtime, "tolerance": tol, "median_tolerance": median_tol,
+                              "quant_err": quant_err,
+                              "quantized": quantized, "candidates": {}, "threads": threads or torch.get_num_threads()}
+    built: dict[str, Built] = {}
+    onnx_data: bytes | None = None
+    onnx_error: str | None = None
+    for name in names:
+        rt = RUNTIMES[name]
+        entry: dict[str, Any] = {}
+        record["candidates"][name] = entry
+        why = rt.why_unavailable()
+        if why:
+            entry["refused"] = why
+            continue
+        if "onnx" in rt.needs and onnx_data is None and onnx_error is None:
+            from fxopt.runtime.onnx_export import onnx_bytes
+            t0 = time.perf_counter()
+            try:
+                onnx_data = onnx_bytes(gm, (args, kwargs))
+                record["onnx_bytes"] = len(onnx_data)
+                record["export_s"] = round(time.perf_counter() - t0, 2)
+            except Exception as e:  # ExportError: every ONNX runtime is refused with it
+                onnx_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        if "onnx" in rt.needs and onnx_error is not None:
+            entry["refused"] = f"ONNX export failed: {onnx_error}"
+            continue
+        t0 = time.perf_counter()
+        try:
+            b = build_runtime(name, gm, args, kwargs, threads=threads, onnx=onnx_data)
+            entry["build_s"] = round(time.perf_counter() - t0, 2)
+            with torch.no_grad():
+                errs = [agreement(r, b.run(a, k)) for r, (a, k) in zip(refs, inputs)]
+            err, med = max(e[0] for e in errs), max(e[1] for e in errs)
+            vs_float = agreement(reference, b.run(args, kwargs)) if quant_err is not None else None
+        except (RuntimeUnavailable, InputError) as e:
+            entry["refused"] = str(e).splitlines()[0]
+            continue
+        except Exception as e:
+            entry["refused"] = f"runtime '{name}' failed on the example inputs: {type(e).__name__}: " \
+                               f"{(str(e).strip().splitlines() or [''])[0][:300]}"
+            continue
+        entry["max_rel_err"], entry["median_rel_err"] = err, med
+        if not err <= tol:
+            entry["refused"] = (f"outputs differ from fxopt's graph by {err:.3g} of their magnitude "
+                                f"(tolerance {tol:.3g})")
+            continue
+        if vs_float is not None:
+            entry["err_vs_float"] = vs_float
+            if not (vs_float[0] <= 1.1 * quant_err[0] + 1e-4 and vs_float[1] <= 1.1 * quant_err[1] + 1e-4):
+                entry["refused"] = (f"less accurate than fxopt's graph: error against the float model {vs_float[0]:.3g} "
+                                    f"(median {vs_float[1]:.3g}) vs fxopt's {quant_err[0]:.3g} ({quant_err[1]:.3g})")
+                continue
+        if median_tol is not None and not med <= median_tol:
+            entry["refused"] = (f"a different arithmetic: the median output differs from fxopt's graph by {med:.3g} "
+                                f"of the magnitude (tolerance {median_tol:.3g})")
+            continue
+        built[name] = b
+    if runtime != "auto":
+        entry = record["candidates"][runtime]
+        if "refused" in entry:
+            raise RuntimeUnavailable(entry["refused"] + ("" if runtime == "torch" else
+                                                         "; runtime='auto' picks among those that work"))
+    if runtime == "auto" or len(built) > 0:
+        for name, b in built.items():
+            call = _call_of(b, args, kwargs)
+            record["candidates"][name]["ms"] = round(_median_ms(call, repeats), 4)
+        if original is not None:
+            record["original_ms"] = round(_median_ms(lambda: original(*args, **kwargs), repeats), 4)
+    timed = {n: record["candidates"][n]["ms"] for n in built}
+    chosen = min(timed, key=timed.__getitem__) if timed else "torch"
+    record["chosen"] = chosen
+    if runtime == "auto":
+        others = ", ".join(f"{n} {timed[n]:.3g} ms" for n in timed if n != chosen)
+        record["why"] = (f"fastest of the runtimes that agree with fxopt's graph on the example inputs: {chosen} "
+                         f"{timed.get(chosen, float('nan')):.3g} ms" + (f" (vs {others})" if others else ""))
+    else:
+        record["why"] = f"asked for runtime={runtime!r}"
+    if chosen == "torch":
+        return gm, record
+    return RuntimeModule(gm, chosen, built[chosen]), record
+
+
+def _call_of(b: Built, args: tuple, kwargs: dict) -> Any:
+    return lambda: b.run(args, kwargs)
+
+
+def _as_call(v: Any) -> tuple[tuple, dict]:
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], dict) and isinstance(v[0], (tuple, list)):
+        return tuple(v[0]), dict(v[1])
+    if isinstance(v, dict):
+        return (), dict(v)
+    if isinstance(v, (tuple, list)):
+        return tuple(v), {}
+    return (v,), {}
+
+
+def describe(record: dict) -> str:
+    """The decision as text (what ``print(history)`` shows)."""
+    lines = [f"runtime: {record.get('chosen')} ({record.get('why')})"]
+    if record.get("quant_err"):
+        qm, qd = record["quant_err"]
+        lines.append(f"  quantization error of fxopt's graph vs the float model: max {qm:.3g}, median {qd:.3g} "
+                     "(relative to the output's magnitude)")
+    if record.get("original_ms") is not None:
+        lines.append(f"  original model (eager): {record['original_ms']:.4g} ms")
+    for name, e in record.get("candidates", {}).items():
+        if "refused" in e:
+            lines.append(f"  {name}: refused: {e['refused']}")
+        else:
+            ms = f"{e['ms']:.4g} ms" if "ms" in e else "not timed"
+            err, med = e.get("max_rel_err"), e.get("median_rel_err")
+            lines.append(f"  {name}: {ms}, rel err max {err:.2g} median {med:.2g} (tolerance {record.get('tolerance'):.3g})"
+                         + (f", built in {e['build_s']:.1f} s" if e.get("build_s") else ""))
+    return "\n".join(lines)
+
+
+def warn_if_slower(record: dict, model_name: str = "the compiled model") -> None:
+    """Say loudly when what is handed back is slower than the original on the example inputs."""
+    orig = record.get("original_ms")
+    chosen = record.get("candidates", {}).get(record.get("chosen"), {})
+    ms = chosen.get("ms")
+    if orig and ms and ms > orig * 1.05:
+        warnings.warn(f"fxopt.compile: {model_name} runs slower than the original on the example inputs "
+                      f"({ms:.3g} ms vs {orig:.3g} ms on runtime {record.get('chosen')}); the recipe does not pay "
+                      "off on this CPU: try another recipe or runtime='auto'", RuntimeWarning, stacklevel=3)
