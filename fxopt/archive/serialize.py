@@ -54,6 +54,7 @@ FORMAT = "fxopt"
 VERSION = 1
 _MANIFEST = "manifest.json"
 _MODEL = "model.pt2"
+_RUNTIME_ONNX = "runtime.onnx"  # the ONNX model a RuntimeModule runs (fxopt.runtime.artifact)
 
 
 def _export(gm: fx.GraphModule, example_inputs: Any) -> Any:
@@ -84,6 +85,18 @@ def save(module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any =
     ``example_inputs`` (``(args, kwargs)``) is only needed for modules fxopt
     did not capture. The file is written atomically.
     """
+    from fxopt.runtime.engines import RuntimeModule
+    runtime = None
+    if isinstance(module, RuntimeModule):
+        if module.artifact is None:
+            import warnings
+            warnings.warn(f"fxopt.save: runtime '{module.runtime}' has no file to keep; saving fxopt's graph (load "
+                          "it and compile with runtime= again)", RuntimeWarning, stacklevel=2)
+        else:
+            rec = (module.fxopt_history.runtime or {}) if module.fxopt_history is not None else {}
+            runtime = {"name": module.runtime, "artifact": module.artifact,
+                       "tolerance": rec.get("tolerance"), "median_tolerance": rec.get("median_tolerance")}
+        module = module.graph_module
     if not isinstance(module, fx.GraphModule):
         raise InputError(f"fxopt.save expects a module returned by fxopt.compile or fxopt.trace, got "
                          f"{type(module).__name__}; compile it first")
@@ -105,6 +118,10 @@ def save(module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any =
                     # forward's parameter names: positional calls map to keyword inputs after loading too
                     "signature": [[str(n), bool(d)] for n, d in module.meta.get(SIGNATURE_KEY) or []]},
     }
+    if runtime is not None:
+        manifest["sha256"][_RUNTIME_ONNX] = hashlib.sha256(runtime["artifact"]).hexdigest()
+        manifest["runtime"] = {"name": runtime["name"], "tolerance": runtime["tolerance"],
+                               "median_tolerance": runtime["median_tolerance"]}
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".fxopt-", dir=folder)
@@ -112,6 +129,8 @@ def save(module: torch.nn.Module, path: str | os.PathLike, example_inputs: Any =
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
             z.writestr(_MANIFEST, json.dumps(manifest, indent=1))
             z.writestr(_MODEL, blob)
+            if runtime is not None:
+                z.writestr(_RUNTIME_ONNX, runtime["artifact"])
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -131,18 +150,19 @@ _MAX_MANIFEST = 64 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "format": (str,), "version": (int,), "torch": (str,), "sha256": (dict,), "pipeline": (str, type(None)),
-    "history": (str, type(None)), "capture": (dict, type(None))}
+    "history": (str, type(None)), "capture": (dict, type(None)), "runtime": (dict, type(None))}
 _CAPTURE_TYPES: dict[str, tuple[type, ...]] = {
     "dynamic": (bool, str, type(None)), "model_class": (str, type(None)), "range_constraints": (dict,),
     "signature": (list,)}
 
 
 def _outer_cap(name: str) -> int | None:
-    return {_MANIFEST: _MAX_MANIFEST, _MODEL: MAX_TOTAL}.get(name)
+    return {_MANIFEST: _MAX_MANIFEST, _MODEL: MAX_TOTAL, _RUNTIME_ONNX: MAX_TOTAL}.get(name)
 
 
-def _read(path: str) -> tuple[Any, bytes]:
-    """The manifest (parsed JSON) and the model archive's bytes, after the outer zip's checks."""
+def _read(path: str) -> tuple[Any, bytes, bytes | None]:
+    """The manifest (parsed JSON), the model archive's bytes and the runtime's ONNX bytes (or None),
+    after the outer zip's checks."""
     try:
         with open(path, "rb") as f:
             z, infos = read_checked_zip(f, path, _outer_cap, {_MANIFEST, _MODEL},
@@ -151,10 +171,11 @@ def _read(path: str) -> tuple[Any, bytes]:
             with z:
                 text = read_member(z, infos[_MANIFEST], path)
                 blob = read_member(z, infos[_MODEL], path)
+                onnx_blob = read_member(z, infos[_RUNTIME_ONNX], path) if _RUNTIME_ONNX in infos else None
     except OSError as e:
         raise LoadError(f"cannot read {path}: {e}") from e
     try:
-        return json.loads(text), blob
+        return json.loads(text), blob, onnx_blob
     except (ValueError, RecursionError) as e:
         raise LoadError(f"{path}: the manifest is not valid JSON (file corrupted?); {DAMAGED}") from e
 
@@ -178,9 +199,16 @@ def _check_manifest(manifest: Any, path: str) -> None:
             raise LoadError(f"{path}: manifest field {str(key)[:40]!r} is unknown or has the wrong type "
                             f"({type(value).__name__}); {RESAVE}")
     sums = manifest.get("sha256")
-    if not (isinstance(sums, dict) and set(sums) == {_MODEL} and isinstance(sums[_MODEL], str)
-            and _SHA256.match(sums[_MODEL])):
+    if not (isinstance(sums, dict) and set(sums) in ({_MODEL}, {_MODEL, _RUNTIME_ONNX})
+            and all(isinstance(v, str) and _SHA256.match(v) for v in sums.values())):
         raise LoadError(f"{path}: the manifest has no SHA-256 of {_MODEL}; save the model again with fxopt.save")
+    rt = manifest.get("runtime")
+    if (rt is not None) != (_RUNTIME_ONNX in sums):
+        raise LoadError(f"{path}: the manifest's runtime and its checksums disagree; {RESAVE}")
+    if rt is not None and not (set(rt) == {"name", "tolerance", "median_tolerance"}
+                               and rt["name"] in ("onnxruntime", "openvino")
+                               and all(type(rt[k]) in (float, int, type(None)) for k in ("tolerance", "median_tolerance"))):
+        raise LoadError(f"{path}: the manifest's runtime entry is not one fxopt.save writes; {RESAVE}")
     capture = manifest.get("capture") or {}
     for key, value in capture.items():
         if key not in _CAPTURE_TYPES or type(value) not in _CAPTURE_TYPES[key]:
@@ -206,8 +234,16 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise LoadError(f"no such file: {path}")
-    manifest, blob = _read(path)
+    manifest, blob, onnx_blob = _read(path)
     _check_manifest(manifest, path)
+    if (onnx_blob is None) != (manifest.get("runtime") is None):
+        raise LoadError(f"{path}: the runtime's model and the manifest disagree; {RESAVE}")
+    if onnx_blob is not None:
+        if manifest["sha256"][_RUNTIME_ONNX] != hashlib.sha256(onnx_blob).hexdigest():
+            raise LoadError(f"{path} failed its checksum: the runtime's model was modified or damaged after saving; "
+                            "save the model again")
+        from fxopt.runtime.artifact import check_onnx
+        check_onnx(onnx_blob, path)
     # the checksum catches accidents (a cut or damaged file); anyone can recompute it, so
     # what stops a crafted file is the whitelist check below
     if manifest["sha256"][_MODEL] != hashlib.sha256(blob).hexdigest():
@@ -241,6 +277,10 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
         gm.meta["fxopt_example_inputs"] = (tuple(example[0]), dict(example[1]))
     gm.meta["fxopt_manifest"] = manifest
     _warn_slow_int8(gm, path, manifest)
+    if onnx_blob is not None:
+        from fxopt.runtime.artifact import reattach
+        rt = manifest["runtime"]
+        return reattach(gm, rt["name"], onnx_blob, path, rt["tolerance"], rt["median_tolerance"])
     return gm
 
 

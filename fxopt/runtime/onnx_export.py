@@ -52,7 +52,7 @@ import torch.utils._pytree as pytree
 
 from fxopt.errors import ExportError, InputError
 
-__all__ = ["export_onnx", "onnx_bytes", "output_names", "OPSET", "translation_table"]
+__all__ = ["export_onnx", "onnx_bytes", "output_names", "OPSET", "translation_table", "register_translation"]
 
 OPSET = 21
 _EPS = float(torch.finfo(torch.float32).eps)
@@ -70,9 +70,39 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+_USER: dict = {}
+
+
+def register_translation(op: Any, fn: Any) -> None:
+    """Teach the exporter your own op: ``fn`` builds its ONNX from onnxscript ops (``from onnxscript import
+    opset21 as op``), called with the op's tensor arguments as ONNX values and the rest as Python values::
+
+        def my_scale(x, factor: float):
+            return op.Mul(x, op.Constant(value_float=factor))
+        register_translation(torch.ops.mylib.scale.default, my_scale)
+    """
+    if not isinstance(op, torch._ops.OpOverload):
+        raise InputError(f"register_translation takes an op overload such as torch.ops.mylib.op.default, got {op!r}")
+    if not callable(fn):
+        raise InputError("register_translation needs a function building the op's ONNX")
+    _USER[op] = fn
+
+
+def _untranslatable(gm: fx.GraphModule, table: dict) -> list[str]:
+    """Custom ops of the graph (outside aten/prims) with no translation."""
+    out = []
+    for n in gm.graph.nodes:
+        t = n.target
+        if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.namespace not in ("aten", "prims") \
+                and t not in table and str(t) not in out:
+            out.append(str(t))
+    return out
+
+
 # ---------------------------------------------------------------- translations (onnxscript, opset 21)
 def translation_table() -> dict:
-    """fxopt op -> its ONNX translation (what ``torch.onnx.export(custom_translation_table=)`` takes)."""
+    """fxopt op -> its ONNX translation (what ``torch.onnx.export(custom_translation_table=)`` takes),
+    with the translations registered by :func:`register_translation`."""
     from onnxscript import opset21 as op
 
     def const_f(v: float) -> Any:
@@ -259,7 +289,7 @@ def translation_table() -> dict:
             ops.dynamic_scale.default: dynamic_scale, ops.linear_int8.default: linear_int8,
             ops.linear_int8_dynamic.default: linear_int8_dynamic, ops.conv2d_int8.default: conv2d_int8,
             ops.linear_wq.default: linear_wq, ops.conv2d_wq.default: conv2d_wq,
-            ops.embedding_wq.default: embedding_wq}
+            ops.embedding_wq.default: embedding_wq, **_USER}
 
 
 # ---------------------------------------------------------------- preparing the graph
@@ -267,10 +297,11 @@ def _prepare(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy whose int4 codes are unpacked (one int8 per code) and whose CSR linears are dense."""
     from fxopt.kernels.cpu_quant import unpack_int4
     from fxopt.ir.rewrite_utils import attr_tensor
+    import fxopt.kernels.cpu_sparse  # noqa: F401  (defines fxopt::linear_csr)
     ops = torch.ops.fxopt
     todo = [n for n in gm.graph.nodes if n.op == "call_function" and (
         (n.target in (ops.linear_wq.default, ops.embedding_wq.default) and n.args[-1] == 4)
-        or n.target is getattr(ops, "linear_csr", None) and n.target is not None)]
+        or n.target is ops.linear_csr.default)]
     if not todo:
         return gm
     gm = copy.deepcopy(gm)
@@ -284,7 +315,7 @@ def _prepare(gm: fx.GraphModule) -> fx.GraphModule:
             with g.inserting_before(n):
                 codes = g.get_attr(name)
             n.args = (*n.args[:at], codes, *n.args[at + 1:-1], 8)
-        elif hasattr(ops, "linear_csr") and n.target is ops.linear_csr.default:
+        elif n.target is ops.linear_csr.default:
             x, crow, col, values, in_features, bias = n.args
             dense = torch.sparse_csr_tensor(attr_tensor(gm, crow), attr_tensor(gm, col), attr_tensor(gm, values),
                                             (attr_tensor(gm, crow).numel() - 1, in_features)).to_dense()
@@ -352,12 +383,18 @@ def onnx_bytes(module: fx.GraphModule, example_inputs: Any = None, *, dynamic: A
     with torch.no_grad():
         outputs = gm(*args, **kwargs)
     names = output_names(gm, outputs)
+    table = translation_table()
+    missing = _untranslatable(gm, table)
+    if missing:
+        raise ExportError(f"ONNX export: no ONNX translation for {', '.join(missing)}; teach it one with "
+                          "fxopt.runtime.onnx_export.register_translation(op, fn), or compile without the pass "
+                          "that put it there")
     try:
         with torch_internals(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.fx.experimental._config.patch(backed_size_oblivious=True):
                 prog = torch.onnx.export(gm, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dyn,
-                                         custom_translation_table=translation_table(), opset_version=opset,
+                                         custom_translation_table=table, opset_version=opset,
                                          output_names=names, optimize=True, verbose=False, report=False,
                                          external_data=False)
     except ExportError:
@@ -365,10 +402,20 @@ def onnx_bytes(module: fx.GraphModule, example_inputs: Any = None, *, dynamic: A
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {msg[0] if msg else ''}"
-                          + (f" ... {msg[-1]}" if len(msg) > 1 else "")
-                          + "; fxopt export --onnx names the pass whose output does not export when run on "
-                            "each stage (fxopt compile --stop-after N)") from e
+                          + _cause(e) + "; to find the pass that made the graph unexportable, export after "
+                            "each stage (fxopt.compile(..., stop_after=N))") from e
     return prog.model_proto.SerializeToString()
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost message of a chained exporter error (the op that failed, usually)."""
+    seen = e
+    while seen.__cause__ is not None and seen.__cause__ is not seen:
+        seen = seen.__cause__
+    if seen is e:
+        return ""
+    first = (str(seen).strip().splitlines() or [""])[0]
+    return f" (cause: {type(seen).__name__}: {first[:300]})"
 
 
 def export_onnx(module: fx.GraphModule, path: str | os.PathLike, example_inputs: Any = None, *,

@@ -90,7 +90,8 @@ def _median_ms(fn: Any, repeats: int, budget_s: float = 3.0) -> float:
 def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, *,
                    candidates: Iterable[str] | None = None, verify_inputs: list | None = None,
                    original: Any = None, reference: Any = None, repeats: int = 10,
-                   threads: int | None = None, tolerance: float | None = None) -> tuple[Any, dict]:
+                   threads: int | None = None, tolerance: float | None = None,
+                   median_tolerance: float | None = None, onnx: bytes | None = None) -> tuple[Any, dict]:
     """The module to hand back for ``runtime`` (``gm`` itself for ``torch``) and the decision record.
 
     ``runtime``: ``auto`` or a name in :data:`~fxopt.runtime.engines.RUNTIMES`. A named runtime that
@@ -98,6 +99,7 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
     outputs disagree raises it too (``auto`` skips both, with the reason in the record).
     ``original``: the uncompressed model, timed too so the record says what the user gained;
     ``reference``: its outputs on the example inputs (the quantization error bounds a quantized graph's).
+    ``onnx``: an ONNX model of ``gm`` already made (a saved file's); ``repeats=0``: check, do not time.
     """
     if runtime != "auto":
         get_runtime(runtime)
@@ -114,7 +116,7 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
     quantized = _is_quantized(gm)
     median_tol = None
     if tolerance is not None:
-        tol = tolerance
+        tol, median_tol = tolerance, median_tolerance
     elif quantized:
         q_max, q_med = agreement(reference, refs[0]) if reference is not None else (0.0, 0.0)
         q_max, q_med = (q_max, q_med) if math.isfinite(q_max) else (0.0, 0.0)
@@ -127,7 +129,7 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
                               "quant_err": quant_err,
                               "quantized": quantized, "candidates": {}, "threads": threads or torch.get_num_threads()}
     built: dict[str, Built] = {}
-    onnx_data: bytes | None = None
+    onnx_data: bytes | None = onnx
     onnx_error: str | None = None
     for name in names:
         rt = RUNTIMES[name]
@@ -185,14 +187,14 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
         if "refused" in entry:
             raise RuntimeUnavailable(entry["refused"] + ("" if runtime == "torch" else
                                                          "; runtime='auto' picks among those that work"))
-    if runtime == "auto" or len(built) > 0:
+    if repeats > 0:
         for name, b in built.items():
             call = _call_of(b, args, kwargs)
             record["candidates"][name]["ms"] = round(_median_ms(call, repeats), 4)
         if original is not None:
             record["original_ms"] = round(_median_ms(lambda: original(*args, **kwargs), repeats), 4)
-    timed = {n: record["candidates"][n]["ms"] for n in built}
-    chosen = min(timed, key=timed.__getitem__) if timed else "torch"
+    timed = {n: record["candidates"][n]["ms"] for n in built if "ms" in record["candidates"][n]}
+    chosen = runtime if runtime != "auto" else (min(timed, key=timed.__getitem__) if timed else "torch")
     record["chosen"] = chosen
     if runtime == "auto":
         others = ", ".join(f"{n} {timed[n]:.3g} ms" for n in timed if n != chosen)

@@ -1,0 +1,208 @@
+"""fxopt.export_onnx: every recipe exports, every fxopt op translates to standard ONNX that ONNX Runtime runs
+with fxopt's arithmetic (single layers: to float rounding; whole quantized models: see test_runtimes)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.models import DemoNet, demo_inputs
+from models import DictOut
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+
+from fxopt.runtime.engines import _ort_session  # noqa: E402
+from fxopt.runtime.onnx_export import onnx_bytes  # noqa: E402
+
+
+def _run(data: bytes, **feeds: torch.Tensor) -> list[np.ndarray]:
+    s = _ort_session(data, 2)
+    return s.run(None, {k: v.numpy() for k, v in feeds.items()})
+
+
+def _rel(a: np.ndarray, b: torch.Tensor) -> float:
+    b = b.detach().float().numpy()
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+
+
+def _ops(data: bytes) -> set[str]:
+    return {n.op_type for n in onnx.load_from_string(data).graph.node}
+
+
+def _compile(model, args, recipe, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxopt.compile(model, args, recipe=recipe, **kw)
+
+
+CALIB = [demo_inputs(8, seed=s) for s in range(4)]
+
+
+@pytest.mark.parametrize("recipe", ["default", "prune-50", "int8-dynamic", "int8", "int8-weight", "int4-weight",
+                                    "sparse-2:4", "canonicalize,fold-bn,insert-qdq", "fp16"])
+def test_every_recipe_exports_and_onnx_runtime_agrees_at_other_batch_sizes(recipe):
+    torch.manual_seed(0)
+    m = DemoNet().eval()
+    c = _compile(m, (demo_inputs(4),), recipe, calibration=CALIB if "int8" == recipe or "qdq" in recipe else None)
+    data = onnx_bytes(c)
+    model = onnx.load_from_string(data)
+    assert [i.name for i in model.graph.input] == ["x"] and [o.name for o in model.graph.output] == ["output"]
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}  # standard ONNX only: no custom op library
+    for b in (1, 4, 7):  # the batch stays dynamic
+        x = demo_inputs(b, seed=b)
+        (out,) = _run(data, x=x)
+        # fp16: float16 rounding; static int8: its convs requantize their outputs in ONNX's QDQ form (int32
+        # bias, QuantizeLinear's division), so a code may move one output step
+        tol = {"fp16": 2e-3, "int8": 1e-2, "canonicalize,fold-bn,insert-qdq": 1e-2}.get(recipe, 1e-5)
+        assert _rel(out, c(x)) <= tol, (recipe, b)
+
+
+def test_quantized_graphs_export_as_quantize_dequantize_and_integer_matmuls():
+    torch.manual_seed(0)
+    m = DemoNet().eval()
+    static = onnx_bytes(_compile(m, (demo_inputs(4),), "int8", calibration=CALIB))
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "MatMulInteger"} <= _ops(static)
+    dynamic = onnx_bytes(_compile(m, (demo_inputs(4),), "int8-dynamic"))
+    assert "MatMulInteger" in _ops(dynamic)
+    init = {t.name: t for t in onnx.load_from_string(dynamic).graph.initializer}
+    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2 for t in init.values())  # codes stay int8
+    sim = onnx_bytes(_compile(m, (demo_inputs(4),), "canonicalize,fold-bn,insert-qdq", calibration=CALIB))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(sim)
+
+
+class _Layers(nn.Module):
+    def __init__(self, k: int = 64):
+        super().__init__()
+        self.emb = nn.Embedding(97, k)
+        self.fc1, self.fc2 = nn.Linear(k, 96), nn.Linear(96, 8, bias=False)
+
+    def forward(self, ids):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(self.emb(ids))))
+
+
+@pytest.mark.parametrize("recipe,kernels", [
+    ("int8-dynamic", {"linear_int8_dynamic", "embedding_wq"}),
+    ("int8-weight", {"linear_wq", "embedding_wq"}),
+    ("int4-weight", {"linear_wq", "embedding_wq"}),
+    ("canonicalize,insert-qdq(activation=int8/token,embedding=int8/channel)", {"quantize", "dynamic_scale"}),
+    ("canonicalize,insert-qdq(weight=int4/group32/asym,activation=none,embedding=int4/group32/asym)", {"dequantize"}),
+])
+def test_each_translated_op_computes_fxopt_arithmetic(recipe, kernels, cpu_kind):
+    """Single layers, 3-D activations, odd sizes, group-wise int4 (packed two per byte): to float rounding,
+    on every CPU path (the 7-bit codes of a CPU without VNNI included)."""
+    torch.manual_seed(1)
+    m = _Layers().eval()
+    ids = torch.randint(0, 97, (3, 11))
+    c = _compile(m, (ids,), recipe, group_size=32) if "int4-weight" == recipe else _compile(m, (ids,), recipe)
+    present = {str(n.target).split(".")[1] for n in c.graph.nodes if str(n.target).startswith("fxopt.")}
+    assert kernels <= present, present
+    data = onnx_bytes(c)
+    for shape in ((3, 11), (1, 11), (5, 11)):  # the batch is dynamic ("ids" is not a token input name)
+        ids2 = torch.randint(0, 97, shape)
+        (out,) = _run(data, ids=ids2)
+        assert _rel(out, c(ids2)) <= 1e-5, (recipe, shape, cpu_kind)
+
+
+def test_int8_codes_at_the_edges_of_their_range_agree():
+    """Activations far outside the calibrated range saturate the codes; huge and tiny rows per token."""
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8)).eval()
+    calib = [torch.randn(16, 32) for _ in range(4)]
+    for recipe in ("int8", "int8-dynamic"):
+        c = _compile(m, (calib[0],), recipe, calibration=calib if recipe == "int8" else None)
+        data = onnx_bytes(c)
+        x = torch.randn(6, 32) * torch.tensor([1e-3, 1.0, 50.0, 1e4, 0.0, 3.0]).unsqueeze(1)
+        (out,) = _run(data, input=x)
+        ref = c(x)
+        # one code may round the other way at an exact tie (QuantizeLinear divides, fbgemm multiplies
+        # by the reciprocal): allow one activation step through the layer, nothing more
+        assert _rel(out, ref) <= 1e-4, recipe
+
+
+def test_static_int8_convs_export_in_the_qdq_form_and_agree_to_one_output_step():
+    torch.manual_seed(3)
+    m = DemoNet().eval()
+    c = _compile(m, (demo_inputs(4),), "int8", calibration=CALIB)
+    convs = [n for n in c.graph.nodes if n.target is torch.ops.fxopt.conv2d_int8.default]
+    assert convs
+    data = onnx_bytes(c)
+    x = demo_inputs(9, seed=11)
+    (out,) = _run(data, x=x)
+    assert _rel(out, c(x)) <= 2e-2
+
+
+def test_csr_linears_export_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    with torch.no_grad():
+        model[0].weight[torch.rand_like(model[0].weight) < 0.95] = 0
+    c = _compile(model, (torch.randn(4, 64),), "lower-sparse")
+    assert any(n.target is torch.ops.fxopt.linear_csr.default for n in c.graph.nodes)
+    data = onnx_bytes(c)
+    x = torch.randn(5, 64)
+    (out,) = _run(data, input=x)
+    assert _rel(out, c(x)) <= 1e-5
+
+
+def test_keyword_inputs_and_structured_outputs_keep_their_names(tmp_path):
+    m = DictOut().eval()
+    kw = {"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    c = _compile(m, (), "int8-dynamic", kwargs=kw)
+    path = fxopt.export_onnx(c, tmp_path / "d.onnx")
+    model = onnx.load(path)
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in model.graph.output] == ["logits", "pooled_0", "pooled_1"]
+    kw2 = {"input_ids": torch.randint(0, 50, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    outs = _run(open(path, "rb").read(), **kw2)  # batch and sequence stay dynamic
+    ref = c(**kw2)
+    for got, want in zip(outs, [ref["logits"], *ref["pooled"]]):
+        assert _rel(got, want) <= 1e-5
+
+
+def test_a_loaded_model_exports_too(tmp_path):
+    m = DemoNet().eval()
+    c = _compile(m, (demo_inputs(4),), "int8-dynamic")
+    fxopt.save(c, tmp_path / "m.fxopt")
+    loaded = fxopt.load(tmp_path / "m.fxopt")
+    (out,) = _run(onnx_bytes(loaded), x=demo_inputs(3))
+    assert _rel(out, c(demo_inputs(3))) <= 1e-5
+
+
+@torch.library.custom_op("fxopt_test::opaque", mutates_args=())
+def _opaque(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_opaque.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_an_op_onnx_cannot_express_is_a_clear_export_error():
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.ops.fxopt_test.opaque(x) + 1
+    c = _compile(M(), (torch.randn(2, 3),), "default")
+    with pytest.raises(fxopt.ExportError, match="no ONNX translation for fxopt_test.opaque.default"):
+        onnx_bytes(c)
+    from onnxscript import opset21 as op
+    from fxopt.runtime import onnx_export
+    onnx_export.register_translation(torch.ops.fxopt_test.opaque.default,
+                                     lambda x: op.Mul(x, op.Constant(value_float=2.0)))
+    try:
+        x = torch.randn(3, 3)
+        (out,) = _run(onnx_bytes(c), x=x)
+        assert _rel(out, c(x)) <= 1e-6
+    finally:
+        onnx_export._USER.clear()
+
+
+def test_bad_arguments_are_typed_errors(tmp_path):
+    with pytest.raises(fxopt.InputError, match="expects a module returned by fxopt.compile"):
+        fxopt.export_onnx(nn.Linear(2, 2), tmp_path / "x.onnx")

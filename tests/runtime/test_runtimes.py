@@ -1,0 +1,239 @@
+"""compile(runtime=...): the graph handed to ONNX Runtime / OpenVINO / Inductor, checked against fxopt's graph,
+the fastest that agrees kept; RuntimeModule called like the model; save/load keeps the runtime and re-checks it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.models import DemoNet, demo_inputs
+from models import DictOut, state_hash
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from fxopt.runtime import onnx_export, select  # noqa: E402
+from fxopt.runtime.engines import RUNTIMES, RuntimeModule, list_runtimes  # noqa: E402
+
+
+def _compile(model, args=(), recipe="default", **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxopt.compile(model, args, recipe=recipe, **kw)
+
+
+def test_a_named_runtime_is_called_exactly_like_the_model():
+    m = DictOut().eval()
+    kw = {"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    before = state_hash(m)
+    r = _compile(m, kwargs=kw, recipe="int8-dynamic", runtime="onnxruntime")
+    assert isinstance(r, RuntimeModule) and r.runtime == "onnxruntime" and state_hash(m) == before
+    plain = r.graph_module
+    kw2 = {"input_ids": torch.randint(0, 50, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    got, want = r(**kw2), plain(**kw2)
+    assert set(got) == {"logits", "pooled"} and isinstance(got["pooled"], tuple)
+    torch.testing.assert_close(got["logits"], want["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r(kw2["input_ids"], kw2["attention_mask"])["pooled"][1], want["pooled"][1],
+                               atol=1e-5, rtol=1e-5)  # positionally too
+    with pytest.raises(fxopt.InputError, match="missing keyword input"):
+        r(input_ids=kw2["input_ids"])
+    with pytest.raises(fxopt.InputError):
+        r(input_ids=kw2["input_ids"].float(), attention_mask=kw2["attention_mask"])
+    rec = r.fxopt_history.runtime
+    assert rec["chosen"] == "onnxruntime" and rec["candidates"]["onnxruntime"]["max_rel_err"] <= 1e-4
+    assert "runtime: onnxruntime" in str(r.fxopt_history)
+
+
+def test_auto_times_every_installed_runtime_and_keeps_the_fastest_that_agrees():
+    torch.manual_seed(0)
+    m = DemoNet().eval()
+    r = _compile(m, (demo_inputs(8),), "int8-dynamic", runtime="auto", latency_repeats=5)
+    rec = r.fxopt_history.runtime
+    timed = {n: e["ms"] for n, e in rec["candidates"].items() if "ms" in e}
+    assert "torch" in timed and "onnxruntime" in timed
+    assert rec["chosen"] == min(timed, key=timed.get)
+    assert rec["original_ms"] > 0 and "fastest of the runtimes" in rec["why"]
+    if "openvino" in rec["candidates"] and not RUNTIMES["openvino"].available:
+        assert "pip install" in rec["candidates"]["openvino"]["refused"]
+    x = demo_inputs(5, seed=3)
+    plain = r.graph_module if isinstance(r, RuntimeModule) else r
+    torch.testing.assert_close(r(x), plain(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_runtime_that_computes_something_else_is_refused(monkeypatch):
+    """A wrong translation (scales off by 2%) must not be handed back: auto skips it, a named runtime raises."""
+    real = onnx_export.translation_table
+
+    def broken():
+        from onnxscript import opset21 as op
+        table = dict(real())
+        good = table[torch.ops.fxopt.linear_int8_dynamic.default]
+
+        def bad(x, w_q, w_scale, bias, x_qmax: int = 127, engine: str = ""):
+            return op.Mul(good(x, w_q, w_scale, bias, x_qmax, engine), op.Constant(value_float=1.02))
+        table[torch.ops.fxopt.linear_int8_dynamic.default] = bad
+        return table
+    monkeypatch.setattr(onnx_export, "translation_table", broken)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    r = _compile(m, (x,), "int8-dynamic", runtime="auto", runtime_candidates=["onnxruntime"])
+    assert not isinstance(r, RuntimeModule)
+    refused = r.fxopt_history.runtime["candidates"]["onnxruntime"]["refused"]
+    assert "differ" in refused or "accurate" in refused
+    with pytest.raises(fxopt.RuntimeUnavailable, match="onnxruntime|differ|accurate"):
+        _compile(m, (x,), "int8-dynamic", runtime="onnxruntime")
+
+
+def test_unknown_and_missing_runtimes_say_what_to_do(monkeypatch):
+    m = nn.Linear(4, 2).eval()
+    with pytest.raises(fxopt.RuntimeUnavailable, match="unknown runtime 'tensorrt'.*auto"):
+        _compile(m, (torch.randn(2, 4),), runtime="tensorrt")
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    with pytest.raises(fxopt.RuntimeUnavailable, match=r'pip install "fxopt\[openvino\]"'):
+        _compile(m, (torch.randn(2, 4),), runtime="openvino")
+    assert "fxopt[openvino]" in list_runtimes()["openvino"]
+    r = _compile(m, (torch.randn(2, 4),), runtime="auto", latency_repeats=3)  # auto: uses what is installed
+    assert "pip install" in r.fxopt_history.runtime["candidates"]["openvino"]["refused"]
+
+
+def test_a_graph_that_does_not_export_keeps_fxopt_graph_under_auto():
+    @torch.library.custom_op("fxopt_test::noexport", mutates_args=())
+    def noexport(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    @noexport.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.ops.fxopt_test.noexport(x) * 2
+    r = _compile(M(), (torch.randn(2, 3),), runtime="auto", latency_repeats=3)
+    assert not isinstance(r, RuntimeModule)
+    assert "no ONNX translation" in r.fxopt_history.runtime["candidates"]["onnxruntime"]["refused"]
+
+
+@pytest.mark.skipif(not RUNTIMES["openvino"].available, reason="openvino not installed")
+def test_openvino_runs_the_exported_graph_in_fp32():
+    torch.manual_seed(0)
+    m = DemoNet().eval()
+    r = _compile(m, (demo_inputs(4),), "int8-weight", runtime="openvino")
+    x = demo_inputs(6, seed=2)
+    torch.testing.assert_close(r(x), r.graph_module(x).detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_save_keeps_the_runtime_and_load_rechecks_it(tmp_path):
+    torch.manual_seed(0)
+    m = DemoNet().eval()
+    r = _compile(m, (demo_inputs(4),), "int8-dynamic", runtime="onnxruntime")
+    path = tmp_path / "m.fxopt"
+    fxopt.save(r, path)
+    loaded = fxopt.load(path)
+    assert isinstance(loaded, RuntimeModule) and loaded.runtime == "onnxruntime"
+    x = demo_inputs(3, seed=5)
+    torch.testing.assert_close(loaded(x), r(x))
+    with zipfile.ZipFile(path) as z:
+        assert set(z.namelist()) == {"manifest.json", "model.pt2", "runtime.onnx"}
+
+
+def _rewrite(src, dst, onnx_bytes=None, manifest_edit=None, fix_sum=True):
+    with zipfile.ZipFile(src) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    manifest = json.loads(members["manifest.json"])
+    if onnx_bytes is not None:
+        members["runtime.onnx"] = onnx_bytes
+        if fix_sum:
+            manifest["sha256"]["runtime.onnx"] = hashlib.sha256(onnx_bytes).hexdigest()
+    if manifest_edit:
+        manifest_edit(manifest)
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(dst, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+
+
+def test_crafted_runtime_artifacts_are_refused_before_any_runtime_sees_them(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    r = _compile(DemoNet().eval(), (demo_inputs(4),), "int8-dynamic", runtime="onnxruntime")
+    good = tmp_path / "good.fxopt"
+    fxopt.save(r, good)
+    model = onnx.load_from_string(r.artifact)
+
+    ext = onnx.ModelProto()
+    ext.CopyFrom(model)
+    t = ext.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    e = t.external_data.add()
+    e.key, e.value = "location", "/etc/passwd"
+    _rewrite(good, tmp_path / "ext.fxopt", ext.SerializeToString())
+    with pytest.raises(fxopt.LoadError, match="outside the file"):
+        fxopt.load(tmp_path / "ext.fxopt")
+
+    custom = onnx.ModelProto()
+    custom.CopyFrom(model)
+    custom.graph.node[0].domain = "com.evil"
+    _rewrite(good, tmp_path / "custom.fxopt", custom.SerializeToString())
+    with pytest.raises(fxopt.LoadError, match="domain 'com.evil'"):
+        fxopt.load(tmp_path / "custom.fxopt")
+
+    _rewrite(good, tmp_path / "sum.fxopt", r.artifact[:-10], fix_sum=False)
+    with pytest.raises(fxopt.LoadError, match="checksum"):
+        fxopt.load(tmp_path / "sum.fxopt")
+
+    _rewrite(good, tmp_path / "junk.fxopt", b"\x00junk" * 50)
+    with pytest.raises(fxopt.LoadError, match="does not parse|runtime"):
+        fxopt.load(tmp_path / "junk.fxopt")
+
+    _rewrite(good, tmp_path / "name.fxopt", manifest_edit=lambda mf: mf["runtime"].update(name="os.system"))
+    with pytest.raises(fxopt.LoadError, match="runtime entry"):
+        fxopt.load(tmp_path / "name.fxopt")
+
+    # a valid ONNX model of a different network: it parses and is standard, but it is not this graph
+    other = _compile(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval(), (demo_inputs(4),), "default",
+                     runtime="onnxruntime")
+    _rewrite(good, tmp_path / "swap.fxopt", other.artifact)
+    with pytest.warns(RuntimeWarning, match="cannot run here|differ"):
+        loaded = fxopt.load(tmp_path / "swap.fxopt")
+    assert not isinstance(loaded, RuntimeModule)
+
+
+def test_minilm_int8_dynamic_on_every_runtime_is_as_accurate_as_fxopt_graph(minilm):
+    model, kw = minilm
+    r = _compile(model, kwargs=kw, recipe="int8-dynamic", runtime="auto", latency_repeats=3)
+    rec = r.fxopt_history.runtime
+    assert rec["quant_err"] is not None
+    for name, e in rec["candidates"].items():
+        if "refused" not in e:
+            assert e["err_vs_float"][0] <= 1.1 * rec["quant_err"][0] + 1e-4
+    assert "onnxruntime" in rec["candidates"] and "refused" not in rec["candidates"]["onnxruntime"]
+    out = r(**kw)
+    assert out.last_hidden_state.shape == model(**kw).last_hidden_state.shape
+
+
+def test_inductor_is_a_runtime_when_named():
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval()
+    x = torch.randn(4, 8)
+    r = _compile(m, (x,), runtime="auto", runtime_candidates=["inductor"], latency_repeats=3)
+    assert "inductor" in r.fxopt_history.runtime["candidates"]
+    e = r.fxopt_history.runtime["candidates"]["inductor"]
+    assert "ms" in e or "refused" in e
+
+
+def test_agreement_measures_structures_and_values():
+    a = {"x": torch.ones(3), "y": (torch.zeros(2), torch.tensor([1, 2]))}
+    assert select.agreement(a, a) == (0.0, 0.0)
+    b = {"x": torch.ones(3) * 1.5, "y": (torch.zeros(2), torch.tensor([1, 2]))}
+    assert select.agreement(a, b)[0] == pytest.approx(0.5)
+    assert select.agreement(a, {"x": torch.ones(4), "y": a["y"]})[0] == float("inf")
+    assert select.agreement(a, {"x": torch.full((3,), float("nan")), "y": a["y"]})[0] == float("inf")
