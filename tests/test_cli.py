@@ -208,3 +208,28 @@ def test_a_torchvision_model_without_torchvision_says_what_to_install(capsys, mo
     monkeypatch.setattr(builtins, "__import__", no_torchvision)
     assert main(["inspect", "torchvision:resnet18"]) == 1
     assert "pip install 'fxopt[models]'" in capsys.readouterr().err
+
+
+def test_export_and_runtime_from_the_command_line(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    saved = tmp_path / "tiny.fxopt"
+    assert main(["compile", f"{TINY}:build", "--input-shape", "4x3x8x8", "--recipe", "int8-dynamic",
+                 "--runtime", "auto", "--out", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "runtime: " in out and "onnxruntime" in out
+    # a saved quantized model loads in a fresh command (its kernels are defined on load) and exports
+    assert main(["inspect", str(saved), "--no-color"]) == 0
+    capsys.readouterr()
+    onnx_file = tmp_path / "tiny.onnx"
+    assert main(["export", str(saved), "--onnx", str(onnx_file)]) == 0
+    out = capsys.readouterr().out
+    worst = float(re.search(r"max \|difference\| (\S+) of the output", out).group(1))
+    assert onnx_file.stat().st_size > 0 and worst < 1e-4
+    assert main(["export", f"{TINY}:build", "--input-shape", "2x3x8x8", "--recipe", "prune-50",
+                 "--onnx", str(onnx_file)]) == 0
+    assert "checked in ONNX Runtime" in capsys.readouterr().out
+    assert main(["export", str(saved), "--onnx", str(tmp_path / "x.txt")]) == 1
+    assert ".onnx" in capsys.readouterr().err
+    assert main(["runtimes"]) == 0
+    assert "onnxruntime" in capsys.readouterr().out

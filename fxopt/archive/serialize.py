@@ -234,6 +234,11 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise LoadError(f"no such file: {path}")
+    # the ops a saved graph may name: defined before the graph check asks for them (the CLI loads files
+    # without importing the rest of the library)
+    import fxopt.kernels.cpu_quant  # noqa: F401
+    import fxopt.kernels.cpu_sparse  # noqa: F401
+    import fxopt.quant.qops  # noqa: F401
     manifest, blob, onnx_blob = _read(path)
     _check_manifest(manifest, path)
     if (onnx_blob is None) != (manifest.get("runtime") is None):

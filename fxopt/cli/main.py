@@ -134,6 +134,12 @@ _EPILOG_COMPILE = """examples:
   fxopt compile models.py:Net --input-shape 8x1x28x28 --recipe "cleanup,cse" --out net.fxopt
   fxopt compile models.py:Net --example inputs.pt --calibration calib.pt --recipe int8 --out net.fxopt
   fxopt compile hf:/path/to/minilm --batch 8 --recipe int8-dynamic --smoothquant 0.5 --out bert8.fxopt
+  fxopt compile hf:/path/to/minilm --batch 8 --recipe int8-dynamic --runtime auto --out bert8.fxopt
+"""
+
+_EPILOG_EXPORT = """examples:
+  fxopt export bert8.fxopt --onnx bert8.onnx
+  fxopt export torchvision:resnet50 --batch 8 --recipe prune-50 --onnx r50.onnx
 """
 
 _EPILOG_INSPECT = """examples:
@@ -172,12 +178,56 @@ def cmd_compile(ns: argparse.Namespace) -> int:
     out = fxopt.compile(loaded.model, loaded.args, loaded.kwargs, recipe=ns.recipe, calibration=calibration,
                         dynamic=_DYNAMIC[ns.dynamic], strict=ns.strict,
                         disable=[d for d in (ns.disable or "").split(",") if d], stop_after=ns.stop_after,
-                        report=ns.report, progress=None, reproducer=ns.reproducer, **_quant_options(ns))
+                        report=ns.report, progress=None, reproducer=ns.reproducer, runtime=ns.runtime,
+                        **_quant_options(ns))
     print(out.fxopt_history.table())
     _status(f"saving {ns.out} ...")
     fxopt.save(out, ns.out)
     print(f"\nwrote {ns.out}" + (f" and {ns.report}" if ns.report else ""))
     return 1 if (ns.strict and out.fxopt_history.failures) else 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    """Write MODEL (a .fxopt file, or any model compiled with --recipe) as ONNX, then check the file."""
+    import fxopt
+    from fxopt.runtime.engines import RuntimeModule
+    loaded = _load(ns)
+    model = loaded.model
+    if isinstance(model, RuntimeModule):
+        model = model.graph_module
+    if not ns.model.endswith(".fxopt") or ns.recipe:
+        _status(f"compiling {loaded.description} with recipe '{ns.recipe or 'default'}' ...")
+        model = fxopt.compile(model, loaded.args, loaded.kwargs, recipe=ns.recipe or "default",
+                              calibration=_calibration(ns), dynamic=_DYNAMIC[ns.dynamic], progress=None,
+                              **_quant_options(ns))
+    _status(f"exporting to {ns.onnx} ...")
+    fxopt.export_onnx(model, ns.onnx, (loaded.args, loaded.kwargs))
+    import os
+    print(f"wrote {ns.onnx} ({os.path.getsize(ns.onnx):,} bytes)")
+    from fxopt.runtime.engines import RUNTIMES
+    if RUNTIMES["onnxruntime"].available:
+        from fxopt.runtime.engines import build_runtime
+        from fxopt.runtime.select import agreement
+        import torch
+        built = build_runtime("onnxruntime", model, loaded.args, loaded.kwargs, onnx=open(ns.onnx, "rb").read())
+        with torch.no_grad():
+            worst, median = agreement(model(*loaded.args, **loaded.kwargs), built.run(loaded.args, loaded.kwargs))
+        print(f"checked in ONNX Runtime on the example inputs: inputs {', '.join(built.info['inputs'])}; outputs "
+              f"{', '.join(built.info['outputs'])}; max |difference| {worst:.2g} of the output magnitude "
+              f"(median {median:.2g}) against fxopt's graph")
+    else:
+        print("(install onnxruntime to have the file checked: pip install \"fxopt[onnxruntime]\")")
+    return 0
+
+
+def cmd_runtimes(ns: argparse.Namespace) -> int:
+    from fxopt.runtime.engines import RUNTIMES
+    for name, rt in RUNTIMES.items():
+        why = rt.why_unavailable()
+        print(f"{name:12s} {'installed' if not why else 'missing':10s} {rt.doc}" + (f"  [{why}]" if why else ""))
+    print("\nfxopt compile MODEL --runtime auto ... times the installed ones and keeps the fastest that agrees "
+          "(inductor only when named: fxopt.compile(..., runtime_candidates=[...]))")
+    return 0
 
 
 def cmd_repro(ns: argparse.Namespace) -> int:
@@ -324,7 +374,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stop-after", type=int, metavar="N", help="run only the first N passes (bisecting)")
     c.add_argument("--reproducer", metavar="DIR",
                    help="where a failing pass leaves a crash reproducer (rerun it with: fxopt repro DIR)")
+    c.add_argument("--runtime", default="torch",
+                   choices=["torch", "auto", "onnxruntime", "openvino", "inductor"],
+                   help="what runs the optimized graph (default torch: fxopt's kernels); auto: time the installed "
+                        "runtimes on the example inputs, keep the fastest that agrees (fxopt runtimes lists them)")
     c.set_defaults(fn=cmd_compile)
+    ex = sub.add_parser("export", help="write a model as ONNX (QDQ as QuantizeLinear/DequantizeLinear) and check it",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG_EXPORT,
+                        description="Export MODEL (a .fxopt file as it is, or any MODEL compiled with --recipe) "
+                                    "to ONNX; with onnxruntime installed the file is run and compared.")
+    _model_args(ex)
+    ex.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+    ex.add_argument("--recipe", default=None, help="compile with this recipe first (default: default, or none for "
+                                                    "a .fxopt file)")
+    _quant_args(ex)
+    ex.set_defaults(fn=cmd_export)
+    rts = sub.add_parser("runtimes", help="the runtimes fxopt can hand a graph to, and which are installed",
+                         epilog="example:\n  fxopt runtimes", formatter_class=argparse.RawDescriptionHelpFormatter)
+    rts.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    rts.set_defaults(fn=cmd_runtimes)
     rp = sub.add_parser("repro", help="rerun a crash reproducer: the failing pass on the graph it got",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="example:\n  fxopt compile MODEL --out m.fxopt --reproducer crash/\n  fxopt repro crash/",
@@ -420,7 +488,7 @@ def preflight(ns: argparse.Namespace) -> None:
     import os
     import re
     from fxopt.errors import InputError
-    spec = getattr(ns, "model", None) if ns.command in ("compile", "inspect", "sensitivity") else None
+    spec = getattr(ns, "model", None) if ns.command in ("compile", "inspect", "sensitivity", "export") else None
     if spec:
         if spec.startswith("hf:"):
             if not os.path.isdir(spec[3:]):
@@ -442,6 +510,8 @@ def preflight(ns: argparse.Namespace) -> None:
         _readable(f"--{flag}", getattr(ns, flag, None))
     if ns.command == "compile":
         _writable("--out", ns.out, ".fxopt")
+    if ns.command == "export":
+        _writable("--onnx", ns.onnx, ".onnx")
     for flag in ("report", "svg", "dot"):
         _writable(f"--{flag}", getattr(ns, flag, None))
     for flag in ("batch", "seq_len", "calibration_batches", "repeats"):

@@ -179,6 +179,9 @@ def load_model(spec: str, input_shape: str | None = None, example: str | None = 
     if spec.endswith(".fxopt"):
         from fxopt.archive.serialize import load
         gm = load(spec)
+        from fxopt.runtime.engines import RuntimeModule
+        if isinstance(gm, RuntimeModule):  # the commands inspect, recompile and export fxopt's graph
+            gm = gm.graph_module
         ex = gm.meta.get("fxopt_example_inputs")
         if given is None and ex is None:
             raise SpecError(f"{spec} carries no example inputs; give --input-shape or --example")

@@ -239,5 +239,12 @@ class RuntimeModule(torch.nn.Module):
         return f"runtime={self.runtime!r}"
 
     def __deepcopy__(self, memo: dict) -> "RuntimeModule":
-        raise InputError("a RuntimeModule holds a runtime session and cannot be deep-copied; copy its "
-                         "graph_module, or fxopt.save it and load the file")
+        """A copy with its own graph and its own runtime session, built again from the artifact."""
+        import copy
+        gm = copy.deepcopy(self.graph_module, memo)
+        example = gm.meta.get("fxopt_example_inputs")
+        if example is None:
+            raise InputError("this RuntimeModule's graph has no example inputs to rebuild its runtime from; "
+                             "copy its graph_module instead")
+        built = build_runtime(self.runtime, gm, tuple(example[0]), dict(example[1]), onnx=self.artifact)
+        return RuntimeModule(gm, self.runtime, built)

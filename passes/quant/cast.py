@@ -22,6 +22,14 @@ NaN. Python scalars of ops that run in ``dtype``, weights and buffers stored in
 read in ``dtype`` become the largest finite value of that sign; infinities written on
 purpose stay infinite.
 
+Only where it pays (``decline="slower"``, the default): every compute layer (linear, matmul, conv,
+attention) is timed on the CPU at its example shapes in float32 and in ``dtype`` (median of a few
+calls, once per distinct shape in a process); a layer slower in ``dtype`` stays float32, and the
+history lists it with both timings (``info["declined"]``). On a CPU without bf16 instructions (no
+AVX-512 BF16 / AMX) bf16 GEMMs are emulated and several times slower than fp32: there every layer
+declines and the pass changes nothing, saying why. ``decline="never"``: cast anyway (the user insists;
+a GPU graph is never timed here either).
+
 Precision (``tests/passes/test_cast.py`` checks): on the MiniLM BERT, bf16 keeps the
 sentence embeddings at cosine >= 0.99 to float32 and fp16 at >= 0.999. On CPU, fp16
 matmuls are slow (no native fp16 GEMM here); bf16 runs through oneDNN.
@@ -94,11 +102,15 @@ class CastPass(Pass):
     class Config:
         dtype: str = "bf16"
         keep: tuple = ()
+        decline: str = "slower"
 
         def __post_init__(self) -> None:
             object.__setattr__(self, "keep", (self.keep,) if isinstance(self.keep, str) else tuple(self.keep))
             if self.dtype not in _DTYPES:
                 raise PipelineError(f"cast: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            if self.decline not in ("slower", "never"):
+                raise PipelineError(f"cast: decline must be 'slower' (keep float32 where the low precision is "
+                                    f"measured slower) or 'never', got {self.decline!r}")
 
     def _wants_fp32(self, node: fx.Node) -> bool:
         name = op_name(node)
@@ -121,6 +133,26 @@ class CastPass(Pass):
         for n in g.nodes:
             if n.op == "call_function" and n.target not in _EXPLICIT and not is_view_target(n.target):
                 want[n] = torch.float32 if self._wants_fp32(n) else low
+        declined, timed = {}, {}
+        if self.config.decline == "slower" and _on_cpu(gm, ctx):
+            for n in [n for n, d in want.items() if d == low and n.target in _COMPUTE]:
+                ms = _time_layer(gm, n, low)
+                if ms is None:
+                    continue
+                timed[n.name] = ms
+                if ms[1] > 1.1 * ms[0]:
+                    declined[n.name] = (f"{str(low)[6:]} {ms[1]:.3g} ms vs float32 {ms[0]:.3g} ms at its example "
+                                        f"shapes on this CPU")
+                    want[n] = torch.float32
+            if timed and len(declined) == len(timed):
+                from fxopt.kernels.cpu_isa import cpu_info
+                flags = set(cpu_info(probe=False).flags)
+                has = sorted(flags & ({"avx512_bf16", "amx_bf16"} if low == torch.bfloat16 else
+                                      {"avx512_fp16", "amx_fp16"}))
+                return PassResult(False, info={
+                    "why": f"every compute layer is slower in {str(low)[6:]} than in float32 on this CPU "
+                           f"({'it has ' + ', '.join(has) if has else 'it has no ' + str(low)[6:] + ' instructions'}); "
+                           "cast(decline=never) casts anyway", "declined": declined})
         # weights: stored in low precision when every reader runs in low precision
         dtype: dict[fx.Node, torch.dtype] = {}
         stored = 0
@@ -185,7 +217,7 @@ class CastPass(Pass):
             if _is_float(n.meta.get("val")) or isinstance(n.meta.get("val"), (tuple, list)):
                 dtype[n] = target
         if not n_casts and not stored and not n_clamped:
-            return PassResult(False)
+            return PassResult(False, info={"declined": declined} if declined else {})
         for n in g.nodes:  # dtypes changed: recompute every fake value
             if n.op in ("call_function", "get_attr"):
                 n.meta.pop("val", None)
@@ -195,7 +227,8 @@ class CastPass(Pass):
         islands = sorted({op_name(n) for n, d in want.items() if d == torch.float32 and n in g.nodes})
         return PassResult(True, frozenset(), {"dtype": str(low).replace("torch.", ""), "casts": n_casts,
                                               "weights_stored_low": stored, "constants_clamped": n_clamped,
-                                              "fp32_islands": islands})
+                                              "fp32_islands": islands, "declined": declined,
+                                              "layer_ms": {k: [round(a, 4), round(b, 4)] for k, (a, b) in timed.items()}})
 
     @staticmethod
     def _store(gm: fx.GraphModule, target: str, t: torch.Tensor, low: torch.dtype) -> None:
@@ -220,3 +253,77 @@ class CastPass(Pass):
                     return cast(a, orig, out)
             return a
         out.args = torch.fx.node.map_aggregate(out.args, fix)
+
+
+_COMPUTE = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
+            aten.baddbmm.default, aten.convolution.default, aten.conv1d.default, aten.conv2d.default,
+            aten.scaled_dot_product_attention.default}
+_LAYER_MS: dict[tuple, tuple[float, float]] = {}  # (op, shapes, dtype) -> (fp32 ms, low ms), per process
+
+
+def _on_cpu(gm: fx.GraphModule, ctx: PassContext) -> bool:
+    from fxopt.passes.lower.rules import graph_device
+    return graph_device(gm, ctx.args) == "cpu"
+
+
+def _concrete(val: object) -> object:
+    """A random tensor like a fake value (symbolic sizes at their example values), or None."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    sizes = []
+    for d in val.shape:
+        if isinstance(d, torch.SymInt):
+            h = d.node.hint
+            if h is None:
+                return None
+            d = int(h)
+        sizes.append(int(d))
+    if val.is_floating_point():
+        return torch.randn(sizes, dtype=val.dtype)
+    return torch.zeros(sizes, dtype=val.dtype)
+
+
+def _time_layer(gm: fx.GraphModule, node: fx.Node, low: torch.dtype) -> tuple[float, float] | None:
+    """(float32 ms, ``low`` ms) of ``node``'s op at its example shapes, or None when it cannot be run alone."""
+    import time
+    from fxopt.ir.meta import fake_values
+    vals = fake_values(gm, [a for a in node.all_input_nodes if "val" not in a.meta])
+    ok = True
+
+    def arg(a: object) -> object:
+        nonlocal ok
+        if a.op == "get_attr":
+            return attr_tensor(gm, a)
+        v = _concrete(a.meta.get("val", vals.get(a)))
+        ok = ok and v is not None
+        return v
+    args = torch.fx.node.map_arg(node.args, arg)
+    kwargs = torch.fx.node.map_arg(node.kwargs, arg)
+    if not ok:
+        return None
+    flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    key = (node.target, tuple((tuple(t.shape), t.dtype) for t in flat), repr([a for a in node.args
+                                                                                if not isinstance(a, fx.Node)]), low)
+    if key in _LAYER_MS:
+        return _LAYER_MS[key]
+
+    def to(x: object, dt: torch.dtype) -> object:
+        return x.detach().to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+    out = []
+    for dt in (torch.float32, low):
+        a2 = torch.utils._pytree.tree_map(lambda x: to(x, dt), args)
+        k2 = torch.utils._pytree.tree_map(lambda x: to(x, dt), kwargs)
+        try:
+            with torch.no_grad():
+                node.target(*a2, **k2)
+                times = []
+                start = time.perf_counter()
+                while len(times) < 7 and (len(times) < 3 or time.perf_counter() - start < 0.2):
+                    t0 = time.perf_counter()
+                    node.target(*a2, **k2)
+                    times.append((time.perf_counter() - t0) * 1e3)
+        except Exception:
+            return None
+        out.append(sorted(times)[len(times) // 2])
+    _LAYER_MS[key] = (out[0], out[1])
+    return _LAYER_MS[key]

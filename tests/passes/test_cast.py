@@ -21,7 +21,17 @@ def _casts(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten._to_copy.default]
 
 
+def _insist(recipe: str) -> str:
+    """The recipe with cast(decline=never): these tests check what the cast does, not whether this CPU
+    runs it faster (test_cast_declines_layers_measured_slower_unless_insisted checks that)."""
+    import re
+    if recipe in fxopt.recipes:
+        recipe = fxopt.recipes[recipe].pipeline
+    return re.sub(r"cast\(([^)]*)\)", lambda m: f"cast({m.group(1)},decline=never)", recipe)
+
+
 def _compile(model, args=(), kwargs=None, recipe="bf16"):
+    recipe = _insist(recipe)
     with warnings.catch_warnings():
         warnings.simplefilter("error")     # a rolled-back pass warns: fail on it
         warnings.simplefilter("ignore", FutureWarning)   # torch 2.13's export warns about its own pytree API
@@ -144,3 +154,37 @@ def test_deberta_runs_in_bf16():
         want = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.isfinite(got).all()
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+
+
+def test_cast_declines_layers_measured_slower_unless_insisted(monkeypatch):
+    """On a CPU without bf16 instructions bf16 GEMMs are emulated: each layer measured slower stays float32
+    (the history says why), all of them: the pass changes nothing; decline=never casts anyway."""
+    import warnings
+    from fxopt.passes.quant import cast as cast_mod
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16)
+    monkeypatch.setattr(cast_mod, "_time_layer", lambda gm, node, low: (1.0, 3.0))   # an AVX2-only CPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = fxopt.compile(model, (x,), recipe="cast(dtype=bf16)")
+    rec = out.fxopt_history.records[0]
+    assert rec.status == "unchanged" and "slower in bfloat16" in rec.info["why"]
+    assert sorted(rec.info["declined"]) == ["_0_linear", "_2_linear"] or len(rec.info["declined"]) == 2
+    assert all(p.dtype == torch.float32 for p in out.parameters())
+    forced = fxopt.compile(model, (x,), recipe="cast(dtype=bf16,decline=never)")
+    assert forced.fxopt_history.records[0].status == "changed"
+    # one layer slower, one faster: only the slow one stays float32
+    calls = iter([(1.0, 3.0), (1.0, 0.5)])
+    monkeypatch.setattr(cast_mod, "_time_layer", lambda gm, node, low: next(calls))
+    mixed = fxopt.compile(model, (x,), recipe="cast(dtype=bf16)")
+    rec = mixed.fxopt_history.records[0]
+    assert rec.status == "changed" and len(rec.info["declined"]) == 1
+    torch.testing.assert_close(mixed(x), model(x), atol=0.1, rtol=0.05)
+
+
+def test_cast_times_each_compute_layer_on_this_cpu():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    out = fxopt.compile(model, (torch.randn(16, 64),), recipe="cast(dtype=bf16)")
+    rec = out.fxopt_history.records[0]
+    timed = rec.info.get("layer_ms") or {}
+    assert len(timed) + len(rec.info.get("declined", {})) >= 2 or "why" in rec.info

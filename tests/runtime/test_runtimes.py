@@ -237,3 +237,13 @@ def test_agreement_measures_structures_and_values():
     assert select.agreement(a, b)[0] == pytest.approx(0.5)
     assert select.agreement(a, {"x": torch.ones(4), "y": a["y"]})[0] == float("inf")
     assert select.agreement(a, {"x": torch.full((3,), float("nan")), "y": a["y"]})[0] == float("inf")
+
+
+def test_a_runtime_module_copies_with_its_own_session():
+    import copy
+    torch.manual_seed(0)
+    r = _compile(DemoNet().eval(), (demo_inputs(4),), "default", runtime="onnxruntime")
+    c = copy.deepcopy(r)
+    assert c._built is not r._built and c.graph_module is not r.graph_module
+    x = demo_inputs(2, seed=9)
+    torch.testing.assert_close(c(x), r(x))
