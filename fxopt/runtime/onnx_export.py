@@ -371,6 +371,9 @@ def onnx_bytes(module: fx.GraphModule, example_inputs: Any = None, *, dynamic: A
                opset: int = OPSET) -> bytes:
     """The serialized ONNX model of ``module`` (see :func:`export_onnx`)."""
     _need_onnx()
+    inner = getattr(module, "graph_module", None)  # a RuntimeModule: the graph it runs, exported again
+    if not isinstance(module, fx.GraphModule) and isinstance(inner, fx.GraphModule):
+        module = inner
     if not isinstance(module, fx.GraphModule):
         raise InputError(f"fxopt.export_onnx expects a module returned by fxopt.compile, fxopt.trace or fxopt.load, "
                          f"got {type(module).__name__}")
