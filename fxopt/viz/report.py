@@ -176,6 +176,9 @@ def report_html(history: Any, title: str | None = None) -> str:
     max_err = max((r.error_vs_original for r in h.records if r.status == "changed"), default=0.0)
     parts.append(f"<tr><td>max |output error| vs original</td><td>0</td><td>{max_err:.3g}</td><td></td></tr>")
     parts.append("</table>")
+    if h.runtime:  # compile(runtime=...): the runtime kept, every candidate's timing and error
+        from fxopt.runtime.select import describe
+        parts.append("<h3>Runtime</h3><pre>" + html.escape(describe(h.runtime)) + "</pre>")
     if symbols:
         parts.append("<div class='muted'>size symbols: " + html.escape(
             ", ".join(f"{k} = {v}" for k, v in (s0.get("symbols") or {}).items())) + "</div>")

@@ -247,3 +247,10 @@ def test_a_runtime_module_copies_with_its_own_session():
     assert c._built is not r._built and c.graph_module is not r.graph_module
     x = demo_inputs(2, seed=9)
     torch.testing.assert_close(c(x), r(x))
+
+
+def test_the_report_shows_the_runtime_decision(tmp_path):
+    r = _compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(4, 8),), runtime="auto",
+                 latency_repeats=3, report=str(tmp_path / "r.html"))
+    text = (tmp_path / "r.html").read_text()
+    assert "<h3>Runtime</h3>" in text and "onnxruntime" in text and r.fxopt_history.runtime["chosen"] in text
