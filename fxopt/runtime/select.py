@@ -11,9 +11,11 @@ differ from its simulation just as much). So a quantized graph's runtime must (1
 fxopt's graph: its error against the float model within 1.1x fxopt's (worst and median element, plus
 ``1e-4``), and (2) stay near fxopt's graph: the worst element within half the quantization error
 (at least ``1e-2``), the median within the quantization's median (at least ``1e-4``). Exactness of
-each translated layer is what the tests check, on single layers, to 1e-6. A runtime outside the bounds is refused, with the error. Then each runtime that agrees
-is timed on the example inputs (median of ``repeats`` calls after two warm-up calls, one runtime after
-the other; worker threads do not spin, see :mod:`fxopt.runtime.engines`) and the fastest is kept.
+each translated layer is what the tests check, on single layers, to 1e-6. A runtime outside the bounds
+is refused, with the error. Then each runtime that agrees is timed on the example inputs, with the
+original model (median of ``repeats`` calls after two warm-up calls, round-robin: one call of each per
+round, so that drift hits every candidate alike; worker threads do not spin, see
+:mod:`fxopt.runtime.engines`) and the fastest is kept.
 ``history.runtime`` holds the decision: every candidate with its milliseconds, its errors, and why it
 was refused.
 """
@@ -73,18 +75,24 @@ def agreement(ref: Any, out: Any) -> tuple[float, float]:
     return worst, median
 
 
-def _median_ms(fn: Any, repeats: int, budget_s: float = 3.0) -> float:
+def _interleaved_ms(calls: dict, repeats: int, budget_s: float = 6.0) -> dict:
+    """Median ms of each call, timed round-robin (one call of each per round, after two warm-up calls each),
+    so that a drift in the machine's speed, or a runtime that slows the others down, hits every candidate
+    alike; at least 3 rounds, then rounds until ``repeats`` or ``budget_s``."""
+    times: dict = {k: [] for k in calls}
     with torch.no_grad():
-        fn()
-        fn()
-        times: list[float] = []
+        for f in calls.values():
+            f()
+            f()
         start = time.perf_counter()
-        while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+        rounds = 0
+        while rounds < repeats and (rounds < 3 or time.perf_counter() - start < budget_s):
+            for k, f in calls.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+            rounds += 1
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, *,
@@ -188,11 +196,14 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
             raise RuntimeUnavailable(entry["refused"] + ("" if runtime == "torch" else
                                                          "; runtime='auto' picks among those that work"))
     if repeats > 0:
-        for name, b in built.items():
-            call = _call_of(b, args, kwargs)
-            record["candidates"][name]["ms"] = round(_median_ms(call, repeats), 4)
+        calls = {name: _call_of(b, args, kwargs) for name, b in built.items()}
         if original is not None:
-            record["original_ms"] = round(_median_ms(lambda: original(*args, **kwargs), repeats), 4)
+            calls[" original"] = lambda: original(*args, **kwargs)
+        for name, ms in _interleaved_ms(calls, repeats).items():
+            if name == " original":
+                record["original_ms"] = round(ms, 4)
+            else:
+                record["candidates"][name]["ms"] = round(ms, 4)
     timed = {n: record["candidates"][n]["ms"] for n in built if "ms" in record["candidates"][n]}
     chosen = runtime if runtime != "auto" else (min(timed, key=timed.__getitem__) if timed else "torch")
     record["chosen"] = chosen
