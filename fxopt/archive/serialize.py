@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.archive.archive_check import DAMAGED, MAX_TOTAL, RESAVE, check_model_archive, read_checked_zip, read_member
-from fxopt.ir.capture import dynamic_shapes_for, install_input_guard, normalize_inputs
+from fxopt.ir.capture import dynamic_shapes_for, example_call, install_input_guard
 from fxopt.ir.torch_compat import torch_internals
 from fxopt.ir.capture_rewrites import stride_safe_views
 from fxopt.ir.input_guard import SIGNATURE_KEY
@@ -59,15 +59,7 @@ _RUNTIME_ONNX = "runtime.onnx"  # the ONNX model a RuntimeModule runs (fxopt.run
 
 def _export(gm: fx.GraphModule, example_inputs: Any) -> Any:
     capture = gm.meta.get("fxopt_capture", {})
-    if example_inputs is None:
-        example_inputs = gm.meta.get("fxopt_example_inputs")
-    if example_inputs is None:
-        raise InputError("fxopt.save needs example inputs for a module that fxopt did not capture: "
-                         "fxopt.save(module, path, example_inputs=((x,), {}))")
-    if isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict):
-        args, kwargs = normalize_inputs(*example_inputs)
-    else:
-        args, kwargs = normalize_inputs(example_inputs)
+    args, kwargs = example_call(gm, example_inputs, "fxopt.save")
     dyn = dynamic_shapes_for(gm, args, kwargs, capture.get("dynamic"))
     try:
         with torch_internals():

@@ -54,6 +54,20 @@ def normalize_inputs(args: Any = (), kwargs: dict | None = None) -> tuple[tuple,
     return tuple(args), dict(kwargs)
 
 
+
+def example_call(gm: torch.nn.Module, example_inputs: Any = None, who: str = "this") -> tuple[tuple, dict]:
+    """``(args, kwargs)`` to call ``gm`` with: ``example_inputs`` (``(args, kwargs)``, a tuple of inputs or a
+    tensor), else the example inputs fxopt captured it with; ``who`` names the caller in the error
+    (``fxopt.save``, ``fxopt.export_onnx``) for a module fxopt did not capture."""
+    if example_inputs is None:
+        example_inputs = getattr(gm, "meta", {}).get("fxopt_example_inputs")
+    if example_inputs is None:
+        raise InputError(f"{who} needs example inputs for a module that fxopt did not capture: "
+                         f"{who}(module, path, example_inputs=((x,), {{}}))")
+    if isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict):
+        return normalize_inputs(*example_inputs)
+    return normalize_inputs(example_inputs)
+
 def _check_finite(args: tuple, kwargs: dict) -> None:
     for where, value in list(enumerate(args)) + list(kwargs.items()):
         name = f"args[{where}]" if isinstance(where, int) else f"kwargs['{where}']"

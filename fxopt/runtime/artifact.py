@@ -54,14 +54,14 @@ def reattach(gm: fx.GraphModule, name: str, data: bytes, where: str, tolerance: 
              median_tolerance: float | None = None) -> Any:
     """The RuntimeModule for ``gm`` on runtime ``name`` with the saved ONNX ``data``, or ``gm`` with a warning."""
     from fxopt.runtime.select import choose_runtime
-    example = gm.meta.get("fxopt_example_inputs")
-    if example is None:
+    from fxopt.ir.capture import example_call
+    if gm.meta.get("fxopt_example_inputs") is None:
         warnings.warn(f"{where}: saved for runtime '{name}' but without example inputs to check it; running "
                       "fxopt's graph", RuntimeWarning, stacklevel=3)
         return gm
-    args, kwargs = example
+    args, kwargs = example_call(gm)
     try:
-        handed, record = choose_runtime(gm, tuple(args), dict(kwargs), name, repeats=0, onnx=data,
+        handed, record = choose_runtime(gm, args, kwargs, name, repeats=0, onnx=data,
                                          tolerance=tolerance, median_tolerance=median_tolerance)
     except RuntimeUnavailable as e:
         warnings.warn(f"{where}: saved to run on {name}, which cannot run here ({str(e).splitlines()[0]}); the "

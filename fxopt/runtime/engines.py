@@ -166,7 +166,7 @@ def _build_openvino(gm: fx.GraphModule, args: tuple, kwargs: dict, *, threads: i
             request.infer({i: _numpy(t) for i, t in enumerate(flat)})
             outs = [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(len(compiled.outputs))]
         return _unflatten(gm, outs)
-    return Built(run, data, {"device": "CPU"})
+    return Built(run, data, {"device": "CPU", "precision": str(compiled.get_property("INFERENCE_PRECISION_HINT"))})
 
 
 RUNTIMES: dict[str, Runtime] = {
@@ -241,10 +241,8 @@ class RuntimeModule(torch.nn.Module):
     def __deepcopy__(self, memo: dict) -> "RuntimeModule":
         """A copy with its own graph and its own runtime session, built again from the artifact."""
         import copy
+        from fxopt.ir.capture import example_call
         gm = copy.deepcopy(self.graph_module, memo)
-        example = gm.meta.get("fxopt_example_inputs")
-        if example is None:
-            raise InputError("this RuntimeModule's graph has no example inputs to rebuild its runtime from; "
-                             "copy its graph_module instead")
-        built = build_runtime(self.runtime, gm, tuple(example[0]), dict(example[1]), onnx=self.artifact)
+        args, kwargs = example_call(gm, None, "copying a RuntimeModule")
+        built = build_runtime(self.runtime, gm, args, kwargs, onnx=self.artifact)
         return RuntimeModule(gm, self.runtime, built)

@@ -135,6 +135,10 @@ def translation_table() -> dict:
     def scalar(t: Any) -> Any:
         return op.Squeeze(op.Reshape(t, const_ints([1])))
 
+    def channel_zp(zp: Any, scale: Any) -> Any:
+        """The zero point as a 1-D tensor of the scale's length (a shared one repeated)."""
+        return flat(zp) if axis_of(zp)[0] == "channel" else op.Expand(flat(zp), op.Shape(flat(scale)))
+
     def code_type(signed: bool) -> int:
         return 3 if signed else 2  # TensorProto.INT8 / UINT8
 
@@ -152,8 +156,7 @@ def translation_table() -> dict:
         x = op.Cast(x, to=1)
         if group_size == 0 and kind in ("tensor", "channel"):
             s, z = (scalar(scale), scalar(op.Cast(zp, to=t))) if kind == "tensor" else \
-                (flat(scale), op.Cast(flat(zp) if axis_of(zp)[0] == "channel" else
-                                      op.Expand(flat(zp), op.Shape(flat(scale))), to=t))
+                (flat(scale), op.Cast(channel_zp(zp, scale), to=t))
             q = op.QuantizeLinear(x, s, z, axis=axis) if kind == "channel" else op.QuantizeLinear(x, s, z)
             return clip_codes(q, qmin, qmax, signed)
         if group_size > 0:
@@ -169,8 +172,7 @@ def translation_table() -> dict:
         if group_size == 0 and kind == "tensor":
             return op.DequantizeLinear(q, scalar(op.Cast(scale, to=1)), scalar(op.Cast(zp, to=t)))
         if group_size == 0 and kind == "channel" and shape_of(q) is not None and axis < len(shape_of(q)):
-            z = flat(zp) if axis_of(zp)[0] == "channel" else op.Expand(flat(zp), op.Shape(flat(scale)))
-            return op.DequantizeLinear(q, flat(op.Cast(scale, to=1)), op.Cast(z, to=t), axis=axis)
+            return op.DequantizeLinear(q, flat(op.Cast(scale, to=1)), op.Cast(channel_zp(zp, scale), to=t), axis=axis)
         if group_size > 0:
             z = op.Cast(op.Expand(zp, op.Shape(scale)), to=t)
             return op.DequantizeLinear(q, op.Cast(scale, to=1), z, axis=-1, block_size=group_size)
@@ -259,8 +261,8 @@ def translation_table() -> dict:
         elif kind == "tensor":
             w = op.DequantizeLinear(codes, scalar(op.Cast(w_scale, to=1)), scalar(op.Cast(w_zp, to=t)))
         else:
-            z = flat(w_zp) if axis_of(w_zp)[0] == "channel" else op.Expand(flat(w_zp), op.Shape(flat(w_scale)))
-            w = op.DequantizeLinear(codes, flat(op.Cast(w_scale, to=1)), op.Cast(z, to=t), axis=1)
+            w = op.DequantizeLinear(codes, flat(op.Cast(w_scale, to=1)), op.Cast(channel_zp(w_zp, w_scale), to=t),
+                                    axis=1)
         return add_bias(op.MatMul(x, op.CastLike(w, x)), bias)
 
     def conv2d_wq(x, w_q, w_scale, w_zp, bias, stride, padding, dilation, groups: int):
@@ -299,26 +301,28 @@ def _prepare(gm: fx.GraphModule) -> fx.GraphModule:
     from fxopt.ir.rewrite_utils import attr_tensor
     import fxopt.kernels.cpu_sparse  # noqa: F401  (defines fxopt::linear_csr)
     ops = torch.ops.fxopt
-    todo = [n for n in gm.graph.nodes if n.op == "call_function" and (
-        (n.target in (ops.linear_wq.default, ops.embedding_wq.default) and n.args[-1] == 4)
-        or n.target is ops.linear_csr.default)]
-    if not todo:
+    packed = (ops.linear_wq.default, ops.embedding_wq.default)
+
+    def todo(g: fx.Graph) -> list[fx.Node]:
+        return [n for n in g.nodes if n.op == "call_function" and (
+            (n.target in packed and n.args[-1] == 4) or n.target is ops.linear_csr.default)]
+    if not todo(gm.graph):
         return gm
     gm = copy.deepcopy(gm)
     g = gm.graph
-    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "call_function"):
-        if n.target in (ops.linear_wq.default, ops.embedding_wq.default) and n.args[-1] == 4:
+    for i, n in enumerate(todo(g)):
+        if n.target in packed:
             at = 1 if n.target is ops.linear_wq.default else 0
-            packed = n.args[at]
             name = f"_onnx_unpacked_{i}"
-            gm.register_buffer(name, unpack_int4(attr_tensor(gm, packed)))
+            gm.register_buffer(name, unpack_int4(attr_tensor(gm, n.args[at])))
             with g.inserting_before(n):
                 codes = g.get_attr(name)
             n.args = (*n.args[:at], codes, *n.args[at + 1:-1], 8)
-        elif n.target is ops.linear_csr.default:
+        else:
             x, crow, col, values, in_features, bias = n.args
-            dense = torch.sparse_csr_tensor(attr_tensor(gm, crow), attr_tensor(gm, col), attr_tensor(gm, values),
-                                            (attr_tensor(gm, crow).numel() - 1, in_features)).to_dense()
+            crow_t = attr_tensor(gm, crow)
+            dense = torch.sparse_csr_tensor(crow_t, attr_tensor(gm, col), attr_tensor(gm, values),
+                                            (crow_t.numel() - 1, in_features)).to_dense()
             name = f"_onnx_dense_{i}"
             gm.register_buffer(name, dense)
             with g.inserting_before(n):
@@ -355,18 +359,6 @@ def output_names(gm: fx.GraphModule, outputs: Any) -> list[str]:
     return out
 
 
-def _example(gm: fx.GraphModule, example_inputs: Any) -> tuple[tuple, dict]:
-    from fxopt.ir.capture import normalize_inputs
-    if example_inputs is None:
-        example_inputs = gm.meta.get("fxopt_example_inputs")
-    if example_inputs is None:
-        raise InputError("fxopt.export_onnx needs example inputs for a module fxopt did not capture: "
-                         "export_onnx(module, path, example_inputs=((x,), {}))")
-    if isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict):
-        return normalize_inputs(*example_inputs)
-    return normalize_inputs(example_inputs)
-
-
 def onnx_bytes(module: fx.GraphModule, example_inputs: Any = None, *, dynamic: Any = None,
                opset: int = OPSET) -> bytes:
     """The serialized ONNX model of ``module`` (see :func:`export_onnx`)."""
@@ -377,9 +369,9 @@ def onnx_bytes(module: fx.GraphModule, example_inputs: Any = None, *, dynamic: A
     if not isinstance(module, fx.GraphModule):
         raise InputError(f"fxopt.export_onnx expects a module returned by fxopt.compile, fxopt.trace or fxopt.load, "
                          f"got {type(module).__name__}")
-    from fxopt.ir.capture import dynamic_shapes_for
+    from fxopt.ir.capture import dynamic_shapes_for, example_call
     from fxopt.ir.torch_compat import torch_internals
-    args, kwargs = _example(module, example_inputs)
+    args, kwargs = example_call(module, example_inputs, "fxopt.export_onnx")
     capture = module.meta.get("fxopt_capture", {})
     dyn = dynamic_shapes_for(module, args, kwargs, capture.get("dynamic") if dynamic is None else dynamic)
     gm = _prepare(module)

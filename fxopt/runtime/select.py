@@ -164,9 +164,10 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
             b = build_runtime(name, gm, args, kwargs, threads=threads, onnx=onnx_data)
             entry["build_s"] = round(time.perf_counter() - t0, 2)
             with torch.no_grad():
-                errs = [agreement(r, b.run(a, k)) for r, (a, k) in zip(refs, inputs)]
+                outs = [b.run(a, k) for a, k in inputs]
+            errs = [agreement(r, o) for r, o in zip(refs, outs)]
             err, med = max(e[0] for e in errs), max(e[1] for e in errs)
-            vs_float = agreement(reference, b.run(args, kwargs)) if quant_err is not None else None
+            vs_float = agreement(reference, outs[0]) if quant_err is not None else None  # outs[0]: the example
         except (RuntimeUnavailable, InputError) as e:
             entry["refused"] = str(e).splitlines()[0]
             continue

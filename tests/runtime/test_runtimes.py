@@ -254,3 +254,34 @@ def test_the_report_shows_the_runtime_decision(tmp_path):
                  latency_repeats=3, report=str(tmp_path / "r.html"))
     text = (tmp_path / "r.html").read_text()
     assert "<h3>Runtime</h3>" in text and "onnxruntime" in text and r.fxopt_history.runtime["chosen"] in text
+
+
+def test_sessions_share_the_cpu_and_keep_fxopt_arithmetic():
+    """Worker threads that sleep after a call (spinning ones slowed PyTorch 4x on 2 cores), torch's thread
+    count, fp32 weight-only matmuls in ONNX Runtime, f32 in OpenVINO (its default is bf16 on AMX CPUs)."""
+    from fxopt.runtime.engines import _ort_session
+    data = onnx_export.onnx_bytes(_compile(nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(2, 4),)))
+    opts = _ort_session(data, 3).get_session_options()
+    assert opts.intra_op_num_threads == 3
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "1"
+    if RUNTIMES["openvino"].available:
+        r = _compile(DemoNet().eval(), (demo_inputs(4),), "int8-weight", runtime="openvino")
+        assert "float32" in r.runtime_info["precision"]
+
+
+def test_a_result_measured_slower_than_the_original_is_said_loudly(monkeypatch, tmp_path):
+    import fxopt.viz.timing as timing
+    calls = iter([1.0, 2.0])  # the original 1 ms, the compiled model 2 ms
+    monkeypatch.setattr(timing, "median_ms", lambda fn, repeats: next(calls))
+    with pytest.warns(RuntimeWarning, match="slower than the original"):
+        fxopt.compile(nn.Linear(4, 2).eval(), (torch.randn(2, 4),), report=str(tmp_path / "r.html"),
+                      latency_repeats=2)
+
+
+def test_warn_if_slower_reads_the_runtime_record():
+    with pytest.warns(RuntimeWarning, match="slower than the original"):
+        select.warn_if_slower({"original_ms": 1.0, "chosen": "torch", "candidates": {"torch": {"ms": 2.0}}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select.warn_if_slower({"original_ms": 2.0, "chosen": "torch", "candidates": {"torch": {"ms": 1.0}}})
