@@ -119,7 +119,8 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     # options that change what a pass does become part of its printed config: the history's pipeline
     # reproduces the run without them
     from fxopt.passmgr.pipeline import fold_options
-    pipeline = fold_options(pipeline, options)
+    # (the runtime too: insert-qdq shapes residual adds for the runtime that will run the graph)
+    pipeline = fold_options(pipeline, {**options, "runtime": runtime, "runtime_candidates": runtime_candidates})
     if calibration is not None and (not hasattr(calibration, "__iter__") or isinstance(calibration, (str, bytes))):
         raise InputError(f"calibration must be an iterable of model inputs, got {type(calibration).__name__}")
     if calibration is not None and not isinstance(calibration, torch.Tensor) and iter(calibration) is calibration:

@@ -13,6 +13,9 @@ Every int8 kernel has a pure-torch reference next to it (``*_reference``, collec
   rounding; the int32 results are multiplied back by the row scales.
 * ``conv2d_int8``: static W8A8 convolution (optionally fused ReLU); its output is
   requantized with the calibrated output scale.
+* ``quantize_dequantize``: ``dq(q(x))`` on a static unsigned grid in one vectorized pass
+  (torch's quantize and dequantize), for a quantized tensor a float op reads (a ResNet
+  block's identity going into the residual add); the simulation's two ops take four passes.
 * ``linear_wq`` / ``conv2d_wq`` / ``embedding_wq``: weight-only int8 or packed int4
   (two values per byte) storage, dequantized on the fly (weight bytes fall 4x/8x; the
   matmul stays fp32).
@@ -56,7 +59,8 @@ from fxopt.quant.qspec import dequantize
 
 __all__ = ["linear_int8", "linear_int8_dynamic", "conv2d_int8", "linear_int8_reference",
            "linear_int8_dynamic_reference", "conv2d_int8_reference", "REFERENCES", "fallback_layers", "int8_layer_plans", "linear_wq", "conv2d_wq", "embedding_wq",
-           "pack_int4", "unpack_int4", "LOWERED_OPS"]
+           "pack_int4", "unpack_int4", "LOWERED_OPS", "quantize_dequantize", "quantize_dequantize_reference",
+           "QDQ_REFERENCES"]
 
 _CACHE: dict[tuple, tuple[Any, tuple, Any]] = {}
 _EPS = torch.finfo(torch.float32).eps
@@ -236,9 +240,9 @@ def _linear_static(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, x
     if use == "fbgemm":
         if fbgemm_rounds_like_the_simulation():
             # fbgemm quantizes the fp32 input itself (fused) with codes in 0..255: clamping the input to
-            # the range of the layer's codes first gives exactly clamp(round(x / s) + z, 0, qmax)
-            if x_qmax < 255:
-                x2 = x2.clamp((0 - x_zp) * x_scale, (x_qmax - x_zp) * x_scale)
+            # the range of the layer's codes first gives exactly clamp(round(x / s) + z, 0, qmax), and
+            # keeps inputs of 2**31 steps and more (inf, 3e38) from overflowing its int32 to code 0
+            x2 = x2.clamp(*_code_bounds(x_scale, x_zp, x_qmax))
             return _fbgemm_linear(x2, x_scale, x_zp, w_q, w_scale)
         # this fbgemm rounds its input differently (see below): round here, exactly as the simulation
         # does, and hand it integers (code - zero point) with scale 1, which it cannot round wrong
@@ -342,9 +346,8 @@ def conv2d_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     if use is None:
         return conv2d_int8_reference(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp,
                                      out_scale, out_zp, relu, x_qmax, out_qmax)
-    xf = x.float()
-    if x_qmax < 255:
-        xf = xf.clamp((0 - x_zp) * x_scale, (x_qmax - x_zp) * x_scale)
+    # to the layer's code range (7-bit codes), and so that no input overflows the quantizer (see _linear_static)
+    xf = x.float().clamp(*_code_bounds(x_scale, x_zp, x_qmax))
     b = None if bias is None else bias.float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -369,6 +372,46 @@ def _(x, w_q, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zp, o
 
 
 # ---------------------------------------------------------------- weight-only
+def quantize_dequantize_reference(x: torch.Tensor, scale: float, zp: int, qmax: int = 255) -> torch.Tensor:
+    """The simulated ``dequantize(quantize(x, scale, zp, 0, qmax))``: what :func:`quantize_dequantize` computes."""
+    s, z = torch.tensor(scale), torch.tensor(zp)
+    return qspec.dequantize(qspec.quantize(x.float(), s, z, 0, qmax), s, z)
+
+
+@custom_op("fxopt::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: torch.Tensor, scale: float, zp: int, qmax: int = 255) -> torch.Tensor:
+    """``dq(q(x))`` on the static grid ``scale``, ``zp``, codes ``0..qmax``, fused.
+
+    torch's per-tensor quantize (fbgemm's on x86: ``round(x * (1 / scale)) + zp`` with the
+    float32 reciprocal, halves to even, clamped to 0..255) and its dequantize
+    ``(q - zp) * scale`` are the simulation's arithmetic, one vectorized pass each; a narrower
+    range (7-bit codes) clamps the result at code ``qmax``, the same float32 value. NaN inputs
+    have no code (the simulation's cast of NaN is undefined too).
+    """
+    if x.dtype != torch.float32 or not 0 <= zp <= qmax <= 255 or not scale > 0:
+        return quantize_dequantize_reference(x, scale, zp, qmax)
+    # clamped to the float32 values of codes 0 and qmax first: beyond about 2**31 steps (inf, 3e38) torch's
+    # quantize overflows its int32 and returns code 0 where the simulation saturates
+    xc = x.clamp(*_code_bounds(scale, zp, qmax))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated; the reference stands in
+            return torch.quantize_per_tensor(xc, scale, zp, torch.quint8).dequantize()
+    except (AttributeError, RuntimeError):
+        return quantize_dequantize_reference(x, scale, zp, qmax)
+
+
+def _code_bounds(scale: float, zp: int, qmax: int) -> tuple[float, float]:
+    """The float32 values of codes 0 and ``qmax`` on the grid ``scale``, ``zp``."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    return float(torch.tensor(0 - zp, dtype=torch.float32) * s), float(torch.tensor(qmax - zp, dtype=torch.float32) * s)
+
+
+@quantize_dequantize.register_fake
+def _(x, scale, zp, qmax=255):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 values in [-8, 7] (last dim even) -> uint8, two per byte (low nibble first)."""
     if q.shape[-1] % 2:
@@ -435,6 +478,9 @@ REFERENCES = {torch.ops.fxopt.linear_int8.default: linear_int8_reference,
               torch.ops.fxopt.linear_int8_dynamic.default: linear_int8_dynamic_reference,
               torch.ops.fxopt.conv2d_int8.default: conv2d_int8_reference}
 
-LOWERED_OPS = {torch.ops.fxopt.linear_int8.default, torch.ops.fxopt.linear_int8_dynamic.default,
+#: fused quantize-dequantize kernels -> their references
+QDQ_REFERENCES = {torch.ops.fxopt.quantize_dequantize.default: quantize_dequantize_reference}
+
+LOWERED_OPS = {torch.ops.fxopt.quantize_dequantize.default, torch.ops.fxopt.linear_int8.default, torch.ops.fxopt.linear_int8_dynamic.default,
                torch.ops.fxopt.conv2d_int8.default, torch.ops.fxopt.linear_wq.default,
                torch.ops.fxopt.conv2d_wq.default, torch.ops.fxopt.embedding_wq.default}

@@ -32,6 +32,24 @@ class ResCNN(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+class TwoBlocks(nn.Module):
+    """Two residual blocks: the second block's identity is the first block's relu(add), quantized for
+    the second block's conv (the ResNet pattern: the add read it in float)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.a1, self.a2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.b1, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.a2(torch.relu(self.a1(x))))
+        x = torch.relu(x + self.b2(torch.relu(self.b1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
 class Redundant(nn.Module):
     """Every kind of no-op and duplicate the cleanup passes remove."""
 

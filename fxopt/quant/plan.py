@@ -281,12 +281,51 @@ def _buffer(gm: fx.GraphModule, owner: str, name: str, value: torch.Tensor, befo
         return gm.graph.get_attr(f"{owner}.{name}" if owner else name)
 
 
+_ADDS = (aten.add.Tensor,)
+
+
+def _static_dq(node: Any) -> bool:
+    """``dq(q(x))`` on a calibrated (static) grid: its scale is a stored tensor, not computed at run time."""
+    return (isinstance(node, fx.Node) and node.target is fxq.dequantize.default
+            and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr")
+
+
+def _quantize_residuals(gm: fx.GraphModule, static: dict[fx.Node, fx.Node]) -> int:
+    """Let residual adds read both operands quantized; returns how many operands were switched.
+
+    In a ResNet block ``relu(add(conv3(...), x))`` the conv's output is quantized already, and
+    ``x`` is quantized for the next block's first conv, but the add read ``x`` in float: a
+    runtime given the graph (OpenVINO, ONNX Runtime) then runs the add, its ReLU and the
+    quantization after it as separate fp32 passes. With both operands quantized it fuses the add
+    into the conv (measured on ResNet-50 8x224 in OpenVINO: 110 -> 73 ms, the same as NNCF's
+    int8, which places its quantizers the same way). PyTorch's FX quantization quantizes both
+    inputs of an add too.
+    """
+    switched = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in _ADDS or len(n.args) < 2 or n.kwargs.get("alpha", 1) != 1:
+            continue
+        a, b = n.args[0], n.args[1]
+        for mine, other in ((a, b), (b, a)):
+            if _static_dq(other) and mine in static:
+                n.replace_input_with(mine, static[mine])
+                switched += 1
+                break
+    return switched
+
+
 def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
-                qparams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
-    """Write the QDQ nodes for ``targets`` into ``gm`` (which must hold the targets' nodes)."""
-    counts = {"weights": 0, "activations": 0, "dynamic": 0, "outputs": 0}
+                qparams: dict[str, tuple[torch.Tensor, torch.Tensor]], residuals: bool = True) -> dict[str, int]:
+    """Write the QDQ nodes for ``targets`` into ``gm`` (which must hold the targets' nodes).
+
+    ``residuals``: a residual ``add`` whose one operand is a quantized conv output and whose other
+    is a tensor quantized for a layer (a ResNet block's identity) reads that tensor's quantized
+    form too (:func:`_quantize_residuals`).
+    """
+    counts = {"weights": 0, "activations": 0, "dynamic": 0, "outputs": 0, "residuals": 0}
     weights: dict[tuple, tuple] = {}
     acts: dict[fx.Node, fx.Node] = {}
+    static: dict[fx.Node, fx.Node] = {}  # float tensor -> its static dq(q(.)) form
     g = gm.graph
     for t in targets:
         node = t.node
@@ -332,6 +371,8 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
             with g.inserting_before(anchor):
                 q = g.call_function(fxq.quantize.default, (x, s, z, a.qmin, a.qmax, 0))
                 acts[x] = g.call_function(fxq.dequantize.default, (q, s, z, 0))
+            if not a.dynamic:
+                static[x] = acts[x]
             for n in (s, q, acts[x]):
                 copy_meta(n, node)
         node.replace_input_with(x, acts[x])
@@ -351,6 +392,8 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
             for u in users:
                 u.replace_input_with(out, dq)
             counts["outputs"] += 1
+    if residuals:
+        counts["residuals"] = _quantize_residuals(gm, static)
     erase_dead(gm)
     propagate_meta(gm)
     return counts

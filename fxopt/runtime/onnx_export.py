@@ -22,6 +22,7 @@ fxopt op                   ONNX
 ``linear_wq``/``conv2d_wq`` ``DequantizeLinear`` of the stored codes (int4 codes unpacked to
                            int8) -> ``MatMul``/``Conv``
 ``embedding_wq``           ``Gather`` of the code rows and their scales -> dequantize
+``quantize_dequantize``    ``QuantizeLinear`` [-> ``Clip``] -> ``DequantizeLinear`` (per tensor)
 ``linear_csr``             a dense ``MatMul`` (ONNX has no CSR matmul)
 =========================  ===============================================================
 
@@ -239,6 +240,11 @@ def translation_table() -> dict:
         q = clip_codes(op.QuantizeLinear(y, const_f(out_scale), zo), 0, out_qmax, False)
         return op.DequantizeLinear(q, const_f(out_scale), zo)
 
+    def quantize_dequantize(x, scale: float, zp: int, qmax: int = 255):
+        z = op.Cast(op.Constant(value_int=int(zp)), to=2)
+        q = clip_codes(op.QuantizeLinear(op.Cast(x, to=1), const_f(scale), z), 0, qmax, False)
+        return op.DequantizeLinear(q, const_f(scale), z)
+
     def weight(w_q: Any, w_scale: Any, w_zp: Any, group_size: int, bits: int) -> Any:
         if bits != 8:
             raise ExportError("packed int4 weights reach the ONNX translation unpacked; this graph was not "
@@ -291,7 +297,7 @@ def translation_table() -> dict:
             ops.dynamic_scale.default: dynamic_scale, ops.linear_int8.default: linear_int8,
             ops.linear_int8_dynamic.default: linear_int8_dynamic, ops.conv2d_int8.default: conv2d_int8,
             ops.linear_wq.default: linear_wq, ops.conv2d_wq.default: conv2d_wq,
-            ops.embedding_wq.default: embedding_wq, **_USER}
+            ops.embedding_wq.default: embedding_wq, ops.quantize_dequantize.default: quantize_dequantize, **_USER}
 
 
 # ---------------------------------------------------------------- preparing the graph

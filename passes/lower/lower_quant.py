@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from fxopt.kernels import cpu_isa
 from fxopt.ir.dialect import aten
-from fxopt.kernels.cpu_quant import REFERENCES, int8_layer_plans, weight_bits
+from fxopt.kernels.cpu_quant import QDQ_REFERENCES, REFERENCES, int8_layer_plans, weight_bits
 from fxopt.quant.annotation import QuantAnnotation
 from fxopt.ir.meta import propagate_meta
 from fxopt.passes.lower import rules
@@ -65,18 +65,21 @@ class LowerQuantPass(Pass):
         counts: dict[str, int] = {}
         kept: list[str] = []
         device = rules.graph_device(gm, ctx.args)
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or getattr(node, "_erased", False):
-                continue
-            found = rules.first_rule(gm, node, "quant", device, self.config)
-            kind = found[0].build(found[1], found[0]) if found is not None else None
-            if kind:
-                counts[kind] = counts.get(kind, 0) + 1
-            elif node.target in _LAYERS and QuantAnnotation.of(node) is not None:
-                kept.append(node.name)
+        # two sweeps: the layers take their quantized inputs first; a dq(q(x)) only float ops still read
+        # (the quantize_dequantize rule) is known only once its layer consumers are lowered
+        for sweep in (1, 2):
+            for node in list(gm.graph.nodes):
+                if node.op != "call_function" or getattr(node, "_erased", False):
+                    continue
+                found = rules.first_rule(gm, node, "quant", device, self.config)
+                kind = found[0].build(found[1], found[0]) if found is not None else None
+                if kind:
+                    counts[kind] = counts.get(kind, 0) + 1
+                elif sweep == 1 and node.target in _LAYERS and QuantAnnotation.of(node) is not None:
+                    kept.append(node.name)
+            erase_dead(gm)
         if not counts:
             return PassResult(False, info={"kept": kept})
-        erase_dead(gm)
         propagate_meta(gm)
         chooser = EngineChooser(self.config.engine)
         worst = check_layers(gm, ctx, chooser)
@@ -158,10 +161,12 @@ def layer_kernels(gm: fx.GraphModule) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- per-layer check
-_SIM = dict(REFERENCES)  # kernel -> its simulated QDQ formula (tests swap entries to fake a wrong kernel)
+_SIM = {**REFERENCES, **QDQ_REFERENCES}  # kernel -> its simulated QDQ formula (tests swap entries to fake a wrong kernel)
 
 
 def _allowed(kernel: Any, args: tuple, ref: torch.Tensor) -> float:
+    if kernel is fxq.quantize_dequantize.default:
+        return 0.0  # the same arithmetic, value for value
     # a static conv requantizes its output: one step of the output scale is rounding
     step = 2.01 * args[10] if kernel is fxq.conv2d_int8.default else 0.0
     return 1e-4 * float(ref.abs().max()) + 1e-5 + step
@@ -177,7 +182,7 @@ class _Checked:
         self.choose, self.engine = choose, None
 
     def __call__(self, *args: Any) -> torch.Tensor:
-        if self.choose is not None and self.engine is None:  # first call: pick the engine on these arguments
+        if self.choose is not None and self.engine is None and self.kernel in _INT8:  # first call: pick the engine
             self.engine = self.choose(self.node.name, self.kernel, args) or args[-1]
         if self.engine is not None:
             args = (*args[:-1], self.engine)
@@ -232,16 +237,27 @@ def _conv_edges(args: tuple) -> list[tuple[str, torch.Tensor]]:
     return [(f"all codes at their extremes (0 and {qmax})", _codes_to_x(x, scale, zp))]
 
 
+def _qdq_edges(args: tuple) -> list[tuple[str, torch.Tensor]]:
+    scale, zp, qmax = float(args[1]), int(args[2]), int(args[3])
+    codes = torch.arange(-zp - 3, qmax - zp + 4, dtype=torch.float32)
+    s = torch.tensor(scale, dtype=torch.float32)
+    x = torch.cat([codes * s, (codes + 0.5) * s, (codes - 0.5) * s,
+                   torch.tensor([float("inf"), -float("inf"), 3e38, -3e38, 0.0, -0.0])])
+    return [("every code, the halfway points between codes (ties), inputs beyond the range and infinities", x)]
+
+
 def _edge_errors(node: fx.Node, args: tuple) -> tuple[float, float, str] | None:
     """The worst disagreement of ``node``'s kernel with its simulation at the edges of its input ranges."""
     kernel, sim = node.target, _SIM[node.target]
-    if kernel is fxq.conv2d_int8.default:
+    if kernel is fxq.quantize_dequantize.default:
+        cases = _qdq_edges(args)
+    elif kernel is fxq.conv2d_int8.default:
         cases = _conv_edges(args)
     else:
         cases = _linear_edges(args, kernel is fxq.linear_int8_dynamic.default)
     worst = None
     for what, x in cases:
-        if kernel is not fxq.conv2d_int8.default:
+        if kernel in (fxq.linear_int8.default, fxq.linear_int8_dynamic.default):
             x = x.reshape(*([1] * (args[0].dim() - 2)), *x.shape) if args[0].dim() > 2 else x
         edge = (x, *args[1:])
         out, ref = kernel(*edge), sim(*edge)

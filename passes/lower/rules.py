@@ -26,6 +26,7 @@ conv2d_int8          cpu     ``q(relu?(conv2d(dq(q(x)), dq(W8), b))) then dq``  
 linear_wq            cpu     ``linear(x, dq(Wq), b)``                           ``fxopt::linear_wq``
 conv2d_wq            cpu     ``conv2d(x, dq(Wq), b)``                           ``fxopt::conv2d_wq``
 embedding_wq         cpu     ``embedding(dq(Wq), ids)``                         ``fxopt::embedding_wq``
+quantize_dequantize  cpu     ``dq(q(x, s, z)) read by float ops``               ``fxopt::quantize_dequantize``
 linear_csr           cpu     ``linear(x, W, b), W mostly zeros``                ``fxopt::linear_csr``
 ===================  ======  =================================================  ==============================
 
@@ -35,7 +36,10 @@ linear_csr           cpu     ``linear(x, W, b), W mostly zeros``                
 most 8 bits (the int8 x int8 engines, fbgemm and oneDNN), ``Wq`` any stored int8 or int4
 codes (weight-only; int4 codes are packed two per byte for linears and embeddings). The quant
 rules read the layer's typed annotation; the form of its activation is read from the graph,
-since one quantize node serves every consumer of a tensor. Rules applied under a pass's policy
+since one quantize node serves every consumer of a tensor. ``quantize_dequantize`` takes what
+the layer rules leave: a static ``dq(q(x))`` that no quantized layer reads any more (a ResNet
+identity going into its residual add), fused into one op (``lower-quant`` applies it in a
+second sweep, after the layers took their inputs). Rules applied under a pass's policy
 (``lower-sparse``'s ``max_density``) see only the layers the policy admits.
 
 Adding a kernel for a new device is one row here (with its condition and builder) and one
@@ -61,7 +65,7 @@ from fxopt.kernels.cpu_sparse import to_csr
 from fxopt.quant.annotation import QuantAnnotation
 
 __all__ = ["LoweringRule", "LOWERING_RULES", "register_lowering", "rules_for", "first_rule", "graph_device",
-           "table", "QuantMatch", "match_quant", "SparseMatch", "match_sparse"]
+           "table", "QuantMatch", "match_quant", "QDQMatch", "match_qdq", "SparseMatch", "match_sparse"]
 
 fxq = torch.ops.fxopt
 _Q, _DQ, _DYN = fxq.quantize.default, fxq.dequantize.default, fxq.dynamic_scale.default
@@ -423,6 +427,46 @@ def _build_linear_csr(m: SparseMatch, rule: LoweringRule) -> str:
     return rule.name
 
 
+# ---------------------------------------------------------------- quant: a lone dq(q(x))
+@dataclass
+class QDQMatch:
+    """A static ``dq(q(x, s, z, 0, qmax))`` (per tensor, unsigned codes) no quantized layer reads."""
+
+    gm: fx.GraphModule
+    node: fx.Node
+    x: fx.Node
+    scale: float
+    zp: int
+    qmax: int
+
+
+def _layer_input(user: fx.Node, dq: fx.Node) -> bool:
+    """Does ``user`` read ``dq`` as the input of a quantized linear or conv (a layer pattern's own)?"""
+    return (user.op == "call_function" and user.target in (aten.linear.default, aten.conv2d.default)
+            and user.args[0] is dq and QuantAnnotation.of(user) is not None)
+
+
+def match_qdq(gm: fx.GraphModule, node: fx.Node, config: Any) -> QDQMatch | None:
+    act = _activation(gm, node)
+    if act is None or act[0] != "static" or not isinstance(act[1], fx.Node):
+        return None
+    q = node.args[0]
+    if node.args[1] is not q.args[1] or node.args[2] is not q.args[2] or node.args[3] != 0:
+        return None  # dequantized on another grid than it was quantized on: not a plain round trip
+    v = act[1].meta.get("val")
+    if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32):
+        return None
+    if any(_layer_input(u, node) for u in node.users):
+        return None
+    scale, zp, qmax = act[2]
+    return QDQMatch(gm, node, act[1], scale, zp, qmax)
+
+
+def _build_qdq(m: QDQMatch, rule: LoweringRule) -> str:
+    _replace(m.gm, m.node, rule.kernel, (m.x, m.scale, m.zp, m.qmax))
+    return rule.name
+
+
 # ---------------------------------------------------------------- the table
 def _static_int8(m: QuantMatch) -> bool:
     return m.kind("static") and m.int8_channel
@@ -460,6 +504,8 @@ for _rule in (
                  "conv2d(x, dq(Wq), b)", match_quant, _build_conv2d_wq, _weight_only_conv),
     LoweringRule("embedding_wq", "quant", _embedding, ("cpu",), fxq.embedding_wq.default,
                  "embedding(dq(Wq), ids)", match_quant, _build_embedding_wq),
+    LoweringRule("quantize_dequantize", "quant", _DQ, ("cpu",), fxq.quantize_dequantize.default,
+                 "dq(q(x, s, z)) read by float ops", match_qdq, _build_qdq),
     LoweringRule("linear_csr", "sparse", _linear, ("cpu",), fxq.linear_csr.default,
                  "linear(x, W, b), W mostly zeros", match_sparse, _build_linear_csr),
 ):

@@ -186,3 +186,57 @@ def test_the_rounding_probe_tells_the_two_fbgemm_behaviours_apart(monkeypatch):
         assert cpu_quant.fbgemm_rounds_like_the_simulation.__wrapped__() is False
     finally:
         cpu_quant.fbgemm_rounds_like_the_simulation.cache_clear()
+
+
+# ---------------------------------------------------------------- quantize_dequantize, extreme inputs
+def _grid_inputs(scale, zp, qmax, seed):
+    """Every code, the ties halfway between codes, far beyond the range, infinities, random values."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.arange(-zp - 40, qmax - zp + 41, dtype=torch.float32)
+    s = torch.tensor(scale, dtype=torch.float32)
+    return torch.cat([codes * s, (codes + 0.5) * s, (codes - 0.5) * s, torch.randn(500, generator=g) * s * qmax,
+                      torch.tensor([float("inf"), -float("inf"), 3e38, -3e38, 1e12, -1e12, 0.0, -0.0, 1e-45])])
+
+
+@pytest.mark.parametrize("qmax", [255, 127, 63, 1])
+def test_quantize_dequantize_equals_the_simulation_value_for_value(qmax):
+    from fxopt.kernels.cpu_quant import quantize_dequantize_reference
+    g = torch.Generator().manual_seed(qmax)
+    for trial in range(40):
+        scale = float(torch.empty(1).uniform_(-14, 4, generator=g).exp2())
+        zp = int(torch.randint(0, qmax + 1, (1,), generator=g))
+        x = _grid_inputs(scale, zp, qmax, trial)
+        got, want = fxq.quantize_dequantize(x, scale, zp, qmax), quantize_dequantize_reference(x, scale, zp, qmax)
+        assert torch.equal(got, want), (scale, zp, qmax, x[got != want][:4], got[got != want][:4])
+    # shapes and layouts it is handed in graphs: a channels-last 4-D tensor, a non-contiguous view
+    x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last) * 3
+    assert torch.equal(fxq.quantize_dequantize(x, 0.03, 7, qmax), quantize_dequantize_reference(x, 0.03, 7, qmax))
+    xt = torch.randn(6, 9).t()
+    assert torch.equal(fxq.quantize_dequantize(xt, 0.05, 0, qmax), quantize_dequantize_reference(xt, 0.05, 0, qmax))
+
+
+def test_quantize_dequantize_outside_its_fast_path_is_the_reference():
+    from fxopt.kernels.cpu_quant import quantize_dequantize_reference
+    x = torch.randn(64, dtype=torch.float64) * 4
+    assert torch.equal(fxq.quantize_dequantize(x, 0.05, 3, 255), quantize_dequantize_reference(x, 0.05, 3, 255))
+    xh = torch.randn(64).to(torch.bfloat16)
+    assert torch.equal(fxq.quantize_dequantize(xh, 0.05, 3, 255), quantize_dequantize_reference(xh, 0.05, 3, 255))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("zp", [0, 128, 238, 255])
+def test_int8_kernels_saturate_like_the_simulation_on_huge_and_infinite_inputs(engine, zp):
+    """Inputs 2**31 steps and more beyond the range (inf, 3e38) once overflowed fbgemm's quantizer to code 0."""
+    w, ws = _weights(16, 8)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(zp))
+    x[0, 0], x[1, 1], x[2, 2], x[3, 3], x[4, 4], x[5, 5] = float("inf"), 3e38, -3e38, 1e12, -float("inf"), -1e12
+    got = fxq.linear_int8(x, w, ws.flatten(), None, 0.0547, zp, 255, engine)
+    want = linear_int8_reference(x, w, ws.flatten(), None, 0.0547, zp, 255)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max() + 1e-5
+    wc = torch.randint(-127, 128, (4, 3, 3, 3), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    wcs = torch.rand(4) * 0.01 + 1e-3
+    xc = torch.randn(1, 3, 6, 6)
+    xc[0, 0, 2, 2], xc[0, 1, 3, 3], xc[0, 2, 1, 1] = float("inf"), 1e12, -float("inf")
+    args = (wc, wcs, None, [1, 1], [1, 1], [1, 1], 1, 0.0547, zp, 0.05, 0, False, 255, 255)
+    got, want = fxq.conv2d_int8(xc, *args, engine), conv2d_int8_reference(xc, *args)
+    assert (got - want).abs().max() <= 2.01 * 0.05

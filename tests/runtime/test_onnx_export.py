@@ -11,7 +11,7 @@ from torch import nn
 
 import fxopt
 from fxopt.models import DemoNet, demo_inputs
-from models import DictOut
+from models import DictOut, TwoBlocks
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -206,3 +206,30 @@ def test_an_op_onnx_cannot_express_is_a_clear_export_error():
 def test_bad_arguments_are_typed_errors(tmp_path):
     with pytest.raises(fxopt.InputError, match="expects a module returned by fxopt.compile"):
         fxopt.export_onnx(nn.Linear(2, 2), tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("qmax", [255, 127])
+def test_a_fused_quantize_dequantize_exports_and_agrees(qmax):
+    """fxopt::quantize_dequantize (a residual add's quantized identity) -> QuantizeLinear [Clip] DequantizeLinear."""
+    class Q(nn.Module):
+        def forward(self, x):
+            return torch.ops.fxopt.quantize_dequantize(x, 0.05, 9, qmax) * 2.0
+    gm = torch.fx.symbolic_trace(Q())
+    x = torch.randn(5, 40) * 4
+    x[0, :3] = torch.tensor([1e6, -1e6, 0.0])
+    data = onnx_bytes(gm, (x,))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(data) and ("Clip" in _ops(data)) == (qmax < 255)
+    (out,) = _run(data, **{onnx.load_from_string(data).graph.input[0].name: x})
+    # ONNX divides by the scale where fxopt multiplies by its float32 reciprocal: one code at an exact tie
+    assert np.abs(out - gm(x).numpy()).max() <= 2 * 0.05 + 1e-6
+    assert _rel(out, gm(x)) <= 1e-2
+
+
+def test_a_resnet_block_graph_for_an_onnx_runtime_quantizes_its_identity_and_agrees():
+    torch.manual_seed(0)
+    m, x = TwoBlocks().eval(), torch.rand(2, 3, 10, 10)
+    c = _compile(m, (x,), "insert-qdq(residuals=true),lower-quant", calibration=[torch.rand(2, 3, 10, 10) for _ in range(3)])
+    assert torch.ops.fxopt.quantize_dequantize.default in [n.target for n in c.graph.nodes]
+    data = onnx_bytes(c)
+    (out,) = _run(data, x=x)
+    assert _rel(out, c(x)) <= 2e-2
