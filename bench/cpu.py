@@ -246,7 +246,9 @@ def build_row(row: str, spec: dict, tmp: str):
         chosen = rec.get("chosen", "torch")
         lower = next((r for r in m.fxopt_history.records if r.name == "lower-quant" and r.status == "changed"), None)
         kernels = lower.info.get("int8_kernels") if lower is not None else None
-        note = f"ran on {chosen}" + (f"; {kernels}" if kernels else "")
+        timed = {k: v["ms"] for k, v in (rec.get("candidates") or {}).items() if "ms" in v}
+        note = f"ran on {chosen}" + (f" (auto timed {', '.join(f'{k} {v:.0f}' for k, v in timed.items())} ms)"
+                                     if len(timed) > 1 else "") + (f"; {kernels}" if kernels else "")
         failed = [r.name for r in m.fxopt_history.failures]
         if failed:
             note += f"; rolled back: {','.join(failed)}"

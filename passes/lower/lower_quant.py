@@ -15,6 +15,18 @@ one to integer rounding (``check_layers`` runs every int8 kernel next to its sim
 on the example inputs and fails the pass, which the manager rolls back, when they differ beyond
 float rounding; end to end, rare rounding flips grow through deep nets, so the manager records
 the output change instead of bounding it).
+
+Only where it pays, when asked (``lower-quant(decline=slower)``): while the check runs, each int8 layer's
+kernel (on its chosen engine) is timed against its float form (``linear``/``conv2d`` of the same
+dequantized weights, interleaved, median of 3-7 calls on its example-input shapes); a kernel more
+than 1.15x slower is declined and the layer runs in float, its weights' quantized values stored as
+fp32 (its bytes go back up; it drops the activation rounding, so it is at least as accurate). The
+record lists each declined layer with both timings (``info["declined"]``). ``decline=never``, the
+default, keeps every kernel: the decision can only use the example inputs' shapes, and at the few
+tokens examples usually carry the per-token quantization makes most of MiniLM's int8 layers measure
+slower than fp32 (31 of 37 at 2x16 tokens on a 2-core AVX-512 VNNI Xeon) while the same model runs
+2x faster than fp32 at 8x128; declining from the example would drop int8 (and its bytes) for the
+batch sizes that run later. ``fxopt.compile`` warns when the whole model measures slower.
 """
 from __future__ import annotations
 
@@ -55,11 +67,17 @@ class LowerQuantPass(Pass):
         # which engine runs each int8 layer: "auto" times every engine that is exact for the layer's codes
         # on its example-input shapes and keeps the fastest; "fbgemm"/"onednn" where exact (else the other)
         engine: str = "auto"
+        # "slower": an int8 layer whose kernel is measured slower than its float form (the same dequantized
+        # weights in fp32) on its example-input shapes runs in float; "never" (default): keep every kernel
+        decline: str = "never"
 
         def __post_init__(self) -> None:
             if self.engine not in ("auto",) + cpu_isa.ENGINES:
                 raise ValueError(f"lower-quant(engine=...) takes auto, {', '.join(cpu_isa.ENGINES)}; "
                                  f"got {self.engine!r}")
+            if self.decline not in ("slower", "never"):
+                raise ValueError(f"lower-quant(decline=...) is 'slower' (run an int8 layer measured slower than "
+                                 f"its float form in float) or 'never', got {self.decline!r}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts: dict[str, int] = {}
@@ -81,11 +99,16 @@ class LowerQuantPass(Pass):
         if not counts:
             return PassResult(False, info={"kept": kept})
         propagate_meta(gm)
-        chooser = EngineChooser(self.config.engine)
+        chooser = EngineChooser(self.config.engine, time_float=self.config.decline == "slower")
         worst = check_layers(gm, ctx, chooser)
         info: dict[str, Any] = {"lowered": counts, "kept": kept, "worst_layer_error": worst}
         if chooser.timings:
             info["engine_ms"] = chooser.timings
+        declined = decline_slower(gm, chooser.float_ms) if self.config.decline == "slower" else {}
+        if declined:
+            info["declined"] = declined
+            erase_dead(gm)
+            propagate_meta(gm)
         kernels = layer_kernels(gm)
         if kernels:
             info["cpu"] = cpu_isa.cpu_info(probe=False).isa + (f" (plan forced: {cpu_isa.forced_isa()})"
@@ -107,22 +130,26 @@ def _exact_engines(kernel: Any, args: tuple) -> list[str]:
     return [e for e in cpu_isa.ENGINES if cpu_isa.exact_bits(e, kind, shape, wb) >= bits]
 
 
-def _time_engines(kernel: Any, args: tuple, engines: list[str]) -> dict[str, float]:
-    """Median milliseconds of ``kernel`` on ``args`` with each engine (interleaved rounds, warm caches)."""
+def _time_engines(kernel: Any, args: tuple, engines: list[str], float_form: bool = False) -> dict[str, float]:
+    """Median milliseconds of ``kernel`` on ``args`` with each engine (interleaved rounds, warm caches);
+    with ``float_form`` also the layer's float form (:func:`_float_call`), under the key float."""
     import time
     key = (kernel, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else tuple(a) if isinstance(a, list) else a
-                         for a in args[:-1]), tuple(engines))
+                         for a in args[:-1]), tuple(engines), float_form)
     if key in _TIMED:
         return _TIMED[key]
-    times: dict[str, list[float]] = {e: [] for e in engines}
+    calls = {e: (lambda e=e: kernel(*args[:-1], e)) for e in engines}
+    if float_form:
+        calls["float"] = _float_call(kernel, args)
+    times: dict[str, list[float]] = {e: [] for e in calls}
     with torch.no_grad():
-        for e in engines:  # warm-up: packs the weights, faults in the buffers
-            kernel(*args[:-1], e)
+        for call in calls.values():  # warm-up: packs the weights, faults in the buffers
+            call()
         rounds, spent = 0, 0.0
         while rounds < 7 and (rounds < 3 or spent < 0.2):  # 3-7 rounds, about 0.2 s at most per layer shape
-            for e in engines:
+            for e, call in calls.items():
                 t0 = time.perf_counter()
-                kernel(*args[:-1], e)
+                call()
                 dt = time.perf_counter() - t0
                 times[e].append(dt * 1e3)
                 spent += dt
@@ -140,10 +167,20 @@ class EngineChooser:
     ``timings``: layer -> engine -> ms, for the record.
     """
 
-    def __init__(self, engine: str = "auto"):
+    def __init__(self, engine: str = "auto", time_float: bool = False):
         self.engine, self.timings = engine, {}
+        #: with ``time_float``: layer -> {"int8": ms of its kernel on the chosen engine, "float": ms of its float form}
+        self.time_float, self.float_ms = time_float, {}
 
     def __call__(self, name: str, kernel: Any, args: tuple) -> str | None:
+        engine = self._choose(name, kernel, args)
+        if self.time_float:
+            run = (*args[:-1], engine or args[-1])
+            ms = _time_engines(kernel, run, [engine or args[-1]], float_form=True)
+            self.float_ms[name] = {"int8": round(ms[engine or args[-1]], 4), "float": round(ms["float"], 4)}
+        return engine
+
+    def _choose(self, name: str, kernel: Any, args: tuple) -> str | None:
         cands = _exact_engines(kernel, args)
         if self.engine != "auto" and self.engine in cands:
             return self.engine
@@ -152,6 +189,70 @@ class EngineChooser:
             self.timings[name] = {e: round(v, 3) for e, v in ms.items()}
             return min(cands, key=ms.__getitem__)
         return cands[0] if cands else None  # None: no exact engine, the kernel's own fallback decides
+
+
+# ---------------------------------------------------------------- declining slower int8 layers
+#: an int8 kernel is declined when it takes this much longer than the layer's float form (a margin over
+#: the timing noise of a median of 3-7 interleaved calls)
+DECLINE_RATIO = 1.15
+
+
+def _float_weight(kernel: Any, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    shape = (-1, 1, 1, 1) if kernel is fxq.conv2d_int8.default else (-1, 1)
+    return w_q.float() * w_scale.reshape(shape).float()
+
+
+def _float_call(kernel: Any, args: tuple) -> Any:
+    """The layer of an int8 kernel call in float: its dequantized weights, no activation quantization."""
+    import torch.nn.functional as F
+    x, w, bias = args[0], _float_weight(kernel, args[1], args[2]), args[3]
+    if kernel is fxq.conv2d_int8.default:
+        stride, padding, dilation, groups, relu = args[4], args[5], args[6], args[7], args[12]
+        return lambda: (lambda y: y.relu_() if relu else y)(F.conv2d(x, w, bias, stride, padding, dilation, groups))
+    return lambda: F.linear(x, w, bias)
+
+
+def decline_slower(gm: fx.GraphModule, float_ms: dict[str, dict[str, float]]) -> dict[str, str]:
+    """Run in float every int8 layer whose kernel was measured slower than its float form; layer -> why.
+
+    The layer keeps its quantized weights' values (dequantized, stored as fp32: its bytes go back up)
+    and drops its activation quantization, so it computes at least as accurately as the kernel did.
+    """
+    from fxopt.ir.rewrite_utils import attr_tensor, copy_meta
+    declined = {}
+    for node in list(gm.graph.nodes):
+        ms = float_ms.get(node.name)
+        if node.op != "call_function" or node.target not in _INT8 or ms is None:
+            continue
+        if not ms["int8"] > DECLINE_RATIO * ms["float"]:
+            continue
+        w_q, w_scale = attr_tensor(gm, node.args[1]), attr_tensor(gm, node.args[2])
+        if w_q is None or w_scale is None:
+            continue
+        owner, _, attr = str(node.args[1].target).rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        name, i = f"{attr}_float", 1
+        while hasattr(mod, name):
+            name, i = f"{attr}_float_{i}", i + 1
+        mod.register_buffer(name, _float_weight(node.target, w_q, w_scale).contiguous())
+        g = gm.graph
+        with g.inserting_before(node):
+            w = g.get_attr(f"{owner}.{name}" if owner else name)
+            if node.target is fxq.conv2d_int8.default:
+                a = node.args
+                new = g.call_function(aten.conv2d.default, (a[0], w, a[3], a[4], a[5], a[6], a[7]))
+                out = g.call_function(aten.relu.default, (new,)) if a[12] else new
+            else:
+                new = out = g.call_function(aten.linear.default, (node.args[0], w, node.args[3]))
+        for n in {new, out}:
+            copy_meta(n, node)
+        node.replace_all_uses_with(out)
+        old = node.name
+        g.erase_node(node)
+        out._rename(old)
+        declined[old] = (f"int8 {ms['int8']:.3g} ms vs float {ms['float']:.3g} ms at its example-input shapes: "
+                         f"runs in float (lower-quant(decline=never), the default, keeps the kernel)")
+    return declined
 
 
 def layer_kernels(gm: fx.GraphModule) -> dict[str, str]:

@@ -442,3 +442,53 @@ def test_a_wrong_fused_quantize_dequantize_is_caught_and_rolled_back(monkeypatch
                           calibration=[torch.rand(2, 3, 10, 10) for _ in range(2)])
     fail = q.fxopt_history.failures[0]
     assert fail.name == "lower-quant" and "ties" in fail.error, fail.error
+
+
+def _fake_float_timings(monkeypatch, slow: set):
+    """Layers whose int8 kernels time slower than their float forms: the layer shapes in ``slow`` (out features)."""
+    import fxopt.passes.lower.lower_quant as lq
+    real = lq._time_engines
+
+    def timed(kernel, args, engines, float_form=False):
+        if not float_form:
+            return real(kernel, args, engines)
+        int8 = 1.0 if args[1].shape[0] in slow else 0.5
+        return {**{e: int8 for e in engines}, "float": 0.6}
+    monkeypatch.setattr(lq, "_time_engines", timed)
+
+
+@pytest.mark.parametrize("recipe", ["int8-dynamic", "int8"])
+def test_an_int8_layer_slower_than_its_float_form_runs_in_float_and_says_why(monkeypatch, recipe):
+    _fake_float_timings(monkeypatch, slow={64})  # fc1 (16 -> 64) slower in int8, fc2 (64 -> 8) faster
+    torch.manual_seed(0)
+    model, x = MLP(16, 64, 8).eval(), torch.randn(32, 16)
+    calib = [torch.randn(32, 16) for _ in range(3)]
+    slower = fxopt.recipes[recipe].pipeline.replace("lower-quant", "lower-quant(decline=slower)")
+    q = _compile(model, x, slower, calibration=calib if recipe == "int8" else None)
+    rec = next(r for r in q.fxopt_history.records if r.name == "lower-quant")
+    (layer, why), = rec.info["declined"].items()
+    assert "int8 1 ms vs float 0.6 ms" in why and "decline=never" in why
+    kinds = [n.target for n in q.graph.nodes if n.op == "call_function"]
+    assert kinds.count(torch.ops.aten.linear.default) == 1 and len([k for k in kinds if "int8" in str(k)]) == 1
+    # the declined layer computes float with the quantized weights' values: no worse than the simulation
+    sim = fxopt.compile(model, (x,), recipe=recipe, calibration=calib if recipe == "int8" else None,
+                        disable=["lower-quant"])
+    assert _cos(q(x), model(x)) >= _cos(sim(x), model(x)) - 1e-4
+    never = _compile(model, x, recipe, calibration=calib if recipe == "int8" else None)  # the default: never
+    assert "declined" not in next(r for r in never.fxopt_history.records if r.name == "lower-quant").info
+    assert len([n for n in never.graph.nodes if "int8" in str(n.target)]) == 2
+
+
+def test_a_declined_static_conv_runs_in_float_with_its_relu(monkeypatch):
+    _fake_float_timings(monkeypatch, slow={16})
+    torch.manual_seed(0)
+    model, x = ResCNN(16).eval(), torch.rand(4, 3, 12, 12)
+    q = _compile(model, x, fxopt.recipes["int8"].pipeline.replace("lower-quant", "lower-quant(decline=slower)"),
+                 calibration=[torch.rand(4, 3, 12, 12) for _ in range(3)])
+    declined = next(r for r in q.fxopt_history.records if r.name == "lower-quant").info["declined"]
+    assert len(declined) == 2  # both 16-channel convs
+    t = _targets(q)
+    assert fxq.conv2d_int8.default not in t and t.count(torch.ops.aten.conv2d.default) == 2
+    assert _cos(q(x), model(x)) > 0.99
+    with pytest.raises(Exception, match="decline"):
+        fxopt.compile(MLP(), (torch.randn(2, 16),), recipe="insert-qdq,lower-quant(decline=sometimes)")
