@@ -297,9 +297,9 @@ def _quantize_residuals(gm: fx.GraphModule, static: dict[fx.Node, fx.Node]) -> i
     ``x`` is quantized for the next block's first conv, but the add read ``x`` in float: a
     runtime given the graph (OpenVINO, ONNX Runtime) then runs the add, its ReLU and the
     quantization after it as separate fp32 passes. With both operands quantized it fuses the add
-    into the conv (measured on ResNet-50 8x224 in OpenVINO: 110 -> 73 ms, the same as NNCF's
-    int8, which places its quantizers the same way). PyTorch's FX quantization quantizes both
-    inputs of an add too.
+    into the conv (``python bench/openvino_int8.py``, ResNet-50 8x224 on OpenVINO: 170 -> 105 ms,
+    NNCF's int8 101 ms, which places its quantizers the same way). PyTorch's FX quantization
+    quantizes both inputs of an add too.
     """
     switched = 0
     for n in gm.graph.nodes:
@@ -315,7 +315,7 @@ def _quantize_residuals(gm: fx.GraphModule, static: dict[fx.Node, fx.Node]) -> i
 
 
 def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
-                qparams: dict[str, tuple[torch.Tensor, torch.Tensor]], residuals: bool = True) -> dict[str, int]:
+                qparams: dict[str, tuple[torch.Tensor, torch.Tensor]], residuals: bool = False) -> dict[str, int]:
     """Write the QDQ nodes for ``targets`` into ``gm`` (which must hold the targets' nodes).
 
     ``residuals``: a residual ``add`` whose one operand is a quantized conv output and whose other

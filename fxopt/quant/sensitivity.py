@@ -125,7 +125,7 @@ def run_outputs(gm: fx.GraphModule, batches: list) -> list[torch.Tensor]:
 
 
 def quantized_copy(gm: fx.GraphModule, targets: list[QuantTarget], keep: set[str],
-                    qparams: dict) -> fx.GraphModule:
+                    qparams: dict, residuals: bool = False) -> fx.GraphModule:
     """A deep copy of ``gm`` with ``targets`` quantized except the layers labelled in ``keep``."""
     memo: dict = {}
     with torch_internals():
@@ -133,7 +133,7 @@ def quantized_copy(gm: fx.GraphModule, targets: list[QuantTarget], keep: set[str
     by_name = {n.name: n for n in dup.graph.nodes}
     sub = [QuantTarget(by_name[t.node.name], t.kind, t.path, t.weight, t.activation)
            for t in targets if t.label not in keep]
-    materialize(dup, sub, qparams)
+    materialize(dup, sub, qparams, residuals)
     dup.recompile()
     return dup
 

@@ -43,7 +43,7 @@ from fxopt.quant.annotation import QuantAnnotation
 from fxopt.ir.meta import propagate_meta
 from fxopt.passes.lower import rules
 from fxopt.passmgr.pass_base import Pass, PassContext, PassResult, register_pass
-from fxopt.ir.rewrite_utils import erase_dead
+from fxopt.ir.rewrite_utils import attr_tensor, copy_meta, erase_dead
 
 __doc__ = __doc__.replace("{rules}", rules.table("quant"))  # the rule table, as the docs show it
 
@@ -218,7 +218,6 @@ def decline_slower(gm: fx.GraphModule, float_ms: dict[str, dict[str, float]]) ->
     The layer keeps its quantized weights' values (dequantized, stored as fp32: its bytes go back up)
     and drops its activation quantization, so it computes at least as accurately as the kernel did.
     """
-    from fxopt.ir.rewrite_utils import attr_tensor, copy_meta
     declined = {}
     for node in list(gm.graph.nodes):
         ms = float_ms.get(node.name)

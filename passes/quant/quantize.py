@@ -44,10 +44,11 @@ concatenation share one observer and one scale (:func:`fxopt.quant.plan.share_gr
 quantized before such an op stays on the same integer grid after it.
 
 A residual ``add`` of a quantized conv output and a tensor quantized for a layer (a ResNet
-block's identity) reads that tensor's quantized form too (``residuals``, default on; PyTorch's
-FX quantization and NNCF quantize both inputs of such an add): a runtime given the graph then
+block's identity) can read that tensor's quantized form too (``residuals``; PyTorch's FX
+quantization and NNCF quantize both inputs of such an add): a runtime given the graph then
 fuses the add into the int8 conv instead of running it, its ReLU and the next quantization in
-fp32 (ResNet-50 on OpenVINO: 110 -> 73 ms at 8x224). fxopt's own kernels pay a pass over each
+fp32 (``python bench/openvino_int8.py``: ResNet-50 8x224 on OpenVINO 170 -> 105 ms, NNCF's int8
+101 ms). fxopt's own kernels pay a pass over each
 identity for it, so ``residuals=auto`` (the default) turns it on when ``compile``'s ``runtime=``
 is an ONNX runtime (or ``auto`` with one installed) and off for torch; ``true``/``false`` force it.
 
@@ -81,10 +82,9 @@ fxq = torch.ops.fxopt
 def residuals_for(runtime: Any, candidates: Any = None) -> bool:
     """Quantize residual adds' identities (``residuals=auto``) for a graph an ONNX runtime may run.
 
-    Measured on ResNet-50 8x224 (2-core AVX-512 VNNI Xeon): OpenVINO 110 -> 73 ms with them (it
-    fuses the add into the int8 conv), while fxopt's own kernels pay one quantize-dequantize pass
-    over each identity (280 -> 340 ms): on for onnxruntime / openvino, and for ``auto`` when one of
-    its candidates is installed; off for torch and inductor.
+    OpenVINO fuses the add into the int8 conv with them (``bench/openvino_int8.py``), while fxopt's
+    own kernels pay one quantize-dequantize pass over each identity: on for onnxruntime / openvino,
+    and for ``auto`` when one of its candidates is installed; off for torch and inductor.
     """
     if runtime in (None, "torch", "inductor"):
         return False
@@ -185,19 +185,19 @@ class InsertQDQPass(Pass):
                                            "with a floating-point weight in the graph"})
         qparams = collect_qparams(gm, targets, ctx, self.config.percentile)
         info: dict[str, Any] = {}
-        if self.config.budget > 0 or ctx.options.get("budget_metric") is not None:
-            keep = self._budget(gm, targets, qparams, ctx, info)
-            targets = [t for t in targets if t.label not in keep]
         residuals = self.config.residuals
-        if residuals == "auto":
-            residuals = residuals_for(ctx.options.get("runtime", "torch"), ctx.options.get("runtime_candidates"))
+        if residuals == "auto":  # (compile folds its runtime= in: see with_options)
+            residuals = residuals_for(ctx.options.get("runtime"), ctx.options.get("runtime_candidates"))
+        if self.config.budget > 0 or ctx.options.get("budget_metric") is not None:
+            keep = self._budget(gm, targets, qparams, ctx, info, residuals)
+            targets = [t for t in targets if t.label not in keep]
         counts = materialize(gm, targets, qparams, residuals)
         info.update({"quantized": len(targets), **counts})
         if skipped:
             info["left_float"] = {k: v for k, v in skipped.items()}
         return PassResult(True, frozenset({"shapes"}), info)
 
-    def _budget(self, gm, targets, qparams, ctx, info) -> set[str]:
+    def _budget(self, gm, targets, qparams, ctx, info, residuals=False) -> set[str]:
         batches = eval_batches(ctx)
         ref = run_outputs(gm, batches)
         rows = sensitivity_scores(gm, targets, qparams, batches, ctx.options.get("progress"), ref)
@@ -209,7 +209,7 @@ class InsertQDQPass(Pass):
         floor = user_metric(metric, gm) - drop if metric is not None else None
 
         def ok(keep: set[str]) -> tuple[bool, float, float | None]:
-            q = quantized_copy(gm, targets, keep, qparams)
+            q = quantized_copy(gm, targets, keep, qparams, residuals)
             cos = output_similarity(ref, run_outputs(q, batches))["cosine"]
             if metric is None:
                 return cos >= self.config.budget, cos, None

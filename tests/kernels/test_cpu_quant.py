@@ -225,7 +225,7 @@ def test_quantize_dequantize_outside_its_fast_path_is_the_reference():
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("zp", [0, 128, 238, 255])
-def test_int8_kernels_saturate_like_the_simulation_on_huge_and_infinite_inputs(engine, zp):
+def test_int8_kernels_saturate_like_the_simulation_on_huge_and_infinite_inputs(cpu_kind, engine, zp):
     """Inputs 2**31 steps and more beyond the range (inf, 3e38) once overflowed fbgemm's quantizer to code 0."""
     w, ws = _weights(16, 8)
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(zp))
