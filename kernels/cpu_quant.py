@@ -392,6 +392,8 @@ def quantize_dequantize(x: torch.Tensor, scale: float, zp: int, qmax: int = 255)
         return quantize_dequantize_reference(x, scale, zp, qmax)
     # clamped to the float32 values of codes 0 and qmax first: beyond about 2**31 steps (inf, 3e38) torch's
     # quantize overflows its int32 and returns code 0 where the simulation saturates
+    if not torch_quantize_rounds_like_the_simulation():
+        return quantize_dequantize_reference(x, scale, zp, qmax)
     xc = x.clamp(*_code_bounds(scale, zp, qmax))
     try:
         with warnings.catch_warnings():
@@ -399,6 +401,29 @@ def quantize_dequantize(x: torch.Tensor, scale: float, zp: int, qmax: int = 255)
             return torch.quantize_per_tensor(xc, scale, zp, torch.quint8).dequantize()
     except (AttributeError, RuntimeError):
         return quantize_dequantize_reference(x, scale, zp, qmax)
+
+
+@functools.lru_cache(maxsize=1)
+def torch_quantize_rounds_like_the_simulation() -> bool:
+    """Does ``torch.quantize_per_tensor`` round as the QDQ simulation does, next to every .5 boundary?
+
+    torch 2.13 computes ``round(x / s + zp)`` in float32 (like its fbgemm, see
+    :func:`fbgemm_rounds_like_the_simulation`): one code off within an ulp of a tie. Probed once,
+    at several scales and zero points, with the values either side of each boundary; where it
+    differs :func:`quantize_dequantize` computes the reference instead (a few vectorized passes).
+    """
+    try:
+        for scale, zp in ((1.0, 128), (0.8823862671852112, 169), (0.0371, 3), (3.7, 250)):
+            half = (torch.arange(-zp, 256 - zp, dtype=torch.float32) + 0.5) * scale
+            x = torch.cat([torch.nextafter(half, half + 1), torch.nextafter(half, half - 1), half])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got = torch.quantize_per_tensor(x, scale, zp, torch.quint8).dequantize()
+            if not torch.equal(got, quantize_dequantize_reference(x, scale, zp, 255)):
+                return False
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def _code_bounds(scale: float, zp: int, qmax: int) -> tuple[float, float]:
