@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -49,7 +50,7 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
             latency_repeats: int = 10, verify_inputs: Any = None,
             pass_timeout: float | None = DEFAULT_PASS_TIMEOUT, reproducer: str | None = None,
             runtime: str = "torch", runtime_candidates: Iterable[str] | None = None,
-            **options: Any) -> fx.GraphModule:
+            recover: dict | None = None, **options: Any) -> fx.GraphModule:
     """Capture ``model``, run ``recipe`` over it, and return the optimized module.
 
     The result is called exactly like ``model`` (same positional and keyword
@@ -85,6 +86,11 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
     (every candidate's milliseconds, error and why it was refused). A named runtime that is missing or
     disagrees raises :class:`~fxopt.errors.RuntimeUnavailable`.
 
+    ``recover``: win back the accuracy the recipe costs, in the same call: ``{"data": batches,
+    "epochs": 3, "distill": True, "qat": True}`` fine-tunes the compressed model distilled from
+    ``model``, then trains the recipe's quantization (QAT) before lowering; ``metric`` is measured
+    after every stage and the history's ``stages`` lists them (:mod:`fxopt.train.recover`).
+
     Bad calibration data (empty, NaN/Inf, wrong shapes) raises ``CalibrationError``,
     strict or not, and an exception raised by your own data loader or metric reaches
     you unchanged: these are not pass bugs, and rolling the pass back would hand you
@@ -114,6 +120,17 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
                          "compile(model, kwargs={'input_ids': ids}); they fix dtypes and ranks and "
                          "are used to verify every pass")
     _check_finite(args, kwargs)
+    if recover is not None:
+        if runtime != "torch" or runtime_candidates is not None:
+            raise InputError("recover= runs on the torch runtime; compile its result again with "
+                             "recipe='cleanup', runtime=... to hand it to another runtime")
+        from fxopt.train.recover import compile_and_recover
+        out = compile_and_recover(model, args, kwargs, recipe, recover, metric,
+                                  {"calibration": calibration, "progress": progress, "strict": strict,
+                                   "verify": verify, "pass_timeout": pass_timeout, **options})
+        if report is not None:
+            _write_report(out, report)
+        return out
     pipeline = resolve_recipe(recipe)
     _check_options(pipeline, options)
     # options that change what a pass does become part of its printed config: the history's pipeline
@@ -194,6 +211,11 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
                           "original": measured["metric_original"], "compiled": compiled}
     out.fxopt_history = history
     out.meta["fxopt_history"] = history
+    # the uncompressed model, the default teacher of fxopt.finetune(out, distill=...): a weak reference, so the
+    # result holds no second copy of the weights; a compiled model passes on the model it came from
+    from fxopt.train.distill import source_of
+    source = source_of(model)
+    out.meta["fxopt_source"] = weakref.ref(source if source is not None else model)  # meta survives deepcopy
     if history.failures:
         names = ", ".join(f"{r.name} ({r.error.splitlines()[0][:80]})" for r in history.failures)
         warnings.warn(f"fxopt.compile: {len(history.failures)} pass(es) rolled back: {names}", stacklevel=2)

@@ -63,6 +63,9 @@ class History:
     metric: dict | None = None
     # fxopt.compile(runtime=...): the runtime kept, every candidate's timing, error, or why it was refused
     runtime: dict | None = None
+    # fxopt.qat and compile(recover=...): one record per training stage ({"stage", "metric", "params",
+    # "bytes", "seconds", "epochs": the per-epoch records, ...}), in the order they ran
+    stages: list = field(default_factory=list)
 
     @property
     def failures(self) -> list[PassRecord]:
@@ -107,6 +110,8 @@ class History:
         if self.runtime:
             from fxopt.runtime.select import describe
             text += "\n" + describe(self.runtime)
+        if self.stages:
+            text += "\n" + describe_stages(self.stages)
         return text
 
     def __str__(self) -> str:
@@ -138,3 +143,18 @@ def render_table(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def describe_stages(stages: list) -> str:
+    """The training stages of a recovery (or QAT) run as a table: metric, size and time after each."""
+    head = ["stage", "what", "metric", "params", "bytes", "epochs", "final loss", "seconds"]
+    rows = []
+    for st in stages:
+        epochs = st.get("epochs") or []
+        metric = st.get("metric")
+        rows.append([st.get("stage", "?"), str(st.get("what", ""))[:48],
+                     "-" if metric is None else f"{metric:.4g}", _fmt_int(st.get("params")),
+                     _fmt_int(st.get("bytes")), str(len(epochs)) if epochs else "-",
+                     f"{epochs[-1]['loss']:.4g}" if epochs and "loss" in epochs[-1] else "-",
+                     f"{st.get('seconds', 0.0):.1f}"])
+    return "training stages:\n" + render_table(head, rows)

@@ -72,7 +72,7 @@ class FinetuneHistory:
     steps: int = 0
 
     def table(self) -> str:
-        keys = [k for k in ("epoch", "loss", "accuracy", "eval_loss", "eval_accuracy", "lr", "seconds")
+        keys = [k for k in ("epoch", "loss", "kd", "hidden", "accuracy", "eval_loss", "eval_accuracy", "lr", "seconds")
                 if any(k in e for e in self.epochs)]
         rows = [[_fmt(e.get(k)) for k in keys] for e in self.epochs]
         widths = [max(len(x) for x in col) for col in zip(keys, *rows)]
@@ -110,7 +110,12 @@ def cubic_sparsity(step: int, final: float, begin: int, end: int, initial: float
 
 def make_optimizer(params: Iterable, name: str, lr: float, momentum: float, weight_decay: float,
                    nesterov: bool) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    params = list(params)
+    if params and isinstance(params[0], dict):  # parameter groups (discriminative learning rates)
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        params = [g for g in params if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if not params:
         raise InputError("the model has no trainable parameters (requires_grad=True)")
     if name == "sgd":
@@ -170,12 +175,18 @@ def _logits(out: Any) -> torch.Tensor:
     raise InputError(f"cannot find the prediction in a model output of type {type(out).__name__}")
 
 
-def _batches(data: Iterable, epoch: int) -> Iterable:
+def _batches(data: Iterable, epoch: int, unlabeled: bool = False) -> Iterable:
+    """``(inputs, targets)`` pairs; with ``unlabeled`` (distillation) a batch may be the inputs alone
+    (a tensor, a dict of keyword inputs, or a tuple of other than two positional inputs): targets None."""
     for i, item in enumerate(data):
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            yield item
+        elif unlabeled and (isinstance(item, (torch.Tensor, dict)) or isinstance(item, (tuple, list)) and item):
+            yield item, None
+        else:
             raise InputError(f"batch {i} of epoch {epoch} is a {type(item).__name__}; fine-tuning data must "
-                             "yield (inputs, targets) pairs (a DataLoader over a TensorDataset does)")
-        yield item
+                             "yield (inputs, targets) pairs (a DataLoader over a TensorDataset does)"
+                             + ("" if unlabeled else "; with a teacher (distill=) the inputs alone will do"))
 
 
 def _evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable) -> tuple[float, float | None]:
@@ -197,7 +208,9 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
              amp: str | None = None, loss: str | Callable = "cross_entropy", eval_data: Iterable | None = None,
              clip_grad_norm: float | None = None, seed: int | None = 0, inplace: bool = False,
              progress: bool | None = None, on_step: Callable[[int, torch.nn.Module], None] | None = None,
-             keep_sparsity: bool = True, train_bn: bool = True) -> tuple[torch.nn.Module, FinetuneHistory]:
+             keep_sparsity: bool = True, train_bn: bool = True, teacher: torch.nn.Module | None = None,
+             distill: str | None = None, temperature: float = 2.0, alpha: float = 0.5, features: Any = None,
+             hidden_loss: str = "mse", lr_multipliers: dict | None = None) -> tuple[torch.nn.Module, FinetuneHistory]:
     """Train ``model`` on ``data`` (an iterable of ``(inputs, targets)`` batches, re-iterable when
     ``epochs > 1``); return ``(trained_model, history)``. See the module docstring.
 
@@ -207,6 +220,20 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
     ``nn.BatchNorm`` in train mode (batch statistics, running statistics updated), which
     is what lets a pruned network recover; they are inference batch norms again afterwards.
     ``seed`` makes the run deterministic (torch, Python ``random``); ``None`` leaves RNGs alone.
+
+    Distillation (:mod:`fxopt.train.distill`): ``distill="logits"|"hidden"|"both"`` trains the
+    student against ``teacher`` (default: the uncompressed model a compiled student came from;
+    a ``teacher`` given alone means ``"logits"``): ``temperature`` softens the logits, ``alpha``
+    weighs the distillation loss against the task loss (``(1 - alpha) * task + alpha * distill``;
+    unlabeled batches, the inputs alone, train on the distillation loss only), ``features``
+    pairs hidden states by module path (``{student_path: teacher_path}``, a list of paths the two
+    share, or glob patterns; default: the blocks of the teacher's ``ModuleList``s the student
+    still has, and the output), ``hidden_loss`` is ``"mse"`` (relative), ``"cosine"`` or
+    ``"mse+cosine"``. Widths that differ (pruned layers) are matched by a learned projection.
+    The teacher is copied: it is never changed or put in eval mode.
+
+    ``lr_multipliers``: ``{parameter name or glob: factor}``, discriminative learning rates (a
+    backbone at 0.1x its head, say; :func:`fxopt.transfer` uses it).
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"finetune expects a torch.nn.Module, got {type(model).__name__}")
@@ -231,7 +258,69 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
         steps_per_epoch = 0
     if steps_per_epoch == 0 and hasattr(data, "__len__"):
         raise InputError("the fine-tuning data is empty")
-    opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay, nesterov)
+    if teacher is not None and distill is None:
+        distill = "logits"
+    distiller = None
+    if distill is not None:
+        from fxopt.train.distill import Distiller, resolve_teacher
+        distiller = Distiller(model, resolve_teacher(model, teacher), distill, temperature=temperature,
+                              alpha=alpha, features=features, hidden_loss=hidden_loss)
+    try:
+        if distiller is not None:
+            _prepare_distiller(model, distiller, data, train_bn)
+        return _train(model, data, distiller, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, nesterov=nesterov, schedule=schedule, warmup_steps=warmup_steps,
+                      step_size=step_size, gamma=gamma, amp=amp, loss_fn=loss_fn, eval_data=eval_data,
+                      clip_grad_norm=clip_grad_norm, progress=progress, on_step=on_step,
+                      keep_sparsity=keep_sparsity, train_bn=train_bn, steps_per_epoch=steps_per_epoch,
+                      lr_multipliers=lr_multipliers)
+    finally:
+        if distiller is not None:
+            distiller.remove()
+
+
+def _forward(model: torch.nn.Module, inputs: Any, where: str) -> Any:
+    try:
+        return _call(model, inputs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise InputError(f"the {where} does not run on a batch of the data: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]}; check the batches' shapes and dtypes") from e
+
+
+def _prepare_distiller(model: torch.nn.Module, distiller: Any, data: Iterable, train_bn: bool) -> None:
+    """One forward pass of both models on the first batch: checks that the teacher's outputs match the
+    student's and creates the projections, so that the optimizer sees them."""
+    first = next(iter(_batches(data, 1, unlabeled=True)), None)
+    if first is None:
+        raise InputError("the fine-tuning data is empty")
+    inputs = first[0]
+    t_out, t_feats = distiller.teacher_outputs(lambda m: _forward(m, inputs, "teacher"))
+    distiller.reset()
+    with torch.no_grad():
+        s_out = _forward(model, inputs, "student")
+        distiller.loss(s_out, t_out, t_feats)
+
+
+def _train(model: torch.nn.Module, data: Iterable, distiller: Any, *, epochs: int, optimizer: str, lr: float,
+           momentum: float, weight_decay: float, nesterov: bool, schedule: str, warmup_steps: int, step_size: int,
+           gamma: float, amp: str | None, loss_fn: Callable, eval_data: Iterable | None,
+           clip_grad_norm: float | None, progress: bool | None, on_step: Callable | None, keep_sparsity: bool,
+           train_bn: bool, steps_per_epoch: int,
+           lr_multipliers: dict | None = None) -> tuple[torch.nn.Module, FinetuneHistory]:
+    extra = list(distiller.parameters()) if distiller is not None else []
+    if lr_multipliers:
+        import fnmatch
+        by_mult: dict[float, list] = {}
+        for name, p in model.named_parameters():
+            m = next((float(v) for k, v in lr_multipliers.items() if name == k or fnmatch.fnmatchcase(name, k)), 1.0)
+            by_mult.setdefault(m, []).append(p)
+        groups = [{"params": ps, "lr_mult": m} for m, ps in by_mult.items()]
+        groups[0]["params"] = groups[0]["params"] + extra if groups[0]["lr_mult"] == 1.0 else groups[0]["params"]
+        if extra and not any(g["lr_mult"] == 1.0 for g in groups):
+            groups.append({"params": extra, "lr_mult": 1.0})
+        opt = make_optimizer(groups, optimizer, lr, momentum, weight_decay, nesterov)
+    else:
+        opt = make_optimizer(list(model.parameters()) + extra, optimizer, lr, momentum, weight_decay, nesterov)
     total = steps_per_epoch * epochs if steps_per_epoch else epochs * 1000
     factor = make_schedule(schedule, total, steps_per_epoch or 1000, warmup_steps, step_size, gamma)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -250,16 +339,27 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         total_loss, seen, correct, counted = 0.0, 0, 0, 0
+        parts_sum: dict[str, float] = {}
+        epoch_steps = 0
         bar = tqdm(total=steps_per_epoch or None, desc=f"epoch {epoch}/{epochs}", disable=not show, leave=False)
-        for inputs, target in _batches(data, epoch):
+        for inputs, target in _batches(data, epoch, unlabeled=distiller is not None):
+            if distiller is not None:
+                t_out, t_feats = distiller.teacher_outputs(lambda m: _forward(m, inputs, "teacher"))
+                distiller.reset()
             for g in opt.param_groups:
-                g["lr"] = lr * factor(step)
+                g["lr"] = lr * g.get("lr_mult", 1.0) * factor(step)
             opt.zero_grad(set_to_none=True)
             ctx = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16) \
                 if amp else _nullctx()
             with ctx:
-                out = _logits(_call(model, inputs))
-                value = loss_fn(out.float() if amp else out, target)
+                raw = _forward(model, inputs, "model")
+                out = _logits(raw)
+                value = None if target is None else loss_fn(out.float() if amp else out, target)
+                if distiller is not None:
+                    kd, parts = distiller.loss(raw, t_out, t_feats)
+                    value = kd if value is None else (1 - distiller.alpha) * value + distiller.alpha * kd
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + v
             if not torch.isfinite(value.detach()):
                 raise InputError(f"the loss became {float(value.detach())} at epoch {epoch}, step {step}; lower the "
                                  "learning rate or check the data for NaN/Inf")
@@ -276,14 +376,15 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
                 opt.step()
             step += 1
+            epoch_steps += 1
             if keep_sparsity:
                 reapply_masks(model)
             if on_step is not None:
                 on_step(step, model)
-            n = len(target)
+            n = len(target) if target is not None else len(out)
             total_loss += float(value.detach()) * n
             seen += n
-            if out.dim() == target.dim() + 1 and not target.is_floating_point():
+            if target is not None and out.dim() == target.dim() + 1 and not target.is_floating_point():
                 correct += int((out.detach().argmax(-1) == target).sum())
                 counted += target.numel()
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
@@ -295,6 +396,8 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
                   "seconds": time.perf_counter() - start}
         if counted:
             record["accuracy"] = 100.0 * correct / counted
+        for k, v in parts_sum.items():
+            record[k] = v / max(1, epoch_steps)
         if eval_data is not None:
             model.eval()
             _swap_bn(model, False)

@@ -184,6 +184,7 @@ class StructuredPrunePass(Pass):
     name = "prune"
     reads_options = ("calibration_inputs", "calibration_batches")
     preserves_semantics = False
+    compresses = True
 
     @dataclass(frozen=True)
     class Config:

@@ -1,0 +1,365 @@
+"""``fxopt.qat``: quantization-aware training on the QDQ graph of a quantization recipe.
+
+    >>> import torch, fxopt
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    >>> data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    >>> q = fxopt.qat(model, (x[:4],), data, recipe="int8-weight", epochs=2, lr=0.05, progress=False)
+    >>> q.fxopt_history.qat["recipe"], len(q.fxopt_history.qat["epochs"])
+    ('int8-weight', 2)
+
+How it works, on the same graph post-training quantization builds:
+
+1. The recipe runs up to and including ``insert-qdq`` (calibration as for PTQ: ``calibration=``,
+   else the inputs of the first training batches), which writes the QDQ nodes.
+2. Every ``dequantize(quantize(x))`` of an activation and every dequantized weight become a
+   fake quantization with a straight-through estimator: the forward pass computes exactly the
+   simulation's ``(clamp(round(x / s) + z) - z) * s``, the backward pass lets gradients through
+   where ``x`` is inside the range and stops them where it is clamped. Weights train as float
+   *latent* weights (initialized to the float weights the recipe quantized); ``learn_scales=True``
+   also trains the scales (LSQ, Esser et al. 2020: the gradient of the rounding residual, scaled by
+   ``1 / sqrt(n * qmax)``).
+3. Observer ranges: weight scales are re-observed with the recipe's observer at the end of each of
+   the first ``freeze_after`` epochs (the warm-up), then frozen; activation scales are the
+   calibrated ones (trained with ``learn_scales``).
+4. The trained latent weights are quantized with the final scales into the QDQ graph's codes, and
+   the rest of the recipe (``lower-quant`` and after) runs on it: the returned model runs exactly the
+   kernels PTQ uses and equals its simulation to integer rounding (``lower-quant`` checks it).
+
+Batch norms are folded into the convs by the recipe's ``fold-bn`` before the QDQ nodes exist, so QAT
+trains the folded weights that are quantized; train with batch norm first (``fxopt.finetune`` of the
+float or pruned model, as the recovery call does) to re-estimate its statistics.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+
+from fxopt.errors import InputError, RecipeError
+from fxopt.ir.torch_compat import torch_internals
+import fxopt.quant.qops  # noqa: F401  (registers the fxopt:: QDQ ops)
+fxq = torch.ops.fxopt
+from fxopt.quant import qspec
+
+__all__ = ["qat", "split_recipe", "fake_quantize"]
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+class _FakeQuant(torch.autograd.Function):
+    """The simulation's ``dequantize(quantize(x))`` forward; straight-through (clipped) backward, LSQ scale grad."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zp, qmin, qmax, group_size, learn):  # noqa: ANN001
+        xf, s = x.float(), scale.float()
+        z = zp.float()
+        inv = 1.0 / s
+        if group_size > 0:
+            xg = xf.reshape(*xf.shape[:-1], xf.shape[-1] // group_size, group_size)
+            v, z, s_b = xg * inv.unsqueeze(-1), z.unsqueeze(-1), s.unsqueeze(-1)
+        else:
+            v, s_b = xf * inv, s
+        r = torch.round(v) + z
+        q = r.clamp(qmin, qmax)
+        out = (q - z) * s_b
+        inside = (r >= qmin) & (r <= qmax)
+        ctx.save_for_backward(inside, v, q, z)
+        ctx.meta = (group_size, learn, qmax, tuple(scale.shape), xf.shape)
+        return out.reshape(xf.shape).to(x.dtype) if x.dtype != torch.float32 else out.reshape(xf.shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        inside, v, q, z = ctx.saved_tensors
+        group_size, learn, qmax, s_shape, x_shape = ctx.meta
+        g = grad.float().reshape(v.shape)
+        gx = (g * inside).reshape(x_shape)
+        gs = None
+        if learn and ctx.needs_input_grad[1]:
+            d = torch.where(inside, torch.round(v) - v, q - z)  # d out / d scale
+            per = g * d
+            if group_size > 0:
+                per = per.sum(-1)
+            n = max(1, per.numel() // max(1, math.prod(s_shape)))
+            gs = per.sum_to_size(s_shape) if s_shape else per.sum()
+            gs = gs / math.sqrt(n * qmax)
+        return gx, gs, None, None, None, None, None
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  group_size: int = 0, learn: bool = False) -> torch.Tensor:
+    """``dequantize(quantize(x))`` with a straight-through gradient (and LSQ's scale gradient if ``learn``)."""
+    return _FakeQuant.apply(x, scale.clamp_min(_EPS) if learn else scale, zero_point, qmin, qmax, group_size, learn)
+
+
+def _dynamic_scale(x: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``fxopt.dynamic_scale`` without a custom op (no autograd formula needed: the scale is a constant)."""
+    return x.detach().abs().amax(-1, keepdim=True).float().clamp_min(_EPS) / qmax
+
+
+def _flat_steps(recipe: Any) -> list:
+    """The steps of a recipe (a name, a pipeline string, a Pipeline) with aliases expanded."""
+    from fxopt.api import resolve_recipe
+    from fxopt.passmgr.pipeline import Pipeline, PipelineAlias
+    out = []
+    for s in resolve_recipe(recipe).steps:
+        if isinstance(s, PipelineAlias):
+            out += _flat_steps(s.expand())
+        elif isinstance(s, Pipeline):
+            out += _flat_steps(s)
+        else:
+            out.append(s)
+    return out
+
+
+def split_recipe(recipe: Any) -> tuple[Any, Any, Any]:
+    """``(before, insert_qdq, after)``: the recipe's steps around its ``insert-qdq`` pass."""
+    from fxopt.passmgr.pipeline import Pipeline
+    steps = _flat_steps(recipe)
+    idx = [i for i, s in enumerate(steps) if getattr(s, "name", None) == "insert-qdq"]
+    if len(idx) != 1:
+        raise RecipeError(f"fxopt.qat needs a quantization recipe with one insert-qdq pass (int8, int8-dynamic, "
+                          f"int8-weight, int4-weight, ...); '{recipe}' has {len(idx)}")
+    i = idx[0]
+    return Pipeline(steps[:i]), Pipeline([steps[i]]), Pipeline(steps[i + 1:])
+
+
+def _spec_of(dq: fx.Node) -> Any:
+    from fxopt.quant.annotation import QuantAnnotation
+    for u in dq.users:
+        a = QuantAnnotation.of(u)
+        if a is not None:
+            return a.weight
+    return None
+
+
+class _QatGraph:
+    """The trainable copy of a QDQ graph, and how to write what it learned back."""
+
+    def __init__(self, qdq: fx.GraphModule, floats: dict[str, torch.Tensor], learn_scales: bool):
+        with torch_internals():
+            self.gm = copy.deepcopy(qdq)
+        gm, g = self.gm, self.gm.graph
+        self.weights: list[dict] = []   # {"q": attr of the codes, "s", "z", "latent", "qmin", "qmax", "gs", "spec"}
+        self.acts: list[dict] = []      # {"s": attr of a static scale, "param": trained scale attr}
+        self.learn = learn_scales
+        done: dict[str, str] = {}
+        for n in list(g.nodes):
+            if n.op != "call_function" or n.target is not fxq.dequantize.default:
+                continue
+            src, s, z, gs = n.args
+            if src.op == "get_attr":
+                spec = _spec_of(n)
+                if spec is None:
+                    continue
+                qname = src.target
+                if qname not in done:
+                    codes = getattr_path(gm, qname)
+                    scale, zp = getattr_path(gm, s.target), getattr_path(gm, z.target)
+                    init = floats.get(qname[:-2]) if qname.endswith("_q") else None
+                    if init is None or init.shape != codes.shape:
+                        init = qspec.dequantize(codes, scale, zp, gs)
+                    latent = qname.replace(".", "_") + "_latent"
+                    gm.register_parameter(latent, torch.nn.Parameter(init.detach().float().clone()))
+                    entry = {"q": qname, "s": s.target, "z": z.target, "latent": latent, "qmin": spec.qmin,
+                             "qmax": spec.qmax, "gs": gs, "spec": spec, "scale_param": None}
+                    if learn_scales:
+                        entry["scale_param"] = latent + "_scale"
+                        gm.register_parameter(entry["scale_param"], torch.nn.Parameter(scale.detach().float().clone()))
+                    else:
+                        entry["scale_buffer"] = latent + "_scale"
+                        gm.register_buffer(entry["scale_buffer"], scale.detach().float().clone())
+                    self.weights.append(entry)
+                    done[qname] = latent
+                entry = next(e for e in self.weights if e["q"] == qname)
+                with g.inserting_before(n):
+                    w = g.get_attr(entry["latent"])
+                    sc = g.get_attr(entry["scale_param"] or entry["scale_buffer"])
+                    fq = g.call_function(fake_quantize, (w, sc, z, entry["qmin"], entry["qmax"], gs, learn_scales))
+                fq.meta = dict(n.meta)
+                n.replace_all_uses_with(fq)
+                g.erase_node(n)
+            elif src.op == "call_function" and src.target is fxq.quantize.default:
+                x, s2, z2, qmin, qmax, gs2 = src.args
+                scale_node = s2
+                learn = False
+                if s2.op == "call_function" and s2.target is fxq.dynamic_scale.default:
+                    with g.inserting_before(s2):
+                        scale_node = g.call_function(_dynamic_scale, s2.args)
+                    scale_node.meta = dict(s2.meta)
+                elif s2.op == "get_attr" and learn_scales:
+                    pname = s2.target.replace(".", "_") + "_qat"
+                    if not hasattr(gm, pname):
+                        gm.register_parameter(pname, torch.nn.Parameter(getattr_path(gm, s2.target).detach().float()
+                                                                        .clone()))
+                        self.acts.append({"s": s2.target, "param": pname})
+                    with g.inserting_before(n):
+                        scale_node = g.get_attr(pname)
+                    learn = True
+                with g.inserting_before(n):
+                    fq = g.call_function(fake_quantize, (x, scale_node, z2, qmin, qmax, gs2, learn))
+                fq.meta = dict(n.meta)
+                n.replace_all_uses_with(fq)
+                g.erase_node(n)
+                for dead in (src, s2):
+                    if dead.op == "call_function" and not dead.users:
+                        g.erase_node(dead)
+        gm.recompile()
+
+    def reobserve(self) -> None:
+        """Weight scales from the latent weights with the recipe's observer (the warm-up)."""
+        from fxopt.quant.observers import weight_qparams
+        with torch.no_grad():
+            for e in self.weights:
+                scale, zp = weight_qparams(getattr_path(self.gm, e["latent"]), e["spec"])
+                zp_old = getattr_path(self.gm, e["z"])
+                if scale.shape != getattr_path(self.gm, e["s"]).shape:
+                    continue
+                getattr_path(self.gm, e["scale_param"] or e["scale_buffer"]).copy_(scale)
+                zp_old.copy_(zp.to(zp_old.dtype))
+
+    def write_back(self, qdq: fx.GraphModule) -> dict:
+        """Quantize the latent weights with the final scales into ``qdq``'s codes; copy learned scales."""
+        changed = 0
+        with torch.no_grad():
+            for e in self.weights:
+                w = getattr_path(self.gm, e["latent"]).detach().float()
+                scale = getattr_path(self.gm, e["scale_param"] or e["scale_buffer"]).detach().float()
+                if e["scale_param"]:
+                    scale = scale.clamp_min(_EPS)
+                zp = getattr_path(self.gm, e["z"])
+                old = getattr_path(qdq, e["q"])
+                codes = qspec.quantize(w, scale, zp, e["qmin"], e["qmax"], e["gs"]).to(old.dtype)
+                changed += int((codes != old).sum())
+                _set(qdq, e["q"], codes)
+                _set(qdq, e["s"], scale.to(getattr_path(qdq, e["s"]).dtype))
+                _set(qdq, e["z"], zp.detach().clone())
+            for a in self.acts:
+                old = getattr_path(qdq, a["s"])
+                _set(qdq, a["s"], getattr_path(self.gm, a["param"]).detach().float().clamp_min(_EPS).to(old.dtype))
+        return {"weights": len(self.weights), "learned_activation_scales": len(self.acts), "codes_changed": changed}
+
+
+def getattr_path(m: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        m = getattr(m, part)
+    return m
+
+
+def _set(m: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    owner, _, name = target.rpartition(".")
+    mod = getattr_path(m, owner) if owner else m
+    if name in mod._buffers:
+        mod._buffers[name] = value
+    elif name in mod._parameters:
+        mod._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        setattr(mod, name, value)
+
+
+def _float_attrs(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if t.is_floating_point():
+            out[name] = t.detach()
+    # a graph's attributes live under their own names too ("stem_0_weight_bnfold")
+    for name, t in vars(gm).items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            out.setdefault(name, t.detach())
+    return out
+
+
+def _first_inputs(data: Iterable) -> list:
+    out = []
+    for item in data:
+        out.append(item[0] if isinstance(item, (tuple, list)) and len(item) == 2 else item)
+        if len(out) >= 8:
+            break
+    return out
+
+
+def qat(model: torch.nn.Module, args: Any = (), data: Iterable | None = None, *, kwargs: dict | None = None,
+        recipe: str = "int8", epochs: int = 2, calibration: Iterable | None = None, learn_scales: bool = False,
+        freeze_after: int | None = None, lr: float = 0.005, metric: Callable | None = None,
+        progress: bool | None = None, compile_options: dict | None = None,
+        **finetune_options: Any) -> fx.GraphModule:
+    """Quantization-aware training of ``model`` for ``recipe``; returns the lowered model, like
+    ``fxopt.compile(model, args, recipe=recipe)`` but trained with its quantization in the loop.
+
+    ``data``: the training batches (as for :func:`fxopt.finetune`; distillation options such as
+    ``teacher=``/``distill=`` work here too: the teacher defaults to ``model``). ``epochs``,
+    ``lr`` (default 0.005: QAT starts from a trained model) and the other options go to
+    :func:`fxopt.finetune`. ``calibration``: inputs for the static activation ranges (default: the
+    first 8 training batches' inputs). ``learn_scales``: train the scales too (LSQ).
+    ``freeze_after``: epochs during which weight ranges are re-observed (default ``epochs // 2``).
+    ``compile_options``: options of the recipe's passes (``smoothquant=``, ``group_size=``...).
+    ``model`` is never changed. ``result.fxopt_history.qat`` has the per-epoch records and the
+    number of weight codes training changed. See the module docstring.
+    """
+    from fxopt.api import compile as fxopt_compile
+    from fxopt.train.training import finetune
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"fxopt.qat expects a torch.nn.Module, got {type(model).__name__}")
+    if data is None:
+        raise InputError("fxopt.qat needs training data: qat(model, args, data=[(inputs, targets), ...])")
+    if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
+        raise InputError("the training data is empty")
+    before, insert, after = split_recipe(recipe)
+    options = dict(compile_options or {})
+    calib = list(calibration) if calibration is not None else _first_inputs(data)
+    if not calib:
+        raise InputError("the training data is empty")
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    quiet = {"progress": False}
+    floats_gm = fxopt_compile(model, args, kwargs, recipe=before, **quiet) if len(before) else model
+    qdq = fxopt_compile(floats_gm, args, kwargs, recipe=insert, calibration=calib, **quiet, **options)
+    floats = _float_attrs(floats_gm)
+    train = _QatGraph(qdq, floats, learn_scales)
+    if not train.weights:
+        raise RecipeError(f"recipe '{recipe}' quantized no weight of this model: nothing to train")
+    freeze = epochs // 2 if freeze_after is None else int(freeze_after)
+    try:
+        steps_per_epoch = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = 0
+    user_hook = finetune_options.pop("on_step", None)
+
+    def hook(step: int, m: torch.nn.Module) -> None:
+        if steps_per_epoch and step % steps_per_epoch == 0 and step // steps_per_epoch <= freeze \
+                and step // steps_per_epoch < epochs:
+            train.reobserve()
+        if user_hook is not None:
+            user_hook(step, m)
+    if finetune_options.get("distill") and finetune_options.get("teacher") is None:
+        finetune_options["teacher"] = model
+    trained, history = finetune(train.gm, data, epochs=epochs, lr=lr, inplace=True, progress=progress,
+                                on_step=hook, **finetune_options)
+    info = train.write_back(qdq)
+    out = fxopt_compile(qdq, args, kwargs, recipe=after, metric=metric, **quiet) if len(after) else qdq
+    hist = out.fxopt_history
+    # one history for the whole run: the passes before and after training, in order
+    first = floats_gm if floats_gm is not model else qdq
+    earlier = floats_gm.fxopt_history.records if floats_gm is not model else []
+    hist.records = [*earlier, *qdq.fxopt_history.records, *hist.records]
+    hist.initial, hist.initial_stats = first.fxopt_history.initial, first.fxopt_history.initial_stats
+    hist.pipeline = str(before + insert + after)
+    for i, r in enumerate(hist.records, 1):
+        r.index = i
+    stage = {"stage": "qat", "what": f"{insert}, {epochs} epochs" + (", learned scales" if learn_scales else ""),
+             "epochs": history.epochs, "steps": history.steps, "learn_scales": learn_scales,
+             "freeze_after": freeze, "seconds": sum(e.get("seconds", 0.0) for e in history.epochs), **info}
+    if hist.metric is not None:
+        stage["metric"] = hist.metric["compiled"]
+    stage["params"] = hist.final_stats.get("params")
+    stage["bytes"] = hist.final_stats.get("model_bytes")
+    hist.stages.append(stage)
+    hist.qat = stage
+    import weakref
+    out.meta["fxopt_source"] = weakref.ref(model)
+    return out

@@ -1,0 +1,175 @@
+"""``fxopt.compile(..., recover={...})``: compress, then win the accuracy back, in one call.
+
+    fxopt.compile(model, (x,), recipe="prune-50,int8", metric=accuracy,
+                  recover={"data": loader, "epochs": 3, "distill": True, "qat": True})
+
+The recipe is cut in two at its first quantization step (``fold-bn``, ``smooth-quant``,
+``insert-qdq`` or ``cast`` after the compressing passes):
+
+1. **compress**: the passes before the cut (pruning, sparsity, ...) run, and the result is
+   fine-tuned on ``data``; with ``distill`` (default True) the uncompressed model is the teacher
+   (logits for a classifier, whose batches carry integer labels; hidden states otherwise). Batch
+   norms train here (they are folded in stage 2).
+2. **quantize**: the rest of the recipe. With ``qat`` (default True) it is quantization-aware
+   training (:func:`fxopt.qat`, distilled from the same teacher when ``distill``); without, the
+   plain post-training quantization of the recovered model.
+
+A stage that has nothing to recover (no compressing pass changed the model; no quantization in the
+recipe) is skipped. ``metric`` (compile's argument) is evaluated after every stage; the history's
+``stages`` (printed with it and shown in the report) has the metric, parameters, bytes, epochs and
+seconds of each.
+
+Keys of ``recover``: ``data`` (required: ``(inputs, targets)`` batches, or the inputs alone for
+pure distillation), ``epochs`` (5), ``qat_epochs`` (default ``epochs``), ``distill`` (True, or a
+mode ``"logits"``/``"hidden"``/``"both"``), ``qat`` (True), ``teacher`` (default: the model), and
+any :func:`fxopt.finetune` option (``lr``, ``optimizer``, ``alpha``, ``temperature``,
+``features``, ...). The defaults: SGD with Nesterov momentum 0.9 at lr 0.05 on a cosine schedule,
+distillation weight 0.5 at temperature 2 (``bench/recover.py`` measures them); QAT at a tenth of the
+learning rate.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from fxopt.errors import InputError
+
+__all__ = ["compile_and_recover", "RECOVER_DEFAULTS"]
+
+RECOVER_DEFAULTS = {"epochs": 5, "distill": True, "qat": True, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                    "nesterov": True, "schedule": "cosine", "alpha": 0.5, "temperature": 2.0}
+_QUANT_STEPS = ("fold-bn", "smooth-quant", "insert-qdq", "cast")
+_KEYS = {"data", "epochs", "qat_epochs", "distill", "qat", "teacher", "qat_lr"}
+
+
+def _split(pipeline: Any) -> tuple[Any, Any]:
+    """(compress, quantize): the steps before the first quantization step that follows every
+    compressing pass, and the rest."""
+    from fxopt.passmgr.pipeline import Pipeline
+    from fxopt.train.qat import _flat_steps
+    steps = _flat_steps(pipeline)
+    last_compress = max((i for i, s in enumerate(steps) if getattr(s, "compresses", False)
+                         and getattr(s, "name", "") not in ("insert-qdq", "cast")), default=-1)
+    cut = next((i for i, s in enumerate(steps) if i > last_compress and getattr(s, "name", "") in _QUANT_STEPS),
+               len(steps))
+    return Pipeline(steps[:cut]), Pipeline(steps[cut:])
+
+
+def _what(pipeline: Any) -> str:
+    """The compressing steps of a pipeline, as the history shows them (``prune(ratio=0.5)``)."""
+    from fxopt.train.qat import _flat_steps
+    steps = [str(s) for s in _flat_steps(pipeline) if getattr(s, "compresses", False)]
+    return ", ".join(steps) or str(pipeline)
+
+
+def _model_stats(m: torch.nn.Module) -> tuple[int, int]:
+    hist = getattr(m, "fxopt_history", None)
+    if hist is not None and hist.final_stats:
+        return hist.final_stats.get("params"), hist.final_stats.get("model_bytes")
+    params = sum(p.numel() for p in m.parameters())
+    nbytes = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+    return params, nbytes
+
+
+def _has_labels(data: Any) -> bool:
+    first = next(iter(data), None)
+    return isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[1], torch.Tensor) \
+        and not first[1].is_floating_point()
+
+
+def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, recipe: Any, recover: dict,
+                        metric: Callable | None, compile_kwargs: dict) -> Any:
+    """``fxopt.compile`` with a recovery schedule (see the module docstring)."""
+    from fxopt.api import compile as fxopt_compile
+    from fxopt.api import resolve_recipe, _run_metric
+    from fxopt.train.qat import qat, _flat_steps
+    from fxopt.train.training import finetune
+    if not isinstance(recover, dict) or "data" not in recover:
+        raise InputError("recover= takes a dict with at least 'data': recover={'data': loader, 'epochs': 3}")
+    data = recover["data"]
+    if data is None or (hasattr(data, "__len__") and len(data) == 0):
+        raise InputError("recover['data'] is empty: pass the training batches")
+    if iter(data) is data:
+        raise InputError("recover['data'] is a one-shot iterator; pass a list or a DataLoader (it is read once per "
+                         "epoch and per stage)")
+    opts = {**RECOVER_DEFAULTS, **recover}
+    epochs, qat_epochs = int(opts.pop("epochs")), opts.pop("qat_epochs", None)
+    distill, use_qat = opts.pop("distill"), bool(opts.pop("qat"))
+    teacher = opts.pop("teacher", None) or model
+    qat_lr = opts.pop("qat_lr", None)
+    opts.pop("data")
+    if epochs < 1:
+        raise InputError(f"recover['epochs'] must be >= 1, got {epochs}")
+    mode = None
+    if distill:
+        mode = distill if isinstance(distill, str) else ("logits" if _has_labels(data) else "hidden")
+    train_opts = {k: v for k, v in opts.items()}
+    if mode is not None:
+        train_opts.update(teacher=teacher, distill=mode)
+    else:
+        for k in ("alpha", "temperature"):
+            train_opts.pop(k, None)
+    progress = compile_kwargs.get("progress")
+    pipeline = resolve_recipe(recipe)
+    compress, quantize = _split(pipeline)
+    stages = []
+    if metric is not None:
+        stages.append({"stage": "original", "what": type(model).__name__, "metric": _run_metric(metric, model),
+                       "params": _model_stats(model)[0], "bytes": _model_stats(model)[1], "seconds": 0.0})
+    start = time.perf_counter()
+    current = fxopt_compile(model, args, kwargs, recipe=compress, metric=metric, **compile_kwargs) \
+        if len(compress) else model
+    first_hist = current.fxopt_history if len(compress) else None
+    records = list(first_hist.records) if first_hist is not None else []
+    compressed = len(compress) and any(getattr(s, "compresses", False) for s in _flat_steps(compress)) and any(
+        r.status == "changed" and r.name in {getattr(s, "name", "") for s in _flat_steps(compress)
+                                              if getattr(s, "compresses", False)} for r in records)
+    if compressed:
+        params, nbytes = _model_stats(current)
+        stages.append({"stage": "compress", "what": _what(compress), "params": params, "bytes": nbytes,
+                       "seconds": time.perf_counter() - start,
+                       "metric": current.fxopt_history.metric["compiled"] if metric is not None else None})
+        t0 = time.perf_counter()
+        current, hist = finetune(current, data, epochs=epochs, progress=progress, **train_opts)
+        stages.append({"stage": "distill" if mode else "finetune", "what": f"{mode or 'labels'}, {epochs} epochs",
+                       "epochs": hist.epochs, "params": params, "bytes": nbytes,
+                       "seconds": time.perf_counter() - t0,
+                       "metric": _run_metric(metric, current) if metric is not None else None})
+    quant_steps = [getattr(s, "name", "") for s in _flat_steps(quantize)]
+    if "insert-qdq" in quant_steps and use_qat:
+        t0 = time.perf_counter()
+        q_opts = {k: v for k, v in train_opts.items()}
+        q_opts["lr"] = qat_lr if qat_lr is not None else float(train_opts.get("lr", 0.05)) / 10
+        cal = compile_kwargs.get("calibration")
+        extra = {k: v for k, v in compile_kwargs.items() if k not in ("progress", "calibration")}
+        out = qat(current, args, data, kwargs=kwargs, recipe=quantize, epochs=int(qat_epochs or epochs),
+                  calibration=cal, metric=metric, progress=progress, compile_options=extra, **q_opts)
+        qs = out.fxopt_history.stages[-1]
+        qs["seconds"] = time.perf_counter() - t0
+        stages.append(qs)
+        out.fxopt_history.records = [*records, *out.fxopt_history.records]
+    else:
+        out = fxopt_compile(current, args, kwargs, recipe=quantize, metric=metric, **compile_kwargs) \
+            if len(quantize) else fxopt_compile(current, args, kwargs, recipe="cleanup", metric=metric,
+                                                **compile_kwargs)
+        if len(quantize):
+            params, nbytes = _model_stats(out)
+            stages.append({"stage": "quantize", "what": _what(quantize), "params": params, "bytes": nbytes,
+                           "seconds": 0.0,
+                           "metric": out.fxopt_history.metric["compiled"] if metric is not None else None})
+        out.fxopt_history.records = [*records, *out.fxopt_history.records]
+    hist = out.fxopt_history
+    for i, r in enumerate(hist.records, 1):
+        r.index = i
+    hist.pipeline = str(pipeline)
+    hist.stages = stages
+    if len(compress):
+        hist.initial, hist.initial_stats = first_hist.initial, first_hist.initial_stats
+    if metric is not None and stages:
+        hist.metric = {"name": getattr(metric, "__name__", "metric"), "original": stages[0]["metric"],
+                       "compiled": stages[-1]["metric"]}
+    import weakref
+    out.meta["fxopt_source"] = weakref.ref(model)
+    return out
