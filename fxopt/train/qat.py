@@ -245,6 +245,16 @@ class _QatGraph:
         return {"weights": len(self.weights), "learned_activation_scales": len(self.acts), "codes_changed": changed}
 
 
+def _relative_error(a: Any, b: Any) -> float:
+    """Largest |a - b| over the floating-point outputs, relative to the largest |b|."""
+    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    worst = 0.0
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            worst = max(worst, float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-12)))
+    return worst
+
+
 def getattr_path(m: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         m = getattr(m, part)
@@ -342,6 +352,10 @@ def qat(model: torch.nn.Module, args: Any = (), data: Iterable | None = None, *,
                                 on_step=hook, **finetune_options)
     info = train.write_back(qdq)
     out = fxopt_compile(qdq, args, kwargs, recipe=after, metric=metric, **quiet) if len(after) else qdq
+    # the lowered model against the trained simulation (the QDQ graph with the trained codes), on the example
+    from fxopt.ir.graph_utils import preserved_state
+    with torch.no_grad(), preserved_state(out), preserved_state(qdq):
+        info["simulation_error"] = _relative_error(out(*args, **(kwargs or {})), qdq(*args, **(kwargs or {})))
     hist = out.fxopt_history
     # one history for the whole run: the passes before and after training, in order
     first = floats_gm if floats_gm is not model else qdq

@@ -1,0 +1,239 @@
+"""Recovering accuracy: distillation, QAT, transfer learning and compile(recover=...), on the digits data."""
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.errors import InputError, RecipeError
+from fxopt.models import DemoNet
+from fxopt.train.training import _evaluate
+from models import state_hash
+
+CE = nn.functional.cross_entropy
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    train, _ = digits
+    torch.manual_seed(0)
+    model, _ = fxopt.finetune(DemoNet(width=16), train, epochs=4, lr=0.05, progress=False)
+    return model
+
+
+def _acc(m, test):
+    return _evaluate(m, test, CE)[1]
+
+
+class Blocks(nn.Module):
+    """An MLP whose hidden layers sit in a ModuleList (the blocks distillation pairs by default)."""
+
+    def __init__(self, width=32, out=10):
+        super().__init__()
+        self.inp = nn.Linear(64, width)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
+                                     for _ in range(2)])
+        self.head = nn.Linear(width, out)
+
+    def forward(self, x):
+        h = self.inp(x.flatten(1))
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h)
+
+
+# ---------------------------------------------------------------- distillation
+def test_logit_distillation_defaults_to_the_uncompressed_model_and_changes_nothing_it_is_given(digits, trained):
+    train, test = digits
+    ref = _acc(trained.eval(), test)
+    pruned = fxopt.compile(trained, (train[0][0],), recipe="prune-50")
+    assert _acc(pruned, test) < ref - 10
+    trained.train()  # the user's mode must survive too
+    before = state_hash(trained)
+    student, hist = fxopt.finetune(pruned, train, distill="logits", epochs=3, lr=0.05, nesterov=True, progress=False)
+    assert trained.training and state_hash(trained) == before
+    trained.eval()
+    assert all("kd" in e for e in hist.epochs) and "kd" in hist.table()
+    assert _acc(student, test) > ref - 3
+    # the taps and projections are gone: the student is an ordinary graph of the same nodes
+    assert [n.target for n in student.graph.nodes] == [n.target for n in pruned.graph.nodes]
+    # deterministic
+    again, h2 = fxopt.finetune(pruned, train, distill="logits", epochs=3, lr=0.05, nesterov=True, progress=False)
+    assert [e["loss"] for e in hist.epochs] == [e["loss"] for e in h2.epochs]
+
+
+def test_hidden_distillation_pairs_blocks_projects_pruned_widths_and_needs_no_labels(digits):
+    train, test = digits
+    torch.manual_seed(0)
+    teacher, _ = fxopt.finetune(Blocks(), train, epochs=3, lr=0.05, progress=False)
+    pruned = fxopt.compile(teacher, (train[0][0],), recipe="prune-50")
+    unlabeled = [x for x, _ in train]
+    from fxopt.train.distill import Distiller
+    d = Distiller(pruned, teacher, "hidden")
+    assert [s for s, _ in d.pairs] == ["blocks.0", "blocks.1", "<output>"]
+    d.remove()
+    _, h = fxopt.finetune(pruned, unlabeled, distill="hidden", epochs=3, lr=0.02, progress=False)
+    assert h.epochs[-1]["hidden"] < 0.7 * h.epochs[0]["hidden"] and "accuracy" not in h.epochs[0]
+    s1, h = fxopt.finetune(pruned, unlabeled, distill="both", epochs=3, lr=0.02, progress=False)
+    assert {"kd", "hidden"} <= set(h.epochs[0])
+    assert _acc(s1, test) > _acc(pruned, test) + 5  # no labels: the teacher's logits teach
+    # a pruned width (the first linear of a block keeps half its outputs) is matched by a learned projection
+    d = Distiller(pruned, teacher, "hidden", features={"blocks.0.0": "blocks.0.0"})
+    x = train[0][0]
+    t_out, t_feats = d.teacher_outputs(lambda m: m(x))
+    value, parts = d.loss(pruned(x), t_out, t_feats)
+    assert t_feats["blocks.0.0"].shape[-1] == 64 and d.s_taps.values["blocks.0.0"].shape[-1] == 32
+    assert list(d.projections) == ["blocks__0__0"] and value > 0
+    d.remove()
+    s2, h2 = fxopt.finetune(pruned, unlabeled, distill="both", features={"blocks.0.0": "blocks.0.0"},
+                            hidden_loss="mse+cosine", epochs=2, lr=0.02, progress=False)
+    assert {"kd", "hidden"} <= set(h2.epochs[0])
+    # plain (uncompiled) students distill through forward hooks
+    plain, h3 = fxopt.finetune(Blocks(width=16), train, teacher=teacher, distill="both",
+                               features={"blocks.1": "blocks.1"}, epochs=2, lr=0.05, progress=False)
+    assert not plain.blocks[1]._forward_hooks and h3.epochs[-1]["loss"] < h3.epochs[0]["loss"]
+
+
+def test_distillation_errors_are_clear(digits, trained):
+    train, _ = digits
+    pruned = fxopt.compile(trained, (train[0][0],), recipe="prune-50")
+    with pytest.raises(InputError, match="needs a teacher"):
+        fxopt.finetune(DemoNet(width=16), train, distill="logits", progress=False)
+    with pytest.raises(InputError, match="distill must be"):
+        fxopt.finetune(pruned, train, distill="feature", progress=False)
+    with pytest.raises(InputError, match="teacher's output has shape"):
+        fxopt.finetune(pruned, train, teacher=DemoNet(width=16, num_classes=5), progress=False)
+    with pytest.raises(InputError, match="no module 'nope'"):
+        fxopt.finetune(pruned, train, teacher=trained, distill="hidden", features={"stem.0": "nope"}, progress=False)
+    with pytest.raises(InputError, match="no node from module 'nope'"):
+        fxopt.finetune(pruned, train, teacher=trained, distill="hidden", features={"nope": "stem.0"}, progress=False)
+    with pytest.raises(InputError, match="empty"):
+        fxopt.finetune(pruned, [], distill="logits", progress=False)
+    bad = [(torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(InputError, match="NaN"):
+        fxopt.finetune(pruned, bad, distill="logits", progress=False)
+    with pytest.raises(InputError, match="does not run on a batch"):
+        fxopt.finetune(pruned, [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))], distill="logits",
+                       progress=False)
+    with pytest.raises(InputError, match="alpha"):
+        fxopt.finetune(pruned, train, distill="logits", alpha=2.0, progress=False)
+
+
+# ---------------------------------------------------------------- QAT
+def test_fake_quantize_is_the_simulation_forward_and_straight_through_backward():
+    from fxopt.quant import qspec
+    from fxopt.train.qat import fake_quantize
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 256, generator=g) * 3).requires_grad_(True)
+    for scale, zp, qmin, qmax, gs in [(torch.tensor(0.05), torch.tensor(3), 0, 255, 0),
+                                      (torch.rand(6, 1, generator=g) * 0.1 + 0.01, torch.zeros(6, 1, dtype=torch.int32),
+                                       -127, 127, 0),
+                                      (torch.rand(6, 2, generator=g) * 0.5 + 0.1,
+                                       torch.randint(-8, 8, (6, 2), generator=g, dtype=torch.int8), -8, 7, 128)]:
+        out = fake_quantize(x, scale, zp, qmin, qmax, gs)
+        want = qspec.dequantize(qspec.quantize(x.detach(), scale, zp, qmin, qmax, gs), scale, zp, gs)
+        assert torch.equal(out.detach(), want)
+        out.sum().backward()
+        # gradient 1 inside the range, 0 where clamped
+        sb = scale.repeat_interleave(gs, -1) if gs else scale
+        zb = zp.repeat_interleave(gs, -1) if gs else zp
+        r = torch.round(x.detach() * (1.0 / sb)) + zb
+        assert torch.equal(x.grad, ((r >= qmin) & (r <= qmax)).float())
+        x.grad = None
+    # LSQ: the scale gets a gradient that reduces a quantization error it causes
+    s = torch.tensor(0.5, requires_grad=True)
+    y = torch.linspace(-10, 10, 101)
+    loss = (fake_quantize(y, s, torch.tensor(0), -7, 7, 0, learn=True) - y).pow(2).mean()
+    loss.backward()
+    assert s.grad is not None and s.grad < 0  # range too small (clamping at 3.5): grow the scale
+
+
+@pytest.mark.parametrize("recipe", ["int4-weight", "int8"])
+def test_qat_recovers_int4_and_lowers_to_the_ptq_kernels(digits, trained, recipe):
+    train, test = digits
+    before = state_hash(trained)
+    calib = [x for x, _ in train[:4]]
+    ptq = fxopt.compile(trained, (train[0][0],), recipe=recipe, calibration=calib)
+    q = fxopt.qat(trained, (train[0][0],), train, recipe=recipe, epochs=2, progress=False)
+    assert state_hash(trained) == before
+    stage = q.fxopt_history.qat
+    assert stage["codes_changed"] > 0 and len(stage["epochs"]) == 2
+    assert stage["simulation_error"] < 1e-3  # the lowered graph computes what the trained simulation does
+    assert _acc(q, test) >= _acc(ptq, test) - 0.6
+    lowered_ops = {str(n.target) for n in q.graph.nodes if n.op == "call_function"}
+    ptq_ops = {str(n.target) for n in ptq.graph.nodes if n.op == "call_function"}
+    assert {o for o in lowered_ops if "fxopt" in o} == {o for o in ptq_ops if "fxopt" in o}  # the same kernels
+    names = [r.name for r in q.fxopt_history.records]
+    assert names.index("fold-bn") < names.index("insert-qdq") < names.index("lower-quant")
+    assert [r.index for r in q.fxopt_history.records] == list(range(1, len(names) + 1))
+    assert "training stages" in str(q.fxopt_history)
+
+
+def test_qat_dynamic_learned_scales_and_errors(digits):
+    train, test = digits
+    torch.manual_seed(0)
+    mlp, _ = fxopt.finetune(Blocks(), train, epochs=2, lr=0.05, progress=False)
+    q = fxopt.qat(mlp, (train[0][0],), train, recipe="int8-dynamic", epochs=1, learn_scales=True, progress=False)
+    assert q.fxopt_history.qat["learn_scales"] and q.fxopt_history.qat["simulation_error"] < 1e-3
+    assert _acc(q, test) > 80
+    with pytest.raises(RecipeError, match="insert-qdq"):
+        fxopt.qat(mlp, (train[0][0],), train, recipe="prune-50", progress=False)
+    with pytest.raises(InputError, match="empty"):
+        fxopt.qat(mlp, (train[0][0],), [], recipe="int8", progress=False)
+    with pytest.raises(InputError, match="training data"):
+        fxopt.qat(mlp, (train[0][0],), recipe="int8", progress=False)
+
+
+# ---------------------------------------------------------------- transfer learning
+def test_transfer_replaces_the_head_freezes_the_backbone_then_unfreezes(digits):
+    train, test = digits
+    torch.manual_seed(0)
+    source, _ = fxopt.finetune(Blocks(out=10), train, epochs=2, lr=0.05, progress=False)
+    before = state_hash(source)
+    parity = [(x, y % 2) for x, y in train]   # a new task: odd or even
+    m, h = fxopt.transfer(source, parity, num_outputs=2, epochs=2, lr=0.05, progress=False)
+    assert state_hash(source) == before and h.head == "head" and m.head.out_features == 2
+    assert torch.equal(m.inp.weight, source.inp.weight)  # frozen
+    assert _evaluate(m, [(x, y % 2) for x, y in test], CE)[1] > 85
+    m2, h2 = fxopt.transfer(source, parity, num_outputs=2, epochs=2, unfreeze_after=1, lr=0.05, progress=False)
+    assert not torch.equal(m2.inp.weight, source.inp.weight) and [e["phase"] for e in h2.epochs] == ["head", "all"]
+    # a compiled (pruned) graph: its output linear is replaced the same way
+    pruned = fxopt.compile(source, (train[0][0],), recipe="prune-50")
+    g, hg = fxopt.transfer(pruned, parity, num_outputs=2, epochs=1, lr=0.05, progress=False)
+    assert g(train[0][0]).shape == (64, 2) and hg.head.startswith("head")
+
+
+def test_transfer_errors_name_the_problem(digits, trained):
+    train, _ = digits
+    # DemoNet scales its logits by a per-class parameter after the head: a new width breaks it
+    with pytest.raises(InputError, match="depends on its width"):
+        fxopt.transfer(trained, train, num_outputs=5, progress=False)
+    with pytest.raises(InputError, match="no module 'nope'"):
+        fxopt.transfer(trained, train, num_outputs=10, head="nope", progress=False)
+    with pytest.raises(InputError, match="num_outputs"):
+        fxopt.transfer(trained, train, num_outputs=0, progress=False)
+    with pytest.raises(InputError, match="match no parameter"):
+        fxopt.transfer(Blocks(), train, num_outputs=10, freeze=["zzz*"], progress=False)
+
+
+# ---------------------------------------------------------------- one recovery call
+def test_one_recovery_call_prunes_distills_and_trains_int8(digits, trained, tmp_path):
+    train, test = digits
+    before = state_hash(trained)
+
+    def accuracy(m):
+        return _acc(m, test)
+    out = fxopt.compile(trained, (train[0][0],), recipe="prune-50,int8", metric=accuracy,
+                        recover={"data": train, "epochs": 2}, report=str(tmp_path / "r.html"))
+    assert state_hash(trained) == before
+    stages = out.fxopt_history.stages
+    assert [s["stage"] for s in stages] == ["original", "compress", "distill", "qat"]
+    assert stages[1]["metric"] < stages[0]["metric"] - 10 < stages[2]["metric"]
+    assert stages[-1]["bytes"] < 0.15 * stages[0]["bytes"] and stages[-1]["params"] < 0.35 * stages[0]["params"]
+    assert stages[-1]["metric"] == pytest.approx(accuracy(out))
+    assert out.fxopt_history.metric["compiled"] == stages[-1]["metric"]
+    assert "Training stages" in (tmp_path / "r.html").read_text()
+    assert any(r.name == "prune" for r in out.fxopt_history.records)
+    with pytest.raises(InputError, match="data"):
+        fxopt.compile(trained, (train[0][0],), recipe="prune-50", recover={"epochs": 2})
+    with pytest.raises(InputError, match="one-shot"):
+        fxopt.compile(trained, (train[0][0],), recipe="prune-50", recover={"data": iter(train)})
