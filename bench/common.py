@@ -6,7 +6,7 @@ import time
 
 import torch
 
-__all__ = ["table", "interleaved_ms"]
+__all__ = ["table", "interleaved_ms", "pydoc_sentences", "model_bytes"]
 
 
 def table(rows: list[dict]) -> str:
@@ -32,3 +32,31 @@ def interleaved_ms(fns: dict, repeats: int) -> dict:
                 f()
                 times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def pydoc_sentences() -> list[str]:
+    """Real English sentences that ship with Python: the help topics of ``pydoc_data.topics``, split at
+    sentence ends, 30-300 characters, mostly letters, deduplicated and shuffled with seed 0 (~2,170)."""
+    import random
+    import re
+
+    from pydoc_data.topics import topics
+    out = set()
+    for text in topics.values():
+        for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", text):
+            s = " ".join(s.split())
+            if 30 <= len(s) <= 300 and s[0].isupper() and sum(c.isalpha() for c in s) > 0.6 * len(s):
+                out.add(s)
+    sents = sorted(out)
+    random.Random(0).shuffle(sents)
+    return sents
+
+
+def model_bytes(m: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers as stored (int8 codes 1 byte, packed int4 half a byte each)."""
+    seen, total = set(), 0
+    for t in [*m.parameters(), *m.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import fxopt
+
 from fxopt.cli.main import main
 
 
@@ -157,6 +159,26 @@ def test_quantize_from_the_command_line(tmp_path, capsys):
     # static int8 without calibration data: one clear line
     assert main(["sensitivity", f"{TINY}:build", "--input-shape", "4x3x8x8", "--recipe", "int8"]) == 1
     assert "calibration" in capsys.readouterr().err
+
+
+def test_recover_from_the_command_line(tmp_path, capsys):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(4)]
+    data = tmp_path / "train.pt"
+    torch.save(batches, data)
+    out_file = tmp_path / "tiny.fxopt"
+    assert main(["compile", f"{TINY}:build", "--input-shape", "8x3x8x8", "--recipe", "prune-50,int8",
+                 "--recover", str(data), "--recover-epochs", "1", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "training stages" in out and "distill" in out and "qat" in out
+    m = fxopt.load(str(out_file))
+    assert m(batches[0][0]).shape == (8, 2)
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": torch.zeros(1)}, bad)
+    assert main(["compile", f"{TINY}:build", "--input-shape", "8x3x8x8", "--recipe", "prune-50",
+                 "--recover", str(bad), "--out", str(out_file)]) == 1
+    assert "list of training batches" in capsys.readouterr().err
 
 
 _NO_TORCH = """

@@ -175,11 +175,13 @@ def cmd_compile(ns: argparse.Namespace) -> int:
     loaded = _load(ns)
     calibration = _calibration(ns)
     _status(f"compiling {loaded.description} with recipe '{ns.recipe}' ...")
+    recover = _recover(ns)
+    extra = {"recover": recover} if recover is not None else {}
     out = fxopt.compile(loaded.model, loaded.args, loaded.kwargs, recipe=ns.recipe, calibration=calibration,
                         dynamic=_DYNAMIC[ns.dynamic], strict=ns.strict,
                         disable=[d for d in (ns.disable or "").split(",") if d], stop_after=ns.stop_after,
                         report=ns.report, progress=None, reproducer=ns.reproducer, runtime=ns.runtime,
-                        **_quant_options(ns))
+                        **extra, **_quant_options(ns))
     print(out.fxopt_history.table())
     _status(f"saving {ns.out} ...")
     fxopt.save(out, ns.out)
@@ -255,6 +257,31 @@ def _calibration(ns: argparse.Namespace) -> Any:
     if not calibration:
         raise fxopt.CalibrationError(f"{ns.calibration} holds no calibration inputs")
     return calibration
+
+
+def _recover(ns: argparse.Namespace) -> dict | None:
+    """--recover FILE (training batches saved with torch.save) and its options, as compile(recover=...)."""
+    import fxopt
+    path = getattr(ns, "recover", None)
+    if not path:
+        return None
+    import os
+
+    import torch
+    if not os.path.exists(path):
+        raise fxopt.InputError(f"--recover {path}: no such file")
+    try:
+        data = torch.load(path, weights_only=True)  # tensors only: loading never runs code
+    except Exception as e:
+        raise fxopt.InputError(f"--recover {path}: cannot read it as tensors saved with torch.save "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(data, (list, tuple)) or not data:
+        raise fxopt.InputError(f"--recover {path} holds a {type(data).__name__}; save a non-empty list of training "
+                               "batches: [(inputs, targets), ...] (or the inputs alone, for distillation)")
+    out = {"data": list(data), "epochs": ns.recover_epochs, "distill": not ns.no_distill, "qat": not ns.no_qat}
+    if ns.recover_lr is not None:
+        out["lr"] = ns.recover_lr
+    return out
 
 
 def _quant_options(ns: argparse.Namespace) -> dict:
@@ -374,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stop-after", type=int, metavar="N", help="run only the first N passes (bisecting)")
     c.add_argument("--reproducer", metavar="DIR",
                    help="where a failing pass leaves a crash reproducer (rerun it with: fxopt repro DIR)")
+    c.add_argument("--recover", metavar="FILE",
+                   help="win the accuracy back after compressing: training batches saved with torch.save "
+                        "([(inputs, targets), ...]); fine-tunes distilled from the original, then QAT")
+    c.add_argument("--recover-epochs", type=int, default=5, metavar="N", help="epochs per recovery stage (default 5)")
+    c.add_argument("--recover-lr", type=float, metavar="LR", help="recovery learning rate (default 0.05, SGD)")
+    c.add_argument("--no-distill", action="store_true", help="recover from the labels only, without the teacher")
+    c.add_argument("--no-qat", action="store_true", help="quantize after recovery without training (PTQ)")
     c.add_argument("--runtime", default="torch",
                    choices=["torch", "auto", "onnxruntime", "openvino", "inductor"],
                    help="what runs the optimized graph (default torch: fxopt's kernels); auto: time the installed "

@@ -221,7 +221,8 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
     is what lets a pruned network recover; they are inference batch norms again afterwards.
     ``seed`` makes the run deterministic (torch, Python ``random``); ``None`` leaves RNGs alone.
 
-    Distillation (:mod:`fxopt.train.distill`): ``distill="logits"|"hidden"|"both"`` trains the
+    Distillation (:mod:`fxopt.train.distill`): ``distill="logits"|"hidden"|"both"`` (``True``: logits
+    when the batches carry integer labels, else hidden states) trains the
     student against ``teacher`` (default: the uncompressed model a compiled student came from;
     a ``teacher`` given alone means ``"logits"``): ``temperature`` softens the logits, ``alpha``
     weighs the distillation loss against the task loss (``(1 - alpha) * task + alpha * distill``;
@@ -260,6 +261,11 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
         raise InputError("the fine-tuning data is empty")
     if teacher is not None and distill is None:
         distill = "logits"
+    if distill is True:  # logits for a classifier (integer labels), hidden states otherwise
+        from fxopt.train.recover import _has_labels
+        distill = "logits" if _has_labels(data) else "hidden"
+    elif distill is False:
+        distill = None
     distiller = None
     if distill is not None:
         from fxopt.train.distill import Distiller, resolve_teacher

@@ -250,6 +250,8 @@ class Concat(ChannelRule):
         layout: list[Segment] = []
         for a in tensors:
             v = _val(a)
+            if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == 0 and out.dim() > 1:
+                continue  # a legacy empty tensor (an empty key/value cache): cat skips it
             if a in st.space and st.space[a].dim == dim and st.space[a].factor == 1:
                 layout.append(Segment(st.space[a].sid, int(size_expr(v.shape[dim])), 0))
             elif a in st.segs and st.segs[a][1] == dim:

@@ -54,6 +54,20 @@ def test_decoder_with_its_default_cache_compiles_and_keeps_the_output_structure(
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("make", [gpt2, llama])
+def test_prune_50_on_a_decoder_called_with_its_default_cache(make):
+    """The key/value cache starts as empty 1-D tensors that ``cat`` skips; the channel analysis once read
+    their missing dimension and the whole prune was rolled back."""
+    model = make()
+    p = fxopt.compile(model, kwargs=tokens(2, 16), recipe="prune-50", strict=True)
+    size = sum(t.numel() for t in p.parameters()) / sum(t.numel() for t in model.parameters())
+    assert size < 0.85
+    kw = tokens(3, 20)
+    with torch.no_grad():
+        out, ref = p(**kw), model(**kw)
+    assert out.logits.shape == ref.logits.shape and out.past_key_values.get_seq_length() == 20
+
+
 def test_cache_registration_only_fills_what_is_missing():
     from transformers.cache_utils import DynamicCache
 
