@@ -56,6 +56,24 @@ from fxopt.passes.analysis.channel_members import BatchNorm, ChannelGroup, Depth
 __all__ = ["StructuredPrunePass", "group_importance"]
 
 
+def _first_float(out: Any) -> torch.Tensor:
+    """The model's main output: the tensor itself, or the first floating-point tensor of a tuple, dict or
+    Hugging Face ``ModelOutput`` (``last_hidden_state``, ``logits``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = list(out.values()) if hasattr(out, "values") and callable(out.values) else list(out) \
+        if isinstance(out, (tuple, list)) else []
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v
+        if isinstance(v, (tuple, list, dict)):
+            try:
+                return _first_float(v)
+            except TypeError:
+                continue
+    raise TypeError(f"taylor importance: no floating-point tensor in the model output ({type(out).__name__})")
+
+
 def taylor_gradients(gm: fx.GraphModule, ctx: PassContext, groups: list[ChannelGroup]) -> dict[int, torch.Tensor]:
     """id(weight) -> accumulated dLoss/dweight of every producer, over the calibration batches.
 
@@ -84,7 +102,7 @@ def taylor_gradients(gm: fx.GraphModule, ctx: PassContext, groups: list[ChannelG
             for item in data[:limit]:
                 args, kwargs = normalize_item(item, pick)
                 out = gm(*args, **kwargs)
-                out = out[0] if isinstance(out, (tuple, list)) else out
+                out = _first_float(out)
                 labels = item[1] if pick is not None and isinstance(item, (tuple, list)) and len(item) > 1 else None
                 if isinstance(labels, torch.Tensor) and labels.dtype == torch.long and out.dim() == 2:
                     loss = torch.nn.functional.cross_entropy(out, labels)

@@ -487,3 +487,23 @@ def test_channel_groups_through_the_analysis_manager_match_the_function_and_are_
     via_manager = ctx.analysis("channel-groups", gm)
     assert [g.describe() for g in via_manager] == [g.describe() for g in channel_groups(gm)]
     assert ctx.analysis("channel-groups", gm) is via_manager  # cached until a pass invalidates it
+
+
+def test_taylor_importance_on_a_model_returning_a_dict():
+    """Hugging Face encoders return a ModelOutput (a dict): the Taylor loss reads its first float tensor."""
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.a, self.b = nn.Embedding(50, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, input_ids):
+            h = self.emb(input_ids)
+            return {"last_hidden_state": h + self.b(torch.relu(self.a(h))), "ids": input_ids}
+
+    torch.manual_seed(0)
+    kw = {"input_ids": torch.randint(0, 50, (4, 6))}
+    p = fxopt.compile(Enc().eval(), kwargs=kw, recipe="prune(ratio=0.5,importance=taylor)", strict=True,
+                      calibration=[kw, {"input_ids": torch.randint(0, 50, (4, 6))}])
+    rec = next(r for r in p.fxopt_history.records if r.name == "prune")
+    assert rec.status == "changed" and rec.info["channels"] == {"a": "16->8"}
