@@ -148,7 +148,7 @@ def test_fake_quantize_is_the_simulation_forward_and_straight_through_backward()
 
 
 @pytest.mark.parametrize("recipe", ["int4-weight", "int8"])
-def test_qat_recovers_int4_and_lowers_to_the_ptq_kernels(digits, trained, recipe):
+def test_qat_recovers_int4_and_lowers_to_the_ptq_kernels(digits, trained, recipe, tmp_path):
     train, test = digits
     before = state_hash(trained)
     calib = [x for x, _ in train[:4]]
@@ -166,6 +166,10 @@ def test_qat_recovers_int4_and_lowers_to_the_ptq_kernels(digits, trained, recipe
     assert names.index("fold-bn") < names.index("insert-qdq") < names.index("lower-quant")
     assert [r.index for r in q.fxopt_history.records] == list(range(1, len(names) + 1))
     assert "training stages" in str(q.fxopt_history)
+    if recipe == "int8":  # a QAT model saves and loads like any compiled one
+        fxopt.save(q, str(tmp_path / "q.fxopt"))
+        back = fxopt.load(str(tmp_path / "q.fxopt"))
+        torch.testing.assert_close(back(test[0][0]), q(test[0][0]))
 
 
 def test_qat_dynamic_learned_scales_and_errors(digits):
