@@ -292,15 +292,8 @@ def _write_report(out: Any, path: str) -> None:
 
 
 def _run_metric(metric: Callable, module: torch.nn.Module) -> float:
-    with torch.no_grad():
-        try:
-            value = metric(module)
-        except Exception as e:
-            raise InputError(f"the metric function raised {type(e).__name__}: {e}") from e
-    try:
-        return float(value)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"metric must return a number, got {type(value).__name__}") from e
+    from fxopt.train.recover import run_metric
+    return run_metric(metric, module)
 
 
 def _symbol_values(gm: fx.GraphModule) -> dict:

@@ -111,6 +111,7 @@ class History:
             from fxopt.runtime.select import describe
             text += "\n" + describe(self.runtime)
         if self.stages:
+            from fxopt.viz.stages import describe_stages
             text += "\n" + describe_stages(self.stages)
         return text
 
@@ -144,17 +145,3 @@ def render_table(head: list[str], rows: list[list[str]]) -> str:
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
-
-def describe_stages(stages: list) -> str:
-    """The training stages of a recovery (or QAT) run as a table: metric, size and time after each."""
-    head = ["stage", "what", "metric", "params", "bytes", "epochs", "final loss", "seconds"]
-    rows = []
-    for st in stages:
-        epochs = st.get("epochs") or []
-        metric = st.get("metric")
-        rows.append([st.get("stage", "?"), str(st.get("what", ""))[:48],
-                     "-" if metric is None else f"{metric:.4g}", _fmt_int(st.get("params")),
-                     _fmt_int(st.get("bytes")), str(len(epochs)) if epochs else "-",
-                     f"{epochs[-1]['loss']:.4g}" if epochs and "loss" in epochs[-1] else "-",
-                     f"{st.get('seconds', 0.0):.1f}"])
-    return "training stages:\n" + render_table(head, rows)

@@ -104,10 +104,12 @@ def _dynamic_scale(x: torch.Tensor, qmax: int) -> torch.Tensor:
 
 def _flat_steps(recipe: Any) -> list:
     """The steps of a recipe (a name, a pipeline string, a Pipeline) with aliases expanded."""
-    from fxopt.api import resolve_recipe
-    from fxopt.passmgr.pipeline import Pipeline, PipelineAlias
+    from fxopt.passmgr.pipeline import Pipeline, PipelineAlias, as_pipeline
+    from fxopt.passmgr.recipes import recipes
+    pipeline = as_pipeline(recipes[recipe].pipeline) if isinstance(recipe, str) and recipe in recipes \
+        else as_pipeline(recipe)
     out = []
-    for s in resolve_recipe(recipe).steps:
+    for s in pipeline.steps:
         if isinstance(s, PipelineAlias):
             out += _flat_steps(s.expand())
         elif isinstance(s, Pipeline):
@@ -311,8 +313,9 @@ def qat(model: torch.nn.Module, args: Any = (), data: Iterable | None = None, *,
     ``model`` is never changed. ``result.fxopt_history.qat`` has the per-epoch records and the
     number of weight codes training changed. See the module docstring.
     """
-    from fxopt.api import compile as fxopt_compile
+    import fxopt  # the public API at call time (fxopt.api sits above this module)
     from fxopt.train.training import finetune
+    fxopt_compile = fxopt.compile
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"fxopt.qat expects a torch.nn.Module, got {type(model).__name__}")
     if data is None:

@@ -73,19 +73,27 @@ def _model_stats(m: torch.nn.Module) -> tuple[int, int]:
     return params, nbytes
 
 
-def _has_labels(data: Any) -> bool:
-    first = next(iter(data), None)
-    return isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[1], torch.Tensor) \
-        and not first[1].is_floating_point()
+def run_metric(metric: Callable, module: torch.nn.Module) -> float:
+    """The user's metric of ``module`` as a float; what it raises, or a non-number, is a clear InputError."""
+    with torch.no_grad():
+        try:
+            value = metric(module)
+        except Exception as e:
+            raise InputError(f"the metric function raised {type(e).__name__}: {e}") from e
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"metric must return a number, got {type(value).__name__}") from e
 
 
 def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, recipe: Any, recover: dict,
                         metric: Callable | None, compile_kwargs: dict) -> Any:
     """``fxopt.compile`` with a recovery schedule (see the module docstring)."""
-    from fxopt.api import compile as fxopt_compile
-    from fxopt.api import resolve_recipe, _run_metric
+    import fxopt  # the public API at call time (fxopt.api sits above this module)
+    from fxopt.passmgr.pipeline import Pipeline
     from fxopt.train.qat import qat, _flat_steps
-    from fxopt.train.training import finetune
+    from fxopt.train.training import _has_labels, finetune
+    fxopt_compile, _run_metric = fxopt.compile, run_metric
     if not isinstance(recover, dict) or "data" not in recover:
         raise InputError("recover= takes a dict with at least 'data': recover={'data': loader, 'epochs': 3}")
     data = recover["data"]
@@ -112,7 +120,7 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
         for k in ("alpha", "temperature"):
             train_opts.pop(k, None)
     progress = compile_kwargs.get("progress")
-    pipeline = resolve_recipe(recipe)
+    pipeline = Pipeline(_flat_steps(recipe))
     compress, quantize = _split(pipeline)
     stages = []
     if metric is not None:

@@ -189,6 +189,13 @@ def _batches(data: Iterable, epoch: int, unlabeled: bool = False) -> Iterable:
                              + ("" if unlabeled else "; with a teacher (distill=) the inputs alone will do"))
 
 
+def _has_labels(data: Any) -> bool:
+    """Do the batches carry integer class labels (``(inputs, targets)`` with integer targets)?"""
+    first = next(iter(data), None)
+    return isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[1], torch.Tensor) \
+        and not first[1].is_floating_point()
+
+
 def _evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable) -> tuple[float, float | None]:
     total, n, correct, counted = 0.0, 0, 0, 0
     with torch.no_grad():
@@ -262,7 +269,6 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
     if teacher is not None and distill is None:
         distill = "logits"
     if distill is True:  # logits for a classifier (integer labels), hidden states otherwise
-        from fxopt.train.recover import _has_labels
         distill = "logits" if _has_labels(data) else "hidden"
     elif distill is False:
         distill = None
@@ -467,7 +473,8 @@ def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: flo
         return _gradual_structured(model, data, final_sparsity, epochs, begin_epoch,
                                    epochs - 1 if end_epoch is None else end_epoch, importance, finetune_options)
     if not any(n.endswith("_mask") for n, _ in model.named_buffers()):
-        from fxopt.api import compile as fxopt_compile
+        import fxopt  # the public API at call time (fxopt.api sits above this module)
+        fxopt_compile = fxopt.compile
         args, kwargs = _first_inputs(data)
         model = fxopt_compile(model, args, kwargs, recipe="magnitude-prune(ratio=1e-12)")
     end = (epochs - 1 if end_epoch is None else end_epoch) * steps_per_epoch
@@ -487,7 +494,8 @@ def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: flo
 
 def _gradual_structured(model: torch.nn.Module, data: Iterable, final: float, epochs: int, begin: int, end: int,
                         importance: str, options: dict) -> tuple[torch.nn.Module, FinetuneHistory]:
-    from fxopt.api import compile as fxopt_compile
+    import fxopt  # the public API at call time (fxopt.api sits above this module)
+    fxopt_compile = fxopt.compile
     args, kwargs = _first_inputs(data)
     history = FinetuneHistory()
     done = 0.0

@@ -177,7 +177,7 @@ def report_html(history: Any, title: str | None = None) -> str:
     parts.append(f"<tr><td>max |output error| vs original</td><td>0</td><td>{max_err:.3g}</td><td></td></tr>")
     parts.append("</table>")
     if getattr(h, "stages", None):  # fxopt.qat / compile(recover=...): metric and size after each training stage
-        from fxopt.passmgr.history import describe_stages
+        from fxopt.viz.stages import describe_stages
         parts.append("<h3>Training stages</h3><pre>" + html.escape(describe_stages(h.stages)) + "</pre>")
     if h.runtime:  # compile(runtime=...): the runtime kept, every candidate's timing and error
         from fxopt.runtime.select import describe
