@@ -214,7 +214,11 @@ class Distiller:
             p.requires_grad_(False)
         self.pairs = self._pairs(student, features) if mode != "logits" else []
         self.s_taps = _Taps(student, [s for s, _ in self.pairs if s != OUTPUT], "student")
-        self.t_taps = _Taps(self.teacher, [t for _, t in self.pairs if t != OUTPUT], "teacher")
+        try:
+            self.t_taps = _Taps(self.teacher, [t for _, t in self.pairs if t != OUTPUT], "teacher")
+        except Exception:
+            self.s_taps.remove()  # nothing stays hooked into the student
+            raise
         self.projections = torch.nn.ModuleDict()
         self._checked = False
 

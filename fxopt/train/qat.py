@@ -83,9 +83,9 @@ class _FakeQuant(torch.autograd.Function):
         if learn and ctx.needs_input_grad[1]:
             d = torch.where(inside, torch.round(v) - v, q - z)  # d out / d scale
             per = g * d
+            n = max(1, per.numel() // max(1, math.prod(s_shape)))  # elements per scale (a whole group)
             if group_size > 0:
                 per = per.sum(-1)
-            n = max(1, per.numel() // max(1, math.prod(s_shape)))
             gs = per.sum_to_size(s_shape) if s_shape else per.sum()
             gs = gs / math.sqrt(n * qmax)
         return gx, gs, None, None, None, None, None
@@ -244,6 +244,13 @@ class _QatGraph:
             for a in self.acts:
                 old = getattr_path(qdq, a["s"])
                 _set(qdq, a["s"], getattr_path(self.gm, a["param"]).detach().float().clamp_min(_EPS).to(old.dtype))
+            # everything else that trained (biases, norms, float layers) goes back as it is
+            own = {e["latent"] for e in self.weights} | {e["scale_param"] for e in self.weights} | \
+                {a["param"] for a in self.acts}
+            qdq_params = dict(qdq.named_parameters())
+            for name, p in self.gm.named_parameters():
+                if name not in own and name in qdq_params and qdq_params[name].shape == p.shape:
+                    qdq_params[name].copy_(p.detach())
         return {"weights": len(self.weights), "learned_activation_scales": len(self.acts), "codes_changed": changed}
 
 
@@ -330,8 +337,14 @@ def qat(model: torch.nn.Module, args: Any = (), data: Iterable | None = None, *,
     if isinstance(args, torch.Tensor):
         args = (args,)
     quiet = {"progress": False}
-    floats_gm = fxopt_compile(model, args, kwargs, recipe=before, **quiet) if len(before) else model
-    qdq = fxopt_compile(floats_gm, args, kwargs, recipe=insert, calibration=calib, **quiet, **options)
+    import warnings
+
+    def stage(m: Any, recipe_part: Any, **extra: Any) -> Any:
+        with warnings.catch_warnings():  # each part reads only some of the recipe's options
+            warnings.filterwarnings("ignore", message=".*are not read by any pass")
+            return fxopt_compile(m, args, kwargs, recipe=recipe_part, calibration=calib, **quiet, **options, **extra)
+    floats_gm = stage(model, before) if len(before) else model
+    qdq = stage(floats_gm, insert)
     floats = _float_attrs(floats_gm)
     train = _QatGraph(qdq, floats, learn_scales)
     if not train.weights:
@@ -354,11 +367,12 @@ def qat(model: torch.nn.Module, args: Any = (), data: Iterable | None = None, *,
     trained, history = finetune(train.gm, data, epochs=epochs, lr=lr, inplace=True, progress=progress,
                                 on_step=hook, **finetune_options)
     info = train.write_back(qdq)
-    out = fxopt_compile(qdq, args, kwargs, recipe=after, metric=metric, **quiet) if len(after) else qdq
-    # the lowered model against the trained simulation (the QDQ graph with the trained codes), on the example
+    out = stage(qdq, after, metric=metric) if len(after) else qdq
+    # the lowered model against the trained simulation (the fake-quantized training graph), on the example
     from fxopt.ir.graph_utils import preserved_state
-    with torch.no_grad(), preserved_state(out), preserved_state(qdq):
-        info["simulation_error"] = _relative_error(out(*args, **(kwargs or {})), qdq(*args, **(kwargs or {})))
+    train.gm.eval()
+    with torch.no_grad(), preserved_state(out), preserved_state(train.gm):
+        info["simulation_error"] = _relative_error(out(*args, **(kwargs or {})), train.gm(*args, **(kwargs or {})))
     hist = out.fxopt_history
     # one history for the whole run: the passes before and after training, in order
     first = floats_gm if floats_gm is not model else qdq

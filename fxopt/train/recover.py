@@ -123,8 +123,13 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     pipeline = Pipeline(_flat_steps(recipe))
     compress, quantize = _split(pipeline)
     stages = []
-    if metric is not None:
-        stages.append({"stage": "original", "what": type(model).__name__, "metric": _run_metric(metric, model),
+    if metric is not None:  # on an eval-mode copy: the user's model (its mode, its running stats) stays as it is
+        import copy
+
+        from fxopt.ir.torch_compat import torch_internals
+        with torch_internals():
+            probe = copy.deepcopy(model).eval()
+        stages.append({"stage": "original", "what": type(model).__name__, "metric": _run_metric(metric, probe),
                        "params": _model_stats(model)[0], "bytes": _model_stats(model)[1], "seconds": 0.0})
     start = time.perf_counter()
     current = fxopt_compile(model, args, kwargs, recipe=compress, metric=metric, **compile_kwargs) \

@@ -291,6 +291,16 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
             distiller.remove()
 
 
+def _loss(loss_fn: Callable, out: torch.Tensor, target: Any) -> torch.Tensor:
+    try:
+        return loss_fn(out, target)
+    except (RuntimeError, IndexError, ValueError) as e:
+        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise InputError(f"the loss cannot compare the model's output of shape {tuple(out.shape)} with targets of "
+                         f"{shape}: {type(e).__name__}: {str(e).splitlines()[0][:200]} (labels beyond the number of "
+                         "outputs? the wrong loss?)") from e
+
+
 def _forward(model: torch.nn.Module, inputs: Any, where: str) -> Any:
     try:
         return _call(model, inputs)
@@ -327,8 +337,7 @@ def _train(model: torch.nn.Module, data: Iterable, distiller: Any, *, epochs: in
             m = next((float(v) for k, v in lr_multipliers.items() if name == k or fnmatch.fnmatchcase(name, k)), 1.0)
             by_mult.setdefault(m, []).append(p)
         groups = [{"params": ps, "lr_mult": m} for m, ps in by_mult.items()]
-        groups[0]["params"] = groups[0]["params"] + extra if groups[0]["lr_mult"] == 1.0 else groups[0]["params"]
-        if extra and not any(g["lr_mult"] == 1.0 for g in groups):
+        if extra:  # distillation projections train at the base rate
             groups.append({"params": extra, "lr_mult": 1.0})
         opt = make_optimizer(groups, optimizer, lr, momentum, weight_decay, nesterov)
     else:
@@ -366,7 +375,7 @@ def _train(model: torch.nn.Module, data: Iterable, distiller: Any, *, epochs: in
             with ctx:
                 raw = _forward(model, inputs, "model")
                 out = _logits(raw)
-                value = None if target is None else loss_fn(out.float() if amp else out, target)
+                value = None if target is None else _loss(loss_fn, out.float() if amp else out, target)
                 if distiller is not None:
                     kd, parts = distiller.loss(raw, t_out, t_feats)
                     value = kd if value is None else (1 - distiller.alpha) * value + distiller.alpha * kd

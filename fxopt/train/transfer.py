@@ -36,7 +36,25 @@ __all__ = ["transfer"]
 _LINEAR = (torch.ops.aten.linear.default, torch.ops.aten.addmm.default)
 
 
-def _module_head(model: torch.nn.Module, head: str | None) -> tuple[str, torch.nn.Module]:
+def _last_linear_run(model: torch.nn.Module, inputs: Any) -> str | None:
+    """The module path of the last ``nn.Linear`` that runs in a forward pass (execution order, not the
+    order the layers were registered in)."""
+    from fxopt.train.training import _call
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: order.append(n))
+               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            _call(model.eval(), inputs)
+    except Exception:
+        return None  # the caller's own check reports a model that does not run
+    finally:
+        for h in handles:
+            h.remove()
+    return order[-1] if order else None
+
+
+def _module_head(model: torch.nn.Module, head: str | None, inputs: Any = None) -> tuple[str, torch.nn.Module]:
     modules = dict(model.named_modules())
     if head is not None:
         if head not in modules:
@@ -48,7 +66,8 @@ def _module_head(model: torch.nn.Module, head: str | None) -> tuple[str, torch.n
     linears = [(n, m) for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise InputError("the model has no nn.Linear to replace; pass head= (a module path)")
-    return linears[-1]
+    last = _last_linear_run(model, inputs) if inputs is not None else None
+    return (last, modules[last]) if last is not None else linears[-1]
 
 
 def _graph_head(gm: fx.GraphModule, head: str | None) -> tuple[str, str | None]:
@@ -111,6 +130,10 @@ def transfer(model: torch.nn.Module, data: Iterable, *, num_outputs: int, head: 
         model = copy.deepcopy(model)
     if seed is not None:
         torch.manual_seed(seed)
+    first = next(iter(data), None)
+    if first is None:
+        raise InputError("the training data is empty")
+    inputs = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else first
     if isinstance(model, fx.GraphModule):
         w_name, b_name = _graph_head(model, head)
         w = _attr(model, w_name)
@@ -121,16 +144,12 @@ def transfer(model: torch.nn.Module, data: Iterable, *, num_outputs: int, head: 
         head_name, head_params = w_name, {w_name, b_name} - {None}
         _clear_shapes(model)
     else:
-        head_name, layer = _module_head(model, head)
+        head_name, layer = _module_head(model, head, inputs)
         fresh = torch.nn.Linear(layer.in_features, num_outputs, bias=layer.bias is not None)
         fresh = fresh.to(layer.weight.device, layer.weight.dtype)
         owner, _, attr = head_name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, fresh)
         head_params = {f"{head_name}.{n}" for n, _ in fresh.named_parameters()}
-    first = next(iter(data), None)
-    if first is None:
-        raise InputError("the training data is empty")
-    inputs = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else first
     from fxopt.train.training import _call, _logits
     try:
         with torch.no_grad():
@@ -142,7 +161,7 @@ def transfer(model: torch.nn.Module, data: Iterable, *, num_outputs: int, head: 
     if out.shape[-1] != num_outputs:
         raise InputError(f"after replacing '{head_name}' the model outputs {out.shape[-1]} values, not "
                          f"{num_outputs}: that layer is not the output layer; pass head=")
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # what the user froze stays frozen
     if freeze == "backbone":
         frozen = [n for n in names if n not in head_params]
     elif freeze:

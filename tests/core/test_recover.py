@@ -241,3 +241,71 @@ def test_one_recovery_call_prunes_distills_and_trains_int8(digits, trained, tmp_
         fxopt.compile(trained, (train[0][0],), recipe="prune-50", recover={"epochs": 2})
     with pytest.raises(InputError, match="one-shot"):
         fxopt.compile(trained, (train[0][0],), recipe="prune-50", recover={"data": iter(train)})
+
+
+# ---------------------------------------------------------------- regressions found in review
+def test_qat_keeps_what_trained_besides_the_weights_and_reads_every_option(digits):
+    train, _ = digits
+    torch.manual_seed(0)
+    mlp = Blocks()
+    q = fxopt.qat(mlp, (train[0][0],), train[:4], recipe="int8-weight", epochs=1, lr=0.05, progress=False)
+    assert q.fxopt_history.qat["simulation_error"] < 1e-5  # against the trained graph: biases came back too
+    q2 = fxopt.qat(mlp, (train[0][0],), train[:2], recipe="int8-dynamic", epochs=1, lr=0.0, progress=False,
+                   compile_options={"smoothquant": False})
+    sq = next(r for r in q2.fxopt_history.records if r.name == "smooth-quant")
+    assert sq.status == "unchanged"
+
+
+def test_distillation_review_regressions(digits):
+    train, _ = digits
+    student, teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10)), \
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    # a projection trains even when every student parameter has a learning-rate multiplier
+    from fxopt.train import distill
+    seen = {}
+    orig = distill.Distiller.remove
+
+    def keep(self):
+        seen["w"] = self.projections["1"].linear.weight.detach().clone()
+        orig(self)
+    distill.Distiller.remove = keep
+    try:
+        fxopt.finetune(student, train[:3], teacher=teacher, distill="hidden", features={"1": "1"},
+                       lr_multipliers={"*": 0.1}, lr=0.05, progress=False)
+    finally:
+        distill.Distiller.remove = orig
+    init = torch.zeros(16, 12)
+    init[:12, :12] = torch.eye(12)
+    assert not torch.equal(seen["w"], init)
+    # a bad teacher path leaves no hook on the student (inplace: the user's own module)
+    with pytest.raises(InputError, match="no module 'nope'"):
+        fxopt.finetune(student, train[:2], teacher=teacher, distill="hidden", features={"1": "nope"},
+                       inplace=True, progress=False)
+    assert not student[1]._forward_hooks
+
+
+def test_transfer_and_recover_review_regressions(digits):
+    train, test = digits
+
+    class HeadFirst(nn.Module):  # the output layer registered before the body
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 10)
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+
+        def forward(self, x):
+            return self.head(self.body(x))
+    model = HeadFirst()
+    model.body[1].bias.requires_grad_(False)  # the user froze this
+    three = [(x, y % 3) for x, y in train[:3]]
+    with pytest.raises(InputError, match="labels beyond the number of outputs"):
+        fxopt.transfer(model, train[:3], num_outputs=3, progress=False)   # digits labels go to 9
+    m, h = fxopt.transfer(model, three, num_outputs=3, epochs=2, unfreeze_after=1, progress=False)
+    assert h.head == "head" and m.head.out_features == 3
+    assert not m.body[1].bias.requires_grad and torch.equal(m.body[1].bias, model.body[1].bias)
+    # the recovery call measures the original on a copy in eval mode: a train-mode model is not touched
+    net = DemoNet(width=8).train()
+    before = state_hash(net)
+    fxopt.compile(net, (train[0][0],), recipe="prune-50", metric=lambda m: _acc(m, test),
+                  recover={"data": train[:2], "epochs": 1})
+    assert state_hash(net) == before
