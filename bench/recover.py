@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import fxopt  # noqa: E402
 from common import interleaved_ms, model_bytes, pydoc_sentences, table  # noqa: E402
+from prune import digits as digits_data  # noqa: E402  (the same split bench/prune.py trains on)
 from fxopt.models import DemoNet  # noqa: E402
 from fxopt.train.training import _evaluate  # noqa: E402
 
@@ -50,14 +51,6 @@ def _cpu() -> str:
 
 
 # ---------------------------------------------------------------- (a) digits
-def digits_data():
-    from sklearn.datasets import load_digits
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
-    y = torch.tensor(y)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1400], perm[1400:]
-    return [(x[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, 1400, 64)], [(x[te], y[te])]
 
 
 def digits_section(repeats: int) -> list[dict]:

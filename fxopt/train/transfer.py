@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from fxopt.errors import InputError
 from fxopt.ir.torch_compat import torch_internals
+from fxopt.train.qat import getattr_path
 
 __all__ = ["transfer"]
 
@@ -97,15 +98,9 @@ def _graph_head(gm: fx.GraphModule, head: str | None) -> tuple[str, str | None]:
     return n.args[1].target, (bias.target if bias is not None and bias.op == "get_attr" else None)
 
 
-def _attr(m: torch.nn.Module, target: str) -> Any:
-    for p in target.split("."):
-        m = getattr(m, p)
-    return m
-
-
 def _set_param(m: torch.nn.Module, target: str, value: torch.Tensor) -> None:
     owner, _, name = target.rpartition(".")
-    mod = _attr(m, owner) if owner else m
+    mod = getattr_path(m, owner) if owner else m
     if name in mod._buffers:
         del mod._buffers[name]
     mod._parameters[name] = torch.nn.Parameter(value)
@@ -136,7 +131,7 @@ def transfer(model: torch.nn.Module, data: Iterable, *, num_outputs: int, head: 
     inputs = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else first
     if isinstance(model, fx.GraphModule):
         w_name, b_name = _graph_head(model, head)
-        w = _attr(model, w_name)
+        w = getattr_path(model, w_name)
         fresh = torch.nn.Linear(w.shape[1], num_outputs).to(w.device, torch.float32)
         _set_param(model, w_name, fresh.weight.detach().clone())
         if b_name is not None:
