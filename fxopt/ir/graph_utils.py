@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,11 +155,59 @@ def changed_tensors(snap: Snapshot) -> list[str]:
     return out
 
 
+def _is_cache_type(t: Any) -> bool:
+    """A Hugging Face key/value cache class (``DynamicCache``, its layers, ...)."""
+    if not isinstance(t, type) or "transformers" not in sys.modules:
+        return False
+    try:
+        from transformers import cache_utils
+    except ImportError:
+        return False
+    bases = tuple(b for b in (getattr(cache_utils, "Cache", None), getattr(cache_utils, "CacheLayerMixin", None))
+                  if isinstance(b, type))
+    return bool(bases) and issubclass(t, bases)
+
+
+def cache_leaves(spec: Any) -> set[int]:
+    """Indices of the flat leaves of pytree ``spec`` that lie inside a key/value cache."""
+    found: set[int] = set()
+
+    def walk(sp: Any, start: int, inside: bool) -> int:
+        inside = inside or _is_cache_type(getattr(sp, "type", None))
+        if sp.is_leaf():
+            if inside:
+                found.add(start)
+            return start + 1
+        for child in sp.children_specs:
+            start = walk(child, start, inside)
+        return start
+    try:
+        walk(spec, 0, False)
+    except (AttributeError, TypeError):
+        return set()
+    return found
+
+
+def graph_cache_outputs(gm: fx.GraphModule) -> set[int]:
+    """Indices of the output node's leaves that a captured decoder returns inside its key/value cache."""
+    info = getattr(getattr(gm.graph, "_codegen", None), "pytree_info", None)
+    spec = getattr(info, "out_spec", None)
+    return cache_leaves(spec) if spec is not None else set()
+
+
 def output_structure(out: Any) -> tuple:
-    """What a caller relies on in a model's outputs: the tree, and each tensor leaf's shape and dtype."""
+    """What a caller relies on in a model's outputs: the tree, and each tensor leaf's shape and dtype.
+
+    The head count (dim 1) of a key/value cache's tensors is left out: pruning attention heads
+    shrinks the cache, which only the same pruned model reads back."""
     leaves, spec = pytree.tree_flatten(out)
-    return (str(spec), tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
-                             for x in leaves))
+    cache = cache_leaves(spec)
+
+    def shape(i: int, x: torch.Tensor) -> tuple:
+        s = tuple(x.shape)
+        return s[:1] + (None,) + s[2:] if i in cache and x.dim() == 4 else s
+    return (str(spec), tuple((shape(i, x), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+                             for i, x in enumerate(leaves)))
 
 
 def _leaves(out: Any) -> tuple[list, Any]:

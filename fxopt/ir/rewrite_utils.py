@@ -11,7 +11,7 @@ from fxopt.ir.dialect import arg, get_attr_tensor, is_impure
 from fxopt.ir.graph_utils import remove_unused_attributes
 
 __all__ = ["add_param", "attr_tensor", "arg", "erase_dead", "copy_meta", "unpack_split_params",
-           "unpack_packed_projections"]
+           "unpack_packed_projections", "unpack_split_projections"]
 
 
 def attr_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
@@ -83,6 +83,56 @@ def unpack_split_params(gm: fx.GraphModule) -> int:
                 gm.graph.erase_node(item)
             gm.graph.erase_node(split)
         gm.graph.erase_node(node)
+        done += 1
+    if done:
+        remove_unused_attributes(gm)
+        gm.recompile()
+    return done
+
+
+def unpack_split_projections(gm: fx.GraphModule) -> int:
+    """Split a linear whose output is only ``split`` along its features into one linear per part.
+
+    GPT-2's ``c_attn`` (``q, k, v = linear(x, W[3E, E]).split(E, dim=2)``) and gated MLPs written
+    ``linear(x).chunk(2, -1)``: each ``getitem`` of the split becomes ``linear(x, W_i, b_i)`` with
+    the part's row block as its own parameter (same values, ``requires_grad`` kept), so the head and
+    channel analyses see separate projections. Returns how many linears were split.
+    """
+    aten = torch.ops.aten
+    splits = (aten.split.Tensor, aten.split_with_sizes.default)
+    done = 0
+    for lin in list(gm.graph.nodes):
+        if lin.op != "call_function" or lin.target is not aten.linear.default or len(lin.users) != 1:
+            continue
+        split = next(iter(lin.users))
+        w, b = attr_tensor(gm, lin.args[1]), attr_tensor(gm, arg(lin, 2, "bias"))
+        out = lin.meta.get("val")
+        if w is None or split.target not in splits or split.args[0] is not lin or not isinstance(out, torch.Tensor):
+            continue
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        if dim % out.dim() != out.dim() - 1 or not all(u.target is operator.getitem for u in split.users):
+            continue
+        sizes = split.args[1]
+        if isinstance(sizes, int):
+            sizes = [min(sizes, w.shape[0] - lo) for lo in range(0, w.shape[0], sizes)]
+        if not all(isinstance(n, int) for n in sizes) or sum(sizes) != w.shape[0]:
+            continue
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        grad = isinstance(w, torch.nn.Parameter) and w.requires_grad
+        base = str(lin.args[1].target).replace(".", "_")
+        for item in list(split.users):
+            i = item.args[1]
+            lo, hi = starts[i], starts[i] + sizes[i]
+            wi = add_param(gm, f"{base}_{i}", w.detach()[lo:hi], item, grad)
+            bi = add_param(gm, f"{str(lin.args[2].target).replace('.', '_')}_{i}", b.detach()[lo:hi], item,
+                           isinstance(b, torch.nn.Parameter) and b.requires_grad) if b is not None else None
+            with gm.graph.inserting_before(item):
+                li = gm.graph.call_function(aten.linear.default, (lin.args[0], wi, bi))
+            copy_meta(li, lin)
+            item.replace_all_uses_with(li)
+            gm.graph.erase_node(item)
+        gm.graph.erase_node(split)
+        gm.graph.erase_node(lin)
         done += 1
     if done:
         remove_unused_attributes(gm)

@@ -78,10 +78,15 @@ def as_layout(node: Any, st: ChannelState) -> tuple[list[Segment], int] | None:
         return st.segs[node]
     if node in st.space and st.space[node].factor == 1:
         sid, cdim, _ = st.space[node]
-        layout = [Segment(sid, int(size_expr(_val(node).shape[cdim])), 0)]
-        st.layouts.append(layout)
-        return layout, cdim
+        # not in st.layouts yet: the rule that keeps it registers it
+        return [Segment(sid, int(size_expr(_val(node).shape[cdim])), 0)], cdim
     return None
+
+
+def _skipped_by_cat(a: Any, out: Any) -> bool:
+    """A legacy empty 1-D tensor, which ``cat`` skips (the empty key/value cache a decoder starts from)."""
+    v = _val(a)
+    return isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == 0 and out.dim() > 1
 
 
 def slice_layout(layout: list[Segment], lo: int, hi: int) -> list[Segment]:
@@ -116,8 +121,8 @@ class SliceAlongOtherDim(ChannelRule):
         if not isinstance(out, torch.Tensor) or node.args[0] not in st.space:
             return False
         sid, cdim, factor = st.space[node.args[0]]
-        if factor == 1 and _dim_of(node, 1) % out.dim() != cdim:
-            st.space[node] = Channels(sid, cdim, 1)
+        if _dim_of(node, 1) % out.dim() != cdim and (factor == 1 or _is_heads(st, sid)):
+            st.space[node] = Channels(sid, cdim, factor)
             return True
         return False
 
@@ -134,8 +139,10 @@ class CatAlongOtherDim(ChannelRule):
     def __call__(self, node, st):
         out = _val(node)
         tensors = [a for a in node.args[0] if isinstance(a, fx.Node)]
-        if not isinstance(out, torch.Tensor) or len(tensors) != len(node.args[0]) or not tensors or \
-                not all(a in st.space for a in tensors):
+        if not isinstance(out, torch.Tensor) or len(tensors) != len(node.args[0]):
+            return False
+        tensors = [a for a in tensors if not _skipped_by_cat(a, out)]
+        if not tensors or not all(a in st.space for a in tensors):
             return False
         sid, cdim, factor = st.space[tensors[0]]
         if factor != 1 or _dim_of(node, 1) % out.dim() == cdim or \
@@ -149,6 +156,25 @@ class CatAlongOtherDim(ChannelRule):
 
 
 @register_builtin
+class SplitAlongOtherDim(ChannelRule):
+    """A ``split`` of attention heads along another dim (LeViT's per-head ``q, k, v`` of one
+    projection: ``view(B, N, H, -1).split([kd, kd, d], dim=3)``): every part keeps the heads."""
+
+    ops = tuple(_SPLITS)
+    phase = "layout"
+
+    def __call__(self, node, st):
+        x = node.args[0] if node.args else None
+        xv = _val(x)
+        if x not in st.space or not isinstance(xv, torch.Tensor) or not _is_heads(st, st.space[x].sid):
+            return False
+        if _dim_of(node, 2) % xv.dim() == st.space[x].dim:
+            return False
+        st.space[node] = st.space[x]
+        return True
+
+
+@register_builtin
 class SplitPart(ChannelRule):
     """``getitem`` of a split: one part's layout."""
 
@@ -156,7 +182,11 @@ class SplitPart(ChannelRule):
     phase = "layout"
 
     def __call__(self, node, st):
-        if node.args[0] not in st.splits:
+        src = node.args[0]
+        if src in st.space and src.target in _SPLITS:   # a part of heads split along another dim
+            st.space[node] = st.space[src]
+            return True
+        if src not in st.splits:
             return False
         parts, cdim = st.splits[node.args[0]]
         st.segs[node] = (parts[node.args[1]], cdim)
@@ -188,7 +218,7 @@ class Split(ChannelRule):
         for s in sizes:
             parts.append(slice_layout(layout, lo, lo + s))
             lo += s
-        st.layouts.extend(parts)
+        st.layouts.extend([layout] + parts)
         st.splits[node] = (parts, dim)
         st.add_layout(SplitSizes(node, layout, tuple(parts)))
         return True
@@ -250,7 +280,7 @@ class Concat(ChannelRule):
         layout: list[Segment] = []
         for a in tensors:
             v = _val(a)
-            if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == 0 and out.dim() > 1:
+            if _skipped_by_cat(a, out):
                 continue  # a legacy empty tensor (an empty key/value cache): cat skips it
             if a in st.space and st.space[a].dim == dim and st.space[a].factor == 1:
                 layout.append(Segment(st.space[a].sid, int(size_expr(v.shape[dim])), 0))

@@ -34,7 +34,7 @@ may add its own member class: subclass :class:`Member` and implement ``prune``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -43,8 +43,8 @@ import torch.fx as fx
 from fxopt.ir.dialect import module_path
 from fxopt.ir.rewrite_utils import add_param, arg, attr_tensor
 
-__all__ = ["ChannelGroup", "Segment", "Member", "slice_arg", "LayoutMember", "Produces", "Reads", "Depthwise", "GroupedConv",
-           "GroupedInput", "GroupedOutput", "BatchNorm", "LayerNorm", "FlattenSize", "HeadCount", "MergedSize",
+__all__ = ["ChannelGroup", "Segment", "Member", "slice_arg", "end_slicing", "LayoutMember", "Produces", "Reads", "Depthwise", "GroupedConv",
+           "GroupedInput", "GroupedOutput", "BatchNorm", "LayerNorm", "FlattenSize", "ViewSize", "HeadCount", "MergedSize",
            "ParamOperand", "LayoutReads", "LayoutNorm", "LayoutDepthwise", "LayoutFlatten", "SplitSizes",
            "Shuffle", "layout_mask"]
 
@@ -64,16 +64,43 @@ class Segment:
 
 # ---------------------------------------------------------------------------------- graph edits
 
+def end_slicing(gm: fx.GraphModule) -> None:
+    """Forget the slices :func:`slice_arg` shared (call when a prune is over)."""
+    gm.meta.pop("fxopt_slices", None)
+
+
+def _attrs(node: fx.Node, indices: tuple, dim: int) -> list[tuple[str, int]]:
+    """(attribute, dim) of the get_attr arguments of ``node`` at ``indices``."""
+    out = []
+    for i in indices:
+        a = node.args[i] if len(node.args) > i else None
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            out.append((a.target, dim))
+    return out
+
+
 def slice_arg(gm: fx.GraphModule, node: fx.Node, index: int, dim: int, keep: torch.Tensor,
               tag: str = "pruned") -> None:
-    """Replace ``node.args[index]`` (a weight read) by its slice along ``dim``; buffers stay buffers."""
+    """Replace ``node.args[index]`` (a weight read) by its slice along ``dim``; buffers stay buffers.
+
+    A parameter read by several nodes (a layer shared across depth) is sliced once: every read
+    with the same slice gets the same new attribute (the cache lives in ``gm.meta`` while a prune
+    runs; :func:`end_slicing` drops it)."""
     src = node.args[index]
     t = attr_tensor(gm, src)
     if t is None:
         return
     param = isinstance(t, torch.nn.Parameter)
-    new = add_param(gm, f"{src.name}_{tag}", t.detach().index_select(dim, keep), node,
-                    t.requires_grad if param else False, buffer=not param)
+    cache = gm.meta.setdefault("fxopt_slices", {})
+    key = (src.target, dim, tag, tuple(keep.tolist())) if src.op == "get_attr" else None
+    if key in cache and hasattr(gm, cache[key]):
+        with gm.graph.inserting_before(node):
+            new = gm.graph.get_attr(cache[key])
+    else:
+        new = add_param(gm, f"{src.name}_{tag}", t.detach().index_select(dim, keep), node,
+                        t.requires_grad if param else False, buffer=not param)
+        if key is not None:
+            cache[key] = new.target
     args = list(node.args)
     args[index] = new
     node.args = tuple(args)
@@ -140,6 +167,16 @@ class Member:
     def prune(self, gm: fx.GraphModule, group: "ChannelGroup", keep: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not say how to prune {self.node.name}")
 
+    def params(self) -> list[tuple[str, int]]:
+        """(attribute, dim) of every parameter this member slices by the group's channels: the
+        analysis joins the groups slicing one shared parameter (:meth:`ChannelState.tie_shared_parameters`)."""
+        return []
+
+    def coarsened(self, m: int) -> "Member | None":
+        """This member when each channel of its group becomes ``m`` consecutive channels (grouped-query
+        attention: ``m`` query heads share one key/value head), or None when it cannot say."""
+        return None
+
 
 @dataclass(frozen=True, eq=False)
 class Produces(Member):
@@ -150,6 +187,12 @@ class Produces(Member):
 
     def prune(self, gm, group, keep):
         _slice_weight_and_bias(gm, self.node, _blocks(keep, self.block))
+
+    def params(self):
+        return _attrs(self.node, (1, 2), 0)
+
+    def coarsened(self, m):
+        return replace(self, block=self.block * m)
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,6 +205,12 @@ class Reads(Member):
     def prune(self, gm, group, keep):
         slice_arg(gm, self.node, 1, 1, _blocks(keep, self.block), "pruned_in")
 
+    def params(self):
+        return _attrs(self.node, (1,), 1)
+
+    def coarsened(self, m):
+        return replace(self, block=self.block * m)
+
 
 @dataclass(frozen=True, eq=False)
 class Depthwise(Member):
@@ -172,6 +221,9 @@ class Depthwise(Member):
     def prune(self, gm, group, keep):
         _slice_weight_and_bias(gm, self.node, keep)
         _set_groups(self.node, len(keep))
+
+    def params(self):
+        return _attrs(self.node, (1, 2), 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,25 +272,43 @@ class GroupedOutput(_Grouped):
 
 @dataclass(frozen=True, eq=False)
 class BatchNorm(Member):
+    """gamma, beta, mean and var; ``block`` entries per channel (a norm before a head split)."""
+
+    block: int = 1
     kind: ClassVar[str] = "bn"
 
     def prune(self, gm, group, keep):
         for i in (1, 2, 3, 4):
             if self.node.args[i] is not None:
-                slice_arg(gm, self.node, i, 0, keep, "pruned")
+                slice_arg(gm, self.node, i, 0, _blocks(keep, self.block), "pruned")
+
+    def coarsened(self, m):
+        return replace(self, block=self.block * m)
+
+    def params(self):
+        return _attrs(self.node, (1, 2, 3, 4), 0)
 
 
 @dataclass(frozen=True, eq=False)
 class LayerNorm(Member):
+    """Its normalized shape, weight and bias; ``block`` entries per channel (a norm before a head split)."""
+
+    block: int = 1
     kind: ClassVar[str] = "ln"
 
     def prune(self, gm, group, keep):
         args = list(self.node.args)
-        args[1] = [len(keep)]
+        args[1] = [len(keep) * self.block]
         self.node.args = tuple(args)
         for i in (2, 3):
             if len(self.node.args) > i and self.node.args[i] is not None:
-                slice_arg(gm, self.node, i, 0, keep, "pruned")
+                slice_arg(gm, self.node, i, 0, _blocks(keep, self.block), "pruned")
+
+    def coarsened(self, m):
+        return replace(self, block=self.block * m)
+
+    def params(self):
+        return _attrs(self.node, (2, 3), 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -254,17 +324,32 @@ class FlattenSize(Member):
                 isinstance(n.args[1][1], int):
             _set_size(n, 1, group.size * self.block, len(keep) * self.block)
 
+    def coarsened(self, m):
+        return replace(self, block=self.block * m)
+
 
 @dataclass(frozen=True, eq=False)
-class HeadCount(Member):
-    """A view with the literal head count ``count`` at ``dim``."""
+class ViewSize(Member):
+    """A view or expand with the literal channel count ``count`` at ``dim``; ``per`` entries per channel."""
 
     dim: int = 0
     count: int = 0
-    kind: ClassVar[str] = "heads"
+    per: int = 1
+    kind: ClassVar[str] = "view"
 
     def prune(self, gm, group, keep):
-        _set_size(self.node, self.dim, self.count, len(keep))
+        _set_size(self.node, self.dim, self.count, len(keep) * self.per)
+
+    def coarsened(self, m):
+        return replace(self, per=self.per * m)
+
+
+@dataclass(frozen=True, eq=False)
+class HeadCount(ViewSize):
+    """A view with the literal head count ``count`` at ``dim``: ``per`` heads per channel of the group
+    (a query-head group of grouped-query attention)."""
+
+    kind: ClassVar[str] = "heads"
 
 
 @dataclass(frozen=True, eq=False)
@@ -278,6 +363,9 @@ class MergedSize(Member):
     def prune(self, gm, group, keep):
         _set_size(self.node, self.dim, self.size, self.size // group.size * len(keep))
 
+    def coarsened(self, m):
+        return self
+
 
 @dataclass(frozen=True, eq=False)
 class ParamOperand(Member):
@@ -288,14 +376,21 @@ class ParamOperand(Member):
     index: int = 0
     dim: int = 0
     views: tuple = ()
+    per: int = 1
     kind: ClassVar[str] = "pbias"
 
     def prune(self, gm, group, keep):
-        slice_arg(gm, self.reader, self.index, self.dim, keep, "pruned")
+        slice_arg(gm, self.reader, self.index, self.dim, _blocks(keep, self.per), "pruned")
         for view, d in self.views:
             sizes = list(view.args[1])
-            sizes[d] = len(keep)
+            sizes[d] = len(keep) * self.per
             view.args = (view.args[0], sizes) + tuple(view.args[2:])
+
+    def coarsened(self, m):
+        return replace(self, per=self.per * m)
+
+    def params(self):
+        return _attrs(self.reader, (self.index,), self.dim)
 
 
 # ---------------------------------------------------------------------------------- layout readers

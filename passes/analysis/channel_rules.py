@@ -85,6 +85,50 @@ class ChannelState:
     def group(self, sid: int) -> ChannelGroup:
         return self.groups[self.find(sid)]
 
+    def coarsen(self, sid: int, m: int) -> str | None:
+        """Make every ``m`` consecutive channels of ``sid``'s group one channel (the query heads that
+        share a key/value head): members and the factor of every tensor carrying it follow.
+        Returns why it cannot, or None."""
+        root = self.find(sid)
+        g = self.groups[root]
+        if m == 1:
+            return None
+        if g.size % m:
+            return f"{g.size} heads do not split into groups of {m}"
+        if any(isinstance(seg.group, int) and self.find(seg.group) == root for lay in self.layouts for seg in lay):
+            return "its channels are concatenated or split"
+        members = [mem.coarsened(m) for mem in g.members]
+        bad = next((mem for mem, c in zip(g.members, members) if c is None), None)
+        if bad is not None:
+            return f"{type(bad).__name__} at {bad.node.name} cannot keep groups of {m}"
+        g.members[:] = members
+        g.size //= m
+        for node, ch in self.space.items():
+            if self.find(ch.sid) == root:
+                self.space[node] = Channels(ch.sid, ch.dim, ch.factor * m)
+        return None
+
+    def join_units(self, parts: list[tuple[int, int]]) -> tuple[int | None, int, str]:
+        """Join spaces whose channels cover ``unit`` positions each of a common axis (``parts``:
+        ``(sid, unit)``; grouped-query attention: a key/value head covers the query heads it serves):
+        the finer ones are coarsened to the coarsest unit first. Returns (sid, unit, why not)."""
+        unit = max(u for _, u in parts)
+        roots: dict[int, int] = {}
+        for sid, u in parts:
+            if unit % u:
+                return None, unit, f"head groups of {u} and {unit} do not nest"
+            r = self.find(sid)
+            if roots.setdefault(r, u) != u:
+                return None, unit, "one space joined with itself at another grouping"
+        for r, u in roots.items():
+            why = self.coarsen(r, unit // u)
+            if why:
+                return None, unit, why
+        sid = parts[0][0]
+        for other, _ in parts[1:]:
+            sid = self.union(sid, other)
+        return sid, unit, ""
+
     # helpers for rules
     @staticmethod
     def val(n: Any) -> Any:
@@ -122,7 +166,22 @@ class ChannelState:
             self.mark(a, f"used by {getattr(node.target, '__name__', str(node.target))}")
         return True
 
+    def tie_shared_parameters(self) -> None:
+        """A parameter used by several ops (ALBERT's one layer applied at every depth, tied
+        weights) is sliced once for all of them: the spaces whose members slice the same parameter
+        along the same dim become one group, so every use keeps the same channels."""
+        owner: dict[tuple, int] = {}
+        for i in range(len(self.parent)):
+            if self.find(i) != i:
+                continue
+            for m in list(self.groups[i].members):
+                for target, dim in m.params():
+                    j = owner.setdefault((target, dim), i)
+                    if self.find(j) != self.find(i):
+                        self.union(j, i)
+
     def result(self) -> list[ChannelGroup]:
+        self.tie_shared_parameters()
         resolved: dict[int, ChannelGroup] = {}
         for layout in self.layouts:  # segments name their space ids: resolve them to the final groups
             for seg in layout:

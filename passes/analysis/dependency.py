@@ -50,12 +50,13 @@ import torch.fx as fx
 
 from fxopt.passmgr.analysis import Analysis, register_analysis
 from fxopt.ir.dialect import aten, is_conv, is_linear
+from fxopt.ir.graph_utils import graph_cache_outputs
 from fxopt.ir.meta import size_expr
 from fxopt.ir.rewrite_utils import arg, attr_tensor
 
 from fxopt.passes.analysis.channel_members import (BatchNorm, ChannelGroup, Depthwise, FlattenSize, GroupedConv,
                                                    GroupedInput, GroupedOutput, HeadCount, LayerNorm, MergedSize,
-                                                   ParamOperand, Produces, Reads)
+                                                   ParamOperand, Produces, Reads, ViewSize)
 from fxopt.passes.analysis.channel_rules import (CHANNEL_RULES, ChannelRule, Channels, ChannelState, apply_rules,
                                                  register_builtin, register_channel_rule)
 from fxopt.passes.analysis.channel_layouts import BN, COPIES, POOL, REDUCE, VIEWS, elementwise_unary
@@ -71,10 +72,13 @@ _val = ChannelState.val
 def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
     """The channel groups of ``gm`` (see the module docstring)."""
     st = ChannelState(gm)
+    cache = graph_cache_outputs(gm)
     for node in gm.graph.nodes:
         if node.op == "output":
-            for a in node.all_input_nodes:
-                st.mark(a, "reaches the model output")
+            leaves = torch.utils._pytree.tree_leaves(node.args[0])
+            for i, a in enumerate(leaves):
+                if isinstance(a, fx.Node) and not (i in cache and _cache_heads(a, st)):
+                    st.mark(a, "reaches the model output")
             continue
         if node.op != "call_function":
             continue
@@ -84,6 +88,13 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
             continue
         st.mark_all(node)
     return st.result()
+
+
+def _cache_heads(node: fx.Node, st: ChannelState) -> bool:
+    """A key/value cache tensor ``[B, heads, T, D]`` returned by the model may lose heads (the pruned
+    model's own cache; see :func:`fxopt.ir.graph_utils.output_structure`)."""
+    v, ch = _val(node), st.space.get(node)
+    return ch is not None and isinstance(v, torch.Tensor) and v.dim() == 4 and ch.dim == 1 and st.group(ch.sid).heads
 
 
 # ---------------------------------------------------------------------------------- producers
@@ -245,20 +256,19 @@ class HeadView(ChannelRule):
         out = _val(node)
         xs, os_ = [size_expr(d) for d in x.shape], [size_expr(d) for d in out.shape]
         # split: [..., E] -> [..., H, D] on a projection's output
+        # (the projection's rows become blocks of D: its norm too, LeViT's linear + BatchNorm)
         if factor == 1 and cdim == x.dim() - 1 and out.dim() == x.dim() + 1 and xs[:-1] == os_[:-2] and \
                 isinstance(os_[-1], int) and isinstance(os_[-2], int) and os_[-1] > 1 and \
-                os_[-2] * os_[-1] == g.size and len(g.members) == 1 and isinstance(g.members[0], Produces) and \
-                g.members[0].block == 1:
-            heads, dim = os_[-2], os_[-1]
-            g.size = heads
-            g.members[0] = Produces(g.members[0].node, dim)
-            g.members.append(HeadCount(node, out.dim() - 2, heads))
+                os_[-2] * os_[-1] == g.size and not g.heads and g.of(Produces) and \
+                st.coarsen(sid, os_[-1]) is None:
+            g = st.group(sid)
+            g.members.append(HeadCount(node, out.dim() - 2, os_[-2]))
             st.space[node] = Channels(sid, out.dim() - 2, 1)
             return True
         # same-shape view (a literal head count): carry it
-        if factor == 1 and xs == os_ and 0 < cdim < out.dim() - 1:
-            g.members.append(HeadCount(node, cdim, g.size))
-            st.space[node] = Channels(sid, cdim, 1)
+        if xs == os_ and 0 < cdim < out.dim() - 1:
+            g.members.append(HeadCount(node, cdim, g.size * factor, factor))
+            st.space[node] = Channels(sid, cdim, factor)
             return True
         # a view that moves the head dim and keeps the dims after it (Swin's window split of attention scores)
         tail = xs[cdim:]
@@ -269,10 +279,18 @@ class HeadView(ChannelRule):
             st.space[node] = Channels(sid, j, 1)
             return True
         # merge: [..., H, D] -> [..., H*D]
-        if factor == 1 and cdim == x.dim() - 2 and out.dim() == x.dim() - 1 and xs[:-2] == os_[:-1] and \
+        if cdim == x.dim() - 2 and out.dim() == x.dim() - 1 and xs[:-2] == os_[:-1] and \
                 isinstance(xs[-1], int):
-            g.members.append(MergedSize(node, out.dim() - 1, xs[-1] * g.size))
-            st.space[node] = Channels(sid, out.dim() - 1, int(xs[-1]))
+            g.members.append(MergedSize(node, out.dim() - 1, xs[-1] * g.size * factor))
+            st.space[node] = Channels(sid, out.dim() - 1, int(xs[-1]) * factor)
+            return True
+        # repeated key/value heads merged: [B, Hkv, n_rep, T, D] -> [B, Hkv * n_rep, T, D] (``repeat_kv``)
+        if g.heads and cdim < x.dim() - 2 and out.dim() == x.dim() - 1 and xs[:cdim] == os_[:cdim] and \
+                xs[cdim + 2:] == os_[cdim + 1:] and isinstance(xs[cdim + 1], int) and \
+                isinstance(os_[cdim], int) and os_[cdim] == g.size * factor * xs[cdim + 1]:
+            per = factor * xs[cdim + 1]
+            g.members.append(HeadCount(node, cdim, os_[cdim], per))
+            st.space[node] = Channels(sid, cdim, per)
             return True
         return False
 
@@ -288,14 +306,16 @@ class HeadTranspose(ChannelRule):
         if got is None:
             return False
         src, (sid, cdim, factor), x, g = got
-        if factor != 1:
-            return False
         d0, d1 = (d % x.dim() for d in node.args[1:3])
-        if x.dim() == 4 and cdim not in (d0, d1) and g.members and g.heads:
-            st.space[node] = Channels(sid, cdim, 1)
+        if x.dim() != 4 and factor == 1 and not g.heads:   # [B, C, N] -> [B, N, C]: the channel dim moves
+            st.space[node] = Channels(sid, d1 if cdim == d0 else d0 if cdim == d1 else cdim, 1)
             return True
-        if cdim in (d0, d1) and x.dim() == 4 and cdim != x.dim() - 1 and x.dim() - 1 not in (d0, d1):
-            st.space[node] = Channels(sid, d1 if cdim == d0 else d0, 1)
+        if x.dim() == 4 and cdim not in (d0, d1) and g.members and g.heads:
+            st.space[node] = Channels(sid, cdim, factor)
+            return True
+        if cdim in (d0, d1) and x.dim() == 4 and cdim != x.dim() - 1 and x.dim() - 1 not in (d0, d1) and \
+                (factor == 1 or g.heads):
+            st.space[node] = Channels(sid, d1 if cdim == d0 else d0, factor)
             return True
         return False
 
@@ -312,9 +332,15 @@ class HeadMatmul(ChannelRule):
             return False
         src, (sid, cdim, factor), x, g = got
         out, other = _val(node), node.args[1]
-        if factor == 1 and cdim == 1 and x.dim() == 4 and out.dim() == 4 and other in st.space and \
-                st.space[other][1:] == (1, 1) and isinstance(_val(other), torch.Tensor) and _val(other).dim() == 4:
-            st.space[node] = Channels(st.union(sid, st.space[other].sid), 1, 1)
+        if cdim == 1 and x.dim() == 4 and out.dim() == 4 and other in st.space and \
+                st.space[other].dim == 1 and isinstance(_val(other), torch.Tensor) and _val(other).dim() == 4 and \
+                size_expr(x.shape[1]) == size_expr(_val(other).shape[1]):
+            joined, unit, why = st.join_units([(sid, factor), (st.space[other].sid, st.space[other].factor)])
+            if joined is None:
+                st.mark(src, why)
+                st.mark(other, why)
+                return True
+            st.space[node] = Channels(joined, 1, unit)
             return True
         return False
 
@@ -328,15 +354,20 @@ class HeadSoftmax(ChannelRule):
         if got is None:
             return False
         src, (sid, cdim, factor), x, g = got
-        if factor == 1 and node.args[1] % x.dim() != cdim:
-            st.space[node] = Channels(sid, cdim, 1)
+        if node.args[1] % x.dim() != cdim and (factor == 1 or g.heads):
+            st.space[node] = Channels(sid, cdim, factor)
             return True
         return False
 
 
 @register_builtin
 class ScaledDotProductAttention(ChannelRule):
-    """``sdpa(q, k, v)`` with head spaces on dim 1 joins them head by head (a mask broadcast over heads)."""
+    """``sdpa(q, k, v)`` with head spaces on dim 1 joins them head by head (a mask broadcast over heads).
+
+    Grouped-query attention (key/value heads repeated by ``repeat_kv``, or ``enable_gqa=True``): a
+    key/value head covers ``n_rep`` query heads, so the query heads are grouped ``n_rep`` to a channel
+    first (:meth:`ChannelState.join_units`) and a pruned key/value head takes its query heads with it.
+    """
 
     ops = (_SDPA,)
 
@@ -348,13 +379,22 @@ class ScaledDotProductAttention(ChannelRule):
         q, k, v = node.args[:3]
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         mv = _val(mask) if isinstance(mask, fx.Node) else None
-        if all(a in st.space and st.space[a][1:] == (1, 1) for a in (q, k, v)) and x.dim() == 4 and \
-                (mv is None or (isinstance(mv, torch.Tensor) and mv.dim() == 4 and size_expr(mv.shape[1]) == 1)) \
-                and mask not in st.space and not node.kwargs.get("enable_gqa", False):
-            sid = st.union(st.union(st.space[q].sid, st.space[k].sid), st.space[v].sid)
-            st.space[node] = Channels(sid, 1, 1)
+        if not (all(a in st.space and st.space[a].dim == 1 for a in (q, k, v)) and x.dim() == 4 and
+                (mv is None or (isinstance(mv, torch.Tensor) and mv.dim() == 4 and size_expr(mv.shape[1]) == 1))
+                and mask not in st.space):
+            return False
+        heads = [size_expr(_val(a).shape[1]) for a in (q, k, v)]
+        if not all(isinstance(h, int) for h in heads) or heads[0] % heads[1] or heads[1] != heads[2] or \
+                (heads[0] != heads[1] and not node.kwargs.get("enable_gqa", False)):
+            return False
+        parts = [(st.space[a].sid, st.space[a].factor * (heads[0] // h)) for a, h in zip((q, k, v), heads)]
+        sid, unit, why = st.join_units(parts)
+        if sid is None:
+            for a in (q, k, v):
+                st.mark(a, why)
             return True
-        return False
+        st.space[node] = Channels(sid, 1, unit)
+        return True
 
 
 # ---------------------------------------------------------------------------------- views, elementwise
@@ -380,6 +420,30 @@ class Flatten(ChannelRule):
                     st.add(ch.sid, FlattenSize(node, hw))
                     st.space[node] = Channels(ch.sid, 1, hw)
                     return True
+        # [N, C, H, W] -> [N, C, H*W]: the dims after the channel dim change (a stem's tokens)
+        if ch is not None and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and ch.factor == 1 and \
+                0 < ch.dim < min(x.dim(), out.dim()) and \
+                [size_expr(d) for d in x.shape[:ch.dim + 1]] == [size_expr(d) for d in out.shape[:ch.dim + 1]] and \
+                (len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)) or
+                 node.args[1][ch.dim] == size_expr(x.shape[ch.dim]) or node.args[1][ch.dim] == -1 or
+                 not isinstance(node.args[1][ch.dim], int)):
+            if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) and \
+                    isinstance(node.args[1][ch.dim], int) and node.args[1][ch.dim] != -1:
+                st.add(ch.sid, ViewSize(node, ch.dim, node.args[1][ch.dim]))
+            st.space[node] = Channels(ch.sid, ch.dim, 1)
+            return True
+        # [B, N, C] <-> [B*N, C]: the leading dims change, the channel dim stays last and whole
+        # (LeViT's linear + BatchNorm1d over the flattened tokens)
+        if ch is not None and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and \
+                x.dim() >= 2 and out.dim() >= 2 and ch.dim == x.dim() - 1 and \
+                size_expr(out.shape[-1]) == size_expr(x.shape[-1]) and \
+                (len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)) or
+                 not isinstance(node.args[1][-1], int) or node.args[1][-1] in (-1, size_expr(x.shape[-1]))):
+            if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) and \
+                    isinstance(node.args[1][-1], int) and node.args[1][-1] != -1:
+                st.add(ch.sid, ViewSize(node, out.dim() - 1, node.args[1][-1], ch.factor))
+            st.space[node] = Channels(ch.sid, out.dim() - 1, ch.factor)
+            return True
         for a in st.ins(node):
             st.mark(a, f"reshape {node.name}")
         return True
@@ -473,6 +537,52 @@ class Permute(ChannelRule):
             st.space[node] = Channels(sid, [d % out.dim() for d in node.args[1]].index(cdim), 1)
             return True
         return False
+
+
+@register_builtin
+class Unsqueeze(ChannelRule):
+    """A new dim before or after the channel dim (``repeat_kv``'s ``k[:, :, None]``) moves or keeps it."""
+
+    ops = (aten.unsqueeze.default,)
+
+    def __call__(self, node, st):
+        src, out = node.args[0], _val(node)
+        if src not in st.space or not isinstance(out, torch.Tensor):
+            return False
+        sid, cdim, factor = st.space[src]
+        if factor != 1 and not st.group(sid).heads:
+            return False
+        d = node.args[1] % out.dim()
+        st.space[node] = Channels(sid, cdim + 1 if d <= cdim else cdim, factor)
+        return True
+
+
+@register_builtin
+class Expand(ChannelRule):
+    """``expand`` broadcasting other dims keeps the channels (``repeat_kv``: ``[B, Hkv, 1, T, D] ->
+    [B, Hkv, n_rep, T, D]``); a literal channel count in its sizes is rewritten."""
+
+    ops = (aten.expand.default,)
+
+    def __call__(self, node, st):
+        src, out = node.args[0], _val(node)
+        x = _val(src)
+        if src not in st.space or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
+            return False
+        sid, cdim, factor = st.space[src]
+        g = st.group(sid)
+        if factor != 1 and not g.heads:
+            return False
+        at = cdim + out.dim() - x.dim()
+        if size_expr(out.shape[at]) != size_expr(x.shape[cdim]):
+            return False
+        lit = node.args[1][at]
+        if isinstance(lit, int) and lit != -1:
+            if lit != g.size * factor:
+                return False
+            g.members.append(HeadCount(node, at, lit, factor))
+        st.space[node] = Channels(sid, at, factor)
+        return True
 
 
 @register_builtin

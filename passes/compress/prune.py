@@ -49,9 +49,11 @@ from fxopt.ir.dialect import module_path
 from fxopt.errors import PipelineError
 from fxopt.ir.meta import propagate_meta
 from fxopt.passmgr.pass_base import Pass, PassContext, PassResult, register_pass
-from fxopt.ir.rewrite_utils import attr_tensor, erase_dead, unpack_packed_projections, unpack_split_params
+from fxopt.ir.rewrite_utils import (attr_tensor, erase_dead, unpack_packed_projections, unpack_split_params,
+                                   unpack_split_projections)
 
-from fxopt.passes.analysis.channel_members import BatchNorm, ChannelGroup, Depthwise, LayoutMember, Produces
+from fxopt.passes.analysis.channel_members import (BatchNorm, ChannelGroup, Depthwise, LayoutMember, Produces,
+                                                   end_slicing)
 
 __all__ = ["StructuredPrunePass", "group_importance"]
 
@@ -131,9 +133,9 @@ def group_importance(gm: fx.GraphModule, g: ChannelGroup, kind: str,
                 score += _per_channel(s, m)
         return score
     if kind == "bn":
-        gammas = [attr_tensor(gm, m.node.args[1]) for m in g.of(BatchNorm) if m.node.args[1] is not None]
-        if gammas:
-            return sum(t.detach().abs().float() for t in gammas)
+        gammas = [(attr_tensor(gm, m.node.args[1]), m.block) for m in g.of(BatchNorm) if m.node.args[1] is not None]
+        if gammas:   # a norm before a head split has head_dim entries per channel
+            return sum(t.detach().abs().float().view(-1, b).sum(1) for t, b in gammas)
     score = torch.zeros(g.size)
     p = 1 if kind in ("l1", "bn") else 2
     for m in g.of((Produces, Depthwise)):
@@ -246,12 +248,18 @@ class StructuredPrunePass(Pass):
             return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        try:
+            return self._prune(gm, ctx)
+        finally:
+            end_slicing(gm)
+
+    def _prune(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         c = self.config
         pruned, kept = {}, []
         decided: dict[int, torch.Tensor] = {}
         readers: dict[tuple, LayoutMember] = {}   # (node, kind) -> reader of a concatenation, split or shuffle
         # packed Q/K/V weights and projections: one parameter and one linear per projection
-        unpacked = unpack_split_params(gm) + unpack_packed_projections(gm)
+        unpacked = unpack_split_params(gm) + unpack_packed_projections(gm) + unpack_split_projections(gm)
         if unpacked:
             propagate_meta(gm)
         if unpacked:  # the graph changed inside this pass: what the manager cached is stale
