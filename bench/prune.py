@@ -10,6 +10,8 @@ Sections:
       groups pruned/kept, whether the pruned model runs at batch 1 and 7;
   (f) prune-50 CPU latency and FLOPs against eager on nine architectures at 224x224, with the
       goal "latency falls at least by the square root of the FLOP reduction";
+  (g) prune-50 on Llama, Mistral, Gemma (grouped-query attention), Phi, GPT-2, ALBERT (one shared layer)
+      and timm's LeViT, called with their defaults: parameter ratio with and without the embeddings;
   (c) weight sparsity on a residual CNN with batch norm trained on scikit-learn's digits:
       accuracy dense, after pruning, and after a short fine-tune (fxopt.finetune keeps the zeros);
   (d) CPU sparse matmul (torch.sparse CSR) against dense linear at several sparsities, to see
@@ -223,6 +225,72 @@ def bert_row(label, minilm, recipe="prune-50"):
             "runs at batch 1 and 7": "yes" if all(r.isdigit() for r in ran) else "NO (" + ", ".join(ran) + ")"}
 
 
+def _decoders():
+    """(label, model, example kwargs) for section (g): small configs of each architecture, random init."""
+    import transformers as t
+    common = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=688, vocab_size=1000,
+                  max_position_embeddings=256)
+    yield "Llama (GQA 8 q / 2 kv heads)", t.LlamaForCausalLM(t.LlamaConfig(num_attention_heads=8, num_key_value_heads=2,
+                                                                            **common))
+    yield "Mistral (GQA 8 / 2)", t.MistralForCausalLM(t.MistralConfig(num_attention_heads=8, num_key_value_heads=2,
+                                                                       **common))
+    yield "Gemma (GQA 8 / 2)", t.GemmaForCausalLM(t.GemmaConfig(num_attention_heads=8, num_key_value_heads=2,
+                                                                 head_dim=32, **common))
+    yield "Phi (partial rotary)", t.PhiForCausalLM(t.PhiConfig(num_attention_heads=8, **common))
+    yield "GPT-2 (Conv1D, packed c_attn)", t.GPT2LMHeadModel(t.GPT2Config(n_layer=4, n_head=8, n_embd=256,
+                                                                          vocab_size=1000, n_positions=256))
+    yield "ALBERT (one layer shared by 4)", t.AlbertModel(t.AlbertConfig(num_attention_heads=8, embedding_size=128,
+                                                                           **common))
+
+
+def arch_rows():
+    """Section (g): prune-50 on the Hugging Face decoders/encoders and timm's LeViT, called with their
+    defaults (decoders return their key/value cache)."""
+    rows = []
+    skip = ("embed", "wte", "wpe", "lm_head")
+
+    def body(m):
+        return sum(p.numel() for n, p in m.named_parameters() if not any(k in n for k in skip))
+
+    def row(label, model, out, ran):
+        rec = next(r for r in out.fxopt_history.records if r.name == "prune")
+        heads = rec.info.get("head_groups_pruned", 0)
+        return {"model": label, "params ratio": f"{_params(out) / _params(model):.2f}",
+                "without embeddings": f"{body(out) / body(model):.2f}",
+                "groups pruned": rec.info.get("groups_pruned", 0), "of them heads": heads,
+                "runs at batch 1 and 7": "yes" if all(r.isdigit() for r in ran) else "NO (" + ", ".join(ran) + ")"}
+    for label, model in _decoders():
+        torch.manual_seed(0)
+        model.eval()
+        ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+        out = fxopt.compile(model, kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}, recipe="prune-50")
+        ran = []
+        for b in (1, 7):
+            i = torch.randint(0, 1000, (b, 24))
+            try:
+                res = out(input_ids=i, attention_mask=torch.ones_like(i))
+                first = res.logits if hasattr(res, "logits") else res.last_hidden_state
+                ran.append(str(b) if first.shape[:2] == (b, 24) else f"{b}: wrong shape")
+            except Exception as e:
+                ran.append(f"{b}: {type(e).__name__}")
+        rows.append(row(label, model, out, ran))
+    try:
+        import timm
+    except ImportError:
+        return rows
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False, num_classes=1000).eval()
+    out = fxopt.compile(model, (torch.randn(1, 3, 224, 224),), recipe="prune-50")
+    ran = []
+    for b in (1, 7):
+        try:
+            ran.append(str(b) if out(torch.randn(b, 3, 224, 224)).shape == (b, 1000) else f"{b}: wrong shape")
+        except Exception as e:
+            ran.append(f"{b}: {type(e).__name__}")
+    rows.append(row("timm LeViT-128S", model, out, ran))
+    return rows
+
+
 def sparse_matmul_rows(repeats):
     torch.manual_seed(0)
     rows = []
@@ -250,10 +318,10 @@ def sparse_matmul_rows(repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--section", choices=list("abcdef"), action="append",
+    ap.add_argument("--section", choices=list("abcdefg"), action="append",
                     help="run only these sections (repeatable; default: all)")
     ns = ap.parse_args()
-    want = set(ns.section or "abcdef")
+    want = set(ns.section or "abcdefg")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {ns.repeats}\n")
     if "a" in want:
         print("(a) structured pruning, DemoNet(width=32) trained 8 epochs on digits, 397 held-out images; "
@@ -270,6 +338,10 @@ def main():
         print("\n(f) prune-50 latency, 1x3x224x224, random init, interleaved timing; the pruned model also "
               "runs the default recipe (batch norms folded), the goal is judged against default unpruned\n")
         print(table(latency_rows(ns.repeats)))
+    if "g" in want:
+        print("\n(g) prune-50 on decoders, a shared-layer encoder and LeViT (random init; 4 layers, hidden 256, "
+              "FFN 688, vocab 1000; captured at 2x32 with the default cache, run at 1x24 and 7x24)\n")
+        print(table(arch_rows()))
     if "c" in want:
         print("\n(c) weight sparsity, DemoNet(width=32) trained 8 epochs on digits, 397 held-out images; "
               "pruned layers still run dense kernels (no sparse lowering yet), so latency differences are "

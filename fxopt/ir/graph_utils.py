@@ -178,7 +178,7 @@ def cache_leaves(spec: Any) -> set[int]:
             if inside:
                 found.add(start)
             return start + 1
-        for child in sp.children_specs:
+        for child in (sp.children() if callable(getattr(sp, "children", None)) else sp.children_specs):
             start = walk(child, start, inside)
         return start
     try:

@@ -18,6 +18,13 @@ producers added to it. This analysis finds those groups with a union-find over
 * attention: a projection's output viewed as ``[..., H, D]`` becomes a space of H heads,
   carried through transposes, head-moving views, softmax and ``matmul``/``sdpa`` (which
   join Q, K and V head by head) to the merge back to ``H*D`` features;
+* grouped-query attention: ``repeat_kv`` (``unsqueeze -> expand -> view``) or ``sdpa(enable_gqa=True)``
+  maps ``n_rep`` query heads to one key/value head; the query-head space is *coarsened* (``n_rep``
+  heads per channel, :meth:`ChannelState.coarsen`) and joined with the key/value space;
+* views that keep the channel dim whole (``[B, N, C] <-> [B*N, C]``, ``[N, C, H, W] -> [N, C, H*W]``)
+  carry the space, and so do ``split``s of heads along the head dim (LeViT's per-head q/k/v);
+* spaces whose members slice one shared parameter (a layer applied at every depth) are joined
+  at the end, so every use keeps the same channels;
 * a depthwise convolution carries its input space to its output (and must shrink with it);
   so does a grouped ``C -> C`` convolution (ResNeXt), whose groups then lose channels equally;
   a grouped conv that changes the channel count opens its own space, and both its input and
@@ -36,7 +43,7 @@ what a group holds are typed members (:mod:`fxopt.passes.analysis.channel_member
 knowing how ``prune`` rewrites it. Custom ops declare how they propagate channels with
 :func:`register_channel_rule`.
 Anything else that touches a space (other reshapes, binary ops on split parts, the graph
-outputs, ops this analysis does not know) marks it *unprunable*, so pruning never breaks
+outputs other than a key/value cache's head dim, ops this analysis does not know) marks it *unprunable*, so pruning never breaks
 a model it does not understand; the result records why. Groups are the roots of the
 union-find.
 """

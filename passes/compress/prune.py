@@ -32,7 +32,12 @@ Q/K/V projections (BERT), ``nn.MultiheadAttention`` (ViT; its packed weight is u
 capture), a packed ``qkv`` linear split by ``reshape/permute/select`` (Swin; unpacked
 into three linears first), with ``sdpa`` or written out (``q @ k^T``, softmax, ``@ v``),
 and per-head parameters mixed in on the way (Swin's relative position bias table) are
-sliced by the kept heads, like per-channel layer scales. Grouped convolutions (ResNeXt,
+sliced by the kept heads, like per-channel layer scales. GPT-2's ``c_attn`` (one linear split
+into Q, K and V) is unpacked first. Grouped-query attention (Llama, Mistral, Gemma) prunes whole
+key/value groups: a removed key/value head takes the query heads that read it, and the cache a
+decoder returns keeps the pruned head count (it is the pruned model's own cache). A parameter
+used several times (ALBERT's one layer at every depth) is sliced once, the same way for every
+use, so the model really shrinks. Grouped convolutions (ResNeXt,
 RegNet, ShuffleNet v1) keep the same number of channels in every group, on both sides.
 It changes numerics by design; fine-tune with ``fxopt.finetune`` afterwards.
 """
@@ -255,7 +260,7 @@ class StructuredPrunePass(Pass):
 
     def _prune(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         c = self.config
-        pruned, kept = {}, []
+        pruned, kept, heads = {}, [], 0
         decided: dict[int, torch.Tensor] = {}
         readers: dict[tuple, LayoutMember] = {}   # (node, kind) -> reader of a concatenation, split or shuffle
         # packed Q/K/V weights and projections: one parameter and one linear per projection
@@ -291,6 +296,7 @@ class StructuredPrunePass(Pass):
             apply_group(gm, g, keep)
             decided[id(g)] = keep
             pruned["+".join(names)] = f"{g.size}->{k}"
+            heads += g.heads
         for m in readers.values():
             m.prune_layout(gm, decided)
         if not pruned:
@@ -301,4 +307,4 @@ class StructuredPrunePass(Pass):
         erase_dead(gm)
         propagate_meta(gm)
         return PassResult(True, frozenset(), {"groups_pruned": len(pruned), "channels": pruned,
-                                              "groups_kept": len(kept)})
+                                              "groups_kept": len(kept), "head_groups_pruned": heads})
