@@ -238,7 +238,8 @@ def _decoders():
                                                                  head_dim=32, **common))
     yield "Phi (partial rotary)", t.PhiForCausalLM(t.PhiConfig(num_attention_heads=8, **common))
     yield "GPT-2 (Conv1D, packed c_attn)", t.GPT2LMHeadModel(t.GPT2Config(n_layer=4, n_head=8, n_embd=256,
-                                                                          vocab_size=1000, n_positions=256))
+                                                                          vocab_size=1000, n_positions=256,
+                                                                          bos_token_id=0, eos_token_id=0))
     yield "ALBERT (one layer shared by 4)", t.AlbertModel(t.AlbertConfig(num_attention_heads=8, embedding_size=128,
                                                                            **common))
 

@@ -246,6 +246,10 @@ def llama_section(teacher_epochs: int, epochs: int) -> list[dict]:
     scratch = LlamaForCausalLM(config(3, 1, 256))
     run(f"the pruned architecture from scratch ({epochs} epochs)",
         lambda: _lm_train(scratch, train, epochs, 3e-3), f"{epochs * train.numel():,}")
+    torch.manual_seed(0)
+    scratch = LlamaForCausalLM(config(3, 1, 256))
+    run(f"the pruned architecture from scratch ({teacher_epochs} epochs, the teacher's budget)",
+        lambda: _lm_train(scratch, train, teacher_epochs, 3e-3), f"{teacher_epochs * train.numel():,}")
     return rows
 
 
