@@ -101,13 +101,17 @@ def unpack_split_projections(gm: fx.GraphModule) -> int:
     aten = torch.ops.aten
     splits = (aten.split.Tensor, aten.split_with_sizes.default)
     done = 0
+    parts: dict[tuple, str] = {}   # (attribute, lo, hi) -> the part's attribute: a shared weight stays shared
     for lin in list(gm.graph.nodes):
         if lin.op != "call_function" or lin.target is not aten.linear.default or len(lin.users) != 1:
             continue
         split = next(iter(lin.users))
-        w, b = attr_tensor(gm, lin.args[1]), attr_tensor(gm, arg(lin, 2, "bias"))
+        bias = arg(lin, 2, "bias")
+        w, b = attr_tensor(gm, lin.args[1]), attr_tensor(gm, bias)
         out = lin.meta.get("val")
         if w is None or split.target not in splits or split.args[0] is not lin or not isinstance(out, torch.Tensor):
+            continue
+        if bias is not None and b is None:   # a computed bias (BEiT's cat of q/v biases): left packed
             continue
         dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
         if dim % out.dim() != out.dim() - 1 or not all(u.target is operator.getitem for u in split.users):
@@ -118,14 +122,20 @@ def unpack_split_projections(gm: fx.GraphModule) -> int:
         if not all(isinstance(n, int) for n in sizes) or sum(sizes) != w.shape[0]:
             continue
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        grad = isinstance(w, torch.nn.Parameter) and w.requires_grad
-        base = str(lin.args[1].target).replace(".", "_")
+        def part(src: fx.Node, t: torch.Tensor, i: int, lo: int, hi: int, before: fx.Node) -> fx.Node:
+            key = (src.target, lo, hi)
+            if key in parts:
+                with gm.graph.inserting_before(before):
+                    return gm.graph.get_attr(parts[key])
+            new = add_param(gm, f"{str(src.target).replace('.', '_')}_{i}", t.detach()[lo:hi], before,
+                            isinstance(t, torch.nn.Parameter) and t.requires_grad)
+            parts[key] = new.target
+            return new
         for item in list(split.users):
             i = item.args[1]
             lo, hi = starts[i], starts[i] + sizes[i]
-            wi = add_param(gm, f"{base}_{i}", w.detach()[lo:hi], item, grad)
-            bi = add_param(gm, f"{str(lin.args[2].target).replace('.', '_')}_{i}", b.detach()[lo:hi], item,
-                           isinstance(b, torch.nn.Parameter) and b.requires_grad) if b is not None else None
+            wi = part(lin.args[1], w, i, lo, hi, item)
+            bi = part(bias, b, i, lo, hi, item) if b is not None else None
             with gm.graph.inserting_before(item):
                 li = gm.graph.call_function(aten.linear.default, (lin.args[0], wi, bi))
             copy_meta(li, lin)
@@ -155,8 +165,11 @@ def unpack_packed_projections(gm: fx.GraphModule) -> int:
         if lin.op != "call_function" or lin.target is not aten.linear.default or len(lin.users) != 1:
             continue
         view = next(iter(lin.users))
-        w, b = attr_tensor(gm, lin.args[1]), attr_tensor(gm, arg(lin, 2, "bias"))
+        bias = arg(lin, 2, "bias")
+        w, b = attr_tensor(gm, lin.args[1]), attr_tensor(gm, bias)
         if w is None or view.target not in (aten.view.default, aten.reshape.default) or len(view.users) != 1:
+            continue
+        if bias is not None and b is None:   # a computed bias (BEiT's cat of q/v biases): left packed
             continue
         sizes = list(view.args[1])
         perm = next(iter(view.users))
@@ -173,7 +186,7 @@ def unpack_packed_projections(gm: fx.GraphModule) -> int:
             i = sel.args[2]
             wi = add_param(gm, f"{lin.args[1].target.replace('.', '_')}_{i}", w.detach()[i * rows:(i + 1) * rows],
                            sel, grad)
-            bi = add_param(gm, f"{lin.args[2].target.replace('.', '_')}_{i}", b.detach()[i * rows:(i + 1) * rows],
+            bi = add_param(gm, f"{bias.target.replace('.', '_')}_{i}", b.detach()[i * rows:(i + 1) * rows],
                            sel, isinstance(b, torch.nn.Parameter) and b.requires_grad) if b is not None else None
             with gm.graph.inserting_before(sel):
                 li = gm.graph.call_function(aten.linear.default, (lin.args[0], wi, bi))

@@ -167,7 +167,13 @@ class BatchNormRule(ChannelRule):
         src = node.args[0]
         if src not in st.space or st.space[src].dim != 1:
             return False
-        st.add(st.space[src].sid, BatchNorm(node))
+        sid, _, factor = st.space[src]
+        x = _val(src)
+        # a channel of ``factor`` features (after a flatten or a head split) owns that many norm entries
+        if not isinstance(x, torch.Tensor) or size_expr(x.shape[1]) != st.group(sid).size * factor:
+            st.mark(src, f"batch norm {node.name} over a dim the channels do not fill")
+            return True
+        st.add(sid, BatchNorm(node, factor))
         return st.carry(node, src)
 
 
@@ -274,7 +280,7 @@ class HeadView(ChannelRule):
             return True
         # same-shape view (a literal head count): carry it
         if xs == os_ and 0 < cdim < out.dim() - 1:
-            g.members.append(HeadCount(node, cdim, g.size * factor, factor))
+            g.members.append((HeadCount if g.heads else ViewSize)(node, cdim, g.size * factor, factor))
             st.space[node] = Channels(sid, cdim, factor)
             return True
         # a view that moves the head dim and keeps the dims after it (Swin's window split of attention scores)
@@ -587,7 +593,7 @@ class Expand(ChannelRule):
         if isinstance(lit, int) and lit != -1:
             if lit != g.size * factor:
                 return False
-            g.members.append(HeadCount(node, at, lit, factor))
+            g.members.append((HeadCount if g.heads else ViewSize)(node, at, lit, factor))
         st.space[node] = Channels(sid, at, factor)
         return True
 

@@ -300,6 +300,8 @@ class StructuredPrunePass(Pass):
         for m in readers.values():
             m.prune_layout(gm, decided)
         if not pruned:
+            if unpacked:   # the packed originals nobody reads any more
+                erase_dead(gm)
             return PassResult(bool(unpacked), frozenset(), {"kept": kept, "unpacked": unpacked})
         for n in gm.graph.nodes:  # shapes changed downstream: recompute every fake value
             if n.op in ("call_function", "get_attr"):

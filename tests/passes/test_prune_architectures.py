@@ -185,3 +185,84 @@ def test_prune_50_reaches_a_third_fewer_parameters(arch):
         out = p(**other)
     first = out.logits if hasattr(out, "logits") else out.last_hidden_state
     assert first.shape[:2] == (3, 11) and torch.isfinite(first).all()
+
+
+def test_a_batch_norm_over_flattened_channels_is_sliced_by_their_blocks():
+    """conv -> flatten -> BatchNorm1d: every channel owns H*W norm entries (slicing one entry per channel
+    read past the end of the norm's parameters and returned NaN)."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn, self.l = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm1d(8 * 16), \
+                torch.nn.Linear(8 * 16, 10)
+
+        def forward(self, x):
+            return self.l(self.bn(self.c(x).flatten(1)))
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight[64:] = 0     # channels 4..7 (16 entries each) carry nothing
+        model.bn.bias[64:] = 0
+    p = fxopt.compile(model, (torch.randn(2, 3, 4, 4),), recipe="canonicalize,prune(ratio=0.5,importance=bn)",
+                      strict=True)
+    x = torch.randn(3, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), model(x), atol=1e-5, rtol=1e-5)
+    assert sum(t.numel() for t in p.buffers() if t.dim() == 1) == 2 * 64
+
+
+def test_a_projection_with_a_computed_bias_stays_packed():
+    """BEiT writes ``linear(x, W, cat([q_bias, zeros, v_bias])).split(E, -1)``: a bias that is not a
+    parameter must not be dropped by the unpacking, whether or not anything is pruned."""
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(48, 16) * 0.2)
+            self.qb, self.vb = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+            self.o = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            bias = torch.cat([self.qb, torch.zeros_like(self.qb), self.vb])
+            q, k, v = torch.nn.functional.linear(x, self.w, bias).split(16, -1)
+            q, k, v = (y.view(b, t, 4, 4).transpose(1, 2) for y in (q, k, v))
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.o(a.transpose(1, 2).reshape(b, t, 16))
+    torch.manual_seed(0)
+    model = Attn().eval()
+    with pytest.warns(UserWarning, match="changed nothing"):   # the packed heads stay whole, and it says so
+        p = fxopt.compile(model, (torch.randn(2, 5, 16),), recipe="canonicalize,prune(ratio=0.5)", strict=True)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), model(x), atol=1e-5, rtol=1e-5)
+    assert sum(t.numel() for t in p.parameters()) <= sum(t.numel() for t in model.parameters())
+
+
+def test_a_packed_projection_shared_across_depth_stays_shared_when_unpacked():
+    """One packed Q/K/V linear applied at two depths: its parts stay one parameter each, so the two uses
+    are pruned together and the model shrinks (unpacking once per use untied them)."""
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.o = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+        def block(self, x):
+            b, t, _ = x.shape
+            q, k, v = (y.view(b, t, 4, 4).transpose(1, 2) for y in self.qkv(x).split(16, -1))
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return x + self.o(a.transpose(1, 2).reshape(b, t, 16))
+
+        def forward(self, x):
+            return self.block(self.block(x))
+    torch.manual_seed(0)
+    model = Shared().eval()
+    with torch.no_grad():
+        model.qkv.weight[32 + 12:48] = 0    # head 3's values
+        model.qkv.bias[32 + 12:48] = 0
+    p = fxopt.compile(model, (torch.randn(2, 5, 16),), recipe="canonicalize,prune(ratio=0.25)", strict=True)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), model(x), atol=1e-5, rtol=1e-5)
+    assert sum(t.numel() for t in p.parameters()) < sum(t.numel() for t in model.parameters())
