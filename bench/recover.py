@@ -219,7 +219,7 @@ def llama_section(teacher_epochs: int, epochs: int) -> list[dict]:
             losses = [CE(m(input_ids=b, use_cache=False).logits[:, :-1].flatten(0, 1), b[:, 1:].flatten())
                       for b in held.split(32)]
         return float(torch.exp(torch.stack(losses).mean()))
-    rows, sizes = [], {}
+    rows = []
 
     def run(name, fn, tokens):
         t, w = time.process_time(), time.perf_counter()
