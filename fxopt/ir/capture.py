@@ -31,6 +31,7 @@ from fxopt.ir.dialect import op_name
 from fxopt.errors import InputError, TraceError
 from fxopt.ir.torch_compat import torch_internals
 from fxopt.ir.input_guard import SIGNATURE_KEY, InputGuard, install_input_guard
+from fxopt.ir.graph_utils import hf_cache_bases
 from fxopt.ir.rewrite_utils import unpack_split_params
 
 __all__ = ["trace", "normalize_inputs", "dynamic_shapes_for", "check_materialized", "TOKEN_INPUTS",
@@ -303,12 +304,11 @@ def register_hf_cache_class(module: str, name: str) -> bool:
     import importlib
     try:
         mod = importlib.import_module(module)
-        from transformers import cache_utils
+        import transformers  # noqa: F401  (hf_cache_bases looks only when it is loaded)
     except ImportError:
         return False
     cls = getattr(mod, name, None)
-    bases = tuple(b for b in (getattr(cache_utils, "Cache", None), getattr(cache_utils, "CacheLayerMixin", None))
-                  if isinstance(b, type))
+    bases = hf_cache_bases()
     if not (isinstance(cls, type) and bases and issubclass(cls, bases)):
         return False
     if cls not in torch.utils._pytree.SUPPORTED_NODES:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import copy
-import sys
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,16 +155,21 @@ def changed_tensors(snap: Snapshot) -> list[str]:
     return out
 
 
-def _is_cache_type(t: Any) -> bool:
-    """A Hugging Face key/value cache class (``DynamicCache``, its layers, ...)."""
-    if not isinstance(t, type) or "transformers" not in sys.modules:
-        return False
+def hf_cache_bases() -> tuple[type, ...]:
+    """transformers' ``Cache`` and ``CacheLayerMixin`` (empty when transformers is not loaded)."""
+    if "transformers" not in sys.modules:
+        return ()
     try:
         from transformers import cache_utils
     except ImportError:
-        return False
-    bases = tuple(b for b in (getattr(cache_utils, "Cache", None), getattr(cache_utils, "CacheLayerMixin", None))
-                  if isinstance(b, type))
+        return ()
+    return tuple(b for b in (getattr(cache_utils, "Cache", None), getattr(cache_utils, "CacheLayerMixin", None))
+                 if isinstance(b, type))
+
+
+def _is_cache_type(t: Any) -> bool:
+    """A Hugging Face key/value cache class (``DynamicCache``, its layers, ...)."""
+    bases = hf_cache_bases() if isinstance(t, type) else ()
     return bool(bases) and issubclass(t, bases)
 
 

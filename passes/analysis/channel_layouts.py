@@ -188,7 +188,7 @@ class SplitPart(ChannelRule):
             return True
         if src not in st.splits:
             return False
-        parts, cdim = st.splits[node.args[0]]
+        parts, cdim = st.splits[src]
         st.segs[node] = (parts[node.args[1]], cdim)
         return True
 
