@@ -41,7 +41,8 @@ from fxopt.ir.dialect import aten
 from fxopt.kernels.cpu_quant import QDQ_REFERENCES, REFERENCES, int8_layer_plans, weight_bits
 from fxopt.quant.annotation import QuantAnnotation
 from fxopt.ir.meta import propagate_meta
-from fxopt.passes.lower import rules
+from fxopt.passes.lower import rules, rules_cuda
+from fxopt.kernels import triton_int8, triton_wq
 from fxopt.passmgr.pass_base import Pass, PassContext, PassResult, register_pass
 from fxopt.ir.rewrite_utils import attr_tensor, copy_meta, erase_dead
 
@@ -68,21 +69,27 @@ class LowerQuantPass(Pass):
         # on its example-input shapes and keeps the fastest; "fbgemm"/"onednn" where exact (else the other)
         engine: str = "auto"
         # "slower": an int8 layer whose kernel is measured slower than its float form (the same dequantized
-        # weights in fp32) on its example-input shapes runs in float; "never" (default): keep every kernel
-        decline: str = "never"
+        # weights in fp32) on its example-input shapes runs in float; "never": keep every kernel; "auto"
+        # (default): never on CPU, slower on CUDA (timed per row bucket on the device, see rules_cuda)
+        decline: str = "auto"
+        # the device whose rules apply: auto (the graph's), cpu or cuda (lower for a GPU from any machine)
+        target: str = "auto"
 
         def __post_init__(self) -> None:
             if self.engine not in ("auto",) + cpu_isa.ENGINES:
                 raise ValueError(f"lower-quant(engine=...) takes auto, {', '.join(cpu_isa.ENGINES)}; "
                                  f"got {self.engine!r}")
-            if self.decline not in ("slower", "never"):
+            if self.decline not in ("auto", "slower", "never"):
                 raise ValueError(f"lower-quant(decline=...) is 'slower' (run an int8 layer measured slower than "
-                                 f"its float form in float) or 'never', got {self.decline!r}")
+                                 f"its float form in float), 'never' or 'auto', got {self.decline!r}")
+            if self.target not in ("auto", "cpu", "cuda"):
+                raise ValueError(f"lower-quant(target=...) is auto (the graph's device), cpu or cuda; "
+                                 f"got {self.target!r}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts: dict[str, int] = {}
         kept: list[str] = []
-        device = rules.graph_device(gm, ctx.args)
+        device = rules.graph_device(gm, ctx.args) if self.config.target == "auto" else self.config.target
         # two sweeps: the layers take their quantized inputs first; a dq(q(x)) only float ops still read
         # (the quantize_dequantize rule) is known only once its layer consumers are lowered
         for sweep in (1, 2):
@@ -99,12 +106,20 @@ class LowerQuantPass(Pass):
         if not counts:
             return PassResult(False, info={"kept": kept})
         propagate_meta(gm)
-        chooser = EngineChooser(self.config.engine, time_float=self.config.decline == "slower")
+        cpu_decline = self.config.decline == "slower" and device == "cpu"
+        chooser = EngineChooser(self.config.engine, time_float=cpu_decline)
         worst = check_layers(gm, ctx, chooser)
         info: dict[str, Any] = {"lowered": counts, "kept": kept, "worst_layer_error": worst}
+        if device != "cpu":
+            info["device"] = device
+            plans = {n.name: n.meta["fxopt_gpu_plan"] for n in gm.graph.nodes if "fxopt_gpu_plan" in n.meta}
+            if plans:
+                info["gpu_plans"] = plans
+            if rules_cuda.declined_gpu(gm):
+                info["declined"] = rules_cuda.declined_gpu(gm)
         if chooser.timings:
             info["engine_ms"] = chooser.timings
-        declined = decline_slower(gm, chooser.float_ms) if self.config.decline == "slower" else {}
+        declined = decline_slower(gm, chooser.float_ms) if cpu_decline else {}
         if declined:
             info["declined"] = declined
             erase_dead(gm)
@@ -261,7 +276,13 @@ def layer_kernels(gm: fx.GraphModule) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- per-layer check
-_SIM = {**REFERENCES, **QDQ_REFERENCES}  # kernel -> its simulated QDQ formula (tests swap entries to fake a wrong kernel)
+#: kernel -> its simulated QDQ formula (tests swap entries to fake a wrong kernel)
+_SIM = {**REFERENCES, **QDQ_REFERENCES,
+        fxq.linear_int8_gpu.default: triton_int8.linear_int8_gpu_reference,
+        fxq.linear_int8_dynamic_gpu.default: triton_int8.linear_int8_dynamic_gpu_reference,
+        fxq.linear_wq_gpu.default: triton_wq.linear_wq_gpu_reference}
+_STATIC_LINEARS = (fxq.linear_int8.default, fxq.linear_int8_gpu.default)
+_DYNAMIC_LINEARS = (fxq.linear_int8_dynamic.default, fxq.linear_int8_dynamic_gpu.default)
 
 
 def _allowed(kernel: Any, args: tuple, ref: torch.Tensor) -> float:
@@ -269,7 +290,8 @@ def _allowed(kernel: Any, args: tuple, ref: torch.Tensor) -> float:
         return 0.0  # the same arithmetic, value for value
     # a static conv requantizes its output: one step of the output scale is rounding
     step = 2.01 * args[10] if kernel is fxq.conv2d_int8.default else 0.0
-    return 1e-4 * float(ref.abs().max()) + 1e-5 + step
+    rel = 1e-4 if ref.dtype == torch.float32 else 1e-2  # half-precision activations: their own rounding
+    return rel * float(ref.abs().max()) + 1e-5 + step
 
 
 class _Checked:
@@ -304,7 +326,7 @@ def _linear_edges(args: tuple, dynamic: bool) -> list[tuple[str, torch.Tensor]]:
     """Inputs with every activation code at its extremes (both signs, aligned with the weights' signs)."""
     w = args[1]
     k = w.shape[1]
-    signs = (w[: min(4, w.shape[0])].float() >= 0)
+    signs = (w[: min(4, w.shape[0])].float() >= 0).cpu()
     if dynamic:
         big = 1e4
         rows = [torch.full((k,), big), torch.full((k,), -big), torch.where(signs[0], big, -big),
@@ -346,6 +368,15 @@ def _qdq_edges(args: tuple) -> list[tuple[str, torch.Tensor]]:
     return [("every code, the halfway points between codes (ties), inputs beyond the range and infinities", x)]
 
 
+def _wq_edges(args: tuple) -> list[tuple[str, torch.Tensor]]:
+    """One row and several (the GEMV and the GEMM paths), large and tiny magnitudes, both signs."""
+    k = args[0].shape[-1]
+    g = torch.Generator().manual_seed(0)
+    one = torch.randn(1, k, generator=g) * 1e3
+    rows = torch.cat([torch.full((1, k), 1e3), torch.full((1, k), -1e-3), torch.randn(3, k, generator=g)])
+    return [("one row of large inputs (the GEMV path)", one), ("several rows, large and tiny, both signs", rows)]
+
+
 def _edge_errors(node: fx.Node, args: tuple) -> tuple[float, float, str] | None:
     """The worst disagreement of ``node``'s kernel with its simulation at the edges of its input ranges."""
     kernel, sim = node.target, _SIM[node.target]
@@ -353,11 +384,14 @@ def _edge_errors(node: fx.Node, args: tuple) -> tuple[float, float, str] | None:
         cases = _qdq_edges(args)
     elif kernel is fxq.conv2d_int8.default:
         cases = _conv_edges(args)
+    elif kernel is fxq.linear_wq_gpu.default:
+        cases = _wq_edges(args)
     else:
-        cases = _linear_edges(args, kernel is fxq.linear_int8_dynamic.default)
+        cases = _linear_edges(args, kernel in _DYNAMIC_LINEARS)
     worst = None
     for what, x in cases:
-        if kernel in (fxq.linear_int8.default, fxq.linear_int8_dynamic.default):
+        x = x.to(args[0].device, args[0].dtype if kernel is fxq.linear_wq_gpu.default else torch.float32)
+        if kernel in _STATIC_LINEARS + _DYNAMIC_LINEARS + (fxq.linear_wq_gpu.default,):
             x = x.reshape(*([1] * (args[0].dim() - 2)), *x.shape) if args[0].dim() > 2 else x
         edge = (x, *args[1:])
         out, ref = kernel(*edge), sim(*edge)

@@ -1,7 +1,9 @@
-"""``lower-sparse``: run very sparse linears as CSR sparse matmuls on CPU.
+"""``lower-sparse``: run sparse linears on sparse kernels (CSR on CPU; 2:4 and block-sparse on CUDA).
 
 Which kernel runs a layer is the ``sparse`` part of the rule table of
-:mod:`fxopt.passes.lower.rules` (``linear_csr`` on CPU); this pass decides which layers qualify.
+:mod:`fxopt.passes.lower.rules` (``linear_csr`` on CPU; ``linear_24_gpu`` and ``linear_bsr_gpu``
+on CUDA, :mod:`fxopt.passes.lower.rules_cuda`, each kept only where timed faster than the dense
+layer on the device); this pass finds the candidate layers and records what each rule did.
 
 A linear whose weight has at most ``max_density`` non-zeros (after ``magnitude-prune`` and
 fine-tuning, say) becomes ``torch.ops.fxopt.linear_csr``: the weight is stored as CSR
@@ -37,15 +39,25 @@ class LowerSparsePass(Pass):
 
     @dataclass(frozen=True)
     class Config:
+        # (the 2:4 rule takes any 2:4 weight; max_density bounds the CSR and block-sparse rules)
         max_density: float = 0.1
+        # the device whose rules apply: auto (the graph's), cpu or cuda (lower for a GPU from any machine)
+        target: str = "auto"
+        # CUDA: "auto"/"slower" time each layer's sparse kernels against its dense form and keep the faster
+        # per row bucket; "never" takes the kernel without timing
+        decline: str = "auto"
 
         def __post_init__(self) -> None:
             if not 0 < self.max_density <= 1:
                 raise PipelineError(f"lower-sparse: max_density must be in (0, 1], got {self.max_density}")
+            if self.target not in ("auto", "cpu", "cuda"):
+                raise PipelineError(f"lower-sparse(target=...) is auto, cpu or cuda; got {self.target!r}")
+            if self.decline not in ("auto", "slower", "never"):
+                raise PipelineError(f"lower-sparse(decline=...) is auto, slower or never; got {self.decline!r}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        done, dense = {}, []
-        device = rules.graph_device(gm, ctx.args)
+        done, dense, plans = {}, [], {}
+        device = rules.graph_device(gm, ctx.args) if self.config.target == "auto" else self.config.target
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target is not aten.linear.default:
                 continue
@@ -53,16 +65,18 @@ class LowerSparsePass(Pass):
             if m is None:
                 continue
             name = module_path(node) or node.name
-            if m.density > self.config.max_density:
+            found = rules.first_rule(gm, node, "sparse", device, self.config, known={rules.match_sparse: m})
+            kind = found[0].build(found[1], found[0]) if found is not None else ""
+            new = next((n for n in gm.graph.nodes if n.name == node.name), None) if kind else node
+            if new is not None and "fxopt_gpu_plan" in new.meta:
+                plans[name] = new.meta["fxopt_gpu_plan"]
+            if not kind:
                 dense.append(name)
                 continue
-            found = rules.first_rule(gm, node, "sparse", device, self.config, known={rules.match_sparse: m})
-            if found is None:
-                continue  # no sparse kernel for this device
-            found[0].build(found[1], found[0])
             done[name] = round(m.density, 4)
+        info = {"dense": dense, **({"gpu_plans": plans} if plans else {})}
         if not done:
-            return PassResult(False, info={"dense": dense})
+            return PassResult(False, info=info)
         erase_dead(gm)
         propagate_meta(gm)
-        return PassResult(True, frozenset({"shapes"}), {"lowered": done, "dense": dense})
+        return PassResult(True, frozenset({"shapes"}), {"lowered": done, "device": device, **info})

@@ -12,23 +12,28 @@ device, op, matcher and condition accept it (:func:`first_rule`). A device's ker
     >>> from fxopt.passes.lower.rules import LOWERING_RULES, rules_for
     >>> [r.name for r in rules_for("quant", "cpu", torch.ops.aten.linear.default)]
     ['linear_int8', 'linear_int8_dynamic', 'linear_wq']
-    >>> rules_for("quant", "cuda")  # no GPU kernels yet: a CUDA graph stays simulated
-    []
+    >>> [r.name for r in rules_for("quant", "cuda", torch.ops.aten.linear.default)]  # Triton kernels
+    ['linear_int8_gpu', 'linear_int8_dynamic_gpu', 'linear_wq_gpu']
 
 The table, in priority order (:func:`table` renders it; a test keeps this copy in step):
 
-===================  ======  =================================================  ==============================
-rule                 device  pattern                                            kernel
-===================  ======  =================================================  ==============================
-linear_int8          cpu     ``linear(dq(q(x, s, z)), dq(W8), b)``              ``fxopt::linear_int8``
-linear_int8_dynamic  cpu     ``linear(dq(q(x, dynamic_scale(x))), dq(W8), b)``  ``fxopt::linear_int8_dynamic``
-conv2d_int8          cpu     ``q(relu?(conv2d(dq(q(x)), dq(W8), b))) then dq``  ``fxopt::conv2d_int8``
-linear_wq            cpu     ``linear(x, dq(Wq), b)``                           ``fxopt::linear_wq``
-conv2d_wq            cpu     ``conv2d(x, dq(Wq), b)``                           ``fxopt::conv2d_wq``
-embedding_wq         cpu     ``embedding(dq(Wq), ids)``                         ``fxopt::embedding_wq``
-quantize_dequantize  cpu     ``dq(q(x, s, z)) read by float ops``               ``fxopt::quantize_dequantize``
-linear_csr           cpu     ``linear(x, W, b), W mostly zeros``                ``fxopt::linear_csr``
-===================  ======  =================================================  ==============================
+=======================  ========  =================================================  ==================================
+rule                     device    pattern                                            kernel
+=======================  ========  =================================================  ==================================
+linear_int8              cpu       ``linear(dq(q(x, s, z)), dq(W8), b)``              ``fxopt::linear_int8``
+linear_int8_dynamic      cpu       ``linear(dq(q(x, dynamic_scale(x))), dq(W8), b)``  ``fxopt::linear_int8_dynamic``
+conv2d_int8              cpu       ``q(relu?(conv2d(dq(q(x)), dq(W8), b))) then dq``  ``fxopt::conv2d_int8``
+linear_wq                cpu       ``linear(x, dq(Wq), b)``                           ``fxopt::linear_wq``
+conv2d_wq                cpu       ``conv2d(x, dq(Wq), b)``                           ``fxopt::conv2d_wq``
+embedding_wq             cpu,cuda  ``embedding(dq(Wq), ids)``                         ``fxopt::embedding_wq``
+quantize_dequantize      cpu       ``dq(q(x, s, z)) read by float ops``               ``fxopt::quantize_dequantize``
+linear_csr               cpu       ``linear(x, W, b), W mostly zeros``                ``fxopt::linear_csr``
+linear_int8_gpu          cuda      ``act?(linear(dq(q(x, s, z)), dq(W8), b))``        ``fxopt::linear_int8_gpu``
+linear_int8_dynamic_gpu  cuda      ``act?(linear(dq(q(x, dyn(x))), dq(W8), b))``      ``fxopt::linear_int8_dynamic_gpu``
+linear_wq_gpu            cuda      ``linear(x, dq(Wq), b)``                           ``fxopt::linear_wq_gpu``
+linear_24_gpu            cuda      ``linear(x, W, b), W 2:4 sparse``                  ``fxopt::linear_24_gpu``
+linear_bsr_gpu           cuda      ``linear(x, W, b), W mostly zero blocks``          ``fxopt::linear_bsr_gpu``
+=======================  ========  =================================================  ==================================
 
 ``x`` is a float activation (not itself dequantized), ``dq(q(x, s, z))`` a static activation
 (unsigned codes, calibrated scale), ``W8`` stored int8 codes whose annotation
@@ -187,6 +192,7 @@ class QuantMatch:
     bias: Any
     pack_int4: bool
     conv: tuple | None = None  # (stride, padding, dilation, groups) of a conv2d with numeric padding
+    config: Any = None  # the lowering pass's config (the CUDA rules read its decline policy)
 
     @property
     def int4(self) -> bool:
@@ -268,7 +274,7 @@ def match_quant(gm: fx.GraphModule, node: fx.Node, config: Any) -> QuantMatch | 
     ann = QuantAnnotation.of(node) or QuantAnnotation.inferred(attr_tensor(gm, w.zp), w.group_size)
     return QuantMatch(gm, node, x, w, ann, None if embedding else _activation(gm, x),
                       None if embedding else arg(node, 2, "bias"), bool(getattr(config, "pack_int4", True)),
-                      _conv_params(node) if node.target is aten.conv2d.default else None)
+                      _conv_params(node) if node.target is aten.conv2d.default else None, config)
 
 
 # ---------------------------------------------------------------- quant: building
@@ -396,13 +402,14 @@ class SparseMatch:
     node: fx.Node
     weight: torch.Tensor
     density: float
+    config: Any = None
 
 
 def match_sparse(gm: fx.GraphModule, node: fx.Node, config: Any) -> SparseMatch | None:
     w = attr_tensor(gm, node.args[1])
-    if w is None or w.dim() != 2 or w.dtype != torch.float32:
+    if w is None or w.dim() != 2 or not w.is_floating_point():
         return None
-    return SparseMatch(gm, node, w, float((w != 0).float().mean()))
+    return SparseMatch(gm, node, w, float((w != 0).float().mean()), config)
 
 
 def _build_linear_csr(m: SparseMatch, rule: LoweringRule) -> str:
@@ -502,12 +509,15 @@ for _rule in (
                  "linear(x, dq(Wq), b)", match_quant, _build_linear_wq, _weight_only),
     LoweringRule("conv2d_wq", "quant", _conv2d, ("cpu",), fxq.conv2d_wq.default,
                  "conv2d(x, dq(Wq), b)", match_quant, _build_conv2d_wq, _weight_only_conv),
-    LoweringRule("embedding_wq", "quant", _embedding, ("cpu",), fxq.embedding_wq.default,
+    LoweringRule("embedding_wq", "quant", _embedding, ("cpu", "cuda"), fxq.embedding_wq.default,
                  "embedding(dq(Wq), ids)", match_quant, _build_embedding_wq),
     LoweringRule("quantize_dequantize", "quant", _DQ, ("cpu",), fxq.quantize_dequantize.default,
                  "dq(q(x, s, z)) read by float ops", match_qdq, _build_qdq),
     LoweringRule("linear_csr", "sparse", _linear, ("cpu",), fxq.linear_csr.default,
-                 "linear(x, W, b), W mostly zeros", match_sparse, _build_linear_csr),
+                 "linear(x, W, b), W mostly zeros", match_sparse, _build_linear_csr,
+                 lambda m: m.weight.dtype == torch.float32 and m.density <= getattr(m.config, "max_density", 0.1)),
 ):
     register_lowering(_rule)
 del _rule
+
+from fxopt.passes.lower import rules_cuda  # noqa: E402,F401  (the CUDA rows: Triton kernels)
