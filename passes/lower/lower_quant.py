@@ -112,7 +112,7 @@ class LowerQuantPass(Pass):
         info: dict[str, Any] = {"lowered": counts, "kept": kept, "worst_layer_error": worst}
         if device != "cpu":
             info["device"] = device
-            plans = {n.name: n.meta["fxopt_gpu_plan"] for n in gm.graph.nodes if "fxopt_gpu_plan" in n.meta}
+            plans = rules_cuda.gpu_plans(gm)
             if plans:
                 info["gpu_plans"] = plans
             if rules_cuda.declined_gpu(gm):

@@ -23,7 +23,7 @@ import torch.fx as fx
 from fxopt.ir.dialect import aten, module_path
 from fxopt.errors import PipelineError
 from fxopt.ir.meta import propagate_meta
-from fxopt.passes.lower import rules
+from fxopt.passes.lower import rules, rules_cuda
 from fxopt.passmgr.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from fxopt.ir.rewrite_utils import erase_dead
 
@@ -51,12 +51,12 @@ class LowerSparsePass(Pass):
             if not 0 < self.max_density <= 1:
                 raise PipelineError(f"lower-sparse: max_density must be in (0, 1], got {self.max_density}")
             if self.target not in ("auto", "cpu", "cuda"):
-                raise PipelineError(f"lower-sparse(target=...) is auto, cpu or cuda; got {self.target!r}")
+                raise PipelineError(f"lower-sparse(target=...) is auto (the graph's device), cpu or cuda; got {self.target!r}")
             if self.decline not in ("auto", "slower", "never"):
                 raise PipelineError(f"lower-sparse(decline=...) is auto, slower or never; got {self.decline!r}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        done, dense, plans = {}, [], {}
+        done, dense = {}, []
         device = rules.graph_device(gm, ctx.args) if self.config.target == "auto" else self.config.target
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target is not aten.linear.default:
@@ -67,13 +67,11 @@ class LowerSparsePass(Pass):
             name = module_path(node) or node.name
             found = rules.first_rule(gm, node, "sparse", device, self.config, known={rules.match_sparse: m})
             kind = found[0].build(found[1], found[0]) if found is not None else ""
-            new = next((n for n in gm.graph.nodes if n.name == node.name), None) if kind else node
-            if new is not None and "fxopt_gpu_plan" in new.meta:
-                plans[name] = new.meta["fxopt_gpu_plan"]
             if not kind:
                 dense.append(name)
                 continue
             done[name] = round(m.density, 4)
+        plans = rules_cuda.gpu_plans(gm)
         info = {"dense": dense, **({"gpu_plans": plans} if plans else {})}
         if not done:
             return PassResult(False, info=info)

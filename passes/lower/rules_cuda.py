@@ -50,7 +50,7 @@ from fxopt.passes.lower.rules import LoweringRule, QuantMatch, SparseMatch, regi
 from fxopt.quant.annotation import QuantAnnotation
 from fxopt.quant.qspec import dequantize
 
-__all__ = ["plan_layer", "GPU_KERNELS", "declined_gpu"]
+__all__ = ["plan_layer", "GPU_KERNELS", "gpu_plans", "declined_gpu"]
 
 fxq = torch.ops.fxopt
 _GELU = aten.gelu.default
@@ -84,12 +84,13 @@ def plan_layer(key: tuple, k: int, dtype: torch.dtype, device: torch.device,
     for top, rows in zip(BUCKETS, BUCKET_ROWS):
         x = torch.randn(rows, k, generator=g, device=device, dtype=torch.float32).to(dtype)
         ms = {}
+        label = f"M<={top}" if top is not None else f"M>{BUCKETS[-2]}"
         for name, fn in candidates.items():
             try:
                 ms[name] = round(_time(name, fn, x), 4)
-            except Exception:  # a candidate that does not run for this shape (int_mm's size rules) is no choice
-                continue
-        label = f"M<={top}" if top is not None else f"M>{BUCKETS[-2]}"
+            except Exception as e:  # a candidate that does not run for this shape (int_mm's size rules) is no
+                # choice for it; the record says why
+                timings.setdefault("skipped", {})[f"{label} {name}"] = f"{type(e).__name__}: {e}"[:200]
         timings[label] = ms
         choices.append(min(ms, key=ms.__getitem__) if ms else "float")
     _PLANS[key] = (",".join(choices), timings)
@@ -121,10 +122,10 @@ def _emit(gm: fx.GraphModule, old: fx.Node, last: fx.Node, target: Any, args: tu
         new = gm.graph.call_function(target, args)
     copy_meta(new, old)
     QuantAnnotation.carry(new, old)
-    if meta:
-        new.meta["fxopt_gpu_plan"] = meta
-    last.replace_all_uses_with(new)
     name = old.name
+    if meta:
+        new.meta["fxopt_gpu_plan"] = {**meta, "layer": name}
+    last.replace_all_uses_with(new)
     for dead in ([last] if last is not old else []) + [old]:
         gm.graph.erase_node(dead)
     new._rename(name)
@@ -142,9 +143,10 @@ def _float_linear(gm: fx.GraphModule, node: fx.Node, last: fx.Node, weight: torc
             aten.relu.default if activation == "relu" else _GELU, (lin,))
     for n in {lin, out}:
         copy_meta(n, node)
-    lin.meta["fxopt_gpu_plan"] = {**meta, "declined": "its float form was timed fastest at every row count"}
-    last.replace_all_uses_with(out)
     name = node.name
+    lin.meta["fxopt_gpu_plan"] = {**meta, "layer": name,
+                                  "declined": "its float form was timed fastest at every row count"}
+    last.replace_all_uses_with(out)
     for dead in ([last] if last is not node else []) + [node]:
         gm.graph.erase_node(dead)
     lin._rename(name)
@@ -293,7 +295,9 @@ BSR_MAX_BLOCK_DENSITY = 0.5
 
 
 def _sparse24(m: SparseMatch) -> bool:
-    return m.weight.shape[1] % 4 == 0 and m.density <= 0.5 and is_24(m.weight)
+    # a weight sparse enough for BSR is often 2:4 too (at most two non-zeros in any four): BSR skips whole
+    # tiles, 2:4 only half of each, so the block-sparse rule takes those
+    return m.weight.shape[1] % 4 == 0 and m.density <= 0.5 and is_24(m.weight) and not _block_sparse(m)
 
 
 def _block_sparse(m: SparseMatch) -> bool:
@@ -305,10 +309,16 @@ def _block_sparse(m: SparseMatch) -> bool:
     return int(crow[-1]) <= BSR_MAX_BLOCK_DENSITY * blocks
 
 
+def gpu_plans(gm: fx.GraphModule) -> dict[str, dict]:
+    """layer (its node's name before lowering) -> its plan and timings, for the layers the CUDA rules timed."""
+    return {n.meta["fxopt_gpu_plan"].get("layer", n.name): {k: v for k, v in n.meta["fxopt_gpu_plan"].items()
+                                                              if k != "layer"}
+            for n in gm.graph.nodes if "fxopt_gpu_plan" in n.meta}
+
+
 def declined_gpu(gm: fx.GraphModule) -> dict[str, str]:
     """layer -> why, for the layers the CUDA rules timed and left in float."""
-    return {n.name: n.meta["fxopt_gpu_plan"]["declined"] for n in gm.graph.nodes
-            if "declined" in n.meta.get("fxopt_gpu_plan", {})}
+    return {name: plan["declined"] for name, plan in gpu_plans(gm).items() if "declined" in plan}
 
 
 _linear = aten.linear.default

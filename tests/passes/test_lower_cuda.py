@@ -77,16 +77,33 @@ def test_sparse_graphs_lower_to_the_24_and_block_sparse_ops():
     assert _targets(low).count(fxq.linear_24_gpu.default) == 2
     dense = fxopt.compile(model, (x,), recipe="canonicalize,sparsify-2:4(keep_output=false),cleanup")
     torch.testing.assert_close(low(x), dense(x), atol=1e-4, rtol=1e-4)
-    pruned = fxopt.compile(model, (x,), recipe="canonicalize,magnitude-prune(ratio=0.97,keep_output=false),"
-                           "lower-sparse(target=cuda,decline=never,max_density=0.05),cleanup")
-    rec = next(r for r in pruned.fxopt_history.records if r.name == "lower-sparse")
-    assert fxq.linear_bsr_gpu.default in _targets(pruned), rec.info
+
+
+def test_block_sparse_weights_lower_to_bsr_even_when_they_are_also_2_4():
+    """A weight with 3 of its 4 32x32 tiles zero, and under 2 non-zeros in every 4 of the last: BSR
+    (which skips whole tiles) takes it, not 2:4; a dense layer stays dense."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    with torch.no_grad():
+        w = torch.zeros(64, 64)
+        w[:32, :32] = torch.randn(32, 32, generator=torch.Generator().manual_seed(1))
+        w[:32, :32][:, 1::2] = 0  # also 2:4
+        model[0].weight.copy_(w)
+    model = model.to(DEV)
+    x = _x(5, 64)
+    low = fxopt.compile(model, (x,), recipe="canonicalize,lower-sparse(target=cuda,decline=never,max_density=0.2),"
+                        "cleanup")
+    rec = next(r for r in low.fxopt_history.records if r.name == "lower-sparse")
+    targets = _targets(low)
+    assert targets.count(fxq.linear_bsr_gpu.default) == 1 and fxq.linear_24_gpu.default not in targets, rec.info
+    assert len(rec.info["dense"]) == 1, rec.info
+    torch.testing.assert_close(low(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 def _fake_clock(monkeypatch, fastest):
     """Timings where ``fastest(rows)`` names the winner of each bucket."""
     monkeypatch.setattr(rules_cuda, "_PLANS", {})
-    monkeypatch.setattr(rules_cuda, "_time", lambda name, fn, x: 1.0 if name == fastest(x.shape[0]) else 2.0)
+    monkeypatch.setattr(rules_cuda, "_time",
+                        lambda name, fn, x: (fn(x), 1.0 if name == fastest(x.shape[0]) else 2.0)[1])
 
 
 def test_a_layer_whose_float_form_is_faster_everywhere_is_declined(monkeypatch):
@@ -141,9 +158,9 @@ def test_lowered_gpu_graphs_save_and_load(tmp_path, name):
 
 
 def test_bad_targets_are_refused():
-    with pytest.raises(Exception, match="target=.*auto, cpu or cuda"):
+    with pytest.raises(Exception, match=r"target=.*auto \(the graph's device\), cpu or cuda"):
         fxopt.compile(MLP(), (torch.randn(2, 40),), recipe="canonicalize,insert-qdq,lower-quant(target=tpu)")
-    with pytest.raises(Exception, match="target=.*auto, cpu or cuda"):
+    with pytest.raises(Exception, match=r"target=.*auto \(the graph's device\), cpu or cuda"):
         fxopt.compile(MLP(), (torch.randn(2, 40),), recipe="lower-sparse(target=gpu)")
 
 
