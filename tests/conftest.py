@@ -11,6 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `python -m pytest` puts the working directory on sys.path. From the repository's root that makes its
+# top-level kernels/ folder (installed as fxopt.kernels) importable as `kernels`, shadowing the `kernels`
+# distribution that transformers imports for its Llama layers; fxopt itself is found through its install.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 sys.path.insert(0, os.path.dirname(__file__))
 torch.manual_seed(0)
 

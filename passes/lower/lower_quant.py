@@ -2,7 +2,10 @@
 
 Matches what ``insert-qdq`` wrote and emits the ``torch.ops.fxopt`` kernels of
 :mod:`fxopt.kernels.cpu_quant`, by the ``quant`` rules of :mod:`fxopt.passes.lower.rules`
-for the graph's device (the first accepting rule wins; CPU rules today). The table, generated
+for the graph's device (``target=auto``, the default; ``target=cpu|cuda`` lowers for another
+device: a graph captured on a CPU machine can be lowered for a GPU), the first accepting rule
+winning; the CUDA rows (:mod:`fxopt.passes.lower.rules_cuda`) emit the Triton ops of
+:mod:`fxopt.kernels.triton_int8` and :mod:`~fxopt.kernels.triton_wq`. The table, generated
 from the rules:
 
 {rules}
@@ -16,13 +19,15 @@ on the example inputs and fails the pass, which the manager rolls back, when the
 float rounding; end to end, rare rounding flips grow through deep nets, so the manager records
 the output change instead of bounding it).
 
-Only where it pays, when asked (``lower-quant(decline=slower)``): while the check runs, each int8 layer's
+Only where it pays. On CUDA (``decline=auto``, the default, or ``slower``) every lowered layer is timed
+on the device per row-count bucket against cuBLAS int8 and its float form, and keeps the fastest
+per bucket (see :mod:`fxopt.passes.lower.rules_cuda`). On CPU, when asked (``decline=slower``): while the check runs, each int8 layer's
 kernel (on its chosen engine) is timed against its float form (``linear``/``conv2d`` of the same
 dequantized weights, interleaved, median of 3-7 calls on its example-input shapes); a kernel more
 than 1.15x slower is declined and the layer runs in float, its weights' quantized values stored as
 fp32 (its bytes go back up; it drops the activation rounding, so it is at least as accurate). The
-record lists each declined layer with both timings (``info["declined"]``). ``decline=never``, the
-default, keeps every kernel: the decision can only use the example inputs' shapes, and at the few
+record lists each declined layer with both timings (``info["declined"]``). ``decline=never`` (what
+``auto`` means on CPU) keeps every kernel: the decision can only use the example inputs' shapes, and at the few
 tokens examples usually carry the per-token quantization makes most of MiniLM's int8 layers measure
 slower than fp32 (31 of 37 at 2x16 tokens on a 2-core AVX-512 VNNI Xeon) while the same model runs
 2x faster than fp32 at 8x128; declining from the example would drop int8 (and its bytes) for the
@@ -265,7 +270,7 @@ def decline_slower(gm: fx.GraphModule, float_ms: dict[str, dict[str, float]]) ->
         g.erase_node(node)
         out._rename(old)
         declined[old] = (f"int8 {ms['int8']:.3g} ms vs float {ms['float']:.3g} ms at its example-input shapes: "
-                         f"runs in float (lower-quant(decline=never), the default, keeps the kernel)")
+                         f"runs in float (lower-quant(decline=never) keeps the kernel)")
     return declined
 
 

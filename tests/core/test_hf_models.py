@@ -106,10 +106,11 @@ print("OK")
 
 
 @pytest.mark.slow
-def test_a_registration_of_your_own_is_kept():
+def test_a_registration_of_your_own_is_kept(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # run outside the repository: from its root, its kernels/ folder would shadow the `kernels` package
     run = subprocess.run([sys.executable, "-c", _OWN_REGISTRATION], capture_output=True, text=True, env=env,
-                         timeout=300)
+                         timeout=300, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-2000:]
 
 

@@ -52,7 +52,9 @@ def test_a_saved_decoder_loads_in_a_fresh_process(saved_gpt2):
     code = (f"import torch, fxopt\nm = fxopt.load({str(path)!r})\nids = torch.randint(0, 100, (2, 9))\n"
             "out = m(input_ids=ids, attention_mask=torch.ones_like(ids))\n"
             "print('OK', type(out.past_key_values).__name__, tuple(out.logits.shape))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # run outside the repository: from its root, its kernels/ folder would shadow the `kernels` package
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=path.parent)
     assert "OK DynamicCache (2, 9, 100)" in done.stdout, done.stderr[-2000:]
 
 
