@@ -29,7 +29,6 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fxopt  # noqa: E402
 from fxopt.api import resolve_recipe  # noqa: E402
 

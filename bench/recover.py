@@ -34,7 +34,6 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import fxopt  # noqa: E402
 from common import interleaved_ms, model_bytes, pydoc_sentences, table  # noqa: E402

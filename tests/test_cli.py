@@ -5,6 +5,7 @@ import xml.etree.ElementTree as ET
 import sys
 
 import pytest
+import torch
 
 import fxopt
 
@@ -217,6 +218,27 @@ def test_info_shows_the_cpu_plan(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "cpu:" in out and "fbgemm/linear" in out and "activation codes" in out and "FXOPT_CPU_ISA" in out
+    gpu = next(line for line in out.splitlines() if line.startswith("gpu: "))
+    assert ("SMs" in gpu) == torch.cuda.is_available() and "Triton" in gpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
+def test_compile_for_a_missing_gpu_says_how_to_lower_for_one_from_here(tmp_path, capsys):
+    assert main(["compile", f"{TINY}:build", "--input-shape", "4x3x8x8", "--out", str(tmp_path / "t.fxopt"),
+                 "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "no CUDA device here" in err and "lower-quant(target=cuda)" in err
+
+
+def test_compile_lowers_for_a_gpu_from_a_cpu_machine(tmp_path, capsys):
+    pytest.importorskip("triton")
+    out_file = tmp_path / "gpu.fxopt"
+    assert main(["compile", f"{TINY}:build", "--input-shape", "4x3x8x8", "--out", str(out_file), "--recipe",
+                 "canonicalize,fold-bn,insert-qdq(activation=none),lower-quant(target=cuda,decline=never),"
+                 "cleanup"]) == 0
+    import fxopt
+    targets = {str(n.target) for n in fxopt.load(out_file).graph.nodes}
+    assert "fxopt.linear_wq_gpu.default" in targets, targets
 
 
 def test_a_torchvision_model_without_torchvision_says_what_to_install(capsys, monkeypatch):

@@ -166,15 +166,36 @@ def _load(ns: argparse.Namespace) -> Any:
 _DYNAMIC = {"batch": None, "all": True, "none": False}
 
 
+def _to_device(loaded: Any, device: str) -> Any:
+    """The loaded model and its example inputs on ``device`` (a no-op for cpu)."""
+    if device == "cpu":
+        return loaded
+    import dataclasses
+
+    import torch
+    from torch.utils._pytree import tree_map
+
+    def move(v):
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+    return dataclasses.replace(loaded, model=loaded.model.to(device), args=tree_map(move, loaded.args),
+                               kwargs=tree_map(move, loaded.kwargs))
+
+
 def cmd_compile(ns: argparse.Namespace) -> int:
     import fxopt
     from fxopt.api import resolve_recipe
     resolve_recipe(ns.recipe)  # fail before loading anything
     if not ns.out.endswith(".fxopt"):
         raise fxopt.InputError(f"--out {ns.out}: use a .fxopt file name, e.g. --out model.fxopt")
-    loaded = _load(ns)
+    if ns.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise fxopt.InputError("--device cuda: no CUDA device here. To lower for a GPU from this machine, "
+                                   "name the target in the recipe, e.g. --recipe 'canonicalize,insert-qdq("
+                                   "activation=int8/token),lower-quant(target=cuda),cleanup'")
+    loaded = _to_device(_load(ns), ns.device)
     calibration = _calibration(ns)
-    _status(f"compiling {loaded.description} with recipe '{ns.recipe}' ...")
+    _status(f"compiling {loaded.description} with recipe '{ns.recipe}' on {ns.device} ...")
     recover = _recover(ns)
     extra = {"recover": recover} if recover is not None else {}
     out = fxopt.compile(loaded.model, loaded.args, loaded.kwargs, recipe=ns.recipe, calibration=calibration,
@@ -393,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Capture MODEL, run a recipe over it, print what each pass did, save the result.")
     _model_args(c)
     c.add_argument("--recipe", default="default", help="recipe name or pipeline string (default: default)")
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="run and lower the model on this device (cuda: the Triton GPU kernels; default cpu)")
     c.add_argument("--out", required=True, help="where to save the compiled model (.fxopt)")
     c.add_argument("--report", metavar="FILE", help="also write the HTML report")
     _quant_args(c)
@@ -574,7 +597,20 @@ def cmd_info(ns: argparse.Namespace) -> int:
               + (" (8 on both would saturate the kernels)" if min(a, w) == 7 and not info.forced else ""))
     print(f"debug switch: {cpu_isa.DEBUG_SWITCH}=avx2|vnni forces a plan "
           f"({'now ' + info.forced if info.forced else 'not set'})")
+    print(f"gpu: {_gpu_line()}")
     return 0
+
+
+def _gpu_line() -> str:
+    import torch
+
+    from fxopt.kernels.triton_common import HAS_TRITON, INTERPRET
+    triton = "Triton " + __import__("triton").__version__ if HAS_TRITON else "no Triton (pip install 'fxopt[gpu]')"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), {triton}"
+    return (f"none; {triton}{', interpreter on (TRITON_INTERPRET)' if INTERPRET else ''}: GPU-lowered graphs "
+            "run their pure-torch references here")
 
 
 def _version() -> str:

@@ -519,5 +519,3 @@ for _rule in (
 ):
     register_lowering(_rule)
 del _rule
-
-from fxopt.passes.lower import rules_cuda  # noqa: E402,F401  (the CUDA rows: Triton kernels)
