@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - exercised on the torch 2.13 CPU instal
     triton = tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "INTERPRET", "runs_triton", "BUCKETS", "m_bucket", "bucket_rows", "TileConfig",
+__all__ = ["HAS_TRITON", "INTERPRET", "runs_triton", "tile_offsets", "BUCKETS", "m_bucket", "bucket_rows", "TileConfig",
            "matmul_configs", "autotune", "time_call", "PLAN_CHOICES", "parse_plan", "device_peak"]
 
 #: the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 when they were imported)
@@ -49,6 +49,22 @@ BUCKET_ROWS = (1, 16, 128, 2048)
 #: what a bucket of a lowered layer's plan may say: the Triton kernel, torch's own int8 GEMM (cuBLAS) with the
 #: same epilogue, or the layer's float form
 PLAN_CHOICES = ("triton", "int_mm", "float")
+
+
+if HAS_TRITON:
+    @triton.jit
+    def tile_offsets(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """The row and column offsets of program ``pid``'s output tile, in grouped launch order (GROUP_M
+        neighbouring programs walk down one column of tiles, so they share the weight tiles in L2)."""
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+else:  # pragma: no cover
+    tile_offsets = None
 
 
 def runs_triton(t: torch.Tensor) -> bool:

@@ -44,7 +44,7 @@ from torch.library import custom_op
 import fxopt.quant.qops  # noqa: F401  (the references use torch.ops.fxopt.dynamic_scale)
 from fxopt.kernels.cpu_quant import linear_int8_dynamic_reference, linear_int8_reference
 from fxopt.kernels.triton_common import (HAS_TRITON, autotune, m_bucket, matmul_configs, parse_plan, runs_triton,
-                                         tl, triton)
+                                         tile_offsets, tl, triton)
 
 __all__ = ["quantize_rows", "quantize_rows_reference", "int8_matmul", "int8_matmul_reference",
            "linear_int8_dynamic_gpu", "linear_int8_gpu", "linear_int8_dynamic_gpu_reference",
@@ -134,14 +134,7 @@ if HAS_TRITON:
         each K slice go to C [SPLIT_K, M, N] instead (:func:`_int8_reduce_kernel` finishes them)."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_n  # grouped launch order: neighbouring programs share B tiles in L2
-        first_m = (pid // group) * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk

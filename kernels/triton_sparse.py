@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.library import custom_op
 
 from fxopt.kernels.triton_common import (HAS_TRITON, INTERPRET, TileConfig, autotune, m_bucket,
-                                         parse_plan, runs_triton, tl, triton)
+                                         parse_plan, runs_triton, tile_offsets, tl, triton)
 
 __all__ = ["compress_24", "decompress_24", "is_24", "to_bsr", "from_bsr", "linear_24_gpu", "linear_24_gpu_reference",
            "linear_bsr_gpu", "linear_bsr_gpu_reference", "SPARSE24_CHOICES"]
@@ -107,14 +107,7 @@ if HAS_TRITON:
                                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
         """``out[split] = x @ W^T`` over one K slice, W's tiles rebuilt from values + meta in registers."""
         pid, pid_k = tl.program_id(0), tl.program_id(1)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_n
-        first_m = (pid // group) * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -40,7 +40,7 @@ from torch.library import custom_op
 
 from fxopt.kernels.cpu_quant import _dequant_weight
 from fxopt.kernels.triton_common import (HAS_TRITON, INTERPRET, autotune, m_bucket, matmul_configs, parse_plan,
-                                         runs_triton, tl, triton)
+                                         runs_triton, tile_offsets, TileConfig, tl, triton)
 
 __all__ = ["linear_wq_gpu", "linear_wq_gpu_reference", "wq_matmul", "wq_gemv"]
 
@@ -90,14 +90,7 @@ if HAS_TRITON:
                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
         """``out[split] = x[:, slice] @ dq(W)[:, slice]^T`` in float32 (one K slice per split)."""
         pid, pid_k = tl.program_id(0), tl.program_id(1)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_n
-        first_m = (pid // group) * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -152,7 +145,6 @@ def wq_gemv(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zp: to
                                                         s.stride(0), group, BITS=bits, SPLIT_K=split, BLOCK_N=bn,
                                                         BLOCK_K=bk, **extra)
         return out
-    from fxopt.kernels.triton_common import TileConfig
     configs = [TileConfig(1, bn, bk, split) for bn, bk, split in cands if bits != 4 or bk % 2 == 0]
     cfg = autotune(("wq_gemv", m, n, k, bits, group, x2.dtype), configs, run)
     return _finish(run(cfg), bias, x2.dtype)
