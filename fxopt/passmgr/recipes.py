@@ -106,10 +106,12 @@ def _builtin() -> None:
                     "lower-quant,cleanup",
                     "Weight-only int8 (per channel) for linears, convs and embeddings: 4x smaller weights, "
                     "fp32 math; no calibration.", replace=True)
-    register_recipe("int4-weight", "canonicalize,fold-bn,insert-qdq(weight=int4/group128/asym/mse,"
+    register_recipe("int4-weight", "canonicalize,fold-bn,insert-qdq(weight=int4/group128/asym/gptq,"
                     "activation=none,embedding=int4/group128/asym/mse),lower-quant,cleanup",
                     "Weight-only int4, group-wise affine scales chosen by MSE search (group_size=N option, default "
-                    "128; convs per channel), two weights per byte: ~7x smaller weights, fp32 math; no calibration.", replace=True)
+                    "128; convs per channel), two weights per byte: ~7x smaller weights, fp32 math. Linear weights "
+                    "are rounded by GPTQ when calibration= data has >= 4 rows per input feature (else, and with no "
+                    "calibration, round-to-nearest).", replace=True)
     register_recipe("bf16", "canonicalize,fold-bn,fuse-attention,cast(dtype=bf16),cleanup",
                     "bfloat16 compute and weights with float32 islands (softmax, norms, reductions, losses); "
                     "inputs and outputs keep their dtypes. keep=[...] in cast() adds islands.", replace=True)

@@ -212,7 +212,7 @@ def weight_qparams(w: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Te
     else:
         raise CalibrationError(f"weights cannot be quantized per {spec.granularity}")
     lo, hi = rows.amin(1), rows.amax(1)
-    if spec.observer == "mse":
+    if spec.observer in ("mse", "gptq"):  # gptq picks codes with a Hessian (fxopt.quant.gptq); alone, mse
         scale, zp = _mse_search(rows, lo, hi, spec)
     else:
         scale, zp = qparams_from_range(lo, hi, spec)

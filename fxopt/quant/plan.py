@@ -20,6 +20,7 @@ from fxopt.quant.calibrate import observe
 from fxopt.ir.dialect import RELU_OPS, aten, module_path
 from fxopt.errors import CalibrationError, PipelineError
 from fxopt.ir.meta import propagate_meta
+from fxopt.quant.gptq import gptq_quantize
 from fxopt.quant.observers import make_observer, weight_qparams
 from fxopt.passmgr.pass_base import PassContext
 from fxopt.quant.annotation import QuantAnnotation
@@ -315,12 +316,16 @@ def _quantize_residuals(gm: fx.GraphModule, static: dict[fx.Node, fx.Node]) -> i
 
 
 def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
-                qparams: dict[str, tuple[torch.Tensor, torch.Tensor]], residuals: bool = False) -> dict[str, int]:
+                qparams: dict[str, tuple[torch.Tensor, torch.Tensor]], residuals: bool = False,
+                hessians: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Write the QDQ nodes for ``targets`` into ``gm`` (which must hold the targets' nodes).
 
     ``residuals``: a residual ``add`` whose one operand is a quantized conv output and whose other
     is a tensor quantized for a layer (a ResNet block's identity) reads that tensor's quantized
     form too (:func:`_quantize_residuals`).
+
+    ``hessians``: weight attribute -> input Hessian, for the ``gptq`` weights
+    (:func:`fxopt.quant.gptq.collect_hessians`); a ``gptq`` weight without one is quantized as ``mse``.
     """
     counts = {"weights": 0, "activations": 0, "dynamic": 0, "outputs": 0, "residuals": 0}
     weights: dict[tuple, tuple] = {}
@@ -333,9 +338,17 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
         key = (str(w_node.target), str(t.weight))
         if key not in weights:
             w = attr_tensor(gm, w_node)
-            scale, zp = weight_qparams(w, t.weight)
             gs = t.weight.group_size if t.weight.granularity == "group" else 0
-            q = quantize_tensor(w.detach().float(), scale, zp, t.weight.qmin, t.weight.qmax, gs)
+            h = (hessians or {}).get(str(w_node.target)) if t.weight.observer == "gptq" else None
+            done = gptq_quantize(w, h, t.weight) if h is not None else None
+            if done is not None:
+                q, scale, zp = done
+                counts["gptq_weights"] = counts.get("gptq_weights", 0) + 1
+            else:
+                if h is not None:  # not factorable, not finite, or no better than round-to-nearest
+                    counts["gptq_declined"] = counts.get("gptq_declined", 0) + 1
+                scale, zp = weight_qparams(w, t.weight)
+                q = quantize_tensor(w.detach().float(), scale, zp, t.weight.qmin, t.weight.qmax, gs)
             if -128 <= t.weight.qmin and t.weight.qmax <= 127:
                 zp = zp.to(torch.int8)  # one byte per zero point (a group of 128 int4 weights is 64 bytes)
             owner, _, attr = str(w_node.target).rpartition(".")

@@ -38,7 +38,7 @@ from fxopt.errors import PipelineError
 __all__ = ["QSpec", "quantize", "dequantize", "qparams_from_range", "GRANULARITIES", "OBSERVERS"]
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
-OBSERVERS = ("minmax", "moving-average", "percentile", "mse")
+OBSERVERS = ("minmax", "moving-average", "percentile", "mse", "gptq")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,11 @@ right away (their int8 tensors replace the fp32 ones, so model bytes already dro
 
 Config (all strings are :class:`~fxopt.quant.qspec.QSpec` text):
 
-* ``weight``: ``int8/channel`` (default), ``int4/group128``, ``int8/channel/mse`` ...
+* ``weight``: ``int8/channel`` (default), ``int4/group128``, ``int8/channel/mse`` ...;
+  the ``gptq`` observer (``int4/group128/asym/gptq``) rounds linear weights with GPTQ from the
+  layer inputs' Hessian on ``calibration=`` data (else the example inputs), so the layer's output
+  moves least; with too little data, and for convs and embeddings, it is ``mse``, and the pass
+  record's ``gptq`` entry says which layers and why (:mod:`fxopt.quant.gptq`);
 * ``activation``: ``uint8/tensor`` (static, calibrated; default), ``int8/token``
   (dynamic per-token, no calibration), ``none`` (weight-only);
   ``uint8/tensor/percentile`` or ``/mse`` choose the observer;
@@ -71,6 +75,7 @@ from fxopt.passmgr.pass_base import Pass, PassContext, PassResult, register_pass
 from fxopt.quant.plan import (QUANT_OPS, RANGES, collect_qparams, materialize, parse_spec, plan_targets,
                               range_name)
 from fxopt.quant.qspec import QSpec
+from fxopt.quant.gptq import collect_hessians
 from fxopt.quant.sensitivity import (eval_batches, output_similarity, quantized_copy, run_outputs,
                                      sensitivity_scores, user_metric)
 
@@ -152,6 +157,9 @@ class InsertQDQPass(Pass):
             if a is not None and a.granularity not in ("tensor", "token"):
                 raise PipelineError(f"insert-qdq: activations are quantized per tensor (static) or per token "
                                     f"(dynamic), got {a}")
+            if a is not None and a.observer == "gptq":
+                raise PipelineError("insert-qdq: gptq rounds weights (it needs a layer's weight and input "
+                                    "Hessian); for activations use minmax, percentile or mse")
             if a is not None and a.dynamic and (a.bits not in (7, 8) or a.granularity != "token"):
                 raise PipelineError("insert-qdq: dynamic activations are int8/token (or int7/token)")
 
@@ -191,8 +199,11 @@ class InsertQDQPass(Pass):
         if self.config.budget > 0 or ctx.options.get("budget_metric") is not None:
             keep = self._budget(gm, targets, qparams, ctx, info, residuals)
             targets = [t for t in targets if t.label not in keep]
-        counts = materialize(gm, targets, qparams, residuals)
+        hessians, gptq_info = collect_hessians(gm, targets, ctx)
+        counts = materialize(gm, targets, qparams, residuals, hessians)
         info.update({"quantized": len(targets), **counts})
+        if gptq_info:
+            info["gptq"] = gptq_info
         if skipped:
             info["left_float"] = {k: v for k, v in skipped.items()}
         return PassResult(True, frozenset({"shapes"}), info)
