@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import fxopt
 from fxopt.errors import PipelineError, RecipeError
