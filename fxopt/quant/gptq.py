@@ -20,6 +20,8 @@ one batch of 16 sentences made the unseen sentences worse than round-to-nearest)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fxopt.errors import CalibrationError
@@ -83,7 +85,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec
     """
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise CalibrationError(f"gptq: weight {tuple(w.shape)} and Hessian {tuple(h.shape)} do not match")
-    if spec.granularity == "channel" and spec.axis % 2 != 0:
+    if spec.granularity == "channel" and spec.axis % w.dim() != 0:
         raise CalibrationError("gptq: per-channel scales must be per output channel (axis 0)")
     out_f, n = w.shape
     h = h.clone().double()
@@ -99,15 +101,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec
     if gs:
         scales = torch.empty(out_f, n // gs)
         zps = torch.empty(out_f, n // gs, dtype=torch.int32)
-    elif spec.granularity == "channel":
-        s, z = _mse_params(W, spec)
-        scales, zps = s.reshape(out_f, 1), z.reshape(out_f, 1)
-    elif spec.granularity == "tensor":
-        s, z = _mse_params(W.reshape(1, -1), spec)
-        scales, zps = s.reshape(()), z.reshape(())
+    elif spec.granularity in ("channel", "tensor"):  # one scale per row (or for all) from the start
+        s, z = _mse_params(W if spec.granularity == "channel" else W.reshape(1, -1), spec)
+        s_c, z_c = s.expand(out_f), z.float().expand(out_f)
+        scales, zps = (s.reshape(out_f, 1), z.reshape(out_f, 1)) if spec.granularity == "channel" else \
+            (s.reshape(()), z.reshape(()))
     else:
         raise CalibrationError(f"gptq: weights cannot be quantized per {spec.granularity}")
-    block = max(128, gs) if gs == 0 or 128 % gs == 0 else gs  # a block holds whole groups
+    block = gs * max(1, 128 // gs) if gs else 128  # a block holds whole groups
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         W1 = W[:, b0:b1].clone()
@@ -115,14 +116,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec
         u1 = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            if gs:
-                if col % gs == 0:
-                    s, z = _mse_params(W1[:, i:i + gs], spec)
-                    scales[:, col // gs], zps[:, col // gs] = s, z
-                s_c, z_c = scales[:, col // gs], zps[:, col // gs].float()
-            else:
-                s_c = scales.reshape(-1).expand(out_f) if scales.dim() == 0 else scales[:, 0]
-                z_c = (zps.reshape(-1).expand(out_f) if zps.dim() == 0 else zps[:, 0]).float()
+            if gs and col % gs == 0:  # a new group: its scale from the error-compensated weights
+                s, z = _mse_params(W1[:, i:i + gs], spec)
+                scales[:, col // gs], zps[:, col // gs] = s, z
+                s_c, z_c = s, z.float()
             x = W1[:, i]
             q = (torch.round(x * (1.0 / s_c)) + z_c).clamp(spec.qmin, spec.qmax)
             codes[:, col] = q
@@ -141,22 +138,21 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec
     mine = dequantize(codes, scales, zps, gs)
     hf = h.float()
     cost = [float(((d @ hf) * d).sum()) for d in (mine - wf, rtn - wf)]
-    if not all(map(torch.isfinite, map(torch.tensor, cost))) or cost[0] >= cost[1]:
+    if not all(map(math.isfinite, cost)) or cost[0] >= cost[1]:
         return None
     return codes.to(spec.storage), scales, zps
-
 
 
 def collect_hessians(gm, targets, ctx) -> tuple[dict[str, torch.Tensor], dict]:
     """Input Hessians of the linear targets whose weight spec is ``gptq``, keyed by weight attribute.
 
     The data is ``compile``'s ``calibration=`` (else the example inputs). Targets that share a weight
-    add their Hessians. Batches may differ from the example in any dim the graph is dynamic in (a
-    sentence batch of another length); the graph's input guard rejects the others. Also returns the record for the pass's info: the rows seen and, per reason,
-    the layers that fall back to ``mse``.
+    add their Hessians (a weight used twice on one input counts that input once). Batches may differ
+    from the example in any dim the graph is dynamic in (a sentence batch of another length); the
+    graph's input guard rejects the others. Also returns the record for the pass's info: the rows seen
+    and, per reason, the layers that fall back to ``mse``.
     """
     from fxopt.quant.calibrate import Inputs, observe
-    from fxopt.quant.plan import _weight_node
     wanted = [t for t in targets if t.weight.observer == "gptq"]
     fallback: dict[str, list[str]] = {}
     for t in wanted:
@@ -174,13 +170,16 @@ def collect_hessians(gm, targets, ctx) -> tuple[dict[str, torch.Tensor], dict]:
             progress=ctx.options.get("progress"))
     out: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    seen: set[tuple[str, torch.fx.Node]] = set()
     for t in lin:
         obs = observers[t.node.args[0]]
-        key = str(_weight_node(t.node, t.kind).target)
-        n_in = t.node.args[0].meta["val"].shape[-1] if "val" in t.node.args[0].meta else None
+        key = str(t.weight_node.target)
+        if (key, t.node.args[0]) in seen:
+            continue
+        seen.add((key, t.node.args[0]))
         if not obs.finite:
             fallback.setdefault("non-finite calibration inputs (mse)", []).append(t.label)
-        elif obs.h is None or (n_in is not None and obs.rows < MIN_ROWS_PER_INPUT * n_in):
+        elif obs.h is None or obs.rows < MIN_ROWS_PER_INPUT * obs.h.shape[0]:
             fallback.setdefault(f"fewer than {MIN_ROWS_PER_INPUT} calibration rows per input feature (mse); "
                                 "pass more calibration= batches", []).append(f"{t.label} ({obs.rows} rows)")
         else:

@@ -54,6 +54,11 @@ class QuantTarget:
     def label(self) -> str:
         return self.path or self.node.name
 
+    @property
+    def weight_node(self) -> Any:
+        """The graph node that reads this layer's weight."""
+        return _weight_node(self.node, self.kind)
+
 
 def _weight_node(t_node: fx.Node, kind: str) -> Any:
     return t_node.args[0] if kind == "embedding" else t_node.args[1]

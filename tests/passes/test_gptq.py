@@ -5,9 +5,10 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import fxopt
-from fxopt.errors import PipelineError, RecipeError
+from fxopt.errors import CalibrationError, PipelineError, RecipeError
 from fxopt.quant.gptq import MIN_ROWS_PER_INPUT, HessianObserver, gptq_quantize
 from fxopt.quant.observers import weight_qparams
 from fxopt.quant.qspec import QSpec, dequantize, quantize
@@ -80,17 +81,52 @@ def test_dead_inputs_and_a_rank_deficient_hessian_stay_finite():
 
 
 def test_huge_weights_are_never_made_worse_than_round_to_nearest():
-    spec = QSpec.parse("int4/group32/asym/gptq")
-    w = torch.randn(8, 64) * 1e30
-    x = _correlated(300, 64, seed=0)
-    out = gptq_quantize(w, x.double().T @ x.double(), spec)
-    if out is not None:  # kept only when finite and better on the data
-        codes, scale, zp = out
-        got = dequantize(codes, scale, zp, 32)
-        assert torch.isfinite(got).all()
-        h = (x.T @ x).double()
-        cost = lambda d: float(((d.double() @ h) * d.double()).sum())  # noqa: E731
-        assert cost(got - w) < cost(_rtn(w, spec) - w)
+    torch.manual_seed(0)
+    model = MLP(64, 32, 4).eval()
+    with torch.no_grad():
+        model.fc1.weight.mul_(1e30)  # the output error overflows float32: GPTQ cannot show it is better
+    calib = [_correlated(64, 64, seed=s) for s in range(8)]
+    gm = _compile(model, (calib[0],), "canonicalize,insert-qdq(weight=int4/group32/asym/gptq,activation=none)",
+                  calibration=calib)
+    info = _record(gm).info
+    assert info["gptq_declined"] >= 1
+    rtn = _compile(model, (calib[0],), "canonicalize,insert-qdq(weight=int4/group32/asym/mse,activation=none)")
+    assert torch.equal(gm.fc1.weight_q, rtn.fc1.weight_q)  # declined: exactly round-to-nearest
+
+
+def test_a_weight_used_twice_on_one_input_counts_its_rows_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(x) + self.fc(x).relu()
+    calib = [torch.randn(64, 32) for _ in range(4)]
+    gm = _compile(Twice().eval(), (calib[0],), "int4-weight", calibration=calib, group_size=32)
+    assert _record(gm).info["gptq"]["rows"] == 4 * 64
+
+
+def test_non_finite_activations_inside_the_model_fall_back_to_mse():
+    class Overflow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.fc(x * 1e38)  # inf inside when |x| > 3.4
+    calib = [torch.randn(64, 32) * 10 for _ in range(4)]  # finite data that overflows inside
+    gm = fxopt.compile(Overflow().eval(), (torch.rand(64, 32),), recipe="canonicalize,insert-qdq(weight=int4/group32/asym/"
+                       "gptq,activation=none)", calibration=calib, progress=False)
+    assert "non-finite calibration inputs (mse)" in _record(gm).info["gptq"]["fallback_mse"]
+
+
+def test_per_channel_gptq_needs_output_channel_scales():
+    w, h = torch.randn(8, 16), torch.eye(16, dtype=torch.float64)
+    with pytest.raises(CalibrationError, match="output channel"):
+        gptq_quantize(w, h, QSpec.parse("int8/channel/axis1/gptq"))
+    with pytest.raises(CalibrationError, match="do not match"):
+        gptq_quantize(w, torch.eye(8, dtype=torch.float64), QSpec.parse("int8/channel/gptq"))
 
 
 def test_int4_weight_with_calibration_uses_gptq_and_lowers_exactly():
