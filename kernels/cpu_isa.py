@@ -61,7 +61,7 @@ from typing import Any, Iterator
 import torch
 
 __all__ = ["CpuInfo", "cpu_info", "exact_bits", "int8_plan", "activation_bits", "weight_max", "plan", "forced", "forced_isa", "conv_shape",
-           "quantized_engine", "SAMPLE_LAYERS",
+           "quantized_engine", "SAMPLE_LAYERS", "dot_products_exact",
            "ENGINES", "KINDS", "DEBUG_SWITCH"]
 
 DEBUG_SWITCH = "FXOPT_CPU_ISA"
@@ -331,6 +331,24 @@ def plan(kind: str, bits: int, preferred: str = "", shape: tuple | None = None, 
         if exact_bits(e, kind, shape, weight_bits) >= bits:
             return e
     return None
+
+
+def dot_products_exact() -> bool:
+    """Do other runtimes' int8 kernels (ONNX Runtime, OpenVINO) sum full-range u8 x s8 products exactly here?
+
+    On x86 that takes VNNI or AMX (int32 accumulation); without them both runtimes multiply with
+    ``vpmaddubsw``, whose saturating int16 pair sums are wrong for 8-bit codes times 8-bit weights
+    (measured on an AVX2 EPYC: ONNX Runtime's ``MatMulInteger`` and QDQ convs, OpenVINO's QDQ convs,
+    off by up to 99 output steps; their u8 x u8 kernels widen to int16 first and are exact). Arm's
+    kernels widen or use dot products that accumulate in int32. ``FXOPT_CPU_ISA=avx2`` says no.
+    Unlike the fbgemm/oneDNN plan this is read from the CPU's flags: those runtimes are not probed.
+    """
+    if _forced_value() == "avx2":
+        return False
+    arch, _, flags, _, _ = _static_info()
+    if arch in ("x86_64", "amd64", "i686", "x86"):
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+    return True
 
 
 @functools.lru_cache(maxsize=1)

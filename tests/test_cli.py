@@ -269,7 +269,9 @@ def test_export_and_runtime_from_the_command_line(tmp_path, capsys):
     assert main(["export", str(saved), "--onnx", str(onnx_file)]) == 0
     out = capsys.readouterr().out
     worst = float(re.search(r"max \|difference\| (\S+) of the output", out).group(1))
-    assert onnx_file.stat().st_size > 0 and worst < 1e-4
+    assert onnx_file.stat().st_size > 0 and worst < 1e-4 and "exact on every CPU" in out
+    assert main(["export", str(saved), "--onnx", str(onnx_file), "--this-cpu"]) == 0
+    assert "exact on " in capsys.readouterr().out
     assert main(["export", f"{TINY}:build", "--input-shape", "2x3x8x8", "--recipe", "prune-50",
                  "--onnx", str(onnx_file)]) == 0
     assert "checked in ONNX Runtime" in capsys.readouterr().out

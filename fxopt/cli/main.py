@@ -227,9 +227,12 @@ def cmd_export(ns: argparse.Namespace) -> int:
                               calibration=_calibration(ns), dynamic=_DYNAMIC[ns.dynamic], progress=None,
                               **_quant_options(ns))
     _status(f"exporting to {ns.onnx} ...")
-    fxopt.export_onnx(model, ns.onnx, (loaded.args, loaded.kwargs))
+    fxopt.export_onnx(model, ns.onnx, (loaded.args, loaded.kwargs), portable=not ns.this_cpu)
     import os
-    print(f"wrote {ns.onnx} ({os.path.getsize(ns.onnx):,} bytes)")
+    from fxopt.runtime.onnx_export import exact_on
+    where = {"any": "every CPU", "int32-dot-products": "CPUs with VNNI/AMX or Arm only (--this-cpu)"}
+    print(f"wrote {ns.onnx} ({os.path.getsize(ns.onnx):,} bytes); integer arithmetic exact on "
+          f"{where[exact_on(open(ns.onnx, 'rb').read())]}")
     from fxopt.runtime.engines import RUNTIMES
     if RUNTIMES["onnxruntime"].available:
         from fxopt.runtime.engines import build_runtime
@@ -447,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
     ex.add_argument("--recipe", default=None, help="compile with this recipe first (default: default, or none for "
                                                     "a .fxopt file)")
+    ex.add_argument("--this-cpu", action="store_true",
+                    help="keep signed 8-bit weights on layers with 8-bit codes where this CPU's runtimes sum them "
+                         "exactly (VNNI/AMX): faster here, wrong on x86 CPUs without VNNI. Default: a file exact "
+                         "on every CPU (those weights stored as uint8)")
     _quant_args(ex)
     ex.set_defaults(fn=cmd_export)
     rts = sub.add_parser("runtimes", help="the runtimes fxopt can hand a graph to, and which are installed",

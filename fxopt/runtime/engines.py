@@ -129,7 +129,7 @@ def _ort_session(data: bytes, threads: int) -> Any:
 def _build_onnxruntime(gm: fx.GraphModule, args: tuple, kwargs: dict, *, threads: int,
                        onnx: bytes | None = None, **_: Any) -> Built:
     from fxopt.runtime.onnx_export import onnx_bytes
-    data = onnx if onnx is not None else onnx_bytes(gm, (args, kwargs))
+    data = onnx if onnx is not None else onnx_bytes(gm, (args, kwargs), portable=False)
     sess = _ort_session(data, threads)
     names = [i.name for i in sess.get_inputs()]
     lock = threading.Lock()  # one run at a time per session: ORT sessions are thread-safe, numpy views are not shared
@@ -149,7 +149,7 @@ def _build_openvino(gm: fx.GraphModule, args: tuple, kwargs: dict, *, threads: i
                     onnx: bytes | None = None, **_: Any) -> Built:
     import openvino as ov
     from fxopt.runtime.onnx_export import onnx_bytes
-    data = onnx if onnx is not None else onnx_bytes(gm, (args, kwargs))
+    data = onnx if onnx is not None else onnx_bytes(gm, (args, kwargs), portable=False)
     core = ov.Core()
     model = core.read_model(data)
     compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",

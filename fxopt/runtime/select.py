@@ -138,6 +138,12 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
                               "quantized": quantized, "candidates": {}, "threads": threads or torch.get_num_threads()}
     built: dict[str, Built] = {}
     onnx_data: bytes | None = onnx
+    if onnx is not None:
+        from fxopt.runtime.onnx_export import exact_here
+        if not exact_here(onnx):  # made on a CPU with VNNI: its int8 x int8 layers would saturate here
+            onnx_data = None
+            record["reexported"] = ("the given ONNX model's int8 layers are exact only on CPUs with VNNI/AMX; "
+                                    "exported again from the graph for this CPU")
     onnx_error: str | None = None
     for name in names:
         rt = RUNTIMES[name]
@@ -151,7 +157,7 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
             from fxopt.runtime.onnx_export import onnx_bytes
             t0 = time.perf_counter()
             try:
-                onnx_data = onnx_bytes(gm, (args, kwargs))
+                onnx_data = onnx_bytes(gm, (args, kwargs), portable=False)
                 record["onnx_bytes"] = len(onnx_data)
                 record["export_s"] = round(time.perf_counter() - t0, 2)
             except Exception as e:  # ExportError: every ONNX runtime is refused with it
@@ -236,6 +242,8 @@ def _as_call(v: Any) -> tuple[tuple, dict]:
 def describe(record: dict) -> str:
     """The decision as text (what ``print(history)`` shows)."""
     lines = [f"runtime: {record.get('chosen')} ({record.get('why')})"]
+    if record.get("reexported"):
+        lines.append(f"  {record['reexported']}")
     if record.get("quant_err"):
         qm, qd = record["quant_err"]
         lines.append(f"  quantization error of fxopt's graph vs the float model: max {qm:.3g}, median {qd:.3g} "

@@ -112,7 +112,10 @@ class FoldConstantsPass(Pass):
     Pure view chains are left alone (they are free at run time), and so are
     results much larger than their inputs (an ``expand`` would be materialized).
     Buffers the model writes in ``forward`` (step counters, running statistics) are
-    state, not constants.
+    state, not constants. fxopt's own ops (``dequantize`` of stored weight codes, the
+    kernels) stay: they are the quantized form that lowering and ONNX export match, and
+    a folded float weight between quantized activations is one ONNX Runtime would
+    re-quantize on its own terms.
     Leaves the now-dead subgraph to ``dce``. Exact up to the same kernels
     running eagerly.
     """
@@ -132,7 +135,8 @@ class FoldConstantsPass(Pass):
             if node.op == "get_attr" and str(node.target) not in state:
                 const.add(node)
                 has_compute[node] = False
-            elif node.op == "call_function" and not is_impure(node) and node.target is not aten.sym_size.int:
+            elif (node.op == "call_function" and not is_impure(node) and node.target is not aten.sym_size.int
+                  and getattr(node.target, "namespace", None) != "fxopt"):
                 inputs = node.all_input_nodes
                 if all(a in const for a in inputs) and inputs:
                     const.add(node)

@@ -110,6 +110,7 @@ class LowerQuantPass(Pass):
             erase_dead(gm)
         if not counts:
             return PassResult(False, info={"kept": kept})
+        _reshape_channels_last_views(gm)
         propagate_meta(gm)
         cpu_decline = self.config.decline == "slower" and device == "cpu"
         chooser = EngineChooser(self.config.engine, time_float=cpu_decline)
@@ -136,6 +137,29 @@ class LowerQuantPass(Pass):
             info["int8_kernels"] = _summarize(kernels)
             info["layer_kernels"] = kernels
         return PassResult(True, frozenset({"shapes"}), info)
+
+
+def _reshape_channels_last_views(gm: fx.GraphModule) -> int:
+    """``view``s of what an int8 conv computed become ``reshape``s.
+
+    The CPU engines compute convs channels-last and fxopt's kernel returns their layout (a copy back
+    would cost a pass over every activation); elementwise ops keep it, so a ``view`` downstream (the
+    ``flatten`` before a classifier) may not be expressible as a view of those strides. ``reshape`` is
+    the same view wherever one exists and copies only where none does.
+    """
+    tainted: set[fx.Node] = set()
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is fxq.conv2d_int8.default or any(a in tainted for a in node.all_input_nodes):
+            tainted.add(node)
+            if node.target is torch.ops.aten.view.default:
+                node.target = torch.ops.aten.reshape.default
+                changed += 1
+    if changed:
+        gm.recompile()
+    return changed
 
 
 # ---------------------------------------------------------------- engine choice

@@ -142,6 +142,17 @@ def test_fold_constants_never_grows_the_model():
     assert count(gm, aten.repeat.default) == 1 and count(gm, aten.mul.Tensor) == 2  # t(w)*2 and big*sum
 
 
+def test_fold_constants_keeps_the_quantized_weights_quantized():
+    """A weight's dequantize is constant, and small enough to fold; it stays: it is the quantized form
+    lowering and ONNX export match (folded, ONNX Runtime re-quantized the float weight on its own)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()).eval()
+    calib = [torch.rand(2, 1, 6, 6) for _ in range(2)]
+    gm = fxopt.compile(model, (calib[0],), recipe="canonicalize,insert-qdq,cleanup", calibration=calib)
+    weights = [n for n in gm.graph.nodes if n.target is torch.ops.fxopt.dequantize.default
+               and n.args[0].op == "get_attr"]
+    assert weights and not [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("_folded_")]
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_cleanup_contract_on_torchvision(torchvision_models, name):
     model = getattr(torchvision_models, name)(num_classes=10).eval()

@@ -109,6 +109,27 @@ def test_static_conv_lowering_matches_the_simulation_to_one_output_step(cpu_kind
     assert _cos(q(x), model(x)) > 0.99
 
 
+def test_a_classifier_flattening_int8_conv_outputs_lowers(cpu_kind):
+    """The int8 convs return their engines' channels-last outputs; a flatten (a view) after them must
+    still lower (it raised 'view size is not compatible' and lower-quant was rolled back)."""
+    class ConvFlat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 6 * 6, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+    torch.manual_seed(0)
+    model, calib = ConvFlat().eval(), [torch.rand(4, 3, 6, 6) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a rollback warns
+        q = fxopt.compile(model, (calib[0],), recipe="int8", calibration=calib)
+    assert fxq.conv2d_int8.default in _targets(q) and fxq.linear_int8.default in _targets(q)
+    sim = fxopt.compile(model, (calib[0],), recipe="int8", calibration=calib, disable=["lower-quant"])
+    x = torch.rand(5, 3, 6, 6)
+    assert (q(x) - sim(x)).abs().max() < 0.05 * sim(x).abs().max()
+
+
 @pytest.mark.parametrize("recipe, model_cls, shape", [("int8-dynamic", MLP, (16, 16)), ("int8", MLP, (16, 16)),
                                                       ("int8", ResCNN, (4, 3, 12, 12))])
 def test_a_saturating_kernel_is_caught_at_the_edges_of_its_ranges(monkeypatch, recipe, model_cls, shape):

@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 from fxopt.runtime.engines import _ort_session  # noqa: E402
-from fxopt.runtime.onnx_export import onnx_bytes  # noqa: E402
+from fxopt.runtime.onnx_export import _eight_bit_products, onnx_bytes  # noqa: E402
 
 
 def _run(data: bytes, **feeds: torch.Tensor) -> list[np.ndarray]:
@@ -233,3 +233,101 @@ def test_a_resnet_block_graph_for_an_onnx_runtime_quantizes_its_identity_and_agr
     data = onnx_bytes(c)
     (out,) = _run(data, x=x)
     assert _rel(out, c(x)) <= 2e-2
+
+
+class _WideLayers(nn.Module):
+    """A stem conv on one channel, a 16-channel conv and a linear: every kind of int8 layer the exporter
+    writes, with weights that use all 8 bits."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(torch.relu(self.stem(x)))).flatten(1))
+
+
+def _saturating_weights(m: nn.Module) -> nn.Module:
+    """Weights of +-max in alternating pairs along the reduction: the sums a saturating int16 gets wrong."""
+    with torch.no_grad():
+        for p in (m.stem.weight, m.conv.weight, m.fc.weight):
+            flat = p.view(p.shape[0], -1)
+            flat.copy_(torch.where(torch.arange(flat.shape[1]) % 4 < 2, 1.0, 0.9).expand_as(flat))
+            flat[1::2] *= -1
+    return m
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int8-dynamic", "canonicalize,insert-qdq"])
+def test_a_model_planned_for_vnni_exports_exact_on_every_cpu(recipe):
+    """8-bit codes times 8-bit weights (a VNNI plan): the portable file keeps no signed 8-bit weight an
+    integer kernel could pair into a saturating int16, and computes fxopt's arithmetic on this CPU even at
+    the inputs that drive every code to its extreme (on a CPU without VNNI the int8 weights were up to
+    99 output steps off in ONNX Runtime and OpenVINO)."""
+    from fxopt.kernels import cpu_isa
+    from fxopt.runtime.onnx_export import exact_on
+    torch.manual_seed(0)
+    m = _saturating_weights(_WideLayers().eval())
+    calib = [torch.rand(4, 1, 8, 8) for _ in range(3)]
+    with cpu_isa.forced("vnni"):
+        c = _compile(m, (calib[0],), recipe, calibration=calib if recipe != "int8-dynamic" else None)
+    layers, weights = _eight_bit_products(c)
+    assert layers or weights  # the VNNI plan put 8-bit codes on 8-bit weights somewhere
+    names = {str(n.args[1].target) for n in layers} | {str(n.args[0].target) for n in weights}
+    data = onnx_bytes(c)
+    assert exact_on(data) == "any"
+    model = onnx.load_from_string(data)
+    signed = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert not names & signed, names & signed  # those weights went out as uint8
+    for x in (torch.full((2, 1, 8, 8), 1e3), torch.rand(3, 1, 8, 8)):  # every code at its top, then typical
+        (out,) = _run(data, x=x)
+        tol = 1e-5 if recipe == "int8-dynamic" else 2e-2  # static: a requantized code may move one step
+        assert _rel(out, c(x)) <= tol, (recipe, x.shape)
+
+
+def test_this_cpu_form_keeps_int8_weights_only_where_runtimes_sum_them_exactly(monkeypatch):
+    from fxopt.kernels import cpu_isa
+    from fxopt.runtime.onnx_export import exact_here, exact_on
+    m = _saturating_weights(_WideLayers().eval())
+    with cpu_isa.forced("vnni"):
+        c = _compile(m, (torch.rand(2, 1, 8, 8),), "int8-dynamic")
+    monkeypatch.setattr(cpu_isa, "dot_products_exact", lambda: True)  # a CPU with VNNI
+    fast = onnx_bytes(c, portable=False)
+    assert exact_on(fast) == "int32-dot-products" and exact_here(fast)
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in onnx.load_from_string(fast).graph.initializer)
+    monkeypatch.setattr(cpu_isa, "dot_products_exact", lambda: False)  # the same file on a CPU without it
+    assert not exact_here(fast)
+    assert exact_on(onnx_bytes(c, portable=False)) == "any"
+    # a layer with 7-bit weights (fxopt's plan without VNNI) is exact anywhere as it is: nothing to change
+    with cpu_isa.forced("avx2"):
+        narrow = _compile(m, (torch.rand(2, 1, 8, 8),), "int8-dynamic")
+    assert exact_on(onnx_bytes(narrow, portable=True)) == "any"
+
+
+def test_dot_products_exact_follows_the_cpu_flags(monkeypatch):
+    from fxopt.kernels import cpu_isa
+    info = lambda flags, arch="x86_64": (arch, "x", tuple(flags), "", ())  # noqa: E731
+    for flags, want in ((("avx2",), False), (("avx2", "avx512_vnni"), True), (("avx_vnni",), True),
+                        (("amx_int8",), True)):
+        monkeypatch.setattr(cpu_isa, "_static_info", lambda f=flags: info(f))
+        assert cpu_isa.dot_products_exact() is want, flags
+        with cpu_isa.forced("avx2"):
+            assert cpu_isa.dot_products_exact() is False
+    monkeypatch.setattr(cpu_isa, "_static_info", lambda: info(("asimd",), "aarch64"))
+    assert cpu_isa.dot_products_exact() is True
+
+
+@pytest.mark.parametrize("recipe", ["canonicalize,insert-qdq(skip=[conv])", "int8"])
+def test_a_layer_kept_in_float_stays_float_in_onnx_runtime(recipe):
+    """ONNX Runtime quantizes on its own the float weight of a conv that reads a per-tensor
+    DequantizeLinear (WeightBiasQuantization): the file must keep the layer fxopt left in float (a skipped
+    one; a small stem weight) computing in float."""
+    torch.manual_seed(0)
+    m = _WideLayers().eval()
+    calib = [torch.rand(4, 1, 8, 8) for _ in range(3)]
+    c = _compile(m, (calib[0],), recipe, calibration=calib)
+    data = onnx_bytes(c)
+    x = torch.rand(3, 1, 8, 8)
+    (out,) = _run(data, x=x)
+    tol = 1e-5 if "skip" in recipe else 2e-2  # int8: its requantized convs may move a code one step
+    assert _rel(out, c(x)) <= tol

@@ -285,3 +285,24 @@ def test_warn_if_slower_reads_the_runtime_record():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         select.warn_if_slower({"original_ms": 2.0, "chosen": "torch", "candidates": {"torch": {"ms": 1.0}}})
+
+
+def test_a_saved_runtime_made_for_vnni_is_exported_again_where_it_would_saturate(tmp_path, monkeypatch):
+    """A .fxopt saved on a CPU with VNNI keeps signed 8-bit weights in its runtime's ONNX model; loaded on a
+    CPU without VNNI that model would saturate, so the runtime is rebuilt from the graph, in the form that
+    is exact here."""
+    from fxopt.kernels import cpu_isa
+    torch.manual_seed(0)
+    m = DemoNet().eval()
+    with cpu_isa.forced("vnni"):
+        r = _compile(m, (demo_inputs(4),), "int8-dynamic", runtime="onnxruntime")
+    fxopt.save(r, tmp_path / "here.fxopt")
+    monkeypatch.setattr(cpu_isa, "dot_products_exact", lambda: True)  # what a VNNI machine would have saved
+    vnni = onnx_export.onnx_bytes(r.graph_module, portable=False)
+    assert onnx_export.exact_on(vnni) == "int32-dot-products"
+    _rewrite(tmp_path / "here.fxopt", tmp_path / "vnni.fxopt", onnx_bytes=vnni)
+    monkeypatch.setattr(cpu_isa, "dot_products_exact", lambda: False)  # loaded on a CPU without VNNI
+    loaded = fxopt.load(tmp_path / "vnni.fxopt")
+    assert isinstance(loaded, RuntimeModule) and onnx_export.exact_on(loaded.artifact) == "any"
+    x = demo_inputs(3, seed=5)
+    torch.testing.assert_close(loaded(x), loaded.graph_module(x).detach(), atol=1e-4, rtol=1e-4)
