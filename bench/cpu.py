@@ -60,7 +60,7 @@ def load(name: str, state: str | None) -> dict:
     if name == "minilm":
         from transformers import AutoModel, AutoTokenizer
         from quant import sentences
-        from tests.models import minilm_path
+        from common import minilm_path
         tok = AutoTokenizer.from_pretrained(minilm_path())
         model = AutoModel.from_pretrained(minilm_path()).eval()
 

@@ -204,7 +204,7 @@ def bert_row(label, minilm, recipe="prune-50"):
     pretrained all-MiniLM-L6-v2; else BERT-base's architecture (``BertConfig()``: 12 layers, hidden
     768, 12 heads) with random weights (nothing is downloaded)."""
     from transformers import AutoModel, BertConfig, BertModel
-    from tests.models import minilm_path
+    from common import minilm_path
     torch.manual_seed(0)
     model = (AutoModel.from_pretrained(minilm_path()) if minilm else BertModel(BertConfig())).eval()
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))

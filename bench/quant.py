@@ -152,7 +152,7 @@ def _seven_bit_acts(recipe: str) -> str:
 # ---------------------------------------------------------------- (a) MiniLM
 def minilm_section(repeats: int) -> None:
     from transformers import AutoModel, AutoTokenizer
-    from tests.models import minilm_path
+    from common import minilm_path
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()

@@ -107,7 +107,7 @@ def digits_section(repeats: int) -> list[dict]:
 def minilm_section(epochs: int, qat_epochs: int) -> list[dict]:
     from transformers import AutoModel, AutoTokenizer
     from quant import sentences
-    from tests.models import minilm_path
+    from common import minilm_path
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
@@ -198,7 +198,7 @@ def llama_section(teacher_epochs: int, epochs: int) -> list[dict]:
     recover it by logit distillation from the unpruned model, against training the same pruned
     architecture from scratch on the same tokens."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from tests.models import minilm_path
+    from common import minilm_path
     tok = AutoTokenizer.from_pretrained(minilm_path())
     sents = pydoc_sentences()
     length = 64
