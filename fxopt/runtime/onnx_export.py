@@ -41,7 +41,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import os
 import re
 import warnings
@@ -52,6 +51,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxopt.errors import ExportError, InputError
+from fxopt.runtime.onnx_prepare import (EXACT_KEY, U8_WEIGHTS, exact_here, exact_on, keep_float_layers_float,
+                                        prepare)
 
 __all__ = ["export_onnx", "onnx_bytes", "output_names", "OPSET", "translation_table", "register_translation",
            "exact_on", "exact_here", "EXACT_KEY", "U8_WEIGHTS"]
@@ -199,7 +200,7 @@ def translation_table() -> dict:
 
     def gemm_weight(w_q: Any, engine: str) -> tuple[Any, Any]:
         """(the [K, N] weight codes, their zero point) for ``MatMulInteger``: int8 codes, or (``U8_WEIGHTS``,
-        see :func:`_prepare`) the same codes plus 128 as uint8 on zero point 128."""
+        see :func:`~fxopt.runtime.onnx_prepare.prepare`) the same codes plus 128 as uint8 on zero point 128."""
         if engine == U8_WEIGHTS:
             return op.Transpose(w_q, perm=[1, 0]), op.Cast(op.Constant(value_int=128), to=2)
         return op.Transpose(w_q, perm=[1, 0]), None
@@ -313,121 +314,6 @@ def translation_table() -> dict:
             ops.embedding_wq.default: embedding_wq, ops.quantize_dequantize.default: quantize_dequantize, **_USER}
 
 
-# ---------------------------------------------------------------- preparing the graph
-#: engine argument the exporter gives an int8 layer whose weights it stores as uint8 on zero point 128
-U8_WEIGHTS = "u8-weights"
-#: the exported model's metadata key saying where its integer arithmetic is exact: ``any`` CPU, or only
-#: where the runtime's int8 kernels accumulate in int32 (``int32-dot-products``: VNNI, AMX, Arm)
-EXACT_KEY = "fxopt.int8_exact"
-#: the code width of the activation operand, per int8 op: (index of its qmax argument, widest 7-bit qmax)
-_INT8_OPS = {"linear_int8": (6, 127), "linear_int8_dynamic": (4, 63), "conv2d_int8": (13, 127)}
-
-
-def _full_args(n: fx.Node) -> list:
-    """``n``'s arguments, positional, its schema's defaults filled in."""
-    args = list(n.args)
-    for a in n.target._schema.arguments[len(args):]:
-        args.append(n.kwargs.get(a.name, a.default_value))
-    return args
-
-
-def _eight_bit_products(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
-    """The layers that multiply 8-bit activation codes by 8-bit signed weights: lowered int8 ops, and
-    weight ``dequantize`` nodes a static 8-bit activation ``dequantize`` meets (runtimes fuse those
-    into their int8 kernels). A u8 x s8 kernel that sums pairs of products into a saturating int16
-    (x86 without VNNI) is wrong for them; 7-bit codes or 7-bit weights never overflow."""
-    from fxopt.ir.rewrite_utils import attr_tensor
-    from fxopt.kernels.cpu_quant import weight_bits
-    from fxopt.kernels.cpu_isa import weight_max
-    ops = torch.ops.fxopt
-
-    def const(n: Any) -> torch.Tensor | None:
-        return attr_tensor(gm, n) if isinstance(n, fx.Node) and n.op == "get_attr" else None
-
-    def wide_static_codes(n: Any) -> bool:
-        return (isinstance(n, fx.Node) and n.target is ops.dequantize.default and isinstance(n.args[0], fx.Node)
-                and n.args[0].target is ops.quantize.default and const(n.args[0].args[1]) is not None
-                and n.args[0].args[4] - n.args[0].args[3] > 127)
-    layers, weights = [], []
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        name = getattr(getattr(n.target, "_overloadpacket", None), "__name__", "")
-        if name in _INT8_OPS and getattr(n.target, "namespace", "") == "fxopt":
-            at, narrow = _INT8_OPS[name]
-            w = const(n.args[1])
-            if w is not None and _full_args(n)[at] > narrow and weight_bits(w) == 8:
-                layers.append(n)
-        elif n.target is ops.dequantize.default:
-            w, zp = const(n.args[0]), const(n.args[2])
-            if (w is not None and zp is not None and w.dtype == torch.int8 and w.numel()
-                    and int(w.abs().max()) > weight_max(7) and int(zp.min()) >= -128 and int(zp.max()) <= 127
-                    and any(wide_static_codes(a) for u in n.users for a in u.args if a is not n)):
-                weights.append(n)
-    return layers, weights
-
-
-def _prepare(gm: fx.GraphModule, portable: bool = True) -> tuple[fx.GraphModule, str]:
-    """A copy whose int4 codes are unpacked (one int8 per code), whose CSR linears are dense and, where
-    exactness asks for it, whose 8-bit x 8-bit layers keep their weights as uint8 on zero point 128
-    (the same values; every runtime's u8 x u8 kernels are exact). With ``portable`` that is every such
-    layer; else only on a CPU whose runtimes' u8 x s8 kernels saturate. Also returns what the file is
-    exact on (:data:`EXACT_KEY`)."""
-    from fxopt.kernels import cpu_isa
-    from fxopt.kernels.cpu_quant import unpack_int4
-    from fxopt.ir.rewrite_utils import attr_tensor
-    import fxopt.kernels.cpu_sparse  # noqa: F401  (defines fxopt::linear_csr)
-    ops = torch.ops.fxopt
-    packed = (ops.linear_wq.default, ops.embedding_wq.default)
-
-    def todo(g: fx.Graph) -> list[fx.Node]:
-        return [n for n in g.nodes if n.op == "call_function" and (
-            (n.target in packed and n.args[-1] == 4) or n.target is ops.linear_csr.default)]
-    layers, weights = _eight_bit_products(gm)
-    widen = portable or not cpu_isa.dot_products_exact()
-    exact_on = "any" if widen or not (layers or weights) else "int32-dot-products"
-    if not todo(gm.graph) and not (widen and (layers or weights)):
-        return gm, exact_on
-    gm = copy.deepcopy(gm)
-    g = gm.graph
-    if widen:
-        names = {n.name for n in layers + weights}
-        # the graph is only traced from here (fake tensors): fxopt's kernels never see these uint8 codes
-        for i, n in enumerate(x for x in list(g.nodes) if x.name in names):
-            at = (0, 2) if n.target is ops.dequantize.default else (1,)
-            new_args = list(n.args) if n.target is ops.dequantize.default else [*_full_args(n)[:-1], U8_WEIGHTS]
-            for j in at:
-                name = f"_onnx_unsigned_{i}_{j}"
-                gm.register_buffer(name, (attr_tensor(gm, n.args[j]).to(torch.int16) + 128).to(torch.uint8))
-                with g.inserting_before(n):
-                    new_args[j] = g.get_attr(name)
-            n.args, n.kwargs = tuple(new_args), {}
-    for i, n in enumerate(todo(g)):
-        if n.target in packed:
-            at = 1 if n.target is ops.linear_wq.default else 0
-            name = f"_onnx_unpacked_{i}"
-            gm.register_buffer(name, unpack_int4(attr_tensor(gm, n.args[at])))
-            with g.inserting_before(n):
-                codes = g.get_attr(name)
-            n.args = (*n.args[:at], codes, *n.args[at + 1:-1], 8)
-        else:
-            x, crow, col, values, in_features, bias = n.args
-            crow_t = attr_tensor(gm, crow)
-            dense = torch.sparse_csr_tensor(crow_t, attr_tensor(gm, col), attr_tensor(gm, values),
-                                            (crow_t.numel() - 1, in_features)).to_dense()
-            name = f"_onnx_dense_{i}"
-            gm.register_buffer(name, dense)
-            with g.inserting_before(n):
-                w = g.get_attr(name)
-                new = g.call_function(torch.ops.aten.linear.default, (x, w, bias))
-            new.meta = dict(n.meta)
-            n.replace_all_uses_with(new)
-            g.erase_node(n)
-    g.eliminate_dead_code()
-    gm.recompile()
-    return gm, exact_on
-
-
 def output_names(gm: fx.GraphModule, outputs: Any) -> list[str]:
     """ONNX output names from the output structure: ``output``, ``output_0``..., dict keys."""
     paths, _ = pytree.tree_flatten_with_path(outputs)
@@ -469,7 +355,7 @@ def onnx_bytes(module: fx.GraphModule, example_inputs: Any = None, *, dynamic: A
     dyn = dynamic_shapes_for(module, args, kwargs, capture.get("dynamic") if dynamic is None else dynamic)
     with torch.no_grad():
         outputs = module(*args, **kwargs)
-    gm, exact_on = _prepare(module, portable)
+    gm, exact = prepare(module, portable)
     names = output_names(gm, outputs)
     table = translation_table()
     missing = _untranslatable(gm, table)
@@ -493,71 +379,10 @@ def onnx_bytes(module: fx.GraphModule, example_inputs: Any = None, *, dynamic: A
                           + _cause(e) + "; to find the pass that made the graph unexportable, export after "
                             "each stage (fxopt.compile(..., stop_after=N))") from e
     proto = prog.model_proto
-    _keep_float_layers_float(proto)
+    keep_float_layers_float(proto)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = EXACT_KEY, exact_on
+    entry.key, entry.value = EXACT_KEY, exact
     return proto.SerializeToString()
-
-
-def _keep_float_layers_float(proto: Any) -> int:
-    """Keep ONNX Runtime from quantizing the float layers of a quantized graph on its own.
-
-    ONNX Runtime's ``WeightBiasQuantization`` (on by default) gives any ``Conv``/``ConvTranspose``/``Gemm``
-    whose input comes from a per-tensor ``DequantizeLinear`` and whose weight is a float initializer a
-    symmetric per-tensor int8 weight, then runs it as an int8 kernel: a layer fxopt kept in float
-    (skipped, or too sensitive) would silently compute something else (measured: 1% of the output on a
-    conv reading a quantized activation, 17% where the weight had been folded). Such a layer reads its
-    input through the same dequantization written as float ops, ``(float(q) - zero_point) * scale``:
-    the same values (``DequantizeLinear``'s own arithmetic), with no ``DequantizeLinear`` to match.
-    Returns how many inputs it rewrote."""
-    from onnx import TensorProto, helper
-    g = proto.graph
-    producer = {o: n for n in g.node for o in n.output}
-    floats = {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
-    dims = {t.name: list(t.dims) for t in g.initializer}
-    dims.update({n.output[0]: list(a.t.dims) for n in g.node if n.op_type == "Constant" for a in n.attribute
-                 if a.name == "value"})
-    rewired, done = 0, {}
-    for node in list(g.node):
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 2:
-            continue
-        dq = producer.get(node.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or node.input[1] not in floats:
-            continue
-        if any(d != 1 for d in dims.get(dq.input[1], [0])):  # per-tensor scales only: a per-axis one ORT leaves
-            continue
-        if dq.output[0] not in done:
-            base = f"{dq.output[0]}_float_dq"
-            q, scale = dq.input[0], dq.input[1]
-            nodes = [helper.make_node("Cast", [q], [f"{base}_q"], to=TensorProto.FLOAT, name=f"{base}_cast")]
-            codes = f"{base}_q"
-            if len(dq.input) > 2 and dq.input[2]:
-                nodes.append(helper.make_node("Cast", [dq.input[2]], [f"{base}_zp"], to=TensorProto.FLOAT,
-                                              name=f"{base}_cast_zp"))
-                nodes.append(helper.make_node("Sub", [codes, f"{base}_zp"], [f"{base}_c"], name=f"{base}_sub"))
-                codes = f"{base}_c"
-            nodes.append(helper.make_node("Mul", [codes, scale], [base], name=f"{base}_mul"))
-            at = list(g.node).index(node)
-            for i, n in enumerate(nodes):
-                g.node.insert(at + i, n)
-            done[dq.output[0]] = base
-        node.input[0] = done[dq.output[0]]
-        rewired += 1
-    return rewired
-
-
-def exact_on(data: bytes) -> str:
-    """Where an ONNX model fxopt exported computes its integer arithmetic exactly (:data:`EXACT_KEY`):
-    ``any``, or ``int32-dot-products`` (CPUs whose runtimes' int8 kernels accumulate in int32)."""
-    import onnx
-    props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
-    return props.get(EXACT_KEY, "int32-dot-products")
-
-
-def exact_here(data: bytes) -> bool:
-    """Does this CPU's runtimes compute ONNX model ``data``'s integer arithmetic exactly (see :func:`exact_on`)?"""
-    from fxopt.kernels import cpu_isa
-    return exact_on(data) == "any" or cpu_isa.dot_products_exact()
 
 
 def _cause(e: BaseException) -> str:

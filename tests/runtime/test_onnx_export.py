@@ -18,7 +18,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 from fxopt.runtime.engines import _ort_session  # noqa: E402
-from fxopt.runtime.onnx_export import _eight_bit_products, onnx_bytes  # noqa: E402
+from fxopt.runtime.onnx_export import onnx_bytes  # noqa: E402
+from fxopt.runtime.onnx_prepare import eight_bit_products  # noqa: E402
 
 
 def _run(data: bytes, **feeds: torch.Tensor) -> list[np.ndarray]:
@@ -271,7 +272,7 @@ def test_a_model_planned_for_vnni_exports_exact_on_every_cpu(recipe):
     calib = [torch.rand(4, 1, 8, 8) for _ in range(3)]
     with cpu_isa.forced("vnni"):
         c = _compile(m, (calib[0],), recipe, calibration=calib if recipe != "int8-dynamic" else None)
-    layers, weights = _eight_bit_products(c)
+    layers, weights = eight_bit_products(c)
     assert layers or weights  # the VNNI plan put 8-bit codes on 8-bit weights somewhere
     names = {str(n.args[1].target) for n in layers} | {str(n.args[0].target) for n in weights}
     data = onnx_bytes(c)
