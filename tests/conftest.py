@@ -18,6 +18,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 sys.path.insert(0, os.path.dirname(__file__))
 torch.manual_seed(0)
+# `pytest -n 2` (pytest-xdist, the README's command): two worker processes share the two cores, one
+# torch thread each, instead of two workers of two threads each taking turns
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["native", "avx2", "vnni-plan-on-avx2"])
