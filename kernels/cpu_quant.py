@@ -44,6 +44,7 @@ scales, which is why a lowered graph still exports, saves and loads.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 import weakref
 from typing import Any, Optional
@@ -457,9 +458,35 @@ def _dequant_weight(w_q: torch.Tensor, w_scale: torch.Tensor, w_zp: torch.Tensor
     return dequantize(q, w_scale, w_zp, group_size)
 
 
+#: per thread, float32 scratch weights by shape: a fresh multi-megabyte tensor per call costs its page
+#: faults (measured on MiniLM's 1536x384 layers at 1,024 tokens: linear_wq 7.0 ms against fp32 6.6 ms,
+#: 6.7 ms with the weight dequantized into a reused buffer)
+_SCRATCH = threading.local()
+
+
+def _dequant_into_scratch(w_q: torch.Tensor, w_scale: torch.Tensor, w_zp: torch.Tensor, group_size: int,
+                          bits: int) -> torch.Tensor:
+    """:func:`_dequant_weight` (the same arithmetic: ``(q - zp) * scale`` in float32) written into this
+    thread's reused buffer of the weight's shape. Valid until the next call on this thread for that shape:
+    only for a weight consumed at once (the op has no autograd, so nothing keeps it)."""
+    q = unpack_int4(w_q) if bits == 4 else w_q
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(tuple(q.shape))
+    if buf is None:
+        buf = bufs[tuple(q.shape)] = torch.empty(q.shape, dtype=torch.float32)
+    if group_size > 0:
+        view = buf.view(*q.shape[:-1], q.shape[-1] // group_size, group_size)
+        view.copy_(q.view(view.shape)).sub_(w_zp.unsqueeze(-1).float()).mul_(w_scale.unsqueeze(-1).float())
+    else:
+        buf.copy_(q).sub_(w_zp.float()).mul_(w_scale.float())
+    return buf
+
+
 @custom_op("fxopt::linear_wq", mutates_args=())
 def linear_wq(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zp: torch.Tensor,
               bias: Optional[torch.Tensor], group_size: int, bits: int) -> torch.Tensor:
+    if x.dtype == torch.float32 and w_q.dim() == 2:
+        return F.linear(x, _dequant_into_scratch(w_q, w_scale, w_zp, group_size, bits), bias)
     return F.linear(x, _dequant_weight(w_q, w_scale, w_zp, group_size, bits).to(x.dtype), bias)
 
 

@@ -247,3 +247,35 @@ def test_int8_kernels_saturate_like_the_simulation_on_huge_and_infinite_inputs(c
     args = (wc, wcs, None, [1, 1], [1, 1], [1, 1], 1, 0.0547, zp, 0.05, 0, False, 255, 255)
     got, want = fxq.conv2d_int8(xc, *args, engine), conv2d_int8_reference(xc, *args)
     assert (got - want).abs().max() <= 2.01 * 0.05
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 32), (8, 48)])
+def test_linear_wq_reuses_its_weight_buffer_and_stays_exact(bits, group_size):
+    """Layers of one shape share a per-thread dequantization buffer: alternating between them, and from two
+    threads at once, every call equals the reference bit for bit."""
+    import threading
+    from fxopt.kernels.cpu_quant import _dequant_weight, pack_int4
+    torch.manual_seed(0)
+    lo, hi = (-8, 8) if bits == 4 else (-127, 128)
+    groups = 96 // group_size if group_size else 1
+    layers = []
+    for _ in range(2):
+        q = torch.randint(lo, hi, (40, 96), dtype=torch.int8)
+        layers.append((pack_int4(q) if bits == 4 else q, torch.rand(40, groups) * 0.1,
+                       torch.randint(-3, 3, (40, groups), dtype=torch.int32)))
+    xs = [torch.randn(6, 96) for _ in range(4)]
+    want = [[torch.nn.functional.linear(x, _dequant_weight(*lay, group_size, bits)) for lay in layers] for x in xs]
+    bad = []
+
+    def run():
+        for _ in range(20):
+            for i, x in enumerate(xs):
+                for j, lay in enumerate(layers):
+                    if not torch.equal(torch.ops.fxopt.linear_wq(x, *lay, None, group_size, bits), want[i][j]):
+                        bad.append((i, j))
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
