@@ -139,8 +139,11 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
     built: dict[str, Built] = {}
     onnx_data: bytes | None = onnx
     if onnx is not None:
-        from fxopt.runtime.onnx_export import exact_here
-        if not exact_here(onnx):  # made on a CPU with VNNI: its int8 x int8 layers would saturate here
+        from fxopt.kernels import cpu_isa
+        from fxopt.runtime.onnx_prepare import eight_bit_products, exact_here
+        # made on a CPU with VNNI, its int8 x int8 layers would saturate here. The graph decides, not what the
+        # file says of itself: a file can be edited, and its checksum with it
+        if not exact_here(onnx) or (not cpu_isa.dot_products_exact() and any(eight_bit_products(gm))):
             onnx_data = None
             record["reexported"] = ("the given ONNX model's int8 layers are exact only on CPUs with VNNI/AMX; "
                                     "exported again from the graph for this CPU")

@@ -19,6 +19,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from fxopt.runtime import onnx_export, select  # noqa: E402
+from fxopt.runtime.onnx_prepare import eight_bit_products  # noqa: E402
 from fxopt.runtime.engines import RUNTIMES, RuntimeModule, list_runtimes  # noqa: E402
 
 
@@ -306,3 +307,25 @@ def test_a_saved_runtime_made_for_vnni_is_exported_again_where_it_would_saturate
     assert isinstance(loaded, RuntimeModule) and onnx_export.exact_on(loaded.artifact) == "any"
     x = demo_inputs(3, seed=5)
     torch.testing.assert_close(loaded(x), loaded.graph_module(x).detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_file_claiming_to_be_exact_everywhere_is_not_taken_at_its_word(tmp_path, monkeypatch):
+    """The exactness label is metadata a file can carry falsely (its checksum edited with it): on a CPU whose
+    runtimes saturate, a graph with 8-bit x 8-bit layers is exported again whatever the file claims."""
+    from fxopt.kernels import cpu_isa
+    torch.manual_seed(0)
+    with cpu_isa.forced("vnni"):
+        r = _compile(DemoNet().eval(), (demo_inputs(4),), "int8-dynamic", runtime="onnxruntime")
+    fxopt.save(r, tmp_path / "here.fxopt")
+    monkeypatch.setattr(cpu_isa, "dot_products_exact", lambda: True)
+    model = onnx_export.onnx_bytes(r.graph_module, portable=False)
+    import onnx
+    proto = onnx.load_from_string(model)
+    next(p for p in proto.metadata_props if p.key == onnx_export.EXACT_KEY).value = "any"  # the false claim
+    _rewrite(tmp_path / "here.fxopt", tmp_path / "lying.fxopt", onnx_bytes=proto.SerializeToString())
+    monkeypatch.setattr(cpu_isa, "dot_products_exact", lambda: False)
+    loaded = fxopt.load(tmp_path / "lying.fxopt")
+    assert isinstance(loaded, RuntimeModule)
+    signed = {t.name for t in onnx.load_from_string(loaded.artifact).graph.initializer
+              if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2}
+    assert not signed & {str(n.args[1].target) for n in eight_bit_products(loaded.graph_module)[0]}
