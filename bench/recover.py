@@ -1,7 +1,7 @@
 """Recovering accuracy after compression: distillation, QAT and the one recovery call, on real data.
 
-    python bench/recover.py [--only digits|minilm|llama] [--minilm-epochs 6] [--qat-epochs 2] [--repeats 20]
-                            [--teacher-epochs 8] [--llama-epochs 2]
+    python bench/recover.py [--only digits|minilm|minilm-int4|llama] [--minilm-epochs 6] [--qat-epochs 2]
+                            [--int4-group-sizes 128,32] [--repeats 20] [--teacher-epochs 8] [--llama-epochs 2]
 
 (a) digits CNN: DemoNet(width=32) trained 8 epochs on scikit-learn's ``load_digits`` (1,400 training
     images, 397 held out). Rows: fp32; prune-50 + the plain ``fxopt.finetune(epochs=5, lr=0.01)`` a user
@@ -15,7 +15,8 @@
     prune-50 (half the heads and FFN channels of every layer), then hidden-state distillation from the
     original on the English sentences of ``pydoc_data.topics`` (a corpus in the standard library; 400 held
     out, the rest for training, 16 per batch, up to 64 tokens); int4-weight PTQ vs QAT (distilled from the
-    original's hidden states: no labels). Accuracy: mean and min cosine of mean-pooled sentence
+    original's hidden states: no labels), at the recipe's 128-weight groups and at 32 (``--only minilm-int4``
+    runs just these). Accuracy: mean and min cosine of mean-pooled sentence
     embeddings to the original's, on the held-out sentences and on the 64 sentences ``bench/quant.py``
     uses. Every run is seeded (``seed=0``) and deterministic.
 (c) Minitron-style: a Llama-architecture decoder (4 layers, hidden 192, 6 query / 2 key-value heads) is
@@ -104,7 +105,8 @@ def digits_section(repeats: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- (b) MiniLM
-def minilm_section(epochs: int, qat_epochs: int) -> list[dict]:
+def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "int4"),
+                   group_sizes: tuple = (128, 32)) -> list[dict]:
     from transformers import AutoModel, AutoTokenizer
     from quant import sentences
     from common import minilm_path
@@ -145,15 +147,21 @@ def minilm_section(epochs: int, qat_epochs: int) -> list[dict]:
         runs[name] = (fn(), time.process_time() - t, time.perf_counter() - w)
         sizes[name] = _params(weights_of if weights_of is not None else runs[name][0])
         print(f"  {name}: {runs[name][1] / 60:.1f} CPU min", file=sys.stderr, flush=True)
-    pruned = fxopt.compile(model, kwargs=kw, recipe="prune-50", progress=False)
-    run("prune-50, no training", lambda: pruned)
-    run(f"prune-50 + hidden distillation ({epochs} epochs)",
-        lambda: fxopt.finetune(pruned, train, teacher=model, distill="hidden", hidden_loss="mse+cosine",
-                               optimizer="adamw", lr=1e-3, epochs=epochs, progress=False)[0])
-    run("int4-weight PTQ", lambda: fxopt.compile(model, kwargs=kw, recipe="int4-weight", progress=False), model)
-    run(f"int4-weight QAT, hidden distillation ({qat_epochs} epochs)",
-        lambda: fxopt.qat(model, (), train, kwargs=kw, recipe="int4-weight", epochs=qat_epochs, distill="hidden",
-                          hidden_loss="mse+cosine", optimizer="adamw", lr=1e-4, progress=False), model)
+    if "prune" in parts:
+        pruned = fxopt.compile(model, kwargs=kw, recipe="prune-50", progress=False)
+        run("prune-50, no training", lambda: pruned)
+        run(f"prune-50 + hidden distillation ({epochs} epochs)",
+            lambda: fxopt.finetune(pruned, train, teacher=model, distill="hidden", hidden_loss="mse+cosine",
+                                   optimizer="adamw", lr=1e-3, epochs=epochs, progress=False)[0])
+    for gs in group_sizes if "int4" in parts else ():
+        # the recipe's default groups are 128 weights; smaller groups cost more scale bytes (the bytes column)
+        tag = "" if gs == 128 else f", group_size={gs}"
+        run(f"int4-weight PTQ{tag}", lambda: fxopt.compile(model, kwargs=kw, recipe="int4-weight", group_size=gs,
+                                                             progress=False), model)
+        run(f"int4-weight QAT{tag}, hidden distillation ({qat_epochs} epochs)",
+            lambda: fxopt.qat(model, (), train, kwargs=kw, recipe="int4-weight", epochs=qat_epochs, distill="hidden",
+                              hidden_loss="mse+cosine", optimizer="adamw", lr=1e-4, progress=False,
+                              compile_options={"group_size": gs}), model)
     base_p, base_b = _params(model), model_bytes(model)
     rows = []
     for name, (m, cpu_s, wall_s) in runs.items():
@@ -254,7 +262,8 @@ def llama_section(teacher_epochs: int, epochs: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["digits", "minilm", "llama"])
+    ap.add_argument("--only", choices=["digits", "minilm", "minilm-int4", "llama"])
+    ap.add_argument("--int4-group-sizes", default="128,32", help="the MiniLM int4 rows' group sizes (default 128,32)")
     ap.add_argument("--teacher-epochs", type=int, default=8)
     ap.add_argument("--llama-epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
@@ -266,10 +275,12 @@ def main() -> None:
         print("\n(a) digits CNN, 397 held-out images; goals: prune-50 + default recovery within 0.3 pp at <= 0.3x "
               "params; int4 QAT within 0.3 pp; prune + int8 QAT within 0.5 pp at <= 0.1x bytes")
         print(table(digits_section(a.repeats)))
-    if a.only in (None, "minilm"):
+    if a.only in (None, "minilm", "minilm-int4"):
         print("\n(b) MiniLM; goals: prune-50 + distillation mean cos >= 0.97, min >= 0.90 (held-out) within 15 CPU "
               "minutes; int4-weight QAT min cos >= 0.98")
-        print(table(minilm_section(a.minilm_epochs, a.qat_epochs)))
+        parts = ("int4",) if a.only == "minilm-int4" else ("prune", "int4")
+        sizes = tuple(int(g) for g in a.int4_group_sizes.split(","))
+        print(table(minilm_section(a.minilm_epochs, a.qat_epochs, parts, sizes)))
     if a.only in (None, "llama"):
         print("\n(c) Minitron-style width prune + distillation of a Llama-architecture decoder (GQA 6 query / 2 kv "
               "heads) on the pydoc_data sentences (400 held out; the corpus' own vocabulary; 64-token blocks)")
