@@ -32,3 +32,24 @@ def test_a_cpu_bench_row_runs_from_another_folder(tmp_path):
     assert line is not None, p.stderr[-2000:]
     row = json.loads(line[7:])
     assert row["ms"] > 0 and row["accuracy"] > 0.9999  # eager against itself
+
+
+def test_the_forms_fxopt_exports_are_exact_in_every_installed_runtime_on_this_cpu():
+    """bench/int8_exactness.py's probes: uint8 weights (portable=True) and 7-bit codes or weights sum exactly
+    in ONNX Runtime and OpenVINO on whatever CPU runs this; int8 x int8 does where the flags say so."""
+    pytest.importorskip("onnx")
+    sys.path.insert(0, BENCH)
+    try:
+        import int8_exactness as probe
+    finally:
+        sys.path.remove(BENCH)
+    from fxopt.kernels import cpu_isa
+    runners = probe._runners()
+    if not runners:
+        pytest.skip("no ONNX runtime installed")
+    for name, run in runners.items():
+        for form in ("uint8 weights", "7-bit weights", "7-bit codes"):
+            assert probe.matmul_error(run, form) == 0, (name, form)
+            assert all(probe.conv_error(run, form, cin) <= 0.5 for cin in (1, 3, 16)), (name, form)
+        if cpu_isa.dot_products_exact():  # VNNI/AMX: even the signed 8-bit form is exact
+            assert probe.matmul_error(run, probe.FORMS[0]) == 0, name
