@@ -21,7 +21,12 @@ seconds of each.
 
 Keys of ``recover``: ``data`` (required: ``(inputs, targets)`` batches, or the inputs alone for
 pure distillation), ``epochs`` (5), ``qat_epochs`` (default ``epochs``), ``distill`` (True, or a
-mode ``"logits"``/``"hidden"``/``"both"``), ``qat`` (True), ``teacher`` (default: the model), and
+mode ``"logits"``/``"hidden"``/``"both"``), ``qat`` (True), ``teacher`` (default: the model),
+``reconstruct`` (True: where the recipe prunes with the default ``l1`` importance, it is also pruned the
+data-aware way, ``prune(importance=activation, reconstruct=true)``, channels chosen by what they move on
+``data`` and the layers reading them re-fitted, and the one whose outputs stay closer to the original's
+on the first 8 batches is kept: the history's ``stages`` say which, with both errors; False keeps the
+recipe's pruning as written), and
 any :func:`fxopt.finetune` option (``lr``, ``optimizer``, ``alpha``, ``temperature``,
 ``features``, ...). The defaults: SGD with Nesterov momentum 0.9 at lr 0.05 on a cosine schedule,
 distillation weight 0.5 at temperature 2 (``bench/recover.py`` measures them); QAT at a tenth of the
@@ -38,10 +43,10 @@ from fxopt.errors import InputError
 
 __all__ = ["compile_and_recover", "RECOVER_DEFAULTS"]
 
-RECOVER_DEFAULTS = {"epochs": 5, "distill": True, "qat": True, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+RECOVER_DEFAULTS = {"epochs": 5, "distill": True, "qat": True, "reconstruct": True, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
                     "nesterov": True, "schedule": "cosine", "alpha": 0.5, "temperature": 2.0}
 _QUANT_STEPS = ("fold-bn", "smooth-quant", "insert-qdq", "cast")
-_KEYS = {"data", "epochs", "qat_epochs", "distill", "qat", "teacher", "qat_lr"}
+_KEYS = {"data", "epochs", "qat_epochs", "distill", "qat", "teacher", "qat_lr", "reconstruct"}
 
 
 def _split(pipeline: Any) -> tuple[Any, Any]:
@@ -55,6 +60,75 @@ def _split(pipeline: Any) -> tuple[Any, Any]:
     cut = next((i for i, s in enumerate(steps) if i > last_compress and getattr(s, "name", "") in _QUANT_STEPS),
                len(steps))
     return Pipeline(steps[:cut]), Pipeline(steps[cut:])
+
+
+def _data_aware(pipeline: Any) -> tuple[Any, bool]:
+    """The pipeline with every ``prune`` step that uses the default ``l1`` importance switched to
+    ``importance=activation, reconstruct=true`` (channels chosen, and their readers re-fitted, on the
+    recovery data), and whether any was."""
+    import dataclasses
+
+    from fxopt.passmgr.pipeline import Pipeline
+    from fxopt.train.qat import _flat_steps
+    steps, changed = [], False
+    for s in _flat_steps(pipeline):
+        cfg = getattr(s, "config", None)
+        if getattr(s, "name", "") == "prune" and getattr(cfg, "importance", None) == "l1" \
+                and not getattr(cfg, "reconstruct", True):
+            s = type(s)(dataclasses.replace(cfg, importance="activation", reconstruct=True))
+            changed = True
+        steps.append(s)
+    return Pipeline(steps), changed
+
+
+def _output_error(m: torch.nn.Module, ref: torch.nn.Module, data: Any, batches: int = 8) -> float:
+    """Mean squared difference of the main outputs over the first ``batches`` batches, relative to the
+    reference's mean square."""
+    from fxopt.passes.compress.prune import _first_float
+    from fxopt.quant.calibrate import normalize_item
+    num = den = 0.0
+    saved = {n: b.clone() for n, b in m.named_buffers()}   # a probe: batch-norm statistics must not move
+    try:
+        num, den = _errors(m, ref, data, batches, normalize_item, _first_float)
+    finally:
+        with torch.no_grad():
+            for n, b in m.named_buffers():
+                b.copy_(saved[n])
+    return num / max(den, 1e-30)
+
+
+def _errors(m, ref, data, batches, normalize_item, _first_float):
+    num = den = 0.0
+    with torch.no_grad():
+        for i, item in enumerate(data):
+            if i >= batches:
+                break
+            pair = isinstance(item, (tuple, list)) and len(item) == 2
+            a, kw = normalize_item(item, 0 if pair else None)
+            want = _first_float(ref(*a, **kw)).float()
+            num += float((_first_float(m(*a, **kw)).float() - want).pow(2).mean())
+            den += float(want.pow(2).mean())
+    return num, den
+
+
+def _closer_of(model, plain, compress, aware, data, fxopt_compile, args, kwargs, metric, compile_kwargs):
+    """Prune again the data-aware way and keep whichever result stays closer to the original on the
+    recovery data (relative output error): (model, pipeline, what was chosen and why)."""
+    cw = dict(compile_kwargs)
+    if cw.get("calibration") is None:   # the recovery data measures the channels
+        first = next(iter(data), None)
+        cw.update(calibration=data, calibration_inputs=0 if isinstance(first, (tuple, list)) and len(first) == 2
+                  else None)
+    other = fxopt_compile(model, args, kwargs, recipe=aware, metric=metric, **cw)
+    import copy
+
+    from fxopt.ir.torch_compat import torch_internals
+    with torch_internals():   # the user's model is never run here: an eval-mode copy is the reference
+        ref = copy.deepcopy(model).eval()
+    errs = {"weights (l1)": _output_error(plain, ref, data), "activation + reconstruct": _output_error(other, ref, data)}
+    pick = min(errs, key=errs.get)
+    choice = {"chosen": pick, "output_error": {k: round(v, 6) for k, v in errs.items()}}
+    return (other, aware, choice) if pick == "activation + reconstruct" else (plain, compress, choice)
 
 
 def _what(pipeline: Any) -> str:
@@ -105,6 +179,7 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     opts = {**RECOVER_DEFAULTS, **recover}
     epochs, qat_epochs = int(opts.pop("epochs")), opts.pop("qat_epochs", None)
     distill, use_qat = opts.pop("distill"), bool(opts.pop("qat"))
+    reconstruct = bool(opts.pop("reconstruct"))
     teacher = opts.pop("teacher", None) or model
     qat_lr = opts.pop("qat_lr", None)
     opts.pop("data")
@@ -132,8 +207,15 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
         stages.append({"stage": "original", "what": type(model).__name__, "metric": _run_metric(metric, probe),
                        "params": _model_stats(model)[0], "bytes": _model_stats(model)[1], "seconds": 0.0})
     start = time.perf_counter()
-    current = fxopt_compile(model, args, kwargs, recipe=compress, metric=metric, **compile_kwargs) \
-        if len(compress) else model
+    choice = None
+    if len(compress):
+        current = fxopt_compile(model, args, kwargs, recipe=compress, metric=metric, **compile_kwargs)
+        aware, changed = _data_aware(compress) if reconstruct else (None, False)
+        if changed:
+            current, compress, choice = _closer_of(model, current, compress, aware, data, fxopt_compile, args,
+                                                   kwargs, metric, compile_kwargs)
+    else:
+        current = model
     first_hist = current.fxopt_history if len(compress) else None
     records = list(first_hist.records) if first_hist is not None else []
     compressed = len(compress) and any(getattr(s, "compresses", False) for s in _flat_steps(compress)) and any(
@@ -143,7 +225,8 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
         params, nbytes = _model_stats(current)
         stages.append({"stage": "compress", "what": _what(compress), "params": params, "bytes": nbytes,
                        "seconds": time.perf_counter() - start,
-                       "metric": current.fxopt_history.metric["compiled"] if metric is not None else None})
+                       "metric": current.fxopt_history.metric["compiled"] if metric is not None else None,
+                       **({"pruning": choice} if choice else {})})
         t0 = time.perf_counter()
         current, hist = finetune(current, data, epochs=epochs, progress=progress, **train_opts)
         stages.append({"stage": "distill" if mode else "finetune", "what": f"{mode or 'labels'}, {epochs} epochs",

@@ -27,4 +27,12 @@ def describe_stages(stages: list) -> str:
 
     def line(r: list) -> str:
         return "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
-    return "training stages:\n" + "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+    notes = []
+    for st in stages:   # the recovery call pruned two ways and kept the one closer to the original
+        p = st.get("pruning")
+        if p:
+            errs = ", ".join(f"{k} {v:.4g}" for k, v in p.get("output_error", {}).items())
+            notes.append(f"{st.get('stage', '?')}: pruned by {p.get('chosen')} (relative output error on the "
+                         f"recovery data: {errs})")
+    return "training stages:\n" + "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+                                             + notes)

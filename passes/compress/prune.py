@@ -13,7 +13,12 @@ by its mean, so residual partners weigh alike), ``bn`` (|gamma| of the group's b
 norms, falling back to l1), or ``taylor``: first-order Taylor ``|w * dL/dw|`` summed per
 channel, with gradients from the calibration data (``compile(..., calibration=loader,
 calibration_inputs=0)`` for ``(inputs, labels)`` pairs: cross entropy; otherwise the
-mean squared output; the example inputs when no data is given). Channel counts can be rounded up to a multiple
+mean squared output; the example inputs when no data is given), or ``activation``: what each channel
+moves in the layers that read it, ``||W[:, c]||^2 * E[x_c^2]`` over the calibration data. With
+``reconstruct=true`` every linear reading a pruned group is re-fitted by least squares on the channels
+it keeps, so that its outputs stay as close as they can to the unpruned ones (the bias absorbs the mean
+of what was removed); a re-fit is kept only where it beats plain slicing on calibration batches held
+back from the fit (:mod:`fxopt.passes.compress.prune_stats`; give 8+ batches). Channel counts can be rounded up to a multiple
 (``round_to=8``) for fast kernels. Groups whose producers match ``ignore`` are kept, and
 so are the ones that reach the model outputs (the classifier keeps its classes).
 
@@ -50,7 +55,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir.dialect import module_path
+from fxopt.ir.dialect import is_linear, module_path
 from fxopt.errors import PipelineError
 from fxopt.ir.meta import propagate_meta
 from fxopt.passmgr.pass_base import Pass, PassContext, PassResult, register_pass
@@ -58,7 +63,9 @@ from fxopt.ir.rewrite_utils import (attr_tensor, erase_dead, unpack_packed_proje
                                    unpack_split_projections)
 
 from fxopt.passes.analysis.channel_members import (BatchNorm, ChannelGroup, Depthwise, LayoutMember, Produces,
-                                                   end_slicing)
+                                                   Reads, _blocks, end_slicing)
+from fxopt.passes.compress.prune_stats import (activation_importance, collect_reader_stats, reconstruct_reader,
+                                               reconstructable, refit)
 
 __all__ = ["StructuredPrunePass", "group_importance"]
 
@@ -202,6 +209,9 @@ def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None
         m.prune(gm, g, keep)
 
 
+IMPORTANCES = ("l1", "l2", "bn", "taylor", "activation")
+
+
 @register_pass
 class StructuredPrunePass(Pass):
     """Remove whole channels of convs/linears and everything coupled to them (see module docs)."""
@@ -221,12 +231,14 @@ class StructuredPrunePass(Pass):
         ratios: tuple = ()
         scope: str = "local"
         max_ratio: float = 0.9
+        reconstruct: bool = False
 
         def __post_init__(self) -> None:
             if not 0 <= self.ratio < 1:
                 raise PipelineError(f"prune: ratio must be in [0, 1), got {self.ratio}")
-            if self.importance not in ("l1", "l2", "bn", "taylor"):
-                raise PipelineError(f"prune: importance must be l1, l2, bn or taylor, got {self.importance!r}")
+            if self.importance not in IMPORTANCES:
+                raise PipelineError(f"prune: importance must be one of {', '.join(IMPORTANCES)}, got "
+                                    f"{self.importance!r}")
             if self.scope not in ("local", "global"):
                 raise PipelineError(f"prune: scope must be local or global, got {self.scope!r}")
             if not 0 < self.max_ratio < 1:
@@ -270,7 +282,11 @@ class StructuredPrunePass(Pass):
         if unpacked:  # the graph changed inside this pass: what the manager cached is stale
             ctx.analyses.invalidate() if ctx.analyses is not None else None
         groups = ctx.analysis("channel-groups", gm)  # through the analysis manager (cached)
-        grads = taylor_gradients(gm, ctx, [g for g in groups if g.prunable]) if c.importance == "taylor" else None
+        prunable = [g for g in groups if g.prunable]
+        grads = taylor_gradients(gm, ctx, prunable) if c.importance == "taylor" else None
+        stats = collect_reader_stats(gm, ctx, prunable, c.reconstruct) \
+            if c.importance == "activation" or c.reconstruct else {}
+        fallback, refits, declined = [], {}, {}
         for g in groups:
             for m in g.of(LayoutMember):
                 readers[(m.node, m.kind)] = m
@@ -280,7 +296,12 @@ class StructuredPrunePass(Pass):
             if not g.prunable or any(fnmatch.fnmatch(nm, pat) for nm in names for pat in c.ignore):
                 kept.append(g.describe())
                 continue
-            todo.append((g, names, c.ratio_for(names), group_importance(gm, g, c.importance, grads)))
+            scores = activation_importance(gm, g, stats) if c.importance == "activation" else None
+            if c.importance == "activation" and scores is None:
+                fallback.append("+".join(names))   # no conv/linear reads it: the producers' weights decide
+            if scores is None:
+                scores = group_importance(gm, g, "l1" if c.importance == "activation" else c.importance, grads)
+            todo.append((g, names, c.ratio_for(names), scores))
         targets = _global_counts(todo, c) if c.scope == "global" else {}
         for g, names, r, scores in todo:
             k = targets[id(g)] if id(g) in targets else g.size - int((c.ratio if r is None else r) * g.size)
@@ -293,7 +314,10 @@ class StructuredPrunePass(Pass):
             if k >= g.size:
                 continue
             keep = _balanced_topk(scores, k, g.cuts)
+            fits = self._refits(gm, g, keep, stats, refits, declined) if c.reconstruct else {}
             apply_group(gm, g, keep)
+            for node, (w, b) in fits.items():
+                reconstruct_reader(gm, node, w, b)
             decided[id(g)] = keep
             pruned["+".join(names)] = f"{g.size}->{k}"
             heads += g.heads
@@ -308,5 +332,32 @@ class StructuredPrunePass(Pass):
                 n.meta.pop("val", None)
         erase_dead(gm)
         propagate_meta(gm)
-        return PassResult(True, frozenset(), {"groups_pruned": len(pruned), "channels": pruned,
-                                              "groups_kept": len(kept), "head_groups_pruned": heads})
+        details = {"groups_pruned": len(pruned), "channels": pruned, "groups_kept": len(kept),
+                   "head_groups_pruned": heads}
+        if c.importance == "activation":
+            details["importance_from_weights"] = fallback
+        if c.reconstruct:
+            details["reconstructed"] = refits
+            details["not_reconstructed"] = declined
+        return PassResult(True, frozenset(), details)
+
+    @staticmethod
+    def _refits(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor, stats: dict, done: dict,
+                declined: dict) -> dict:
+        """node -> (weight, bias) re-fitted on the kept channels, for every linear reader of ``g`` that
+        can be and whose re-fit beats slicing on held-back batches (see prune_stats)."""
+        out = {}
+        for m in g.of(Reads):
+            st = stats.get(m.node.name)
+            name = module_path(m.node) or m.node.name
+            if st is None or st.gram is None or not reconstructable(gm, m.node, m, g):
+                if is_linear(m.node):
+                    declined[name] = "its weight is shared, or it reads other channels too"
+                continue
+            fit, info = refit(gm, m.node, _blocks(keep, m.block), st)
+            if fit is None:
+                declined[name] = info["why"]
+            else:
+                out[m.node] = fit
+                done[name] = round(info["held_back_error"], 4)
+        return out

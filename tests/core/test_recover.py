@@ -309,3 +309,49 @@ def test_transfer_and_recover_review_regressions(digits):
     fxopt.compile(net, (train[0][0],), recipe="prune-50", metric=lambda m: _acc(m, test),
                   recover={"data": train[:2], "epochs": 1})
     assert state_hash(net) == before
+
+
+# ---------------------------------------------------------------- data-aware pruning in the recovery call
+class _Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _on_a_subspace(n, seed):
+    basis = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(32, 4, generator=g) @ basis for _ in range(n)]
+
+
+def test_the_recovery_call_prunes_both_ways_and_keeps_the_closer_one(digits, trained):
+    """Inputs on a 4-dimensional subspace: fc2 can be re-fitted on the kept channels almost exactly, so
+    the data-aware prune is far closer to the original and is chosen; on the digits CNN the history says
+    what was chosen either way, the chosen error is the smaller one, and reconstruct=False prunes as written."""
+    torch.manual_seed(0)
+    model = _Wide().eval()
+    data = _on_a_subspace(8, 1)
+    out = fxopt.compile(model, (data[0],), recipe="prune-50", progress=False,
+                        recover={"data": data, "epochs": 1, "lr": 1e-4})
+    comp = out.fxopt_history.stages[0]
+    assert comp["stage"] == "compress" and comp["pruning"]["chosen"] == "activation + reconstruct"
+    errs = comp["pruning"]["output_error"]
+    assert errs["activation + reconstruct"] < 0.1 * errs["weights (l1)"]
+    assert "pruned by activation + reconstruct" in str(out.fxopt_history)
+    prune = next(r for r in out.fxopt_history.records if r.name == "prune")
+    assert "fc2" in prune.info["reconstructed"]
+    test = torch.cat(_on_a_subspace(2, 2))
+    assert (out(test) - model(test)).pow(2).mean() < 0.1 * model(test).pow(2).mean()
+
+    train, _ = digits
+    out = fxopt.compile(trained, (train[0][0],), recipe="prune-50", progress=False,
+                        recover={"data": train[:4], "epochs": 1})
+    p = out.fxopt_history.stages[0]["pruning"]
+    assert p["chosen"] == min(p["output_error"], key=p["output_error"].get)
+    plain = fxopt.compile(trained, (train[0][0],), recipe="prune-50", progress=False,
+                          recover={"data": train[:4], "epochs": 1, "reconstruct": False})
+    assert "pruning" not in plain.fxopt_history.stages[0]
+    assert "reconstructed" not in next(r for r in plain.fxopt_history.records if r.name == "prune").info
