@@ -173,6 +173,10 @@ def test_recover_from_the_command_line(tmp_path, capsys):
                  "--recover", str(data), "--recover-epochs", "1", "--out", str(out_file)]) == 0
     out = capsys.readouterr().out
     assert "training stages" in out and "distill" in out and "qat" in out
+    assert "compress: pruned by" in out          # both prunes measured, the choice printed
+    assert main(["compile", f"{TINY}:build", "--input-shape", "8x3x8x8", "--recipe", "prune-50",
+                 "--recover", str(data), "--recover-epochs", "1", "--no-reconstruct", "--out", str(out_file)]) == 0
+    assert "pruned by" not in capsys.readouterr().out
     m = fxopt.load(str(out_file))
     assert m(batches[0][0]).shape == (8, 2)
     bad = tmp_path / "bad.pt"

@@ -305,7 +305,8 @@ def _recover(ns: argparse.Namespace) -> dict | None:
     if not isinstance(data, (list, tuple)) or not data:
         raise fxopt.InputError(f"--recover {path} holds a {type(data).__name__}; save a non-empty list of training "
                                "batches: [(inputs, targets), ...] (or the inputs alone, for distillation)")
-    out = {"data": list(data), "epochs": ns.recover_epochs, "distill": not ns.no_distill, "qat": not ns.no_qat}
+    out = {"data": list(data), "epochs": ns.recover_epochs, "distill": not ns.no_distill, "qat": not ns.no_qat,
+           "reconstruct": not ns.no_reconstruct}
     if ns.recover_lr is not None:
         out["lr"] = ns.recover_lr
     return out
@@ -437,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recover-lr", type=float, metavar="LR", help="recovery learning rate (default 0.05, SGD)")
     c.add_argument("--no-distill", action="store_true", help="recover from the labels only, without the teacher")
     c.add_argument("--no-qat", action="store_true", help="quantize after recovery without training (PTQ)")
+    c.add_argument("--no-reconstruct", action="store_true",
+                   help="prune only as the recipe says (default: also prune by activation with the readers "
+                        "re-fitted on the recovery data, and keep whichever stays closer to the original)")
     c.add_argument("--runtime", default="torch",
                    choices=["torch", "auto", "onnxruntime", "openvino", "inductor"],
                    help="what runs the optimized graph (default torch: fxopt's kernels); auto: time the installed "
