@@ -150,6 +150,9 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "int4"
         runs[name] = (fn(), time.process_time() - t, time.perf_counter() - w)
         sizes[name] = _params(weights_of if weights_of is not None else runs[name][0])
         print(f"  {name}: {runs[name][1] / 60:.1f} CPU min", file=sys.stderr, flush=True)
+        for st in getattr(getattr(runs[name][0], "fxopt_history", None), "stages", None) or []:
+            if st.get("pruning"):   # the recovery call's choice between the two prunes
+                print(f"    pruned by {st['pruning']['chosen']}: {st['pruning']['output_error']}", file=sys.stderr)
     if "prune" in parts:
         pruned = fxopt.compile(model, kwargs=kw, recipe="prune-50", progress=False)
         run("prune-50, no training", lambda: pruned)

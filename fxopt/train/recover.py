@@ -84,8 +84,8 @@ def _data_aware(pipeline: Any) -> tuple[Any, bool]:
 def _output_error(m: torch.nn.Module, ref: torch.nn.Module, data: Any, batches: int = 8) -> float:
     """Mean squared difference of the main outputs over the first ``batches`` batches, relative to the
     reference's mean square."""
-    from fxopt.passes.compress.prune import _first_float
     from fxopt.quant.calibrate import normalize_item
+    from fxopt.train.distill import _first_tensor as _first_float
     num = den = 0.0
     saved = {n: b.clone() for n, b in m.named_buffers()}   # a probe: batch-norm statistics must not move
     try:
@@ -105,8 +105,11 @@ def _errors(m, ref, data, batches, normalize_item, _first_float):
                 break
             pair = isinstance(item, (tuple, list)) and len(item) == 2
             a, kw = normalize_item(item, 0 if pair else None)
-            want = _first_float(ref(*a, **kw)).float()
-            num += float((_first_float(m(*a, **kw)).float() - want).pow(2).mean())
+            want, got = _first_float(ref(*a, **kw)), _first_float(m(*a, **kw))
+            if want is None or got is None or not want.is_floating_point():
+                continue   # nothing to compare: both prunes tie at 0 and the recipe's stays
+            want = want.float()
+            num += float((got.float() - want).pow(2).mean())
             den += float(want.pow(2).mean())
     return num, den
 
