@@ -34,6 +34,7 @@ learning rate.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Callable
 
@@ -83,35 +84,26 @@ def _data_aware(pipeline: Any) -> tuple[Any, bool]:
 
 def _output_error(m: torch.nn.Module, ref: torch.nn.Module, data: Any, batches: int = 8) -> float:
     """Mean squared difference of the main outputs over the first ``batches`` batches, relative to the
-    reference's mean square."""
+    reference's mean square (batches without a floating-point output are skipped)."""
     from fxopt.quant.calibrate import normalize_item
-    from fxopt.train.distill import _first_tensor as _first_float
+    from fxopt.train.distill import _first_tensor
     num = den = 0.0
     saved = {n: b.clone() for n, b in m.named_buffers()}   # a probe: batch-norm statistics must not move
     try:
-        num, den = _errors(m, ref, data, batches, normalize_item, _first_float)
+        with torch.no_grad():
+            for item in itertools.islice(data, batches):   # a DataLoader is not read to its end
+                pair = isinstance(item, (tuple, list)) and len(item) == 2
+                a, kw = normalize_item(item, 0 if pair else None)
+                want, got = _first_tensor(ref(*a, **kw)), _first_tensor(m(*a, **kw))
+                if want is None or got is None or not want.is_floating_point():
+                    continue
+                num += float((got.float() - want.float()).pow(2).mean())
+                den += float(want.float().pow(2).mean())
     finally:
         with torch.no_grad():
             for n, b in m.named_buffers():
                 b.copy_(saved[n])
     return num / max(den, 1e-30)
-
-
-def _errors(m, ref, data, batches, normalize_item, _first_float):
-    num = den = 0.0
-    with torch.no_grad():
-        for i, item in enumerate(data):
-            if i >= batches:
-                break
-            pair = isinstance(item, (tuple, list)) and len(item) == 2
-            a, kw = normalize_item(item, 0 if pair else None)
-            want, got = _first_float(ref(*a, **kw)), _first_float(m(*a, **kw))
-            if want is None or got is None or not want.is_floating_point():
-                continue   # nothing to compare: both prunes tie at 0 and the recipe's stays
-            want = want.float()
-            num += float((got.float() - want).pow(2).mean())
-            den += float(want.pow(2).mean())
-    return num, den
 
 
 def _closer_of(model, plain, compress, aware, data, fxopt_compile, args, kwargs, metric, compile_kwargs):

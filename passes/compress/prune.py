@@ -317,7 +317,9 @@ class StructuredPrunePass(Pass):
             fits = self._refits(gm, g, keep, stats, refits, declined) if c.reconstruct else {}
             apply_group(gm, g, keep)
             for node, (w, b) in fits.items():
-                reconstruct_reader(gm, node, w, b)
+                # a reader that also produces these channels (h + fc(h)) just lost the same rows
+                rows = next((_blocks(keep, m.block) for m in g.of(Produces) if m.node is node), None)
+                reconstruct_reader(gm, node, w if rows is None else w[rows], b if rows is None else b[rows])
             decided[id(g)] = keep
             pruned["+".join(names)] = f"{g.size}->{k}"
             heads += g.heads

@@ -175,3 +175,25 @@ def test_measuring_a_train_mode_model_moves_no_batch_norm_statistics():
     # the 4 kept channels' statistics are the original's (untouched: mean 0, var 1)
     for k, v in stats.items():
         assert torch.equal(v, torch.zeros_like(v)) if "mean" in k else torch.equal(v, torch.ones_like(v))
+
+
+def test_a_reader_that_also_produces_the_channels_is_refitted_on_both_sides():
+    """``h = h + fc(relu(h))``: fc reads and writes the residual channels; its re-fit loses the same rows
+    the pruning removes (this raised, and the pass was rolled back, before)."""
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.fc, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.head(h + self.fc(torch.relu(h)))
+    torch.manual_seed(0)
+    model = Residual().eval()
+    data = _correlated()
+    out = fxopt.compile(model, (data[0],), recipe="prune(ratio=0.5,importance=activation,reconstruct=true)",
+                        calibration=data, progress=False, strict=True)
+    rec = _prune_record(out)
+    assert rec.status == "changed" and rec.info["channels"] == {"inp+fc": "32->16"}
+    assert set(rec.info["reconstructed"]) == {"fc", "head"}
+    assert out(torch.randn(3, 16)).shape == (3, 4)
