@@ -109,15 +109,15 @@ def _output_error(m: torch.nn.Module, ref: torch.nn.Module, data: Any, batches: 
 def _closer_of(model, plain, compress, aware, data, fxopt_compile, args, kwargs, metric, compile_kwargs):
     """Prune again the data-aware way and keep whichever result stays closer to the original on the
     recovery data (relative output error): (model, pipeline, what was chosen and why)."""
+    import copy
+
+    from fxopt.ir.torch_compat import torch_internals
     cw = dict(compile_kwargs)
     if cw.get("calibration") is None:   # the recovery data measures the channels
         first = next(iter(data), None)
         cw.update(calibration=data, calibration_inputs=0 if isinstance(first, (tuple, list)) and len(first) == 2
                   else None)
     other = fxopt_compile(model, args, kwargs, recipe=aware, metric=metric, **cw)
-    import copy
-
-    from fxopt.ir.torch_compat import torch_internals
     with torch_internals():   # the user's model is never run here: an eval-mode copy is the reference
         ref = copy.deepcopy(model).eval()
     errs = {"weights (l1)": _output_error(plain, ref, data), "activation + reconstruct": _output_error(other, ref, data)}

@@ -65,7 +65,7 @@ from fxopt.ir.rewrite_utils import (attr_tensor, erase_dead, unpack_packed_proje
 from fxopt.passes.analysis.channel_members import (BatchNorm, ChannelGroup, Depthwise, LayoutMember, Produces,
                                                    Reads, _blocks, end_slicing)
 from fxopt.passes.compress.prune_stats import (activation_importance, collect_reader_stats, reconstruct_reader,
-                                               reconstructable, refit)
+                                               refit)
 
 __all__ = ["StructuredPrunePass", "group_importance"]
 
@@ -352,9 +352,10 @@ class StructuredPrunePass(Pass):
         for m in g.of(Reads):
             st = stats.get(m.node.name)
             name = module_path(m.node) or m.node.name
-            if st is None or st.gram is None or not reconstructable(gm, m.node, m, g):
+            if st is None or st.gram is None:   # collect_reader_stats asked for a Gram only where it may re-fit
                 if is_linear(m.node):
-                    declined[name] = "its weight is shared, or it reads other channels too"
+                    declined[name] = "no calibration rows reached it" if st is not None and st.want_gram \
+                        else "its weight is shared, or it reads other channels too"
                 continue
             fit, info = refit(gm, m.node, _blocks(keep, m.block), st)
             if fit is None:
