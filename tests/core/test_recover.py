@@ -172,6 +172,49 @@ def test_qat_recovers_int4_and_lowers_to_the_ptq_kernels(digits, trained, recipe
         torch.testing.assert_close(back(test[0][0]), q(test[0][0]))
 
 
+def test_a_weight_gptq_rounds_off_its_nearest_code_starts_training_inside_that_code():
+    from fxopt.quant import qspec
+    from fxopt.train.qat import _within_codes
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 256, generator=g)
+    scale = w.reshape(16, 2, 128).abs().amax(-1) / 7
+    zp = torch.randint(-1, 2, (16, 2), generator=g, dtype=torch.int8)
+    rtn = qspec.quantize(w, scale, zp, -8, 7, 128)
+    bump = torch.randint(-1, 2, rtn.shape, generator=g, dtype=torch.int8) * (torch.rand(rtn.shape, generator=g) < 0.2)
+    codes = (rtn.to(torch.int32) + bump).clamp(-8, 7).to(torch.int8)   # GPTQ-like: some weights one code off
+    off = codes != rtn
+    latent, moved = _within_codes(w, codes, scale, zp, -8, 7, 128)
+    assert moved == int(off.sum()) > 100
+    assert torch.equal(qspec.quantize(latent, scale, zp, -8, 7, 128), codes)   # the forward is the PTQ model's
+    assert torch.equal(latent[~off], w[~off])                                  # the others keep their float value
+    # moved ones go to the nearest point of their code's interval: never further than to its centre
+    centre = qspec.dequantize(codes, scale, zp, 128)
+    assert bool(((latent - w).abs() <= (centre - w).abs() + 1e-6)[off].all())
+    same, none = _within_codes(w, rtn, scale, zp, -8, 7, 128)
+    assert none == 0 and same is w
+
+
+def test_qat_starts_from_the_gptq_rounded_ptq_model():
+    """With a learning rate that moves nothing, QAT of a GPTQ recipe returns the PTQ model (the same
+    calibration: QAT's default for a GPTQ recipe is the first 32 batches); before, it trained from the
+    round-to-nearest codes and lost GPTQ's rounding."""
+    g = torch.Generator().manual_seed(3)
+    basis = torch.randn(12, 128, generator=g)
+    xs = [torch.randn(64, 12, generator=g) @ basis + 0.05 * torch.randn(64, 128, generator=g) for _ in range(40)]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128))
+    data = [(x, x) for x in xs]
+    ptq = fxopt.compile(model, (xs[0],), recipe="int4-weight", calibration=xs[:32], progress=False)
+    assert next(r for r in ptq.fxopt_history.records if r.name == "insert-qdq").info["gptq"]["layers"] == 2
+    q = fxopt.qat(model, (xs[0],), data, recipe="int4-weight", epochs=1, lr=1e-12, progress=False)
+    stage = q.fxopt_history.qat
+    assert stage["started_off_nearest"] > 0 and stage["codes_changed"] == 0
+    assert stage["freeze_after"] == 0   # re-observing would round to nearest again
+    with torch.no_grad():
+        for x in xs[32:]:
+            torch.testing.assert_close(q(x), ptq(x))
+
+
 def test_qat_dynamic_learned_scales_and_errors(digits):
     train, test = digits
     torch.manual_seed(0)
