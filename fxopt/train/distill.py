@@ -123,9 +123,9 @@ class _Taps:
         return x
 
     def _tap_graph(self, gm: fx.GraphModule, paths: list[str], role: str) -> None:
-        nodes = list(gm.graph.nodes)
         inserted = []
         for p in paths:
+            nodes = list(gm.graph.nodes)   # with the taps inserted so far (a block and its sublayer both tapped)
             inside = [n for n in nodes if n.op == "call_function" and _in_module(n, p)]
             # the module's output: the last of its nodes read outside it, a floating-point tensor
             outs = [n for n in inside if any(not _in_module(u, p) for u in n.users)
@@ -197,7 +197,8 @@ class Distiller:
     """The distillation objective of one fine-tuning run (see the module docstring)."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, mode: str, *, temperature: float = 2.0,
-                 alpha: float = 0.5, features: Any = None, hidden_loss: str = "mse"):
+                 alpha: float = 0.5, features: Any = None, hidden_loss: str = "mse",
+                 cache_bytes: int = 0):
         if mode not in DISTILL_MODES:
             raise InputError(f"distill must be one of {', '.join(DISTILL_MODES)}, got {mode!r}")
         if hidden_loss not in HIDDEN_LOSSES:
@@ -221,6 +222,10 @@ class Distiller:
             raise
         self.projections = torch.nn.ModuleDict()
         self._checked = False
+        # the teacher's targets of each batch of a list, kept after the first epoch (bounded)
+        self._cache: dict[int, tuple] = {}
+        self._cache_room = int(cache_bytes)
+        self.cache_hits = 0
 
     def _pairs(self, student: torch.nn.Module, features: Any) -> list[tuple[str, str]]:
         if features is None:
@@ -247,11 +252,31 @@ class Distiller:
     def parameters(self) -> Iterable[torch.nn.Parameter]:
         return self.projections.parameters()
 
-    def teacher_outputs(self, call: Callable[[torch.nn.Module], Any]) -> tuple[Any, dict]:
+    def teacher_outputs(self, call: Callable[[torch.nn.Module], Any], key: tuple | None = None) -> tuple[Any, dict]:
+        """The teacher's output and features on one batch. ``key`` ``(index, inputs)``: the batch's place in
+        a list that every epoch reads again; its targets are kept (copies of the tensors the loss reads,
+        while the cache has room) and returned again when the same inputs object comes back there:
+        the teacher runs once per batch, not once per epoch (it is in eval mode: the same inputs give
+        the same targets)."""
+        if key is not None:
+            hit = self._cache.get(key[0])
+            if hit is not None and hit[0] is key[1]:
+                self.cache_hits += 1
+                return hit[1], dict(hit[2])
         self.t_taps.values = {}
         with torch.no_grad():
             out = call(self.teacher)
-        return out, dict(self.t_taps.values)
+        feats = dict(self.t_taps.values)
+        if key is not None and self._cache_room > 0:
+            main = _first_tensor(out)
+            kept = {k: v.clone() for k, v in feats.items() if isinstance(v, torch.Tensor)}
+            size = sum(t.numel() * t.element_size() for t in [*kept.values(), *([main] if main is not None else [])])
+            if main is not None and len(kept) == len(feats) and size <= self._cache_room:
+                self._cache[key[0]] = (key[1], main.clone(), kept)   # clones: a runtime may reuse its buffers
+                self._cache_room -= size
+            else:
+                self._cache_room = 0   # full (or not cacheable): later batches run the teacher every epoch
+        return out, feats
 
     def reset(self) -> None:
         self.s_taps.values = {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class FinetuneHistory:
 
     epochs: list = field(default_factory=list)
     steps: int = 0
+    teacher_cache_hits: int = 0   # distillation batches whose teacher targets came from the first epoch's run
 
     def table(self) -> str:
         keys = [k for k in ("epoch", "loss", "kd", "hidden", "accuracy", "eval_loss", "eval_accuracy", "lr", "seconds")
@@ -217,7 +219,8 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
              progress: bool | None = None, on_step: Callable[[int, torch.nn.Module], None] | None = None,
              keep_sparsity: bool = True, train_bn: bool = True, teacher: torch.nn.Module | None = None,
              distill: str | None = None, temperature: float = 2.0, alpha: float = 0.5, features: Any = None,
-             hidden_loss: str = "mse", lr_multipliers: dict | None = None) -> tuple[torch.nn.Module, FinetuneHistory]:
+             hidden_loss: str = "mse", lr_multipliers: dict | None = None,
+             teacher_cache: Any = "auto") -> tuple[torch.nn.Module, FinetuneHistory]:
     """Train ``model`` on ``data`` (an iterable of ``(inputs, targets)`` batches, re-iterable when
     ``epochs > 1``); return ``(trained_model, history)``. See the module docstring.
 
@@ -242,6 +245,12 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
 
     ``lr_multipliers``: ``{parameter name or glob: factor}``, discriminative learning rates (a
     backbone at 0.1x its head, say; :func:`fxopt.transfer` uses it).
+
+    ``teacher_cache``: when ``data`` is a list (or tuple) read again every epoch, the teacher's targets
+    of each batch are kept after the first epoch and the teacher is not run again on it. ``"auto"``
+    (default): up to 2 GiB or a quarter of the free memory, whichever is less (batches beyond that
+    run the teacher every epoch); an int: that many bytes; ``False``: off. A DataLoader (new tensors
+    every epoch, perhaps shuffled) never uses it. ``history.teacher_cache_hits`` counts the reuses.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"finetune expects a torch.nn.Module, got {type(model).__name__}")
@@ -276,19 +285,41 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
     if distill is not None:
         from fxopt.train.distill import Distiller, resolve_teacher
         distiller = Distiller(model, resolve_teacher(model, teacher), distill, temperature=temperature,
-                              alpha=alpha, features=features, hidden_loss=hidden_loss)
+                              alpha=alpha, features=features, hidden_loss=hidden_loss,
+                              cache_bytes=_cache_budget(teacher_cache, data))
     try:
         if distiller is not None:
             _prepare_distiller(model, distiller, data, train_bn)
-        return _train(model, data, distiller, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
+        trained, history = _train(model, data, distiller, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
                       weight_decay=weight_decay, nesterov=nesterov, schedule=schedule, warmup_steps=warmup_steps,
                       step_size=step_size, gamma=gamma, amp=amp, loss_fn=loss_fn, eval_data=eval_data,
                       clip_grad_norm=clip_grad_norm, progress=progress, on_step=on_step,
                       keep_sparsity=keep_sparsity, train_bn=train_bn, steps_per_epoch=steps_per_epoch,
                       lr_multipliers=lr_multipliers)
+        history.teacher_cache_hits = distiller.cache_hits if distiller is not None else 0
+        return trained, history
     finally:
         if distiller is not None:
             distiller.remove()
+
+
+TEACHER_CACHE_BYTES = 2 << 30
+
+
+def _cache_budget(teacher_cache: Any, data: Any) -> int:
+    """Bytes the teacher's targets may take (see ``finetune``'s ``teacher_cache``); 0 unless ``data`` is a list."""
+    if teacher_cache is False or teacher_cache is None or not isinstance(data, (list, tuple)):
+        return 0
+    if teacher_cache == "auto" or teacher_cache is True:
+        free = TEACHER_CACHE_BYTES * 4
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+        return min(TEACHER_CACHE_BYTES, free // 4)
+    if isinstance(teacher_cache, int) and teacher_cache >= 0:
+        return teacher_cache
+    raise InputError(f"teacher_cache must be 'auto', True, False or a number of bytes, got {teacher_cache!r}")
 
 
 def _loss(loss_fn: Callable, out: torch.Tensor, target: Any) -> torch.Tensor:
@@ -363,9 +394,10 @@ def _train(model: torch.nn.Module, data: Iterable, distiller: Any, *, epochs: in
         parts_sum: dict[str, float] = {}
         epoch_steps = 0
         bar = tqdm(total=steps_per_epoch or None, desc=f"epoch {epoch}/{epochs}", disable=not show, leave=False)
-        for inputs, target in _batches(data, epoch, unlabeled=distiller is not None):
+        for i, (inputs, target) in enumerate(_batches(data, epoch, unlabeled=distiller is not None)):
             if distiller is not None:
-                t_out, t_feats = distiller.teacher_outputs(lambda m: _forward(m, inputs, "teacher"))
+                t_out, t_feats = distiller.teacher_outputs(lambda m: _forward(m, inputs, "teacher"),
+                                                           key=(i, inputs) if epochs > 1 else None)
                 distiller.reset()
             for g in opt.param_groups:
                 g["lr"] = lr * g.get("lr_mult", 1.0) * factor(step)

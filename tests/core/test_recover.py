@@ -93,6 +93,47 @@ def test_hidden_distillation_pairs_blocks_projects_pruned_widths_and_needs_no_la
     assert not plain.blocks[1]._forward_hooks and h3.epochs[-1]["loss"] < h3.epochs[0]["loss"]
 
 
+def test_the_teacher_runs_once_per_batch_of_a_list_and_training_is_unchanged(digits):
+    train, _ = digits
+    torch.manual_seed(0)
+    teacher, _ = fxopt.finetune(Blocks(), train, epochs=2, lr=0.05, progress=False)
+    pruned = fxopt.compile(teacher, (train[0][0],), recipe="prune-50")
+    unlabeled = [x for x, _ in train][:6]
+    runs = {}
+    import fxopt.train.distill as dmod
+    for cache in (False, "auto", 1):
+        seen = []
+        real = dmod.Distiller.teacher_outputs
+
+        def counting(self, call, key=None, _real=real):
+            before = self.cache_hits
+            out = _real(self, call, key)
+            seen.append(self.cache_hits == before)   # True: the teacher ran
+            return out
+        dmod.Distiller.teacher_outputs = counting
+        try:
+            # "blocks.*": each block and its layers (nested paths: the taps of one saw the other as inside)
+            runs[cache] = fxopt.finetune(pruned, unlabeled, distill="both", features=["blocks.*"], epochs=3,
+                                         lr=0.02, teacher_cache=cache, progress=False)
+        finally:
+            dmod.Distiller.teacher_outputs = real
+        runs[cache] += (sum(seen),)
+    (a, ha, ran_a), (b, hb, ran_b), (c, hc, ran_c) = runs[False], runs["auto"], runs[1]
+    # the same training, bit for bit
+    assert [e["loss"] for e in ha.epochs] == [e["loss"] for e in hb.epochs] == [e["loss"] for e in hc.epochs]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # the teacher ran on every batch once (+1: the first batch checks the shapes) instead of every epoch
+    assert ran_a == 3 * 6 + 1 and ha.teacher_cache_hits == 0
+    assert ran_b == 6 + 1 and hb.teacher_cache_hits == 2 * 6
+    assert ran_c == 3 * 6 + 1 and hc.teacher_cache_hits == 0   # one byte of room: nothing kept
+    # a DataLoader gives new tensors every epoch: never reused
+    loader = torch.utils.data.DataLoader(torch.cat(unlabeled), batch_size=len(unlabeled[0]))
+    _, hl = fxopt.finetune(pruned, loader, distill="hidden", epochs=2, lr=0.02, progress=False)
+    assert hl.teacher_cache_hits == 0
+    with pytest.raises(InputError, match="teacher_cache"):
+        fxopt.finetune(pruned, unlabeled, distill="hidden", teacher_cache="yes", progress=False)
+
+
 def test_distillation_errors_are_clear(digits, trained):
     train, _ = digits
     pruned = fxopt.compile(trained, (train[0][0],), recipe="prune-50")
