@@ -191,6 +191,12 @@ def _batches(data: Iterable, epoch: int, unlabeled: bool = False) -> Iterable:
                              + ("" if unlabeled else "; with a teacher (distill=) the inputs alone will do"))
 
 
+def _has_pairs(data: Any) -> bool:
+    """Are the batches ``(inputs, targets)`` pairs (rather than the inputs alone)?"""
+    first = next(iter(data), None)
+    return isinstance(first, (tuple, list)) and len(first) == 2
+
+
 def _has_labels(data: Any) -> bool:
     """Do the batches carry integer class labels (``(inputs, targets)`` with integer targets)?"""
     first = next(iter(data), None)
@@ -267,8 +273,11 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
         torch.manual_seed(seed)
         random.seed(seed)
     if not inplace:
+        history_of = getattr(model, "fxopt_history", None)
         with torch_internals():
             model = copy.deepcopy(model)
+        if history_of is not None and getattr(model, "fxopt_history", None) is None:
+            model.fxopt_history = copy.copy(history_of)   # a graph's deepcopy drops it: what compile did stays shown
     try:
         steps_per_epoch = len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -476,7 +485,10 @@ class _nullctx:
 
 
 def _first_inputs(data: Iterable) -> tuple[tuple, dict]:
-    inputs = next(iter(data))[0]
+    """The first batch's inputs as ``(args, kwargs)``: of an ``(inputs, targets)`` pair, or the batch itself
+    (inputs alone, as distillation takes them)."""
+    first = next(iter(data))
+    inputs = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else first
     if isinstance(inputs, dict):
         return (), inputs
     return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
@@ -484,7 +496,7 @@ def _first_inputs(data: Iterable) -> tuple[tuple, dict]:
 
 def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: float = 0.8, epochs: int = 4,
                   begin_epoch: int = 0, end_epoch: int | None = None, every: int = 10,
-                  structured: bool = False, importance: str = "l1",
+                  structured: bool = False, importance: str = "l1", reconstruct: bool = False,
                   **finetune_options: Any) -> tuple[torch.nn.Module, FinetuneHistory]:
     """Pruning interleaved with training on Zhu & Gupta's cubic schedule.
 
@@ -497,6 +509,10 @@ def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: flo
     recompiled with ``prune`` (``importance=``) so that ``cubic_sparsity(epoch)`` of the channels
     of every prunable group are gone, then fine-tuned one epoch: the model really shrinks step by
     step (``final_sparsity=0.5`` ends like ``prune-50``). Learning-rate schedules span one epoch.
+    ``importance="activation"``/``"taylor"`` measure the channels on ``data`` at each step;
+    ``reconstruct=True`` re-fits the layers reading pruned channels (``prune(reconstruct=true)``).
+    With distillation (``distill=``), the teacher defaults to the model given (or, for a compiled
+    one, the model it came from), not to each step's previous student.
 
     ``model`` may be a plain module (compiled first, on the first batch's inputs) or a compiled
     one. Other options go to :func:`finetune`.
@@ -512,7 +528,10 @@ def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: flo
         raise InputError("the fine-tuning data is empty")
     if structured:
         return _gradual_structured(model, data, final_sparsity, epochs, begin_epoch,
-                                   epochs - 1 if end_epoch is None else end_epoch, importance, finetune_options)
+                                   epochs - 1 if end_epoch is None else end_epoch, importance, finetune_options,
+                                   reconstruct)
+    if reconstruct:
+        raise InputError("reconstruct=True re-fits layers after channels are removed: it needs structured=True")
     if not any(n.endswith("_mask") for n, _ in model.named_buffers()):
         import fxopt  # the public API at call time (fxopt.api sits above this module)
         fxopt_compile = fxopt.compile
@@ -534,20 +553,26 @@ def gradual_prune(model: torch.nn.Module, data: Iterable, *, final_sparsity: flo
 
 
 def _gradual_structured(model: torch.nn.Module, data: Iterable, final: float, epochs: int, begin: int, end: int,
-                        importance: str, options: dict) -> tuple[torch.nn.Module, FinetuneHistory]:
+                        importance: str, options: dict, reconstruct: bool = False
+                        ) -> tuple[torch.nn.Module, FinetuneHistory]:
     import fxopt  # the public API at call time (fxopt.api sits above this module)
+    from fxopt.train.distill import source_of
     fxopt_compile = fxopt.compile
     args, kwargs = _first_inputs(data)
+    if options.get("distill") and options.get("teacher") is None:
+        # each step's student is compiled from the previous one: the teacher stays the original
+        options = {**options, "teacher": source_of(model) or model}
+    pairs = _has_pairs(data)
     history = FinetuneHistory()
     done = 0.0
     for epoch in range(epochs):
         target = cubic_sparsity(epoch, final, begin, end)
         if target > done + 1e-9:
             ratio = 1 - (1 - target) / (1 - done)   # of the channels still there
-            calib = {"calibration": data, "calibration_inputs": 0} if importance == "taylor" else {}
-            model = fxopt_compile(model, args, kwargs, progress=False,
-                                  recipe=f"canonicalize,prune(ratio={ratio:.6f},importance={importance}),cleanup",
-                                  **calib)
+            calib = {"calibration": data, "calibration_inputs": 0 if pairs else None} \
+                if importance in ("taylor", "activation") or reconstruct else {}
+            step = f"prune(ratio={ratio:.6f},importance={importance}" + (",reconstruct=true)" if reconstruct else ")")
+            model = fxopt_compile(model, args, kwargs, progress=False, recipe=f"canonicalize,{step},cleanup", **calib)
             done = target
         model, h = finetune(model, data, epochs=1, **options)
         for e in h.epochs:

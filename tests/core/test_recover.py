@@ -134,6 +134,30 @@ def test_the_teacher_runs_once_per_batch_of_a_list_and_training_is_unchanged(dig
         fxopt.finetune(pruned, unlabeled, distill="hidden", teacher_cache="yes", progress=False)
 
 
+def test_gradual_structured_pruning_distills_from_the_original_on_unlabeled_data(digits, monkeypatch):
+    """Each step's student is compiled from the previous one: the teacher must stay the original; the
+    channels are measured on the data (activation importance, re-fits), which may be inputs alone."""
+    import fxopt.train.distill as dmod
+    train, test = digits
+    torch.manual_seed(0)
+    teacher, _ = fxopt.finetune(Blocks(), train, epochs=3, lr=0.05, progress=False)
+    unlabeled = [x for x, _ in train]
+    teachers = []
+    real = dmod.resolve_teacher
+    monkeypatch.setattr(dmod, "resolve_teacher", lambda s, t: teachers.append(t) or real(s, t))
+    student, hist = fxopt.gradual_prune(teacher, unlabeled, final_sparsity=0.5, epochs=3, end_epoch=2,
+                                        structured=True, importance="activation", reconstruct=True,
+                                        distill="hidden", optimizer="adamw", lr=1e-3, progress=False)
+    assert len(teachers) == 3 and all(t is teacher for t in teachers)
+    assert [e["pruned"] for e in hist.epochs] == [0.0, 0.4375, 0.5]
+    assert hist.epochs[-1]["params"] < 0.6 * sum(p.numel() for p in teacher.parameters())
+    records = [r for r in student.fxopt_history.records if r.name == "prune"]
+    assert records and records[-1].info.get("reconstructed") is not None
+    assert _acc(student, test) > 80
+    with pytest.raises(InputError, match="structured=True"):
+        fxopt.gradual_prune(teacher, unlabeled, reconstruct=True, distill="hidden", progress=False)
+
+
 def test_distillation_errors_are_clear(digits, trained):
     train, _ = digits
     pruned = fxopt.compile(trained, (train[0][0],), recipe="prune-50")
