@@ -17,9 +17,9 @@
     the original on the English sentences of ``pydoc_data.topics`` (a corpus in the standard library; 400 held
     out, the rest for training, 16 per batch, up to 64 tokens): after the weight-norm prune, and as the
     recovery call ``compile(recipe="prune-50", recover=...)`` (``--only minilm-prune`` runs just these);
-    int4-weight PTQ vs QAT (distilled from the
-    original's hidden states: no labels), at the recipe's 128-weight groups and at 32 (``--only minilm-int4``
-    runs just these). Accuracy: mean and min cosine of mean-pooled sentence
+    int4-weight PTQ (with the example batch alone, and with GPTQ on the 32 batches QAT calibrates on) vs
+    QAT (distilled from the original's hidden states: no labels), at the recipe's 128-weight groups and at 32
+    (``--only minilm-int4`` runs just these). Accuracy: mean and min cosine of mean-pooled sentence
     embeddings to the original's, on the held-out sentences and on the 64 sentences ``bench/quant.py``
     uses. Every run is seeded (``seed=0``) and deterministic.
 (c) Minitron-style: a Llama-architecture decoder (4 layers, hidden 192, 6 query / 2 key-value heads) is
@@ -171,6 +171,10 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "int4"
         tag = "" if gs == 128 else f", group_size={gs}"
         run(f"int4-weight PTQ{tag}", lambda: fxopt.compile(model, kwargs=kw, recipe="int4-weight", group_size=gs,
                                                              progress=False), model)
+        # the same calibration QAT starts from (its first 32 batches): linears rounded by GPTQ
+        run(f"int4-weight PTQ{tag}, GPTQ on 32 batches",
+            lambda: fxopt.compile(model, kwargs=kw, recipe="int4-weight", group_size=gs, calibration=train[:32],
+                                  progress=False), model)
         run(f"int4-weight QAT{tag}, hidden distillation ({qat_epochs} epochs)",
             lambda: fxopt.qat(model, (), train, kwargs=kw, recipe="int4-weight", epochs=qat_epochs, distill="hidden",
                               hidden_loss="mse+cosine", optimizer="adamw", lr=1e-4, progress=False,
