@@ -193,6 +193,47 @@ def _feature_dim(x: torch.Tensor) -> int:
     return 1 if x.dim() == 4 else -1  # channels of an image feature, else the last (hidden) dimension
 
 
+def _snapshot(inputs: Any) -> tuple | None:
+    """A batch's structure and copies of its leaves (tensors cloned), to recognise it again; None when a
+    leaf is neither a tensor nor a plain value (it cannot be compared)."""
+    from torch.utils._pytree import tree_flatten
+    leaves, spec = tree_flatten(inputs)
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            out.append(leaf.detach().clone())
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            out.append(leaf)
+        else:
+            return None
+    return spec, out
+
+
+def _same_inputs(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    for x, y in zip(a[1], b[1]):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True
+
+
+def _rng_states() -> list[torch.Tensor]:
+    states = [torch.random.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states += list(torch.cuda.get_rng_state_all())
+    return states
+
+
+def _same_rng(a: list[torch.Tensor] | None, b: list[torch.Tensor]) -> bool:
+    return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 class Distiller:
     """The distillation objective of one fine-tuning run (see the module docstring)."""
 
@@ -255,24 +296,37 @@ class Distiller:
     def teacher_outputs(self, call: Callable[[torch.nn.Module], Any], key: tuple | None = None) -> tuple[Any, dict]:
         """The teacher's output and features on one batch. ``key`` ``(index, inputs)``: the batch's place in
         a list that every epoch reads again; its targets are kept (copies of the tensors the loss reads,
-        while the cache has room) and returned again when the same inputs object comes back there:
-        the teacher runs once per batch, not once per epoch (it is in eval mode: the same inputs give
-        the same targets)."""
-        if key is not None:
+        and of the inputs they came from, while the cache has room) and returned again when inputs equal
+        to those come back there: the teacher runs once per batch, not once per epoch. A batch whose
+        tensors were replaced or edited in place since misses and runs the teacher again; a teacher that
+        draws random numbers in eval mode (sampling, injected noise) turns the cache off."""
+        seen = None
+        if key is not None and (self._cache_room > 0 or key[0] in self._cache):
+            seen = _snapshot(key[1])
             hit = self._cache.get(key[0])
-            if hit is not None and hit[0] is key[1]:
+            if hit is not None and seen is not None and _same_inputs(hit[0], seen):
                 self.cache_hits += 1
                 return hit[1], dict(hit[2])
         self.t_taps.values = {}
+        caching = key is not None and seen is not None and self._cache_room > 0
+        rng = _rng_states() if caching else None
         with torch.no_grad():
             out = call(self.teacher)
         feats = dict(self.t_taps.values)
-        if key is not None and self._cache_room > 0:
+        if caching:
+            old = self._cache.pop(key[0], None)
+            if old is not None:
+                self._cache_room += old[3]
             main = _first_tensor(out)
             kept = {k: v.clone() for k, v in feats.items() if isinstance(v, torch.Tensor)}
-            size = sum(t.numel() * t.element_size() for t in [*kept.values(), *([main] if main is not None else [])])
-            if main is not None and len(kept) == len(feats) and size <= self._cache_room:
-                self._cache[key[0]] = (key[1], main.clone(), kept)   # clones: a runtime may reuse its buffers
+            tensors = [*kept.values(), *([main] if main is not None else []), *seen[1]]
+            size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+            if not _same_rng(rng, _rng_states()):
+                self._cache_room = 0   # the teacher is random: the same inputs need not give the same targets
+                self._cache.clear()
+            elif main is not None and len(kept) == len(feats) and size <= self._cache_room:
+                # clones: a runtime may reuse its buffers
+                self._cache[key[0]] = (seen, main.clone(), kept, size)
                 self._cache_room -= size
             else:
                 self._cache_room = 0   # full (or not cacheable): later batches run the teacher every epoch

@@ -254,9 +254,16 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
 
     ``teacher_cache``: when ``data`` is a list (or tuple) read again every epoch, the teacher's targets
     of each batch are kept after the first epoch and the teacher is not run again on it. ``"auto"``
-    (default): up to 2 GiB or a quarter of the free memory, whichever is less (batches beyond that
-    run the teacher every epoch); an int: that many bytes; ``False``: off. A DataLoader (new tensors
-    every epoch, perhaps shuffled) never uses it. ``history.teacher_cache_hits`` counts the reuses.
+    (default): up to 2 GiB or a quarter of the free memory of the teacher's device, whichever is less
+    (batches beyond that run the teacher every epoch); a number: that many bytes; ``False``: off. A
+    batch is reused only when its inputs equal the ones its targets came from (a batch edited or
+    re-masked between epochs runs the teacher again), and a teacher that draws random numbers turns
+    the cache off. A DataLoader (new tensors every epoch, perhaps shuffled) never uses it.
+    ``history.teacher_cache_hits`` counts the reuses.
+
+    A model returned by :func:`fxopt.compile` distills by default from the model it was compiled
+    from; after training without that teacher, the returned model no longer does (it is its own
+    reference now: pass ``teacher=`` to choose).
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"finetune expects a torch.nn.Module, got {type(model).__name__}")
@@ -291,11 +298,14 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
     elif distill is False:
         distill = None
     distiller = None
+    from fxopt.train.distill import Distiller, resolve_teacher, source_of
+    source = source_of(model)
+    _cache_budget(teacher_cache, None)   # the option is checked whatever the data
     if distill is not None:
-        from fxopt.train.distill import Distiller, resolve_teacher
-        distiller = Distiller(model, resolve_teacher(model, teacher), distill, temperature=temperature,
+        teacher = resolve_teacher(model, teacher)
+        distiller = Distiller(model, teacher, distill, temperature=temperature,
                               alpha=alpha, features=features, hidden_loss=hidden_loss,
-                              cache_bytes=_cache_budget(teacher_cache, data))
+                              cache_bytes=_cache_budget(teacher_cache, data, teacher))
     try:
         if distiller is not None:
             _prepare_distiller(model, distiller, data, train_bn)
@@ -306,6 +316,10 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
                       keep_sparsity=keep_sparsity, train_bn=train_bn, steps_per_epoch=steps_per_epoch,
                       lr_multipliers=lr_multipliers)
         history.teacher_cache_hits = distiller.cache_hits if distiller is not None else 0
+        if source is not None and teacher is not source and isinstance(getattr(trained, "meta", None), dict):
+            # trained on its own (or from another teacher), the model it was compiled from is no longer the
+            # model it approximates: later distillation (finetune, gradual_prune) must not default to it
+            trained.meta.pop("fxopt_source", None)
         return trained, history
     finally:
         if distiller is not None:
@@ -315,20 +329,35 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
 TEACHER_CACHE_BYTES = 2 << 30
 
 
-def _cache_budget(teacher_cache: Any, data: Any) -> int:
-    """Bytes the teacher's targets may take (see ``finetune``'s ``teacher_cache``); 0 unless ``data`` is a list."""
-    if teacher_cache is False or teacher_cache is None or not isinstance(data, (list, tuple)):
+def _cache_budget(teacher_cache: Any, data: Any, teacher: torch.nn.Module | None = None) -> int:
+    """Bytes the teacher's targets may take (see ``finetune``'s ``teacher_cache``); 0 unless ``data`` is a
+    list. ``"auto"`` counts the free memory of the device the teacher's targets live on."""
+    if teacher_cache is False or teacher_cache is None:
         return 0
+    if isinstance(teacher_cache, str) and teacher_cache != "auto":
+        raise InputError(f"teacher_cache must be 'auto', True, False or a number of bytes, got {teacher_cache!r}")
     if teacher_cache == "auto" or teacher_cache is True:
-        free = TEACHER_CACHE_BYTES * 4
-        try:
+        budget = None
+    elif isinstance(teacher_cache, (int, float)) and math.isfinite(teacher_cache) and teacher_cache >= 0:
+        budget = int(teacher_cache)
+    else:
+        raise InputError(f"teacher_cache must be 'auto', True, False or a number of bytes, got {teacher_cache!r}")
+    if not isinstance(data, (list, tuple)):
+        return 0
+    if budget is not None:
+        return budget
+    param = next(iter(teacher.parameters()), None) if teacher is not None else None
+    free = TEACHER_CACHE_BYTES * 4
+    try:
+        if param is not None and param.device.type == "cuda":
+            free = torch.cuda.mem_get_info(param.device)[0]
+        elif param is None or param.device.type == "cpu":
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            pass
-        return min(TEACHER_CACHE_BYTES, free // 4)
-    if isinstance(teacher_cache, int) and teacher_cache >= 0:
-        return teacher_cache
-    raise InputError(f"teacher_cache must be 'auto', True, False or a number of bytes, got {teacher_cache!r}")
+        else:
+            return 0   # a device whose free memory is not known here: no cache
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return min(TEACHER_CACHE_BYTES, free // 4)
 
 
 def _loss(loss_fn: Callable, out: torch.Tensor, target: Any) -> torch.Tensor:

@@ -134,6 +134,65 @@ def test_the_teacher_runs_once_per_batch_of_a_list_and_training_is_unchanged(dig
         fxopt.finetune(pruned, unlabeled, distill="hidden", teacher_cache="yes", progress=False)
 
 
+def test_the_teacher_cache_never_returns_targets_of_other_inputs():
+    """A batch re-masked or edited in place between epochs, or a teacher that samples, must run the teacher
+    again: the cached run must train exactly as the uncached one."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    student = torch.nn.Sequential(torch.nn.Linear(8, 4))
+
+    class Noisy(torch.nn.Module):   # samples even in eval mode (a VAE's latent, say)
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, input):
+            return self.fc(input) + torch.randn_like(input[:, :4])
+
+    def run(cache, edit, t=teacher):
+        g = torch.Generator().manual_seed(1)
+        data = [{"input": torch.randn(16, 8, generator=g)} for _ in range(4)]
+
+        def on_step(step, m):
+            if step % len(data) == 0:   # a new epoch: new masks in the same dicts / the same tensors edited
+                for d in data:
+                    if edit == "replace":
+                        d["input"] = torch.randn(16, 8, generator=g)
+                    elif edit == "inplace":
+                        d["input"].copy_(torch.randn(16, 8, generator=g))
+        torch.manual_seed(0)
+        out, h = fxopt.finetune(student, data, teacher=t, distill="logits", epochs=3, lr=0.05, seed=0,
+                                teacher_cache=cache, on_step=on_step, progress=False)
+        return [e["loss"] for e in h.epochs], h.teacher_cache_hits
+    for edit in ("replace", "inplace"):
+        (plain, _), (cached, hits) = run(False, edit), run("auto", edit)
+        assert cached == plain and hits == 0, edit
+    noisy = Noisy()
+    (plain, _), (cached, hits) = run(False, None, noisy), run("auto", None, noisy)
+    assert cached == plain and hits == 0
+    assert run(2e9, None)[1] == 2 * 4   # unchanged batches are reused; a float budget is a number of bytes
+    with pytest.raises(InputError, match="teacher_cache"):   # checked whatever the data and mode
+        fxopt.finetune(student, iter([(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))]),
+                       teacher_cache="yes", progress=False)
+
+
+def test_a_compiled_model_trained_on_its_own_no_longer_distills_from_its_source(digits):
+    """finetune without the source as teacher changes what the model approximates: later default teachers
+    (finetune(distill=), gradual_prune) must be the trained model, not the untrained original."""
+    from fxopt.train.distill import source_of
+    train, _ = digits
+    torch.manual_seed(0)
+    orig = Blocks()
+    c = fxopt.compile(orig, (train[0][0],), recipe="canonicalize")
+    assert source_of(c) is orig
+    distilled, _ = fxopt.finetune(c, train[:2], distill="logits", progress=False)
+    assert source_of(distilled) is orig   # distilled from it: still its reference
+    tuned, _ = fxopt.finetune(c, train[:2], progress=False)
+    assert source_of(tuned) is None and source_of(c) is orig   # the input model keeps its own
+    with pytest.raises(InputError, match="teacher"):
+        fxopt.finetune(tuned, train[:2], distill="logits", progress=False)
+
+
 def test_gradual_structured_pruning_distills_from_the_original_on_unlabeled_data(digits, monkeypatch):
     """Each step's student is compiled from the previous one: the teacher must stay the original; the
     channels are measured on the data (activation importance, re-fits), which may be inputs alone."""
