@@ -167,7 +167,8 @@ def _within_codes(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zp:
 class _QatGraph:
     """The trainable copy of a QDQ graph, and how to write what it learned back."""
 
-    def __init__(self, qdq: fx.GraphModule, floats: dict[str, torch.Tensor], learn_scales: bool):
+    def __init__(self, qdq: fx.GraphModule, floats: dict[str, torch.Tensor], learn_scales: bool,
+                 frozen: frozenset = frozenset()):
         with torch_internals():
             self.gm = copy.deepcopy(qdq)
         gm, g = self.gm, self.gm.graph
@@ -195,12 +196,14 @@ class _QatGraph:
                         init, moved = _within_codes(init.float(), codes, scale, zp, spec.qmin, spec.qmax, gs)
                         self.moved += moved
                     latent = qname.replace(".", "_") + "_latent"
-                    gm.register_parameter(latent, torch.nn.Parameter(init.detach().float().clone()))
+                    trains = not (qname.endswith("_q") and qname[:-2] in frozen)   # the user froze it: it stays
+                    gm.register_parameter(latent, torch.nn.Parameter(init.detach().float().clone(), requires_grad=trains))
                     entry = {"q": qname, "s": s.target, "z": z.target, "latent": latent, "qmin": spec.qmin,
                              "qmax": spec.qmax, "gs": gs, "spec": spec, "scale_param": None}
                     if learn_scales:
                         entry["scale_param"] = latent + "_scale"
-                        gm.register_parameter(entry["scale_param"], torch.nn.Parameter(scale.detach().float().clone()))
+                        gm.register_parameter(entry["scale_param"], torch.nn.Parameter(scale.detach().float().clone(),
+                                                                                       requires_grad=trains))
                     else:
                         entry["scale_buffer"] = latent + "_scale"
                         gm.register_buffer(entry["scale_buffer"], scale.detach().float().clone())
@@ -367,6 +370,9 @@ def qat(model: torch.nn.Module, args: Any = (), data: Iterable | None = None, *,
         raise InputError("fxopt.qat needs training data: qat(model, args, data=[(inputs, targets), ...])")
     if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
         raise InputError("the training data is empty")
+    if iter(data) is data:  # type: ignore[call-overload]
+        raise InputError("fxopt.qat's data is a one-shot iterator; pass a list or a DataLoader (it is read for "
+                         "calibration and again for training)")
     before, insert, after = split_recipe(recipe)
     options = dict(compile_options or {})
     calib = list(calibration) if calibration is not None else \
@@ -385,7 +391,9 @@ def qat(model: torch.nn.Module, args: Any = (), data: Iterable | None = None, *,
     floats_gm = stage(model, before) if len(before) else model
     qdq = stage(floats_gm, insert)
     floats = _float_attrs(floats_gm)
-    train = _QatGraph(qdq, floats, learn_scales)
+    frozen = frozenset(n for n, p in (floats_gm.named_parameters() if isinstance(floats_gm, torch.nn.Module) else ())
+                       if not p.requires_grad)
+    train = _QatGraph(qdq, floats, learn_scales, frozen)
     if not train.weights:
         raise RecipeError(f"recipe '{recipe}' quantized no weight of this model: nothing to train")
     # re-observing re-rounds every weight to its nearest code: with GPTQ's rounding kept, it is not done by default

@@ -94,7 +94,12 @@ def _output_error(m: torch.nn.Module, ref: torch.nn.Module, data: Any, batches: 
             for item in itertools.islice(data, batches):   # a DataLoader is not read to its end
                 pair = isinstance(item, (tuple, list)) and len(item) == 2
                 a, kw = normalize_item(item, 0 if pair else None)
-                want, got = _first_tensor(ref(*a, **kw)), _first_tensor(m(*a, **kw))
+                try:
+                    want, got = _first_tensor(ref(*a, **kw)), _first_tensor(m(*a, **kw))
+                except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                    raise InputError(f"the model does not run on a batch of recover['data']: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:300]}; check the batches' shapes and dtypes "
+                                     "(the same as the example inputs)") from e
                 if want is None or got is None or not want.is_floating_point():
                     continue
                 num += float((got.float() - want.float()).pow(2).mean())
@@ -106,6 +111,21 @@ def _output_error(m: torch.nn.Module, ref: torch.nn.Module, data: Any, batches: 
     return num / max(den, 1e-30)
 
 
+def _calibration_of(data: Any) -> dict:
+    """compile's calibration options that read the recovery batches' inputs (the first item of a pair)."""
+    first = next(iter(data), None)
+    return {"calibration": data, "calibration_inputs": 0 if isinstance(first, (tuple, list)) and len(first) == 2
+            else None}
+
+
+def _compressed(m: torch.nn.Module, pipeline: Any) -> bool:
+    """Whether a compressing step of ``pipeline`` changed ``m`` (it ran and was not rolled back)."""
+    from fxopt.train.qat import _flat_steps
+    names = {getattr(s, "name", "") for s in _flat_steps(pipeline) if getattr(s, "compresses", False)}
+    hist = getattr(m, "fxopt_history", None)
+    return bool(names) and hist is not None and any(r.status == "changed" and r.name in names for r in hist.records)
+
+
 def _closer_of(model, plain, compress, aware, data, fxopt_compile, args, kwargs, metric, compile_kwargs):
     """Prune again the data-aware way and keep whichever result stays closer to the original on the
     recovery data (relative output error): (model, pipeline, what was chosen and why)."""
@@ -114,15 +134,16 @@ def _closer_of(model, plain, compress, aware, data, fxopt_compile, args, kwargs,
     from fxopt.ir.torch_compat import torch_internals
     cw = dict(compile_kwargs)
     if cw.get("calibration") is None:   # the recovery data measures the channels
-        first = next(iter(data), None)
-        cw.update(calibration=data, calibration_inputs=0 if isinstance(first, (tuple, list)) and len(first) == 2
-                  else None)
+        cw.update(_calibration_of(data))
     other = fxopt_compile(model, args, kwargs, recipe=aware, metric=metric, **cw)
     with torch_internals():   # the user's model is never run here: an eval-mode copy is the reference
         ref = copy.deepcopy(model).eval()
     errs = {"weights (l1)": _output_error(plain, ref, data), "activation + reconstruct": _output_error(other, ref, data)}
-    pick = min(errs, key=errs.get)
-    choice = {"chosen": pick, "output_error": {k: round(v, 6) for k, v in errs.items()}}
+    # a prune that was rolled back left the model whole: "closest to the original", and not what was asked
+    ran = {"weights (l1)": _compressed(plain, compress), "activation + reconstruct": _compressed(other, aware)}
+    pick = min((k for k in errs if ran[k]), key=errs.get, default="weights (l1)")
+    choice = {"chosen": pick, "output_error": {k: round(v, 6) for k, v in errs.items()},
+              **({"rolled_back": [k for k in ran if not ran[k]]} if not all(ran.values()) else {})}
     return (other, aware, choice) if pick == "activation + reconstruct" else (plain, compress, choice)
 
 
@@ -171,6 +192,12 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     if iter(data) is data:
         raise InputError("recover['data'] is a one-shot iterator; pass a list or a DataLoader (it is read once per "
                          "epoch and per stage)")
+    import inspect
+    known = _KEYS | set(inspect.signature(finetune).parameters) - {"model", "data", "inplace"}
+    unknown = sorted(set(recover) - known)
+    if unknown:
+        raise InputError(f"recover= does not know {', '.join(map(repr, unknown))}; it takes {', '.join(sorted(_KEYS))} "
+                         "and fxopt.finetune's options (lr, optimizer, alpha, ...)")
     opts = {**RECOVER_DEFAULTS, **recover}
     epochs, qat_epochs = int(opts.pop("epochs")), opts.pop("qat_epochs", None)
     distill, use_qat = opts.pop("distill"), bool(opts.pop("qat"))
@@ -213,9 +240,7 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
         current = model
     first_hist = current.fxopt_history if len(compress) else None
     records = list(first_hist.records) if first_hist is not None else []
-    compressed = len(compress) and any(getattr(s, "compresses", False) for s in _flat_steps(compress)) and any(
-        r.status == "changed" and r.name in {getattr(s, "name", "") for s in _flat_steps(compress)
-                                              if getattr(s, "compresses", False)} for r in records)
+    compressed = len(compress) and _compressed(current, compress)
     if compressed:
         params, nbytes = _model_stats(current)
         stages.append({"stage": "compress", "what": _what(compress), "params": params, "bytes": nbytes,
@@ -242,7 +267,10 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
         stages.append(qs)
         out.fxopt_history.records = [*records, *out.fxopt_history.records]
     else:
-        out = fxopt_compile(current, args, kwargs, recipe=quantize, metric=metric, **compile_kwargs) \
+        qw = dict(compile_kwargs)
+        if len(quantize) and qw.get("calibration") is None:   # static ranges from the recovery data's inputs
+            qw.update(_calibration_of(data))
+        out = fxopt_compile(current, args, kwargs, recipe=quantize, metric=metric, **qw) \
             if len(quantize) else fxopt_compile(current, args, kwargs, recipe="cleanup", metric=metric,
                                                 **compile_kwargs)
         if len(quantize):

@@ -208,12 +208,16 @@ def _evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable) -> tupl
     total, n, correct, counted = 0.0, 0, 0, 0
     with torch.no_grad():
         for inputs, target in _batches(data, -1):
-            out = _logits(_call(model, inputs))
-            total += float(loss_fn(out, target)) * len(target)
+            out = _logits(_forward(model, inputs, "model (on eval_data)"))
+            total += float(_loss(loss_fn, out, target)) * len(target)
             n += len(target)
             if out.dim() == target.dim() + 1 and not target.is_floating_point():
                 correct += int((out.argmax(-1) == target).sum())
                 counted += target.numel()
+    if n == 0:
+        raise InputError("eval_data is empty (or an exhausted iterator): nothing was evaluated")
+    if not math.isfinite(total):
+        raise InputError(f"the loss on eval_data is {total}: check eval_data for NaN/Inf")
     return total / max(n, 1), (100.0 * correct / counted if counted else None)
 
 
@@ -269,6 +273,10 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
         raise InputError(f"finetune expects a torch.nn.Module, got {type(model).__name__}")
     if epochs < 1:
         raise InputError(f"epochs must be >= 1, got {epochs}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise InputError(f"lr must be a positive number, got {lr!r}")
+    if eval_data is not None and iter(eval_data) is eval_data and epochs > 1:  # type: ignore[call-overload]
+        raise InputError("eval_data is a one-shot iterator but epochs > 1; pass a list or a DataLoader")
     if iter(data) is data and epochs > 1:  # type: ignore[call-overload]
         raise InputError("data is a one-shot iterator but epochs > 1; pass a list or a DataLoader")
     loss_fn = _LOSSES.get(loss) if isinstance(loss, str) else loss
@@ -462,7 +470,15 @@ def _train(model: torch.nn.Module, data: Iterable, distiller: Any, *, epochs: in
                 scaler.step(opt)
                 scaler.update()
             else:
-                value.backward()
+                try:
+                    value.backward()
+                except RuntimeError as e:
+                    if "autograd formula" not in str(e) and "does not require grad" not in str(e):
+                        raise
+                    raise InputError(f"the model cannot be trained: {str(e).splitlines()[0][:200]}. A model lowered "
+                                     "to integer kernels (fxopt.compile with int8/int4 recipes) has no gradients: "
+                                     "fine-tune the float model (or the compile result of a float recipe), or use "
+                                     "fxopt.qat to train with the quantization in the loop") from e
                 if clip_grad_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
                 opt.step()
@@ -483,6 +499,10 @@ def _train(model: torch.nn.Module, data: Iterable, distiller: Any, *, epochs: in
         bar.close()
         if seen == 0:
             raise InputError("the fine-tuning data is empty")
+        bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+        if bad is not None:   # the loss was finite, the step that followed was not
+            raise InputError(f"parameter '{bad}' became NaN/Inf at epoch {epoch}; lower the learning rate (or set "
+                             "clip_grad_norm=)")
         record = {"epoch": epoch, "loss": total_loss / seen, "lr": opt.param_groups[0]["lr"],
                   "seconds": time.perf_counter() - start}
         if counted:

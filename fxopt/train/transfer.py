@@ -121,6 +121,11 @@ def transfer(model: torch.nn.Module, data: Iterable, *, num_outputs: int, head: 
     if freeze not in (None, "backbone") and not (isinstance(freeze, (list, tuple)) and
                                                   all(isinstance(g, str) for g in freeze)):
         raise InputError(f"freeze must be 'backbone', a list of name patterns or None, got {freeze!r}")
+    if unfreeze_after is not None and (not isinstance(unfreeze_after, int) or unfreeze_after < 0):
+        raise InputError(f"unfreeze_after must be an epoch count >= 0 (or None: never), got {unfreeze_after!r}")
+    if iter(data) is data:  # type: ignore[call-overload]
+        raise InputError("fxopt.transfer's data is a one-shot iterator; pass a list or a DataLoader (its first batch "
+                         "checks the new head before training reads it)")
     with torch_internals():
         model = copy.deepcopy(model)
     if seed is not None:
@@ -171,7 +176,20 @@ def transfer(model: torch.nn.Module, data: Iterable, *, num_outputs: int, head: 
         params[n].requires_grad_(False)
     history = FinetuneHistory()
     if phase1 > 0:
-        model, h1 = finetune(model, data, epochs=phase1, lr=lr, seed=seed, inplace=True, **finetune_options)
+        # a frozen layer's batch norm keeps its running statistics too: no momentum (a module), or the
+        # graph's inference batch norms left as they are (no train_bn)
+        still = _frozen_norms(model, set(frozen))
+        kept = [(bn, bn.momentum) for bn in still]
+        for bn, _ in kept:
+            bn.momentum = 0.0
+        opts = dict(finetune_options)
+        if isinstance(model, fx.GraphModule) and freeze == "backbone":
+            opts.setdefault("train_bn", False)
+        try:
+            model, h1 = finetune(model, data, epochs=phase1, lr=lr, seed=seed, inplace=True, **opts)
+        finally:
+            for bn, m in kept:
+                bn.momentum = m
         history.epochs += [{**e, "phase": "head"} for e in h1.epochs]
         history.steps += h1.steps
     if phase1 < epochs:
@@ -186,6 +204,17 @@ def transfer(model: torch.nn.Module, data: Iterable, *, num_outputs: int, head: 
         params[n].requires_grad_(True)
     history.head, history.frozen = head_name, frozen
     return model, history
+
+
+def _frozen_norms(model: torch.nn.Module, frozen: set[str]) -> list[torch.nn.Module]:
+    """The batch-norm modules whose affine parameters are all frozen."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            own = [f"{name}.{n}" for n, _ in mod.named_parameters()]
+            if own and all(n in frozen for n in own):
+                out.append(mod)
+    return out
 
 
 def _clear_shapes(gm: fx.GraphModule) -> None:
