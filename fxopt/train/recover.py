@@ -207,6 +207,8 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     opts.pop("data")
     if epochs < 1:
         raise InputError(f"recover['epochs'] must be >= 1, got {epochs}")
+    if qat_epochs is not None and int(qat_epochs) < 1:
+        raise InputError(f"recover['qat_epochs'] must be >= 1 (or left out: as many as 'epochs'), got {qat_epochs}")
     mode = None
     if distill:
         mode = distill if isinstance(distill, str) else ("logits" if _has_labels(data) else "hidden")
@@ -260,7 +262,8 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
         q_opts["lr"] = qat_lr if qat_lr is not None else float(train_opts.get("lr", 0.05)) / 10
         cal = compile_kwargs.get("calibration")
         extra = {k: v for k, v in compile_kwargs.items() if k not in ("progress", "calibration")}
-        out = qat(current, args, data, kwargs=kwargs, recipe=quantize, epochs=int(qat_epochs or epochs),
+        out = qat(current, args, data, kwargs=kwargs, recipe=quantize,
+                  epochs=int(qat_epochs if qat_epochs is not None else epochs),
                   calibration=cal, metric=metric, progress=progress, compile_options=extra, **q_opts)
         qs = out.fxopt_history.stages[-1]
         qs["seconds"] = time.perf_counter() - t0

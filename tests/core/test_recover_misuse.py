@@ -48,6 +48,8 @@ def test_recover_errors_come_before_the_work_and_say_what_to_do():
     x = d[0][0]
     with pytest.raises(InputError, match="'epoch'"):   # a typo, found before anything compiles
         fxopt.compile(m, (x,), recipe="prune-50,int8", recover={"data": d, "epoch": 1}, progress=False)
+    with pytest.raises(InputError, match="qat_epochs"):
+        fxopt.compile(m, (x,), recipe="prune-50,int8", recover={"data": d, "qat_epochs": 0}, progress=False)
     with pytest.raises(InputError, match="dtypes"):
         fxopt.compile(m, (x,), recipe="prune-50,int8", recover={"data": [(x.long(), d[0][1])]}, progress=False)
 
