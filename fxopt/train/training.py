@@ -273,8 +273,9 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
         raise InputError(f"finetune expects a torch.nn.Module, got {type(model).__name__}")
     if epochs < 1:
         raise InputError(f"epochs must be >= 1, got {epochs}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise InputError(f"lr must be a positive number, got {lr!r}")
+    # lr=0 is allowed: it re-estimates batch-norm statistics alone (train_bn) without moving a weight
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise InputError(f"lr must be a finite number >= 0, got {lr!r}")
     if eval_data is not None and iter(eval_data) is eval_data and epochs > 1:  # type: ignore[call-overload]
         raise InputError("eval_data is a one-shot iterator but epochs > 1; pass a list or a DataLoader")
     if iter(data) is data and epochs > 1:  # type: ignore[call-overload]

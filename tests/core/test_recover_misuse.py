@@ -96,7 +96,7 @@ def test_transfer_freezes_the_backbone_batch_norms_and_checks_its_options():
 
 def test_finetune_rejects_learning_rates_eval_data_and_models_it_cannot_train():
     m, d = _mlp(), _data()
-    for lr in (0.0, -0.1, float("nan"), float("inf")):
+    for lr in (-0.1, float("nan"), float("inf")):
         with pytest.raises(InputError, match="lr must be"):
             fxopt.finetune(m, d, lr=lr, progress=False)
     with pytest.raises(InputError, match="eval_data is a one-shot"):
