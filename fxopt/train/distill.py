@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
+import os
 from typing import Any, Callable, Iterable
 
 import torch
@@ -34,7 +36,7 @@ import torch.fx as fx
 from fxopt.errors import InputError
 from fxopt.ir.torch_compat import torch_internals
 
-__all__ = ["Distiller", "resolve_teacher", "DISTILL_MODES", "HIDDEN_LOSSES"]
+__all__ = ["Distiller", "cache_budget", "resolve_teacher", "DISTILL_MODES", "HIDDEN_LOSSES"]
 
 DISTILL_MODES = ("logits", "hidden", "both")
 HIDDEN_LOSSES = ("mse", "cosine", "mse+cosine")
@@ -232,6 +234,40 @@ def _rng_states() -> list[torch.Tensor]:
 
 def _same_rng(a: list[torch.Tensor] | None, b: list[torch.Tensor]) -> bool:
     return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+TEACHER_CACHE_BYTES = 2 << 30
+
+
+def cache_budget(teacher_cache: Any, data: Any, teacher: torch.nn.Module | None = None) -> int:
+    """Bytes the teacher's targets may take (see ``finetune``'s ``teacher_cache``); 0 unless ``data`` is a
+    list. ``"auto"`` counts the free memory of the device the teacher's targets live on."""
+    if teacher_cache is False or teacher_cache is None:
+        return 0
+    if isinstance(teacher_cache, str) and teacher_cache != "auto":
+        raise InputError(f"teacher_cache must be 'auto', True, False or a number of bytes, got {teacher_cache!r}")
+    if teacher_cache == "auto" or teacher_cache is True:
+        budget = None
+    elif isinstance(teacher_cache, (int, float)) and math.isfinite(teacher_cache) and teacher_cache >= 0:
+        budget = int(teacher_cache)
+    else:
+        raise InputError(f"teacher_cache must be 'auto', True, False or a number of bytes, got {teacher_cache!r}")
+    if not isinstance(data, (list, tuple)):
+        return 0
+    if budget is not None:
+        return budget
+    param = next(iter(teacher.parameters()), None) if teacher is not None else None
+    free = TEACHER_CACHE_BYTES * 4
+    try:
+        if param is not None and param.device.type == "cuda":
+            free = torch.cuda.mem_get_info(param.device)[0]
+        elif param is None or param.device.type == "cpu":
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        else:
+            return 0   # a device whose free memory is not known here: no cache
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return min(TEACHER_CACHE_BYTES, free // 4)
 
 
 class Distiller:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -307,14 +306,14 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
     elif distill is False:
         distill = None
     distiller = None
-    from fxopt.train.distill import Distiller, resolve_teacher, source_of
+    from fxopt.train.distill import Distiller, cache_budget, resolve_teacher, source_of
     source = source_of(model)
-    _cache_budget(teacher_cache, None)   # the option is checked whatever the data
+    cache_budget(teacher_cache, None)   # the option is checked whatever the data
     if distill is not None:
         teacher = resolve_teacher(model, teacher)
         distiller = Distiller(model, teacher, distill, temperature=temperature,
                               alpha=alpha, features=features, hidden_loss=hidden_loss,
-                              cache_bytes=_cache_budget(teacher_cache, data, teacher))
+                              cache_bytes=cache_budget(teacher_cache, data, teacher))
     try:
         if distiller is not None:
             _prepare_distiller(model, distiller, data, train_bn)
@@ -333,40 +332,6 @@ def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimiz
     finally:
         if distiller is not None:
             distiller.remove()
-
-
-TEACHER_CACHE_BYTES = 2 << 30
-
-
-def _cache_budget(teacher_cache: Any, data: Any, teacher: torch.nn.Module | None = None) -> int:
-    """Bytes the teacher's targets may take (see ``finetune``'s ``teacher_cache``); 0 unless ``data`` is a
-    list. ``"auto"`` counts the free memory of the device the teacher's targets live on."""
-    if teacher_cache is False or teacher_cache is None:
-        return 0
-    if isinstance(teacher_cache, str) and teacher_cache != "auto":
-        raise InputError(f"teacher_cache must be 'auto', True, False or a number of bytes, got {teacher_cache!r}")
-    if teacher_cache == "auto" or teacher_cache is True:
-        budget = None
-    elif isinstance(teacher_cache, (int, float)) and math.isfinite(teacher_cache) and teacher_cache >= 0:
-        budget = int(teacher_cache)
-    else:
-        raise InputError(f"teacher_cache must be 'auto', True, False or a number of bytes, got {teacher_cache!r}")
-    if not isinstance(data, (list, tuple)):
-        return 0
-    if budget is not None:
-        return budget
-    param = next(iter(teacher.parameters()), None) if teacher is not None else None
-    free = TEACHER_CACHE_BYTES * 4
-    try:
-        if param is not None and param.device.type == "cuda":
-            free = torch.cuda.mem_get_info(param.device)[0]
-        elif param is None or param.device.type == "cpu":
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        else:
-            return 0   # a device whose free memory is not known here: no cache
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        pass
-    return min(TEACHER_CACHE_BYTES, free // 4)
 
 
 def _loss(loss_fn: Callable, out: torch.Tensor, target: Any) -> torch.Tensor:
