@@ -391,8 +391,7 @@ def qat(model: torch.nn.Module, args: Any = (), data: Iterable | None = None, *,
     floats_gm = stage(model, before) if len(before) else model
     qdq = stage(floats_gm, insert)
     floats = _float_attrs(floats_gm)
-    frozen = frozenset(n for n, p in (floats_gm.named_parameters() if isinstance(floats_gm, torch.nn.Module) else ())
-                       if not p.requires_grad)
+    frozen = frozenset(n for n, p in floats_gm.named_parameters() if not p.requires_grad)
     train = _QatGraph(qdq, floats, learn_scales, frozen)
     if not train.weights:
         raise RecipeError(f"recipe '{recipe}' quantized no weight of this model: nothing to train")

@@ -217,7 +217,7 @@ def _evaluate(model: torch.nn.Module, data: Iterable, loss_fn: Callable) -> tupl
         raise InputError("eval_data is empty (or an exhausted iterator): nothing was evaluated")
     if not math.isfinite(total):
         raise InputError(f"the loss on eval_data is {total}: check eval_data for NaN/Inf")
-    return total / max(n, 1), (100.0 * correct / counted if counted else None)
+    return total / n, (100.0 * correct / counted if counted else None)
 
 
 def finetune(model: torch.nn.Module, data: Iterable, *, epochs: int = 1, optimizer: str = "sgd",

@@ -88,6 +88,10 @@ def test_transfer_freezes_the_backbone_batch_norms_and_checks_its_options():
     # unfrozen after the first epoch: the statistics follow the new data again
     out2, _ = fxopt.transfer(m, d, num_outputs=4, epochs=2, unfreeze_after=1, progress=False)
     assert not torch.equal(out2[1].running_mean, before["1.running_mean"])
+    # a compiled graph: its inference batch norms stay inference batch norms while the backbone is frozen
+    gm = fxopt.compile(m, (d[0][0],), recipe="canonicalize", progress=False)
+    out3, _ = fxopt.transfer(gm, d, num_outputs=4, epochs=1, progress=False)
+    assert all(torch.equal(b, before[n]) for n, b in out3.named_buffers() if "running" in n and n in before)
     with pytest.raises(InputError, match="unfreeze_after"):
         fxopt.transfer(m, d, num_outputs=4, epochs=2, unfreeze_after=-1, progress=False)
     with pytest.raises(InputError, match="one-shot"):
