@@ -9,6 +9,10 @@
   encoder is its last hidden state). ``hidden_loss="mse"`` (mean squared error divided by the
   teacher feature's mean square, so that it is scale-free), ``"cosine"`` (1 - cosine along the
   feature dimension) or ``"mse+cosine"``;
+  in a Hugging Face style batch (a dict with a ``[batch, seq]`` integer ``attention_mask``) the
+  ``[batch, seq, width]`` features are compared at real tokens only: nothing reads the padding
+  positions, and on short sentences padded to the longest of their batch they can be half of all
+  positions;
 * ``"both"``: the two together.
 
 Where a pair's widths differ (the student is pruned), a learned projection (a linear layer over
@@ -36,7 +40,7 @@ import torch.fx as fx
 from fxopt.errors import InputError
 from fxopt.ir.torch_compat import torch_internals
 
-__all__ = ["Distiller", "cache_budget", "resolve_teacher", "DISTILL_MODES", "HIDDEN_LOSSES"]
+__all__ = ["Distiller", "cache_budget", "token_mask", "resolve_teacher", "DISTILL_MODES", "HIDDEN_LOSSES"]
 
 DISTILL_MODES = ("logits", "hidden", "both")
 HIDDEN_LOSSES = ("mse", "cosine", "mse+cosine")
@@ -160,6 +164,15 @@ class _Taps:
 
 def _in_module(node: fx.Node, path: str) -> bool:
     return any(p == path or p.startswith(path + ".") for p, _ in (node.meta.get("nn_module_stack") or {}).values())
+
+
+def token_mask(inputs: Any) -> torch.Tensor | None:
+    """The ``[batch, seq]`` boolean mask of real tokens of a Hugging Face style batch (a dict with a 2-D
+    ``attention_mask``), or None."""
+    am = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if isinstance(am, torch.Tensor) and am.dim() == 2 and not am.is_floating_point():
+        return am.bool()
+    return None
 
 
 def _width_dim(s: torch.Size, t: torch.Size) -> int | None:
@@ -377,8 +390,10 @@ class Distiller:
                              f"{tuple(s_logits.shape)}: distill='logits' needs the same outputs (the same task); "
                              "use distill='hidden' with features= for a different head")
 
-    def loss(self, s_out: Any, t_out: Any, t_feats: dict) -> tuple[torch.Tensor, dict]:
-        """The distillation loss of one batch and its parts (floats, for the history)."""
+    def loss(self, s_out: Any, t_out: Any, t_feats: dict, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The distillation loss of one batch and its parts (floats, for the history). ``mask``: the batch's
+        ``[batch, seq]`` attention mask (:func:`token_mask`); hidden features of that shape compare real
+        tokens only."""
         parts: dict[str, torch.Tensor] = {}
         s_main, t_main = _first_tensor(s_out), _first_tensor(t_out)
         if s_main is None or t_main is None:
@@ -400,14 +415,20 @@ class Distiller:
                 if s is None or t is None:
                     raise InputError(f"the {'student' if s is None else 'teacher'} never computed feature "
                                      f"'{s_path if s is None else t_path}' in this batch")
-                total = total + self._feature_loss(s_path, s, t.detach())
+                total = total + self._feature_loss(s_path, s, t.detach(), mask)
             if self.pairs and not (self.mode == "both" and all(s == OUTPUT for s, _ in self.pairs)):
                 parts["hidden"] = total / max(1, sum(1 for s, _ in self.pairs if not (self.mode == "both" and s == OUTPUT)))
         value = sum(parts.values())
         return value, {k: float(v.detach()) for k, v in parts.items()}
 
-    def _feature_loss(self, key: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _feature_loss(self, key: str, s: torch.Tensor, t: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
         s, t = s.float(), t.float()
+        if mask is not None and s.dim() == 3 and t.dim() == 3 and s.shape[:2] == mask.shape == t.shape[:2] \
+                and bool(mask.any()):
+            # padding positions: nothing reads them (attention masks them out, pooling skips them), and
+            # matching the teacher's arbitrary values there costs the student capacity it needs elsewhere
+            s, t = s[mask], t[mask]
         dim = _width_dim(s.shape, t.shape)
         if dim is not None:
             name = key.replace(".", "__") or "out"

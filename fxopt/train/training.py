@@ -34,6 +34,7 @@ import torch
 
 from fxopt.errors import InputError
 from fxopt.ir.torch_compat import torch_internals
+from fxopt.train.distill import token_mask
 
 
 def _train_bn(x, weight, bias, running_mean, running_var, momentum, eps):  # noqa: ANN001
@@ -363,7 +364,7 @@ def _prepare_distiller(model: torch.nn.Module, distiller: Any, data: Iterable, t
     distiller.reset()
     with torch.no_grad():
         s_out = _forward(model, inputs, "student")
-        distiller.loss(s_out, t_out, t_feats)
+        distiller.loss(s_out, t_out, t_feats, token_mask(inputs))
 
 
 def _train(model: torch.nn.Module, data: Iterable, distiller: Any, *, epochs: int, optimizer: str, lr: float,
@@ -421,7 +422,7 @@ def _train(model: torch.nn.Module, data: Iterable, distiller: Any, *, epochs: in
                 out = _logits(raw)
                 value = None if target is None else _loss(loss_fn, out.float() if amp else out, target)
                 if distiller is not None:
-                    kd, parts = distiller.loss(raw, t_out, t_feats)
+                    kd, parts = distiller.loss(raw, t_out, t_feats, token_mask(inputs))
                     value = kd if value is None else (1 - distiller.alpha) * value + distiller.alpha * kd
                     for k, v in parts.items():
                         parts_sum[k] = parts_sum.get(k, 0.0) + v

@@ -93,6 +93,48 @@ def test_hidden_distillation_pairs_blocks_projects_pruned_widths_and_needs_no_la
     assert not plain.blocks[1]._forward_hooks and h3.epochs[-1]["loss"] < h3.epochs[0]["loss"]
 
 
+class _Tokens(nn.Module):
+    """A token encoder called like a Hugging Face one (``input_ids``, ``attention_mask``) returning hidden
+    states ``[batch, seq, width]``; ``pad_noise`` writes arbitrary values at the padding positions."""
+
+    def __init__(self, width=16, pad_noise=0.0):
+        super().__init__()
+        self.emb = nn.Embedding(50, width)
+        self.layer = nn.ModuleList([nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))])
+        self.pad_noise = pad_noise
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        h = h + self.layer[0](h)
+        pad = (1 - attention_mask).unsqueeze(-1).float()
+        return h + self.pad_noise * pad * torch.sin(torch.arange(h.numel()).view(h.shape).float())
+
+
+def test_hidden_distillation_compares_real_tokens_not_padding():
+    """A Hugging Face batch's padding positions are read by nothing (attention masks them out, pooling skips
+    them): what the teacher outputs there must not move the student, and its loss covers real tokens only."""
+    torch.manual_seed(0)
+    base = _Tokens()
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(4):
+        lengths = torch.randint(2, 9, (6,), generator=g)
+        mask = (torch.arange(8) < lengths[:, None]).long()
+        data.append({"input_ids": torch.randint(1, 50, (6, 8), generator=g) * mask, "attention_mask": mask})
+    runs = []
+    for noise in (0.0, 100.0):
+        teacher = _Tokens(pad_noise=noise)
+        teacher.load_state_dict(base.state_dict())
+        torch.manual_seed(1)
+        student = _Tokens()
+        out, h = fxopt.finetune(student, data, teacher=teacher, distill="hidden", hidden_loss="mse+cosine",
+                                epochs=2, lr=0.01, seed=0, progress=False)
+        runs.append((out.state_dict(), [e["loss"] for e in h.epochs]))
+    (a, la), (b, lb) = runs
+    assert la == lb and all(torch.equal(a[k], b[k]) for k in a)
+    assert la[-1] < la[0]
+
+
 def test_the_teacher_runs_once_per_batch_of_a_list_and_training_is_unchanged(digits):
     train, _ = digits
     torch.manual_seed(0)
