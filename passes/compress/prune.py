@@ -67,7 +67,7 @@ from fxopt.passes.analysis.channel_members import (BatchNorm, ChannelGroup, Dept
 from fxopt.passes.compress.prune_stats import (activation_importance, collect_reader_stats, reconstruct_reader,
                                                refit)
 
-__all__ = ["StructuredPrunePass", "group_importance"]
+__all__ = ["StructuredPrunePass", "group_importance", "kept_count", "prune_group"]
 
 
 def _first_float(out: Any) -> torch.Tensor:
@@ -209,6 +209,31 @@ def apply_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor) -> None
         m.prune(gm, g, keep)
 
 
+def kept_count(g: ChannelGroup, ratio: float | None, c: "StructuredPrunePass.Config", k: int | None = None) -> int:
+    """How many channels of ``g`` stay when ``ratio`` of them go (or ``k`` stay), after ``min_channels``,
+    ``round_to`` and a grouped conv's equal share per group."""
+    k = g.size - int(ratio * g.size) if k is None else k
+    k = max(c.min_channels, k)
+    if c.round_to > 1:
+        k = min(g.size, -(-k // c.round_to) * c.round_to)
+    blocks = g.blocks
+    if blocks > 1:  # grouped convs: the same number of channels in every group
+        k = min(g.size, max(blocks, -(-k // blocks) * blocks))
+    return k
+
+
+def prune_group(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor, stats: dict | None,
+                refits: dict, declined: dict) -> None:
+    """Keep the channels ``keep`` of ``g``; with ``stats`` (``reconstruct``), the linear readers are
+    re-fitted on them where that beats slicing (``refits``/``declined`` collect what happened)."""
+    fits = _refits(gm, g, keep, stats, refits, declined) if stats is not None else {}
+    apply_group(gm, g, keep)
+    for node, (w, b) in fits.items():
+        # a reader that also produces these channels (h + fc(h)) just lost the same rows
+        rows = next((_blocks(keep, m.block) for m in g.of(Produces) if m.node is node), None)
+        reconstruct_reader(gm, node, w if rows is None else w[rows], b if rows is None else b[rows])
+
+
 IMPORTANCES = ("l1", "l2", "bn", "taylor", "activation")
 
 
@@ -232,6 +257,7 @@ class StructuredPrunePass(Pass):
         scope: str = "local"
         max_ratio: float = 0.9
         reconstruct: bool = False
+        allocation: str = "uniform"
 
         def __post_init__(self) -> None:
             if not 0 <= self.ratio < 1:
@@ -241,6 +267,11 @@ class StructuredPrunePass(Pass):
                                     f"{self.importance!r}")
             if self.scope not in ("local", "global"):
                 raise PipelineError(f"prune: scope must be local or global, got {self.scope!r}")
+            if self.allocation not in ("uniform", "sensitivity"):
+                raise PipelineError(f"prune: allocation must be uniform or sensitivity, got {self.allocation!r}")
+            if self.allocation == "sensitivity" and self.scope == "global":
+                raise PipelineError("prune: allocation=sensitivity decides how much each group loses itself; "
+                                    "it does not combine with scope=global (drop one of them)")
             if not 0 < self.max_ratio < 1:
                 raise PipelineError(f"prune: max_ratio must be in (0, 1), got {self.max_ratio}")
             for f in ("ignore", "ratios"):
@@ -302,24 +333,20 @@ class StructuredPrunePass(Pass):
             if scores is None:
                 scores = group_importance(gm, g, "l1" if c.importance == "activation" else c.importance, grads)
             todo.append((g, names, c.ratio_for(names), scores))
-        targets = _global_counts(todo, c) if c.scope == "global" else {}
+        allocation = None
+        if c.allocation == "sensitivity":
+            from fxopt.passes.compress.prune_allocation import allocate
+            allocation = allocate(gm, ctx, groups, todo, c, stats)
+            targets = allocation.targets
+        else:
+            targets = _global_counts(todo, c) if c.scope == "global" else {}
         for g, names, r, scores in todo:
-            k = targets[id(g)] if id(g) in targets else g.size - int((c.ratio if r is None else r) * g.size)
-            k = max(c.min_channels, k)
-            if c.round_to > 1:
-                k = min(g.size, -(-k // c.round_to) * c.round_to)
-            blocks = g.blocks
-            if blocks > 1:  # grouped convs: the same number of channels in every group
-                k = min(g.size, max(blocks, -(-k // blocks) * blocks))
+            k = targets[id(g)] if id(g) in targets else kept_count(g, c.ratio if r is None else r, c)
+            k = kept_count(g, None, c, k)
             if k >= g.size:
                 continue
             keep = _balanced_topk(scores, k, g.cuts)
-            fits = self._refits(gm, g, keep, stats, refits, declined) if c.reconstruct else {}
-            apply_group(gm, g, keep)
-            for node, (w, b) in fits.items():
-                # a reader that also produces these channels (h + fc(h)) just lost the same rows
-                rows = next((_blocks(keep, m.block) for m in g.of(Produces) if m.node is node), None)
-                reconstruct_reader(gm, node, w if rows is None else w[rows], b if rows is None else b[rows])
+            prune_group(gm, g, keep, stats if c.reconstruct else None, refits, declined)
             decided[id(g)] = keep
             pruned["+".join(names)] = f"{g.size}->{k}"
             heads += g.heads
@@ -341,26 +368,27 @@ class StructuredPrunePass(Pass):
         if c.reconstruct:
             details["reconstructed"] = refits
             details["not_reconstructed"] = declined
+        if allocation is not None:
+            details["allocation"] = allocation.details
         return PassResult(True, frozenset(), details)
 
-    @staticmethod
-    def _refits(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor, stats: dict, done: dict,
-                declined: dict) -> dict:
-        """node -> (weight, bias) re-fitted on the kept channels, for every linear reader of ``g`` that
-        can be and whose re-fit beats slicing on held-back batches (see prune_stats)."""
-        out = {}
-        for m in g.of(Reads):
-            st = stats.get(m.node.name)
-            name = module_path(m.node) or m.node.name
-            if st is None or st.gram is None:   # collect_reader_stats asked for a Gram only where it may re-fit
-                if is_linear(m.node):
-                    declined[name] = "no calibration rows reached it" if st is not None and st.want_gram \
-                        else "its weight is shared, or it reads other channels too"
-                continue
-            fit, info = refit(gm, m.node, _blocks(keep, m.block), st)
-            if fit is None:
-                declined[name] = info["why"]
-            else:
-                out[m.node] = fit
-                done[name] = round(info["held_back_error"], 4)
-        return out
+def _refits(gm: fx.GraphModule, g: ChannelGroup, keep: torch.Tensor, stats: dict, done: dict,
+            declined: dict) -> dict:
+    """node -> (weight, bias) re-fitted on the kept channels, for every linear reader of ``g`` that
+    can be and whose re-fit beats slicing on held-back batches (see prune_stats)."""
+    out = {}
+    for m in g.of(Reads):
+        st = stats.get(m.node.name)
+        name = module_path(m.node) or m.node.name
+        if st is None or st.gram is None:   # collect_reader_stats asked for a Gram only where it may re-fit
+            if is_linear(m.node):
+                declined[name] = "no calibration rows reached it" if st is not None and st.want_gram \
+                    else "its weight is shared, or it reads other channels too"
+            continue
+        fit, info = refit(gm, m.node, _blocks(keep, m.block), st)
+        if fit is None:
+            declined[name] = info["why"]
+        else:
+            out[m.node] = fit
+            done[name] = round(info["held_back_error"], 4)
+    return out
