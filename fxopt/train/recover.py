@@ -26,7 +26,9 @@ mode ``"logits"``/``"hidden"``/``"both"``), ``qat`` (True), ``teacher`` (default
 data-aware way, ``prune(importance=activation, reconstruct=true)``, channels chosen by what they move on
 ``data`` and the layers reading them re-fitted, and the one whose outputs stay closer to the original's
 on the first 8 batches is kept: the history's ``stages`` say which, with both errors; False keeps the
-recipe's pruning as written), and
+recipe's pruning as written), ``allocation`` (``"sensitivity"``: the data-aware prune also chooses how
+much of each channel group goes from the measured damage of pruning it alone, ``prune(allocation=
+sensitivity)``, removing at least as many parameters; ``"uniform"``: the same ratio everywhere), and
 any :func:`fxopt.finetune` option (``lr``, ``optimizer``, ``alpha``, ``temperature``,
 ``features``, ...). The defaults: SGD with Nesterov momentum 0.9 at lr 0.05 on a cosine schedule,
 distillation weight 0.5 at temperature 2 (``bench/recover.py`` measures them); QAT at a tenth of the
@@ -44,10 +46,11 @@ from fxopt.errors import InputError
 
 __all__ = ["compile_and_recover", "RECOVER_DEFAULTS"]
 
-RECOVER_DEFAULTS = {"epochs": 5, "distill": True, "qat": True, "reconstruct": True, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+RECOVER_DEFAULTS = {"epochs": 5, "distill": True, "qat": True, "reconstruct": True, "allocation": "sensitivity",
+                    "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
                     "nesterov": True, "schedule": "cosine", "alpha": 0.5, "temperature": 2.0}
 _QUANT_STEPS = ("fold-bn", "smooth-quant", "insert-qdq", "cast")
-_KEYS = {"data", "epochs", "qat_epochs", "distill", "qat", "teacher", "qat_lr", "reconstruct"}
+_KEYS = {"data", "epochs", "qat_epochs", "distill", "qat", "teacher", "qat_lr", "reconstruct", "allocation"}
 
 
 def _split(pipeline: Any) -> tuple[Any, Any]:
@@ -63,10 +66,11 @@ def _split(pipeline: Any) -> tuple[Any, Any]:
     return Pipeline(steps[:cut]), Pipeline(steps[cut:])
 
 
-def _data_aware(pipeline: Any) -> tuple[Any, bool]:
+def _data_aware(pipeline: Any, allocation: str = "sensitivity") -> tuple[Any, bool]:
     """The pipeline with every ``prune`` step that uses the default ``l1`` importance switched to
     ``importance=activation, reconstruct=true`` (channels chosen, and their readers re-fitted, on the
-    recovery data), and whether any was."""
+    recovery data) and, with ``allocation="sensitivity"``, each group's ratio chosen from its measured
+    damage (``prune(allocation=sensitivity)``; a ``scope=global`` prune keeps its scope), and whether any was."""
     import dataclasses
 
     from fxopt.passmgr.pipeline import Pipeline
@@ -76,7 +80,8 @@ def _data_aware(pipeline: Any) -> tuple[Any, bool]:
         cfg = getattr(s, "config", None)
         if getattr(s, "name", "") == "prune" and getattr(cfg, "importance", None) == "l1" \
                 and not getattr(cfg, "reconstruct", True):
-            s = type(s)(dataclasses.replace(cfg, importance="activation", reconstruct=True))
+            alloc = allocation if cfg.scope == "local" else cfg.allocation
+            s = type(s)(dataclasses.replace(cfg, importance="activation", reconstruct=True, allocation=alloc))
             changed = True
         steps.append(s)
     return Pipeline(steps), changed
@@ -202,6 +207,9 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     epochs, qat_epochs = int(opts.pop("epochs")), opts.pop("qat_epochs", None)
     distill, use_qat = opts.pop("distill"), bool(opts.pop("qat"))
     reconstruct = bool(opts.pop("reconstruct"))
+    allocation = opts.pop("allocation")
+    if allocation not in ("sensitivity", "uniform"):
+        raise InputError(f"recover['allocation'] must be 'sensitivity' or 'uniform', got {allocation!r}")
     teacher = opts.pop("teacher", None) or model
     qat_lr = opts.pop("qat_lr", None)
     opts.pop("data")
@@ -234,7 +242,7 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     choice = None
     if len(compress):
         current = fxopt_compile(model, args, kwargs, recipe=compress, metric=metric, **compile_kwargs)
-        aware, changed = _data_aware(compress) if reconstruct else (None, False)
+        aware, changed = _data_aware(compress, allocation) if reconstruct else (None, False)
         if changed:
             current, compress, choice = _closer_of(model, current, compress, aware, data, fxopt_compile, args,
                                                    kwargs, metric, compile_kwargs)

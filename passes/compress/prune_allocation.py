@@ -7,8 +7,9 @@ grid (``LEVELS``, plus ``ratio`` itself, at most ``max_ratio``):
 
 * ``damage[g, r]``: the relative squared error of the model's outputs when ``g`` alone loses ``r`` of its
   channels, exactly as the pass would remove them (same importance, same re-fit with ``reconstruct``),
-  against the unpruned outputs, on the example inputs and up to ``SENSITIVITY_BATCHES`` calibration
-  batches (padding tokens left out where a batch carries an ``attention_mask``); each output counts alike;
+  against the unpruned outputs, on the first ``SENSITIVITY_BATCHES`` calibration batches (the example
+  inputs without calibration data; padding tokens left out where a batch carries an ``attention_mask``);
+  each output counts alike;
 * ``cost[g, r]``: the parameters that removes (counted on the pruned copy).
 
 It then picks one level per group minimizing the summed damage while removing at least the parameters
@@ -40,7 +41,7 @@ from fxopt.ir.torch_compat import torch_internals
 __all__ = ["allocate", "Allocation", "LEVELS", "SENSITIVITY_BATCHES", "choose_levels"]
 
 #: the ratios tried for every group (the recipe's ``ratio`` is added)
-LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+LEVELS = (0.2, 0.35, 0.5, 0.65, 0.8)
 #: calibration batches the damage is measured on (besides the example inputs)
 SENSITIVITY_BATCHES = 4
 #: resolution of the parameter budget in the dynamic program
@@ -134,15 +135,15 @@ def damage_of(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]]) -> f
 
 
 def _batches(ctx: Any) -> list[tuple[tuple, dict]]:
-    """The example inputs and the first calibration batches (any sequence length: a token batch need not
-    be as long as the example)."""
+    """The first calibration batches (any sequence length: a token batch need not be as long as the
+    example), or the example inputs without calibration data."""
     from fxopt.quant.calibrate import normalize_item
     limit = min(SENSITIVITY_BATCHES, ctx.options.get("calibration_batches") or SENSITIVITY_BATCHES)
-    out = [(ctx.args, ctx.kwargs)]
-    if ctx.calibration is not None:
-        pick = ctx.options.get("calibration_inputs")
-        out += [normalize_item(item, pick) for item in itertools.islice(ctx.calibration, limit)]
-    return out
+    if ctx.calibration is None:
+        return [(ctx.args, ctx.kwargs)]
+    pick = ctx.options.get("calibration_inputs")
+    return [normalize_item(item, pick) for item in itertools.islice(ctx.calibration, limit)] \
+        or [(ctx.args, ctx.kwargs)]
 
 
 def _trial(gm: fx.GraphModule, ctx: Any, index: int, keep: torch.Tensor, stats: dict | None,

@@ -50,6 +50,8 @@ def test_recover_errors_come_before_the_work_and_say_what_to_do():
         fxopt.compile(m, (x,), recipe="prune-50,int8", recover={"data": d, "epoch": 1}, progress=False)
     with pytest.raises(InputError, match="qat_epochs"):
         fxopt.compile(m, (x,), recipe="prune-50,int8", recover={"data": d, "qat_epochs": 0}, progress=False)
+    with pytest.raises(InputError, match="allocation"):
+        fxopt.compile(m, (x,), recipe="prune-50", recover={"data": d, "allocation": "even"}, progress=False)
     with pytest.raises(InputError, match="dtypes"):
         fxopt.compile(m, (x,), recipe="prune-50,int8", recover={"data": [(x.long(), d[0][1])]}, progress=False)
 
@@ -120,3 +122,14 @@ def test_finetune_rejects_learning_rates_eval_data_and_models_it_cannot_train():
     if any(n.op == "call_function" and "fxopt" in str(n.target) for n in lowered.graph.nodes):
         with pytest.raises(InputError, match="fxopt.qat"):
             fxopt.finetune(lowered, d, progress=False)
+
+
+def test_the_data_aware_prune_allocates_by_sensitivity_unless_told_uniform():
+    from fxopt.api import resolve_recipe
+    from fxopt.train.recover import _data_aware
+    for allocation in ("sensitivity", "uniform"):
+        aware, changed = _data_aware(resolve_recipe("prune-50"), allocation)
+        cfg = next(s.config for s in aware.steps if getattr(s, "name", "") == "prune")
+        assert changed and (cfg.importance, cfg.reconstruct, cfg.allocation) == ("activation", True, allocation)
+    aware, _ = _data_aware(resolve_recipe("prune(ratio=0.5,scope=global)"), "sensitivity")
+    assert next(s.config for s in aware.steps if getattr(s, "name", "") == "prune").allocation == "uniform"
