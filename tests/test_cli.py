@@ -177,6 +177,10 @@ def test_recover_from_the_command_line(tmp_path, capsys):
     assert main(["compile", f"{TINY}:build", "--input-shape", "8x3x8x8", "--recipe", "prune-50",
                  "--recover", str(data), "--recover-epochs", "1", "--no-reconstruct", "--out", str(out_file)]) == 0
     assert "pruned by" not in capsys.readouterr().out
+    from fxopt.cli.main import _recover, build_parser
+    for flag, want in (([], "sensitivity"), (["--allocation", "uniform"], "uniform")):
+        ns = build_parser().parse_args(["compile", "m.py", "--recover", str(data), "--out", "o.fxopt", *flag])
+        assert _recover(ns)["allocation"] == want
     m = fxopt.load(str(out_file))
     assert m(batches[0][0]).shape == (8, 2)
     bad = tmp_path / "bad.pt"

@@ -306,7 +306,7 @@ def _recover(ns: argparse.Namespace) -> dict | None:
         raise fxopt.InputError(f"--recover {path} holds a {type(data).__name__}; save a non-empty list of training "
                                "batches: [(inputs, targets), ...] (or the inputs alone, for distillation)")
     out = {"data": list(data), "epochs": ns.recover_epochs, "distill": not ns.no_distill, "qat": not ns.no_qat,
-           "reconstruct": not ns.no_reconstruct}
+           "reconstruct": not ns.no_reconstruct, "allocation": ns.allocation}
     if ns.recover_lr is not None:
         out["lr"] = ns.recover_lr
     return out
@@ -441,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-reconstruct", action="store_true",
                    help="prune only as the recipe says (default: also prune by activation with the readers "
                         "re-fitted on the recovery data, and keep whichever stays closer to the original)")
+    c.add_argument("--allocation", choices=["sensitivity", "uniform"], default="sensitivity",
+                   help="how the data-aware prune of --recover splits the ratio over channel groups (default "
+                        "sensitivity: by the measured damage of pruning each group alone; uniform: the same "
+                        "ratio everywhere)")
     c.add_argument("--runtime", default="torch",
                    choices=["torch", "auto", "onnxruntime", "openvino", "inductor"],
                    help="what runs the optimized graph (default torch: fxopt's kernels); auto: time the installed "
