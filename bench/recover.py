@@ -1,6 +1,7 @@
 """Recovering accuracy after compression: distillation, QAT and the one recovery call, on real data.
 
-    python bench/recover.py [--only digits|minilm|minilm-prune|minilm-prune-layers|minilm-int4|llama] [--minilm-epochs 6] [--qat-epochs 2]
+    python bench/recover.py [--only digits|minilm|minilm-prune|minilm-prune-layers|minilm-prune-sens|minilm-int4|llama]
+                            [--minilm-epochs 6] [--qat-epochs 2] [--sens-epochs 12]
                             [--int4-group-sizes 128,32] [--repeats 20] [--teacher-epochs 8] [--llama-epochs 2]
 
 (a) digits CNN: DemoNet(width=32) trained 8 epochs on scikit-learn's ``load_digits`` (1,400 training
@@ -18,7 +19,9 @@
     out, the rest for training, 16 per batch, up to 64 tokens): after the weight-norm prune, and as the
     recovery call ``compile(recipe="prune-50", recover=...)``, and the same call with the half split unevenly
     across the layers by their sensitivity (``prune(ratio=0.5,ratios=[...])``; ``--only minilm-prune`` runs
-    these, ``--only minilm-prune-layers`` the last alone);
+    these, ``--only minilm-prune-layers`` the last alone); and the plain recovery call on ``prune-50``, whose
+    data-aware prune splits the half by measured sensitivity (``prune(allocation=sensitivity)``), on the same
+    sentences batched by length (``--sens-epochs`` epochs, 12 by default; ``--only minilm-prune-sens``);
     int4-weight PTQ (with the example batch alone, and with GPTQ on the 32 batches QAT calibrates on) vs
     QAT (distilled from the original's hidden states: no labels), at the recipe's 128-weight groups and at 32
     (``--only minilm-int4`` runs just these). Accuracy: mean and min cosine of mean-pooled sentence
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import time
 
@@ -110,8 +114,8 @@ def digits_section(repeats: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- (b) MiniLM
-def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layers", "int4"),
-                   group_sizes: tuple = (128, 32)) -> list[dict]:
+def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layers", "sens", "int4"),
+                   group_sizes: tuple = (128, 32), sens_epochs: int = 12) -> list[dict]:
     from transformers import AutoModel, AutoTokenizer
     from quant import sentences
     from common import minilm_path
@@ -155,6 +159,11 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
         for st in getattr(getattr(runs[name][0], "fxopt_history", None), "stages", None) or []:
             if st.get("pruning"):   # the recovery call's choice between the two prunes
                 print(f"    pruned by {st['pruning']['chosen']}: {st['pruning']['output_error']}", file=sys.stderr)
+        for rec in getattr(getattr(runs[name][0], "fxopt_history", None), "records", None) or []:
+            alloc = rec.info.get("allocation") if rec.name == "prune" else None
+            if alloc and alloc.get("groups"):   # the ratio prune(allocation=sensitivity) chose for each group
+                print("    allocation: " + ", ".join(f"{k.split(' ')[0]} {v['ratio']}" for k, v in alloc["groups"].items()),
+                      file=sys.stderr)
     distill = dict(distill="hidden", hidden_loss="mse+cosine", optimizer="adamw", lr=1e-3)
     if "prune" in parts:
         pruned = fxopt.compile(model, kwargs=kw, recipe="prune-50", progress=False)
@@ -177,6 +186,18 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
         run(f"prune 0.6/0.6/0.6/0.5/0.4/0.3 by layer, recover={{data, {epochs} epochs, hidden distillation}}",
             lambda: fxopt.compile(model, kwargs=kw, recipe=layered, progress=False,
                                   recover={"data": train, "epochs": epochs, **distill}))
+    if "sens" in parts:
+        # the plain recovery call on prune-50: its data-aware prune now splits the half by measured sensitivity
+        # (prune(allocation=sensitivity)); batches of 16 sentences of about the same length (sorted by token
+        # count, batch order shuffled with seed 0) carry 1% padding instead of 50%, so the same CPU time buys
+        # about twice the epochs
+        lengths = [len(tok(t, truncation=True, max_length=64)["input_ids"]) for t in tr]
+        order = sorted(range(len(tr)), key=lambda i: (lengths[i], i))
+        bucketed = [enc([tr[j] for j in order[i:i + 16]]) for i in range(0, len(tr), 16)]
+        random.Random(0).shuffle(bucketed)
+        run(f"prune-50, recover={{data bucketed by length, {sens_epochs} epochs, hidden distillation}}",
+            lambda: fxopt.compile(model, kwargs=bucketed[0], recipe="prune-50", progress=False,
+                                  recover={"data": bucketed, "epochs": sens_epochs, **distill}))
     for gs in group_sizes if "int4" in parts else ():
         # the recipe's default groups are 128 weights; smaller groups cost more scale bytes (the bytes column)
         tag = "" if gs == 128 else f", group_size={gs}"
@@ -290,27 +311,29 @@ def llama_section(teacher_epochs: int, epochs: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["digits", "minilm", "minilm-prune", "minilm-prune-layers", "minilm-int4",
-                                       "llama"])
+    ap.add_argument("--only", choices=["digits", "minilm", "minilm-prune", "minilm-prune-layers",
+                                       "minilm-prune-sens", "minilm-int4", "llama"])
     ap.add_argument("--int4-group-sizes", default="128,32", help="the MiniLM int4 rows' group sizes (default 128,32)")
     ap.add_argument("--teacher-epochs", type=int, default=8)
     ap.add_argument("--llama-epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--minilm-epochs", type=int, default=6)
     ap.add_argument("--qat-epochs", type=int, default=2)
+    ap.add_argument("--sens-epochs", type=int, default=12, help="epochs of the bucketed recovery row (default 12)")
     a = ap.parse_args()
     print(f"CPU: {_cpu()}; torch {torch.__version__}")
     if a.only in (None, "digits"):
         print("\n(a) digits CNN, 397 held-out images; goals: prune-50 + default recovery within 0.3 pp at <= 0.3x "
               "params; int4 QAT within 0.3 pp; prune + int8 QAT within 0.5 pp at <= 0.1x bytes")
         print(table(digits_section(a.repeats)))
-    if a.only in (None, "minilm", "minilm-prune", "minilm-prune-layers", "minilm-int4"):
+    if a.only in (None, "minilm", "minilm-prune", "minilm-prune-layers", "minilm-prune-sens", "minilm-int4"):
         print("\n(b) MiniLM; goals: prune-50 + distillation mean cos >= 0.97, min >= 0.90 (held-out) within 15 CPU "
               "minutes; int4-weight QAT min cos >= 0.98")
         parts = {"minilm-int4": ("int4",), "minilm-prune": ("prune", "layers"),
-                 "minilm-prune-layers": ("layers",)}.get(a.only, ("prune", "layers", "int4"))
+                 "minilm-prune-layers": ("layers",), "minilm-prune-sens": ("sens",)}.get(
+                     a.only, ("prune", "layers", "sens", "int4"))
         sizes = tuple(int(g) for g in a.int4_group_sizes.split(","))
-        print(table(minilm_section(a.minilm_epochs, a.qat_epochs, parts, sizes)))
+        print(table(minilm_section(a.minilm_epochs, a.qat_epochs, parts, sizes, a.sens_epochs)))
     if a.only in (None, "llama"):
         print("\n(c) Minitron-style width prune + distillation of a Llama-architecture decoder (GQA 6 query / 2 kv "
               "heads) on the pydoc_data sentences (400 held out; the corpus' own vocabulary; 64-token blocks)")
