@@ -34,7 +34,6 @@ import torch
 import torch.fx as fx
 
 from fxopt.errors import PipelineError
-from fxopt.ir.dialect import module_path
 from fxopt.ir.graph_utils import param_stats, preserved_state
 from fxopt.ir.torch_compat import torch_internals
 
@@ -150,7 +149,7 @@ def _trial(gm: fx.GraphModule, ctx: Any, index: int, keep: torch.Tensor, stats: 
            describe: str) -> fx.GraphModule:
     """A copy of ``gm`` with only group ``index`` pruned to ``keep``, the way the pass prunes it."""
     from fxopt.passes.analysis.channel_members import LayoutMember, end_slicing
-    from fxopt.passes.compress.prune import prune_group
+    from fxopt.passes.compress.prune_apply import prune_group
     from fxopt.passmgr.analysis import get_analysis
     from fxopt.ir.rewrite_utils import erase_dead
     with torch_internals():
@@ -175,7 +174,7 @@ def allocate(gm: fx.GraphModule, ctx: Any, groups: list, todo: list, c: Any, sta
     """Channels to keep per group of ``todo`` (``(group, names, per-layer ratio, scores)``), see the module."""
     from tqdm.auto import tqdm
 
-    from fxopt.passes.compress.prune import _balanced_topk, kept_count
+    from fxopt.passes.compress.prune_apply import balanced_topk, kept_count
     index = {id(g): i for i, g in enumerate(groups)}
     pool = [(g, names, scores) for g, names, r, scores in todo if r is None]
     if not pool:
@@ -191,7 +190,7 @@ def allocate(gm: fx.GraphModule, ctx: Any, groups: list, todo: list, c: Any, sta
     measured: dict[tuple[int, int], tuple[int, float]] = {}
     show = ctx.options.get("progress")
     for g, names, scores, k in tqdm(work, desc="fxopt: prune sensitivity", disable=not show, leave=False):
-        keep = _balanced_topk(scores, k, g.cuts)
+        keep = balanced_topk(scores, k, g.cuts)
         dup = _trial(gm, ctx, index[id(g)], keep, stats if c.reconstruct else None, g.describe())
         measured[(id(g), k)] = (base - param_stats(dup)[0], damage_of(ref, _outputs(dup, batches)))
         del dup

@@ -13,25 +13,27 @@ from fxopt.passes.compress.prune_allocation import BUDGET_STEPS, choose_levels
 from models import state_hash
 
 
-class TwoStage(nn.Module):
-    """Two hidden groups of 32: 8 of the first's channels carry the signal and 24 almost nothing (pruning
-    most of it costs little), the second's are all alike (every channel it loses costs)."""
+class TwoBranch(nn.Module):
+    """Two hidden groups of 32 side by side: 4 of branch a's channels carry its signal and 28 almost nothing
+    (pruning most of it costs little), branch b's are all distinct functions of a 64-wide input (every
+    channel it loses costs, and no re-fit brings it back)."""
 
     def __init__(self):
         super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.a1, self.a2 = nn.Linear(64, 32), nn.Linear(32, 8)
+        self.b1, self.b2 = nn.Linear(64, 32), nn.Linear(32, 8)
         with torch.no_grad():
-            scale = torch.cat([torch.ones(8), torch.full((24,), 0.01)])[:, None]
-            self.fc1.weight.copy_(torch.randn(32, 16, generator=torch.Generator().manual_seed(0)) * scale)
-            self.fc1.bias.zero_()
+            scale = torch.cat([torch.ones(4), torch.full((28,), 0.01)])[:, None]
+            self.a1.weight.copy_(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) * scale)
+            self.a1.bias.zero_()
 
     def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        return self.a2(torch.relu(self.a1(x))) + self.b2(torch.relu(self.b1(x)))
 
 
 def _data(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(64, 16, generator=g) for _ in range(n)]
+    return [torch.randn(64, 64, generator=g) for _ in range(n)]
 
 
 def _record(m):
@@ -67,7 +69,7 @@ def test_choose_levels_is_the_least_damage_that_meets_the_budget():
 @pytest.mark.parametrize("reconstruct", [False, True])
 def test_the_redundant_group_loses_more_and_the_model_stays_closer(reconstruct):
     torch.manual_seed(0)
-    model = TwoStage().eval()
+    model = TwoBranch().eval()
     before = state_hash(model)
     data, test = _data(), torch.cat(_data(seed=1))
     opts = ",importance=activation,reconstruct=true" if reconstruct else ""
@@ -76,28 +78,28 @@ def test_the_redundant_group_loses_more_and_the_model_stays_closer(reconstruct):
                          calibration=data, progress=False)
     info = _record(sens).info["allocation"]
     ratios = {k: v["ratio"] for k, v in info["groups"].items()}
-    assert ratios["fc1"] > 0.5 > ratios["fc2"], ratios
+    assert ratios["a1"] > 0.5 > ratios["b1"], ratios
     # at least the parameters the uniform ratio removes, and a smaller error on data neither saw
     assert info["params_removed"] >= info["params_removed_uniform"]
     assert sum(p.numel() for p in sens.parameters()) <= sum(p.numel() for p in uniform.parameters())
     with torch.no_grad():
         want = model(test)
     err = {n: float((m(test) - want).pow(2).mean().detach()) for n, m in (("uniform", uniform), ("sens", sens))}
-    assert err["sens"] < 0.5 * err["uniform"], err
+    assert err["sens"] < 0.8 * err["uniform"], err
     assert info["summed_damage"] <= info["summed_damage_uniform"]
     assert info["trials"] > 0 and state_hash(model) == before
 
 
 def test_ratios_entries_stay_fixed_and_bad_options_are_errors():
     torch.manual_seed(0)
-    model = TwoStage().eval()
+    model = TwoBranch().eval()
     data = _data()
-    m = fxopt.compile(model, (data[0],), recipe="prune(ratio=0.5,allocation=sensitivity,ratios=['fc2=0.25'])",
+    m = fxopt.compile(model, (data[0],), recipe="prune(ratio=0.5,allocation=sensitivity,ratios=['b1=0.25'])",
                       calibration=data, progress=False)
     info = _record(m).info
-    assert info["channels"]["fc2"] == "32->24"                       # its own ratio
-    assert list(info["allocation"]["groups"]) == ["fc1"]              # the only group allocated
-    assert info["channels"]["fc1"] == "32->16"                        # alone in the pool: it takes the ratio
+    assert info["channels"]["b1"] == "32->24"                         # its own ratio
+    assert list(info["allocation"]["groups"]) == ["a1"]               # the only group allocated
+    assert info["channels"]["a1"] == "32->16"                         # alone in the pool: it takes the ratio
     with pytest.raises(RecipeError, match="allocation must be uniform or sensitivity"):
         fxopt.compile(model, (data[0],), recipe="prune(allocation=measured)")
     with pytest.raises(RecipeError, match="scope=global"):
