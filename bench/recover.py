@@ -1,7 +1,7 @@
 """Recovering accuracy after compression: distillation, QAT and the one recovery call, on real data.
 
     python bench/recover.py [--only digits|minilm|minilm-prune|minilm-prune-layers|minilm-prune-sens|minilm-int4|llama]
-                            [--minilm-epochs 6] [--qat-epochs 2] [--sens-epochs 12]
+                            [--minilm-epochs 6] [--qat-epochs 2] [--sens-epochs 12] [--sens-lr 5e-4]
                             [--int4-group-sizes 128,32] [--repeats 20] [--teacher-epochs 8] [--llama-epochs 2]
 
 (a) digits CNN: DemoNet(width=32) trained 8 epochs on scikit-learn's ``load_digits`` (1,400 training
@@ -115,7 +115,7 @@ def digits_section(repeats: int) -> list[dict]:
 
 # ---------------------------------------------------------------- (b) MiniLM
 def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layers", "sens", "int4"),
-                   group_sizes: tuple = (128, 32), sens_epochs: int = 12) -> list[dict]:
+                   group_sizes: tuple = (128, 32), sens_epochs: int = 12, sens_lr: float = 5e-4) -> list[dict]:
     from transformers import AutoModel, AutoTokenizer
     from quant import sentences
     from common import minilm_path
@@ -196,9 +196,9 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
         bucketed = [enc([tr[j] for j in order[i:i + 16]]) for i in range(0, len(tr), 16)]
         random.Random(0).shuffle(bucketed)
         # half the learning rate of the rows above: at 12 epochs 1e-3 reached 0.9643 and 2e-3 0.9575 (held-out mean)
-        run(f"prune-50, recover={{data bucketed by length, {sens_epochs} epochs, hidden distillation, lr 5e-4}}",
+        run(f"prune-50, recover={{data bucketed by length, {sens_epochs} epochs, hidden distillation, lr {sens_lr:g}}}",
             lambda: fxopt.compile(model, kwargs=bucketed[0], recipe="prune-50", progress=False,
-                                  recover={"data": bucketed, "epochs": sens_epochs, **distill, "lr": 5e-4}))
+                                  recover={"data": bucketed, "epochs": sens_epochs, **distill, "lr": sens_lr}))
     for gs in group_sizes if "int4" in parts else ():
         # the recipe's default groups are 128 weights; smaller groups cost more scale bytes (the bytes column)
         tag = "" if gs == 128 else f", group_size={gs}"
@@ -321,6 +321,7 @@ def main() -> None:
     ap.add_argument("--minilm-epochs", type=int, default=6)
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--sens-epochs", type=int, default=12, help="epochs of the bucketed recovery row (default 12)")
+    ap.add_argument("--sens-lr", type=float, default=5e-4, help="its learning rate (AdamW; default 5e-4)")
     a = ap.parse_args()
     print(f"CPU: {_cpu()}; torch {torch.__version__}")
     if a.only in (None, "digits"):
@@ -334,7 +335,7 @@ def main() -> None:
                  "minilm-prune-layers": ("layers",), "minilm-prune-sens": ("sens",)}.get(
                      a.only, ("prune", "layers", "sens", "int4"))
         sizes = tuple(int(g) for g in a.int4_group_sizes.split(","))
-        print(table(minilm_section(a.minilm_epochs, a.qat_epochs, parts, sizes, a.sens_epochs)))
+        print(table(minilm_section(a.minilm_epochs, a.qat_epochs, parts, sizes, a.sens_epochs, a.sens_lr)))
     if a.only in (None, "llama"):
         print("\n(c) Minitron-style width prune + distillation of a Llama-architecture decoder (GQA 6 query / 2 kv "
               "heads) on the pydoc_data sentences (400 held out; the corpus' own vocabulary; 64-token blocks)")
