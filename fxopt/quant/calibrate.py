@@ -24,7 +24,8 @@ from fxopt.errors import CalibrationError, mark_user_error
 from fxopt.quant.observers import Observer, make_observer
 from fxopt.quant.qspec import QSpec
 
-__all__ = ["calibrate", "iter_calibration", "CalibrationRanges", "observe", "Inputs", "normalize_item"]
+__all__ = ["calibrate", "iter_calibration", "CalibrationRanges", "observe", "Inputs", "normalize_item",
+           "token_mask"]
 
 
 class Inputs:
@@ -32,6 +33,18 @@ class Inputs:
 
     def __init__(self, args: tuple = (), kwargs: dict | None = None):
         self.args, self.kwargs = tuple(args), dict(kwargs or {})
+
+
+def token_mask(kwargs: Any) -> torch.Tensor | None:
+    """The ``[batch, seq]`` boolean mask of real tokens of a Hugging Face style batch (keyword inputs with a
+    2-D ``attention_mask`` of integers, booleans, or floats that are all 0 or 1), or None: padding positions
+    are left out of what is measured or trained on them."""
+    am = kwargs.get("attention_mask") if isinstance(kwargs, dict) else None
+    if not isinstance(am, torch.Tensor) or am.dim() != 2:
+        return None
+    if am.is_floating_point() and not bool(((am == 0) | (am == 1)).all()):
+        return None   # an additive mask (0 / -inf): not a keep-mask
+    return am.bool()
 
 
 def normalize_item(item: Any, inputs: Any = None) -> tuple[tuple, dict]:

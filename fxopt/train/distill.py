@@ -40,7 +40,7 @@ import torch.fx as fx
 from fxopt.errors import InputError
 from fxopt.ir.torch_compat import torch_internals
 
-__all__ = ["Distiller", "cache_budget", "token_mask", "resolve_teacher", "DISTILL_MODES", "HIDDEN_LOSSES"]
+__all__ = ["Distiller", "cache_budget", "resolve_teacher", "DISTILL_MODES", "HIDDEN_LOSSES"]
 
 DISTILL_MODES = ("logits", "hidden", "both")
 HIDDEN_LOSSES = ("mse", "cosine", "mse+cosine")
@@ -164,15 +164,6 @@ class _Taps:
 
 def _in_module(node: fx.Node, path: str) -> bool:
     return any(p == path or p.startswith(path + ".") for p, _ in (node.meta.get("nn_module_stack") or {}).values())
-
-
-def token_mask(inputs: Any) -> torch.Tensor | None:
-    """The ``[batch, seq]`` boolean mask of real tokens of a Hugging Face style batch (a dict with a 2-D
-    ``attention_mask``), or None."""
-    am = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-    if isinstance(am, torch.Tensor) and am.dim() == 2 and not am.is_floating_point():
-        return am.bool()
-    return None
 
 
 def _width_dim(s: torch.Size, t: torch.Size) -> int | None:
@@ -392,8 +383,8 @@ class Distiller:
 
     def loss(self, s_out: Any, t_out: Any, t_feats: dict, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """The distillation loss of one batch and its parts (floats, for the history). ``mask``: the batch's
-        ``[batch, seq]`` attention mask (:func:`token_mask`); hidden features of that shape compare real
-        tokens only."""
+        ``[batch, seq]`` real-token mask (:func:`~fxopt.quant.calibrate.token_mask`); hidden features of
+        that shape compare real tokens only."""
         parts: dict[str, torch.Tensor] = {}
         s_main, t_main = _first_tensor(s_out), _first_tensor(t_out)
         if s_main is None or t_main is None:

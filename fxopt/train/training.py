@@ -34,7 +34,7 @@ import torch
 
 from fxopt.errors import InputError
 from fxopt.ir.torch_compat import torch_internals
-from fxopt.train.distill import token_mask
+from fxopt.quant.calibrate import token_mask
 
 
 def _train_bn(x, weight, bias, running_mean, running_var, momentum, eps):  # noqa: ANN001

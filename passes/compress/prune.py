@@ -292,8 +292,8 @@ class StructuredPrunePass(Pass):
         else:
             targets = _global_counts(todo, c) if c.scope == "global" else {}
         for g, names, r, scores in todo:
-            k = targets[id(g)] if id(g) in targets else kept_count(g, c.ratio if r is None else r, c)
-            k = kept_count(g, None, c, k)
+            k = kept_count(g, None, c, targets[id(g)]) if id(g) in targets else \
+                kept_count(g, c.ratio if r is None else r, c)
             if k >= g.size:
                 continue
             keep = balanced_topk(scores, k, g.cuts)

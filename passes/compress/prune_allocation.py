@@ -36,6 +36,7 @@ import torch.fx as fx
 from fxopt.errors import PipelineError
 from fxopt.ir.graph_utils import param_stats, preserved_state
 from fxopt.ir.torch_compat import torch_internals
+from fxopt.quant.calibrate import normalize_item, token_mask
 
 __all__ = ["allocate", "Allocation", "LEVELS", "SENSITIVITY_BATCHES", "choose_levels"]
 
@@ -113,9 +114,7 @@ def _outputs(gm: fx.GraphModule, batches: list) -> list[list[torch.Tensor]]:
     out = []
     with torch.no_grad(), preserved_state(gm):
         for args, kwargs in batches:
-            am = kwargs.get("attention_mask")
-            mask = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 and not am.is_floating_point() \
-                else None
+            mask = token_mask(kwargs)
             out.append([_masked(t, mask) for t in _leaves(gm(*args, **kwargs))])
     return out
 
@@ -136,7 +135,6 @@ def damage_of(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]]) -> f
 def _batches(ctx: Any) -> list[tuple[tuple, dict]]:
     """The first calibration batches (any sequence length: a token batch need not be as long as the
     example), or the example inputs without calibration data."""
-    from fxopt.quant.calibrate import normalize_item
     limit = min(SENSITIVITY_BATCHES, ctx.options.get("calibration_batches") or SENSITIVITY_BATCHES)
     if ctx.calibration is None:
         return [(ctx.args, ctx.kwargs)]

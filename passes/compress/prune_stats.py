@@ -123,7 +123,7 @@ def collect_reader_stats(gm: fx.GraphModule, ctx: Any, groups: list[ChannelGroup
                          grams: bool) -> dict[str, ReaderStats]:
     """Run the calibration batches through ``gm`` and return the statistics of every conv/linear
     :class:`Reads` member of ``groups`` (by node name). The graph is tapped for the run and restored."""
-    from fxopt.quant.calibrate import Inputs, normalize_item
+    from fxopt.quant.calibrate import Inputs, normalize_item, token_mask
     rec = _Recorder()
     readers: dict[str, fx.Node] = {}
     for g in groups:
@@ -160,8 +160,7 @@ def collect_reader_stats(gm: fx.GraphModule, ctx: Any, groups: list[ChannelGroup
                 args, kwargs = normalize_item(item, pick)
                 # every 4th batch, or the last of 2-3, is held back to check re-fits on
                 rec.held_back = i % HOLD_EVERY == HOLD_EVERY - 1 or (1 < len(data) < HOLD_EVERY and i == len(data) - 1)
-                am = kwargs.get("attention_mask")
-                rec.mask = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+                rec.mask = token_mask(kwargs)
                 gm(*args, **kwargs)
     finally:
         for n, b in saved:

@@ -133,3 +133,20 @@ def test_the_data_aware_prune_allocates_by_sensitivity_unless_told_uniform():
         assert changed and (cfg.importance, cfg.reconstruct, cfg.allocation) == ("activation", True, allocation)
     aware, _ = _data_aware(resolve_recipe("prune(ratio=0.5,scope=global)"), "sensitivity")
     assert next(s.config for s in aware.steps if getattr(s, "name", "") == "prune").allocation == "uniform"
+
+
+
+def test_the_recovery_call_passes_the_users_allocation_to_its_data_aware_prune(monkeypatch):
+    import fxopt.train.recover as R
+    seen = []
+    real = R._data_aware
+
+    def spy(pipeline, *a):
+        seen.append(a)
+        return real(pipeline, *a)
+    monkeypatch.setattr(R, "_data_aware", spy)
+    m, d = _cnn(), _data(image=True)
+    for allocation in ("uniform", "sensitivity"):
+        fxopt.compile(m, (d[0][0],), recipe="prune-50", recover={"data": d, "epochs": 1, "allocation": allocation},
+                      progress=False)
+    assert seen == [("uniform",), ("sensitivity",)]

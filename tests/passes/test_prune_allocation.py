@@ -145,3 +145,13 @@ def test_token_batches_of_any_length_and_padding_left_out():
         infos.append(_record(m).info["allocation"])
     assert infos[0]["batches"] == 4 and set(infos[0]["groups"]) == {"a.0", "b.0"}
     assert infos[0]["groups"] == infos[1]["groups"]
+
+
+def test_token_mask_reads_keep_masks_only():
+    from fxopt.quant.calibrate import token_mask
+    ints = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.equal(token_mask({"attention_mask": ints}), ints.bool())
+    assert torch.equal(token_mask({"attention_mask": ints.float()}), ints.bool())     # 0/1 floats keep
+    additive = (1 - ints.float()) * -1e9                                             # 0 / -inf style: not a keep-mask
+    assert token_mask({"attention_mask": additive}) is None
+    assert token_mask({"attention_mask": ints[0]}) is None and token_mask(torch.ones(2, 3)) is None
