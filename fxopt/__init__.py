@@ -37,7 +37,7 @@ _EXPORTS = {
     "render": ".viz.graph_render", "export_onnx": ".runtime.onnx_export", "RuntimeModule": ".runtime.engines",
     "list_runtimes": ".runtime.engines",
     **{n: ".train.training" for n in ("FinetuneHistory", "cubic_sparsity", "finetune", "gradual_prune")},
-    "qat": ".train.qat", "transfer": ".train.transfer",
+    "qat": ".train.qat", "transfer": ".train.transfer", "rebatch_by_length": ".train.batching",
     **{n: ".passmgr.patterns" for n in ("Match", "Rewrite", "RewritePass", "RewriteSet", "register_rewrites")},
 }
 _LOADED = False
@@ -71,7 +71,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "compile", "trace", "save", "load", "summary", "diff", "render", "finetune", "gradual_prune", "qat", "transfer", "FinetuneHistory", "cubic_sparsity",
+    "compile", "trace", "save", "load", "summary", "diff", "render", "finetune", "gradual_prune", "qat", "transfer", "rebatch_by_length", "FinetuneHistory", "cubic_sparsity",
     "Rewrite", "RewriteSet", "RewritePass", "Match", "register_rewrites", "recipes", "Recipe", "register_recipe",
     "Pass", "PassResult", "PassContext", "Tolerance", "EXACT", "ALL", "graph_pass", "register_pass",
     "get_pass", "list_passes", "Analysis", "AnalysisManager", "register_analysis", "get_analysis",

@@ -181,6 +181,9 @@ def test_recover_from_the_command_line(tmp_path, capsys):
     for flag, want in (([], "sensitivity"), (["--allocation", "uniform"], "uniform")):
         ns = build_parser().parse_args(["compile", "m.py", "--recover", str(data), "--out", "o.fxopt", *flag])
         assert _recover(ns)["allocation"] == want
+    for flag, want in (([], "auto"), (["--no-rebatch"], False)):
+        ns = build_parser().parse_args(["compile", "m.py", "--recover", str(data), "--out", "o.fxopt", *flag])
+        assert _recover(ns)["rebatch"] == want
     m = fxopt.load(str(out_file))
     assert m(batches[0][0]).shape == (8, 2)
     bad = tmp_path / "bad.pt"

@@ -306,7 +306,8 @@ def _recover(ns: argparse.Namespace) -> dict | None:
         raise fxopt.InputError(f"--recover {path} holds a {type(data).__name__}; save a non-empty list of training "
                                "batches: [(inputs, targets), ...] (or the inputs alone, for distillation)")
     out = {"data": list(data), "epochs": ns.recover_epochs, "distill": not ns.no_distill, "qat": not ns.no_qat,
-           "reconstruct": not ns.no_reconstruct, "allocation": ns.allocation}
+           "reconstruct": not ns.no_reconstruct, "allocation": ns.allocation,
+           "rebatch": False if ns.no_rebatch else "auto"}
     if ns.recover_lr is not None:
         out["lr"] = ns.recover_lr
     return out
@@ -435,7 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="win the accuracy back after compressing: training batches saved with torch.save "
                         "([(inputs, targets), ...]); fine-tunes distilled from the original, then QAT")
     c.add_argument("--recover-epochs", type=int, default=5, metavar="N", help="epochs per recovery stage (default 5)")
-    c.add_argument("--recover-lr", type=float, metavar="LR", help="recovery learning rate (default 0.05, SGD)")
+    c.add_argument("--recover-lr", type=float, metavar="LR",
+                   help="recovery learning rate (default 0.05 with SGD; AdamW at 5e-4 for token batches, dicts with "
+                        "an attention_mask, distilled on hidden states)")
+    c.add_argument("--no-rebatch", action="store_true",
+                   help="train on the --recover batches as saved (default: right-padded token batches are regrouped "
+                        "by sentence length, so that training spends its time on real tokens, not padding)")
     c.add_argument("--no-distill", action="store_true", help="recover from the labels only, without the teacher")
     c.add_argument("--no-qat", action="store_true", help="quantize after recovery without training (PTQ)")
     c.add_argument("--no-reconstruct", action="store_true",

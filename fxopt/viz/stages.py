@@ -34,5 +34,11 @@ def describe_stages(stages: list) -> str:
             errs = ", ".join(f"{k} {v:.4g}" for k, v in p.get("output_error", {}).items())
             notes.append(f"{st.get('stage', '?')}: pruned by {p.get('chosen')} (relative output error on the "
                          f"recovery data: {errs})")
+        b = st.get("batching")
+        if b and b.get("rebatched"):   # token batches regrouped by length
+            notes.append(f"{st.get('stage', '?')}: {b['sentences']} sentences regrouped by length into {b['batches']} "
+                         f"batches of {b['batch_size']} (padding {b['padding_before']:.0%} -> {b['padding_after']:.0%})")
+        if st.get("optimizer"):
+            notes.append(f"{st.get('stage', '?')}: optimizer {st['optimizer']}")
     return "training stages:\n" + "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
                                              + notes)
