@@ -136,3 +136,12 @@ def test_rebatch_option_is_checked_before_any_work():
     with pytest.raises(InputError, match="right-padded"):
         fxopt.compile(model, kwargs=left[0], recipe="prune-50", recover={"data": left, "rebatch": True},
                       progress=False)
+
+
+def test_rebatch_is_public_and_takes_a_batch_size():
+    assert fxopt.rebatch_by_length is rebatch_by_length
+    out, info = fxopt.rebatch_by_length(_batches(n=3), batch_size=5)
+    assert [b["input_ids"].shape[0] for b in sorted(out, key=lambda b: b["input_ids"].shape[0])] == [4, 5, 5, 5, 5]
+    assert info["batches"] == 5 and info["sentences"] == 24
+    with pytest.raises(ValueError, match="batch_size"):
+        rebatch_by_length(_batches(n=1), batch_size=0)
