@@ -127,7 +127,7 @@ def compile(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None, 
         from fxopt.train.recover import compile_and_recover
         out = compile_and_recover(model, args, kwargs, recipe, recover, metric,
                                   {"calibration": calibration, "progress": progress, "strict": strict,
-                                   "verify": verify, "pass_timeout": pass_timeout, **options})
+                                   "verify": verify, "pass_timeout": pass_timeout, "dynamic": dynamic, **options})
         if report is not None:
             _write_report(out, report)
         return out

@@ -4,7 +4,7 @@ A list of Hugging Face style batches (dicts of ``[batch, seq]`` tensors with an 
 padded to a common length spends most of a transformer's training time on padding: the
 sentence corpus of ``bench/recover.py``, batched in the order it comes, is 50% padding at
 length 64. :func:`rebatch_by_length` takes every sentence out of its batch with its real tokens
-only, sorts the sentences by length, cuts them into batches of the original size, pads each batch
+only, sorts the sentences by length, cuts them into batches of the original sizes, pads each batch
 to its own longest sentence, and shuffles the batch order with a fixed seed:
 
     >>> import torch
@@ -90,7 +90,8 @@ def _pad_values(data: list[dict]) -> dict[str, Any] | str:
 def rebatch_by_length(data: Any, batch_size: int | None = None, seed: int = 0) -> tuple[Any, dict]:
     """``(batches, info)``: ``data``'s sentences regrouped by length (see the module docstring).
 
-    ``batch_size``: sentences per batch (default: the most common size of ``data``'s batches).
+    ``batch_size``: sentences per batch (default: the sizes of ``data``'s own batches, so that no batch
+    size appears that the data did not have; ``info["batch_size"]`` is the most common one).
     ``info``: ``rebatched`` (bool), ``why`` (when not), ``batches``, ``sentences``,
     ``padding_before`` / ``padding_after`` (fractions of positions)."""
     why = _why_not(data)
@@ -102,20 +103,26 @@ def rebatch_by_length(data: Any, batch_size: int | None = None, seed: int = 0) -
         why = pads
     if why is not None:
         return data, {"rebatched": False, "why": why}
-    if batch_size is None:
-        batch_size = Counter(int(b["attention_mask"].shape[0]) for b in data).most_common(1)[0][0]
-    if batch_size < 1:
+    if batch_size is None:   # the batches' own sizes, in their order: no batch size the data did not have
+        sizes = [int(b["attention_mask"].shape[0]) for b in data]
+        batch_size = Counter(sizes).most_common(1)[0][0]
+    elif batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    else:
+        total = sum(int(b["attention_mask"].shape[0]) for b in data)
+        sizes = [batch_size] * (total // batch_size) + ([total % batch_size] if total % batch_size else [])
     rows = []   # (length, order, {key: 1-D tensor of the real tokens})
     for b in data:
         lengths = (b["attention_mask"] != 0).sum(1).tolist()
         for i, n in enumerate(lengths):
             rows.append((n, len(rows), {k: v[i, :n] for k, v in b.items()}))
     rows.sort(key=lambda r: (r[0], r[1]))
-    out = []
-    for s in range(0, len(rows), batch_size):
-        group = rows[s:s + batch_size]
-        width = max(r[0] for r in group)
+    # no batch narrower than 2 unless the data had one: a captured graph's symbolic sizes start at 2
+    floor = min(2, min(int(b["attention_mask"].shape[1]) for b in data))
+    out, start = [], 0
+    for size in sizes:
+        group, start = rows[start:start + size], start + size
+        width = max(floor, max(r[0] for r in group))
         batch = {}
         for k, like in data[0].items():
             t = torch.full((len(group), width), pads.get(k, 0), dtype=like.dtype, device=like.device)

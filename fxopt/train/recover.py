@@ -29,10 +29,12 @@ on the first 8 batches is kept: the history's ``stages`` say which, with both er
 recipe's pruning as written), ``allocation`` (``"sensitivity"``: the data-aware prune also chooses how
 much of each channel group goes from the measured damage of pruning it alone, ``prune(allocation=
 sensitivity)``, removing at least as many parameters; ``"uniform"``: the same ratio everywhere),
-``rebatch`` (``"auto"``: a list of right-padded Hugging Face style token batches is regrouped by
-sentence length, :func:`fxopt.train.batching.rebatch_by_length`, so that training spends its time on
-real tokens rather than padding, 50% -> 1% of positions on ``bench/recover.py``'s corpus; ``True``
-insists, an error says why it cannot; ``False`` trains on the batches as given), and
+``rebatch`` (``"auto"``: where the recipe compresses, a list of right-padded Hugging Face style token
+batches is regrouped by sentence length, :func:`fxopt.train.batching.rebatch_by_length`, so that
+training spends its time on real tokens rather than padding, 50% -> 1% of positions on
+``bench/recover.py``'s corpus; the compressed graph is run on the narrowest and the smallest regrouped
+batch first, and a graph that takes only the batches' own shapes keeps them; ``True`` insists, an error
+says why it cannot; ``False`` trains on the batches as given), and
 any :func:`fxopt.finetune` option (``lr``, ``optimizer``, ``alpha``, ``temperature``,
 ``features``, ...). The defaults: SGD with Nesterov momentum 0.9 at lr 0.05 on a cosine schedule,
 distillation weight 0.5 at temperature 2 (``bench/recover.py`` measures them); for token batches
@@ -133,17 +135,36 @@ def _token_batches(data: Any) -> bool:
     return isinstance(first, dict) and token_mask(first) is not None
 
 
-def _rebatched(data: Any, rebatch: Any) -> tuple[Any, dict]:
+def _rebatched(data: Any, rebatch: Any, probe: torch.nn.Module | None = None) -> tuple[Any, dict]:
     """``(data, what was done)``: token batches regrouped by length (:mod:`fxopt.train.batching`) unless
-    ``rebatch`` is False; ``True`` insists (an error says why the batches cannot be regrouped)."""
+    ``rebatch`` is False; ``True`` insists (an error says why the batches cannot be regrouped).
+    ``probe``: the compressed graph, run on the narrowest and the smallest regrouped batch first (a
+    graph captured with a fixed sequence length takes no other); where it fails the batches stay as given."""
     if rebatch is False:
         return data, {"rebatched": False, "why": "recover['rebatch'] is False"}
     from fxopt.train.batching import rebatch_by_length
     out, info = rebatch_by_length(data)
-    if rebatch is True and not info["rebatched"]:
-        raise InputError(f"recover['rebatch']=True, but the batches cannot be regrouped by length: {info['why']}; "
+    why = None if info["rebatched"] else info["why"]
+    if why is None and probe is not None:
+        tries = {id(b): b for b in (min(out, key=lambda b: b["attention_mask"].shape[1]),
+                                    min(out, key=lambda b: b["attention_mask"].shape[0]))}
+        saved = {n: b.clone() for n, b in probe.named_buffers()}
+        try:
+            with torch.no_grad():
+                for b in tries.values():
+                    probe(**b)
+        except Exception as e:  # noqa: BLE001 - any failure: the model takes only the batches' own shapes
+            why = (f"the compressed model does not run on a regrouped batch ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+            info = {"rebatched": False, "why": why}
+        finally:
+            with torch.no_grad():
+                for n, b in probe.named_buffers():
+                    b.copy_(saved[n])
+    if rebatch is True and why is not None:
+        raise InputError(f"recover['rebatch']=True, but the batches cannot be regrouped by length: {why}; "
                          "pass rebatch='auto' (regroup where possible) or False")
-    return out, info
+    return (out, info) if why is None else (data, info)
 
 
 def _calibration_of(data: Any) -> dict:
@@ -253,7 +274,8 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     mode = None
     if distill:
         mode = distill if isinstance(distill, str) else ("logits" if _has_labels(data) else "hidden")
-    data, batching = _rebatched(data, rebatch)
+    if rebatch is True:   # insisted on: why it cannot be done comes before any work
+        _rebatched(data, rebatch)
     if mode == "hidden" and _token_batches(data):   # a transformer encoder: its measured defaults
         opts.update({k: v for k, v in TOKEN_DEFAULTS.items() if k not in recover})
     train_opts = {k: v for k, v in opts.items()}
@@ -276,8 +298,12 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
                        "params": _model_stats(model)[0], "bytes": _model_stats(model)[1], "seconds": 0.0})
     start = time.perf_counter()
     choice = None
+    batching = {"rebatched": False, "why": "no compressing stage"}
     if len(compress):
         current = fxopt_compile(model, args, kwargs, recipe=compress, metric=metric, **compile_kwargs)
+        # regrouped by length where the compressed graph takes the regrouped shapes: the data-aware prune,
+        # the distillation and QAT all read them
+        data, batching = _rebatched(data, rebatch, current)
         aware, changed = _data_aware(compress, allocation) if reconstruct else (None, False)
         if changed:
             current, compress, choice = _closer_of(model, current, compress, aware, data, fxopt_compile, args,

@@ -126,6 +126,33 @@ def test_the_recovery_call_regroups_token_batches_and_trains_an_encoder_with_ada
     assert not stage["batching"]["rebatched"] and stage["optimizer"] == "sgd, lr 0.01"
 
 
+def test_a_graph_captured_with_a_fixed_sequence_length_keeps_the_batches_as_given():
+    """dynamic=False fixes every shape: regrouped batches would not run, so the recovery call trains on the
+    batches as they came (and says why); rebatch=True then fails with the reason instead of mid-training."""
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    data = _batches(n=3)
+    out = fxopt.compile(model, kwargs=data[0], recipe="prune-50", dynamic=False, progress=False,
+                        recover={"data": data, "epochs": 1})
+    stage = next(s for s in out.fxopt_history.stages if s["stage"] == "distill")
+    assert not stage["batching"]["rebatched"] and "does not run on a regrouped batch" in stage["batching"]["why"]
+    with pytest.raises(InputError, match="does not run on a regrouped batch"):
+        fxopt.compile(model, kwargs=data[0], recipe="prune-50", dynamic=False, progress=False,
+                      recover={"data": data, "epochs": 1, "rebatch": True})
+
+
+def test_regrouped_batches_keep_the_datas_batch_sizes():
+    data = _batches(n=3)
+    data.append({k: v[:3] for k, v in _batches(n=1, seed=5)[0].items()})   # a last batch of 3
+    out, _ = rebatch_by_length(data)
+    assert sorted(b["input_ids"].shape[0] for b in out) == [3, 8, 8, 8]
+    short = _batches(n=2)
+    short[0]["attention_mask"][:, 1:] = 0   # eight one-token sentences: their batch is still 2 wide
+    short[0]["input_ids"][:, 1:] = 0
+    out, _ = rebatch_by_length(short)
+    assert sorted(b["input_ids"].shape[1] for b in out)[0] == 2
+
+
 def test_rebatch_option_is_checked_before_any_work():
     model = _Encoder().eval()
     data = _batches(n=2)
