@@ -48,6 +48,8 @@ def _why_not(data: Any) -> str | None:
     """Why ``data`` cannot be regrouped (None when it can)."""
     if not isinstance(data, (list, tuple)):
         return "not a list of batches (a DataLoader or another iterable is read as it comes)"
+    if not data:
+        return "no batches"
     for b in data:
         if not isinstance(b, dict):
             return "the batches are not dicts of keyword inputs (labels beside the inputs, or positional inputs)"
@@ -62,7 +64,7 @@ def _why_not(data: Any) -> str | None:
         if bool((n == 0).any()):
             return "a batch has a row without real tokens"
         # right padding: the real tokens of every row come first
-        if not bool(torch.equal(keep, torch.arange(am.shape[1]).unsqueeze(0) < n.unsqueeze(1))):
+        if not bool(torch.equal(keep, torch.arange(am.shape[1], device=am.device).unsqueeze(0) < n.unsqueeze(1))):
             return "not right-padded (left padding, or masks with holes, would move real tokens)"
     keys = [tuple(sorted(b)) for b in data]
     if len(set(keys)) > 1:

@@ -299,6 +299,8 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     start = time.perf_counter()
     choice = None
     batching = {"rebatched": False, "why": "no compressing stage"}
+    if not len(compress) and rebatch is True:   # asked for: QAT alone trains on the regrouped batches
+        data, batching = _rebatched(data, rebatch)
     if len(compress):
         current = fxopt_compile(model, args, kwargs, recipe=compress, metric=metric, **compile_kwargs)
         # regrouped by length where the compressed graph takes the regrouped shapes: the data-aware prune,
@@ -338,6 +340,7 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
                   calibration=cal, metric=metric, progress=progress, compile_options=extra, **q_opts)
         qs = out.fxopt_history.stages[-1]
         qs["seconds"] = time.perf_counter() - t0
+        qs["batching"] = batching
         stages.append(qs)
         out.fxopt_history.records = [*records, *out.fxopt_history.records]
     else:

@@ -79,7 +79,7 @@ def test_regrouped_batches_hold_the_same_sentences_and_compute_the_same_outputs(
 
 
 @pytest.mark.parametrize("case", ["left padding", "holes", "labels", "loader", "mixed pad", "float mask",
-                                  "empty row", "other shape", "no padding", "keys differ"])
+                                  "empty row", "other shape", "no padding", "keys differ", "no batches"])
 def test_batches_that_cannot_be_regrouped_come_back_unchanged_with_the_reason(case):
     data = _batches(n=3)
     if case == "left padding":
@@ -103,6 +103,8 @@ def test_batches_that_cannot_be_regrouped_come_back_unchanged_with_the_reason(ca
         data = [{k: v[:, :2] for k, v in b.items()} for b in data]
     elif case == "keys differ":
         del data[1]["token_type_ids"]
+    elif case == "no batches":
+        data = []
     out, info = rebatch_by_length(data)
     assert out is data and not info["rebatched"] and info["why"]
 
@@ -151,6 +153,17 @@ def test_regrouped_batches_keep_the_datas_batch_sizes():
     short[0]["input_ids"][:, 1:] = 0
     out, _ = rebatch_by_length(short)
     assert sorted(b["input_ids"].shape[1] for b in out)[0] == 2
+
+
+def test_qat_alone_trains_on_the_batches_as_given_unless_rebatch_is_true():
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    data = _batches(n=2)
+    for rebatch, want in (("auto", False), (True, True)):
+        out = fxopt.compile(model, kwargs=data[0], recipe="int8-dynamic", progress=False,
+                            recover={"data": data, "epochs": 1, "rebatch": rebatch})
+        stage = next(s for s in out.fxopt_history.stages if s["stage"] == "qat")
+        assert stage["batching"]["rebatched"] is want
 
 
 def test_rebatch_option_is_checked_before_any_work():
