@@ -33,8 +33,9 @@ sensitivity)``, removing at least as many parameters; ``"uniform"``: the same ra
 batches is regrouped by sentence length, :func:`fxopt.train.batching.rebatch_by_length`, so that
 training spends its time on real tokens rather than padding, 50% -> 1% of positions on
 ``bench/recover.py``'s corpus; the compressed graph is run on the narrowest and the smallest regrouped
-batch first, and a graph that takes only the batches' own shapes keeps them; ``True`` insists, an error
-says why it cannot; ``False`` trains on the batches as given), and
+batch first, and a graph that takes only the batches' own shapes keeps them; QAT and PTQ calibrate on
+batches shaped like the example, so they get the batches as given; ``True`` insists, an error says why
+it cannot; ``False`` trains on the batches as given), and
 any :func:`fxopt.finetune` option (``lr``, ``optimizer``, ``alpha``, ``temperature``,
 ``features``, ...). The defaults: SGD with Nesterov momentum 0.9 at lr 0.05 on a cosine schedule,
 distillation weight 0.5 at temperature 2 (``bench/recover.py`` measures them); for token batches
@@ -275,6 +276,9 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     if distill:
         mode = distill if isinstance(distill, str) else ("logits" if _has_labels(data) else "hidden")
     if rebatch is True:   # insisted on: why it cannot be done comes before any work
+        if not any(getattr(s, "compresses", False) for s in _flat_steps(_split(Pipeline(_flat_steps(recipe)))[0])):
+            raise InputError("recover['rebatch']=True regroups the batches of the distillation after compressing; "
+                             "this recipe does not compress (QAT calibrates on batches shaped like the example)")
         _rebatched(data, rebatch)
     if mode == "hidden" and _token_batches(data):   # a transformer encoder: its measured defaults
         opts.update({k: v for k, v in TOKEN_DEFAULTS.items() if k not in recover})
@@ -299,16 +303,16 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     start = time.perf_counter()
     choice = None
     batching = {"rebatched": False, "why": "no compressing stage"}
-    if not len(compress) and rebatch is True:   # asked for: QAT alone trains on the regrouped batches
-        data, batching = _rebatched(data, rebatch)
+    fit_data = data
     if len(compress):
         current = fxopt_compile(model, args, kwargs, recipe=compress, metric=metric, **compile_kwargs)
-        # regrouped by length where the compressed graph takes the regrouped shapes: the data-aware prune,
-        # the distillation and QAT all read them
-        data, batching = _rebatched(data, rebatch, current)
+        # regrouped by length where the compressed graph takes the regrouped shapes: the data-aware prune and
+        # the distillation read them; quantization calibrates on batches shaped like the example, so QAT
+        # and PTQ keep the batches as given
+        fit_data, batching = _rebatched(data, rebatch, current)
         aware, changed = _data_aware(compress, allocation) if reconstruct else (None, False)
         if changed:
-            current, compress, choice = _closer_of(model, current, compress, aware, data, fxopt_compile, args,
+            current, compress, choice = _closer_of(model, current, compress, aware, fit_data, fxopt_compile, args,
                                                    kwargs, metric, compile_kwargs)
     else:
         current = model
@@ -322,7 +326,7 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
                        "metric": current.fxopt_history.metric["compiled"] if metric is not None else None,
                        **({"pruning": choice} if choice else {})})
         t0 = time.perf_counter()
-        current, hist = finetune(current, data, epochs=epochs, progress=progress, **train_opts)
+        current, hist = finetune(current, fit_data, epochs=epochs, progress=progress, **train_opts)
         stages.append({"stage": "distill" if mode else "finetune", "what": f"{mode or 'labels'}, {epochs} epochs",
                        "epochs": hist.epochs, "params": params, "bytes": nbytes, "batching": batching,
                        "optimizer": f"{train_opts.get('optimizer')}, lr {train_opts.get('lr')}",
@@ -340,7 +344,6 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
                   calibration=cal, metric=metric, progress=progress, compile_options=extra, **q_opts)
         qs = out.fxopt_history.stages[-1]
         qs["seconds"] = time.perf_counter() - t0
-        qs["batching"] = batching
         stages.append(qs)
         out.fxopt_history.records = [*records, *out.fxopt_history.records]
     else:

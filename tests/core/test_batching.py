@@ -155,15 +155,21 @@ def test_regrouped_batches_keep_the_datas_batch_sizes():
     assert sorted(b["input_ids"].shape[1] for b in out)[0] == 2
 
 
-def test_qat_alone_trains_on_the_batches_as_given_unless_rebatch_is_true():
+def test_quantization_after_the_regrouped_distillation_calibrates_on_the_batches_as_given():
+    """QAT calibrates on batches shaped like the example: it gets the user's batches, the distillation before
+    it the regrouped ones; rebatch=True on a recipe that does not compress says so before any work."""
     torch.manual_seed(0)
     model = _Encoder().eval()
     data = _batches(n=2)
-    for rebatch, want in (("auto", False), (True, True)):
-        out = fxopt.compile(model, kwargs=data[0], recipe="int8-dynamic", progress=False,
-                            recover={"data": data, "epochs": 1, "rebatch": rebatch})
-        stage = next(s for s in out.fxopt_history.stages if s["stage"] == "qat")
-        assert stage["batching"]["rebatched"] is want
+    out = fxopt.compile(model, kwargs=data[0], recipe="prune-50,int8-dynamic", progress=False,
+                        recover={"data": data, "epochs": 1})
+    stages = {s["stage"]: s for s in out.fxopt_history.stages}
+    assert stages["distill"]["batching"]["rebatched"] and "qat" in stages
+    with torch.no_grad():
+        assert torch.isfinite(out(**data[1])).all()
+    with pytest.raises(InputError, match="does not compress"):
+        fxopt.compile(model, kwargs=data[0], recipe="int8-dynamic", progress=False,
+                      recover={"data": data, "epochs": 1, "rebatch": True})
 
 
 def test_rebatch_option_is_checked_before_any_work():
