@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from fxopt.quant.calibrate import token_mask
+
 __all__ = ["rebatch_by_length", "padding_fraction"]
 
 
@@ -53,18 +55,16 @@ def _why_not(data: Any) -> str | None:
     for b in data:
         if not isinstance(b, dict):
             return "the batches are not dicts of keyword inputs (labels beside the inputs, or positional inputs)"
-        am = b.get("attention_mask")
-        if not isinstance(am, torch.Tensor) or am.dim() != 2 or am.is_floating_point() and \
-                not bool(((am == 0) | (am == 1)).all()):
+        keep = token_mask(b)
+        if keep is None:
             return "a batch has no 2-D attention_mask of zeros and ones"
-        if any(not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(am.shape) for v in b.values()):
+        if any(not isinstance(v, torch.Tensor) or v.shape != keep.shape for v in b.values()):
             return "a batch holds a value that is not a [batch, seq] tensor like its attention_mask"
-        keep = am != 0
         n = keep.sum(1)
         if bool((n == 0).any()):
             return "a batch has a row without real tokens"
         # right padding: the real tokens of every row come first
-        if not bool(torch.equal(keep, torch.arange(am.shape[1], device=am.device).unsqueeze(0) < n.unsqueeze(1))):
+        if not bool(torch.equal(keep, torch.arange(keep.shape[1], device=keep.device).unsqueeze(0) < n.unsqueeze(1))):
             return "not right-padded (left padding, or masks with holes, would move real tokens)"
     keys = [tuple(sorted(b)) for b in data]
     if len(set(keys)) > 1:

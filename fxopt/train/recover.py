@@ -149,19 +149,15 @@ def _rebatched(data: Any, rebatch: Any, probe: torch.nn.Module | None = None) ->
     if why is None and probe is not None:
         tries = {id(b): b for b in (min(out, key=lambda b: b["attention_mask"].shape[1]),
                                     min(out, key=lambda b: b["attention_mask"].shape[0]))}
-        saved = {n: b.clone() for n, b in probe.named_buffers()}
+        from fxopt.ir.graph_utils import preserved_state
         try:
-            with torch.no_grad():
+            with torch.no_grad(), preserved_state(probe):   # a probe: no running statistic may move
                 for b in tries.values():
                     probe(**b)
         except Exception as e:  # noqa: BLE001 - any failure: the model takes only the batches' own shapes
             why = (f"the compressed model does not run on a regrouped batch ({type(e).__name__}: "
                    f"{str(e).splitlines()[0][:200] if str(e) else ''})")
             info = {"rebatched": False, "why": why}
-        finally:
-            with torch.no_grad():
-                for n, b in probe.named_buffers():
-                    b.copy_(saved[n])
     if rebatch is True and why is not None:
         raise InputError(f"recover['rebatch']=True, but the batches cannot be regrouped by length: {why}; "
                          "pass rebatch='auto' (regroup where possible) or False")
