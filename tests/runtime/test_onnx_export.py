@@ -2,6 +2,7 @@
 with fxopt's arithmetic (single layers: to float rounding; whole quantized models: see test_runtimes)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -20,6 +21,7 @@ pytest.importorskip("onnxscript")
 from fxopt.runtime.engines import _ort_session  # noqa: E402
 from fxopt.runtime.onnx_export import onnx_bytes  # noqa: E402
 from fxopt.runtime.onnx_prepare import eight_bit_products  # noqa: E402
+from fxopt.kernels import cpu_isa  # noqa: E402
 
 
 def _run(data: bytes, **feeds: torch.Tensor) -> list[np.ndarray]:
@@ -69,10 +71,27 @@ def test_quantized_graphs_export_as_quantize_dequantize_and_integer_matmuls():
     m = DemoNet().eval()
     static = onnx_bytes(_compile(m, (demo_inputs(4),), "int8", calibration=CALIB))
     assert {"QuantizeLinear", "DequantizeLinear", "Conv", "MatMulInteger"} <= _ops(static)
-    dynamic = onnx_bytes(_compile(m, (demo_inputs(4),), "int8-dynamic"))
-    assert "MatMulInteger" in _ops(dynamic)
-    init = {t.name: t for t in onnx.load_from_string(dynamic).graph.initializer}
-    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2 for t in init.values())  # codes stay int8
+    for plan in ("avx2", "vnni"):  # both plans on any machine (this test once assumed the machine's own)
+        with cpu_isa.forced(plan):
+            compiled = _compile(m, (demo_inputs(4),), "int8-dynamic")
+        dynamic = onnx_bytes(compiled)
+        assert "MatMulInteger" in _ops(dynamic)
+        widths = {t.data_type for t in onnx.load_from_string(dynamic).graph.initializer if len(t.dims) == 2}
+        if plan == "avx2":  # 7-bit activation codes: int8 weights are exact in every runtime, codes stay int8
+            assert not eight_bit_products(compiled)[0]
+            assert onnx.TensorProto.INT8 in widths and onnx.TensorProto.UINT8 not in widths, (plan, widths)
+        else:  # 8-bit x 8-bit: the portable file carries the weights as uint8 on zero point 128
+            assert eight_bit_products(compiled)[0]
+            assert onnx.TensorProto.UINT8 in widths and onnx.TensorProto.INT8 not in widths, (plan, widths)
+            # portable=False keeps int8 weights only where this CPU's runtimes sum u8 x s8 exactly (VNNI)
+            for cpu in ("avx2", None):
+                with cpu_isa.forced(cpu) if cpu else contextlib.nullcontext():
+                    kept = onnx_bytes(compiled, portable=False)
+                    exact = cpu_isa.dot_products_exact()
+                kept_widths = {t.data_type for t in onnx.load_from_string(kept).graph.initializer
+                               if len(t.dims) == 2}
+                want = onnx.TensorProto.INT8 if exact else onnx.TensorProto.UINT8
+                assert want in kept_widths, (cpu, exact, kept_widths)
     sim = onnx_bytes(_compile(m, (demo_inputs(4),), "canonicalize,fold-bn,insert-qdq", calibration=CALIB))
     assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(sim)
 
