@@ -92,6 +92,55 @@ def test_a_runtime_that_computes_something_else_is_refused(monkeypatch):
         _compile(m, (x,), "int8-dynamic", runtime="onnxruntime")
 
 
+BF16 = "canonicalize,cast(dtype=bf16,decline=never),cleanup"  # casts on any CPU (bf16 is emulated without it)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.LayerNorm(64)).eval()
+
+
+def _fake_runtime(monkeypatch, run):
+    """A stand-in runtime (named onnxruntime, needing nothing) whose outputs come from ``run(gm, a, k)``."""
+    from fxopt.runtime.engines import Built, Runtime
+    monkeypatch.setitem(RUNTIMES, "onnxruntime", Runtime(
+        "onnxruntime", (), None, "stand-in", lambda gm, args, kwargs, **_: Built(lambda a, k: run(gm, a, k))))
+
+
+def test_a_bf16_graph_is_judged_by_its_own_rounding_error(monkeypatch):
+    """A bf16 graph on another runtime rounds on its own: it is held to its accuracy against the float model
+    and to the size of fxopt's bf16 error, not to the float tolerance (which refused OpenVINO's bf16 kernels
+    at 0.018 of the output)."""
+    m, x = _mlp(), torch.randn(16, 64)
+    float_model = _mlp()
+    _fake_runtime(monkeypatch, lambda gm, a, k: float_model(*a, **k))  # the float model: more accurate than bf16
+    r = _compile(m, (x,), BF16, runtime="auto", runtime_candidates=["onnxruntime"], latency_repeats=3)
+    rec = r.fxopt_history.runtime
+    assert isinstance(r, RuntimeModule) and select._is_low_precision(r.graph_module)
+    assert rec["low_precision"] and not rec["quantized"] and rec["quant_err"][0] > 1e-3
+    assert "refused" not in rec["candidates"]["onnxruntime"], rec["candidates"]["onnxruntime"]
+    assert rec["tolerance"] >= select.QUANT_TOLERANCE
+    assert "bf16/fp16 rounding error" in select.describe(rec)
+    # something else is still refused: outputs 5% off
+    _fake_runtime(monkeypatch, lambda gm, a, k: gm(*a, **k) * 1.05)
+    r = _compile(m, (x,), BF16, runtime="auto", runtime_candidates=["onnxruntime"], latency_repeats=3)
+    refused = r.fxopt_history.runtime["candidates"]["onnxruntime"]["refused"]
+    assert "differ" in refused or "accurate" in refused
+    with pytest.raises(fxopt.RuntimeUnavailable):
+        _compile(m, (x,), BF16, runtime="onnxruntime")
+
+
+@pytest.mark.skipif(not RUNTIMES["openvino"].available, reason="openvino not installed")
+def test_openvino_runs_a_bf16_graph():
+    m, x = _mlp(), torch.randn(16, 64)
+    r = _compile(m, (x,), BF16, runtime="openvino")
+    rec = r.fxopt_history.runtime
+    assert rec["low_precision"] and "refused" not in rec["candidates"]["openvino"]
+    x2 = torch.randn(5, 64)
+    ref = m(x2).detach()
+    assert float(torch.nn.functional.cosine_similarity(r(x2), ref).min()) > 0.999
+
+
 def test_unknown_and_missing_runtimes_say_what_to_do(monkeypatch):
     m = nn.Linear(4, 2).eval()
     with pytest.raises(fxopt.RuntimeUnavailable, match="unknown runtime 'tensorrt'.*auto"):
