@@ -251,6 +251,9 @@ def build_row(row: str, spec: dict, tmp: str):
         timed = {k: v["ms"] for k, v in (rec.get("candidates") or {}).items() if "ms" in v}
         note = f"ran on {chosen}" + (f" (auto timed {', '.join(f'{k} {v:.0f}' for k, v in timed.items())} ms)"
                                      if len(timed) > 1 else "") + (f"; {kernels}" if kernels else "")
+        refused = {k: v["refused"] for k, v in (rec.get("candidates") or {}).items() if "refused" in v}
+        if refused and runtime == "auto":
+            note += "; refused: " + "; ".join(f"{k} ({v[:70]})" for k, v in refused.items())
         failed = [r.name for r in m.fxopt_history.failures]
         if failed:
             note += f"; rolled back: {','.join(failed)}"
