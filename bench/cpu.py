@@ -21,9 +21,12 @@ Models and accuracy measures (those of ``bench/quant.py``):
 (c) DemoNet trained on scikit-learn digits (the benchmark trains it once, 8 epochs): held-out top-1.
 
 Rows: eager fp32, ``torch.compile``, PyTorch ``quantize_dynamic`` / FX static int8, ONNX Runtime fp32 and
-int8 (its own quantizer on the model exported by ``torch.onnx``), OpenVINO at its default precision (the
-note says which: bf16 on CPUs with AMX or AVX-512 BF16, where fxopt's OpenVINO runtime asks for f32 to
-compute what fxopt's graph computes) and int8 (NNCF, ``pip install -e ".[bench]"``), and each fxopt recipe with ``runtime="auto"`` (the row says which runtime it kept);
+int8 (its own quantizer on the model exported by ``torch.onnx``), OpenVINO at its defaults (the note says
+the precision: bf16 on CPUs with AMX or AVX-512 BF16; and OpenVINO quantizes the activations of layers with
+int8 weights to int8 in groups of 32, so "int8 weights (nncf)" is int8 x int8 arithmetic: fxopt's OpenVINO
+runtime switches both off to compute what fxopt's graph computes) and int8 (NNCF,
+``pip install -e ".[bench]"``), and each fxopt recipe with ``runtime="auto"`` (the row says which runtime
+it kept and which it refused);
 ``--full`` adds each recipe with every runtime forced. The first line names the CPU and its ISA.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 For every candidate runtime the graph is built (exported to ONNX once, shared by ONNX Runtime and
 OpenVINO), run on the example inputs and the verification inputs, and compared with fxopt's own graph.
-Float graphs must agree to ``1e-4`` of the output's magnitude. A quantized graph amplifies last-bit
+Float32 graphs must agree to ``1e-4`` of the output's magnitude. A quantized graph amplifies last-bit
 differences: a runtime whose float parts (GELU, softmax, layer norm) differ in the last bit moves an
 activation code by one here and there, and attention spreads the move over every token and layer
 (measured on the MiniLM BERT, dynamic int8, 8x128: the first layer agrees to 2e-7, the last hidden
@@ -35,7 +35,8 @@ import torch.utils._pytree as pytree
 from fxopt.errors import InputError, RuntimeUnavailable
 from fxopt.runtime.engines import RUNTIMES, Built, RuntimeModule, build_runtime, get_runtime
 
-__all__ = ["choose_runtime", "AUTO_CANDIDATES", "FLOAT_TOLERANCE", "QUANT_TOLERANCE", "agreement"]
+__all__ = ["choose_runtime", "AUTO_CANDIDATES", "FLOAT_TOLERANCE", "QUANT_TOLERANCE", "QUANT_RULE",
+           "LOW_PRECISION_RULE", "agreement"]
 
 #: what ``runtime="auto"`` tries, in order, when installed; Inductor only when named in
 #: ``runtime_candidates=``: its cold compile takes tens of seconds to minutes on a 2-core CPU
@@ -51,6 +52,8 @@ QUANT_TOLERANCE = 1e-2
 #: fxopt's error), and 0.024 worst in a fresh process, where ``cast`` had timed other layers faster in bf16.
 #: A runtime computing something else is far outside (a scale 5% off: ~30x the median).
 LOW_PRECISION_RULE = (1.5, 2.0, 2.0)
+#: the same bounds for a quantized graph (see the module docstring)
+QUANT_RULE = (1.1, 0.5, 1.0)
 
 
 def _is_quantized(gm: fx.GraphModule) -> bool:
@@ -62,9 +65,24 @@ _LOW = (torch.bfloat16, torch.float16)
 
 
 def _is_low_precision(gm: fx.GraphModule) -> bool:
-    """Does the graph compute in bf16/fp16 (the ``cast`` pass's ``_to_copy`` nodes)?"""
-    return any(n.op == "call_function" and n.target is torch.ops.aten._to_copy.default
-               and n.kwargs.get("dtype") in _LOW for n in gm.graph.nodes)
+    """Does the graph compute in bf16/fp16: a value, a weight or a cast of that dtype (the ``cast`` pass's
+    graphs, including those whose only casts go back to float32, as an embedding stored in bf16 feeding
+    bf16 layers)?"""
+    from fxopt.ir.rewrite_utils import attr_tensor
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.dtype in _LOW:
+            return True
+        if n.op == "call_function" and n.target is torch.ops.aten._to_copy.default and n.kwargs.get("dtype") in _LOW:
+            return True
+        if n.op == "get_attr":
+            try:
+                t = attr_tensor(gm, n)
+            except AttributeError:
+                t = None
+            if isinstance(t, torch.Tensor) and t.dtype in _LOW:
+                return True
+    return False
 
 
 def agreement(ref: Any, out: Any) -> tuple[float, float]:
@@ -126,7 +144,9 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
     is missing or cannot run the graph raises :class:`~fxopt.errors.RuntimeUnavailable`; one whose
     outputs disagree raises it too (``auto`` skips both, with the reason in the record).
     ``original``: the uncompressed model, timed too so the record says what the user gained;
-    ``reference``: its outputs on the example inputs (the quantization error bounds a quantized graph's).
+    ``reference``: its outputs on the example inputs (the quantization or bf16/fp16 rounding error of ``gm``
+    bounds a quantized or low-precision graph's runtime; without it, and without ``tolerance``, only the
+    floors apply: ``1e-2`` worst, ``1e-4`` median).
     ``onnx``: an ONNX model of ``gm`` already made (a saved file's); ``repeats=0``: check, do not time.
     """
     if runtime != "auto":
@@ -142,9 +162,11 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
     with torch.no_grad():
         refs = [gm(*a, **k) for a, k in inputs]
     quantized = _is_quantized(gm)
-    low = not quantized and _is_low_precision(gm)
-    # (accuracy margin against the float model, worst/median distance from fxopt's graph in units of its error)
-    margin, near, near_median = (LOW_PRECISION_RULE if low else (1.1, 0.5, 1.0))
+    low = _is_low_precision(gm)
+    # (accuracy margin against the float model, worst/median distance from fxopt's graph in units of its
+    # error); a graph both quantized and cast gets the looser of each bound
+    rules = ([QUANT_RULE] if quantized else []) + ([LOW_PRECISION_RULE] if low else [])
+    margin, near, near_median = (tuple(max(r[i] for r in rules) for i in range(3)) if rules else QUANT_RULE)
     median_tol = None
     if tolerance is not None:
         tol, median_tol = tolerance, median_tolerance
@@ -272,7 +294,8 @@ def describe(record: dict) -> str:
         lines.append(f"  {record['reexported']}")
     if record.get("quant_err"):
         qm, qd = record["quant_err"]
-        kind = "bf16/fp16 rounding" if record.get("low_precision") else "quantization"
+        kind = " and ".join(k for k, on in (("quantization", record.get("quantized")),
+                                            ("bf16/fp16 rounding", record.get("low_precision"))) if on) or "quantization"
         lines.append(f"  {kind} error of fxopt's graph vs the float model: max {qm:.3g}, median {qd:.3g} "
                      "(relative to the output's magnitude)")
     if record.get("original_ms") is not None:

@@ -109,18 +109,22 @@ def _fake_runtime(monkeypatch, run):
 
 def test_a_bf16_graph_is_judged_by_its_own_rounding_error(monkeypatch):
     """A bf16 graph on another runtime rounds on its own: it is held to its accuracy against the float model
-    and to the size of fxopt's bf16 error, not to the float tolerance (which refused OpenVINO's bf16 kernels
-    at 0.018 of the output)."""
+    and to twice fxopt's bf16 error from fxopt's graph (LOW_PRECISION_RULE), not to the float tolerance
+    (which refused OpenVINO's bf16 kernels at 0.018 of the output) nor to the quantized graphs' rule."""
     m, x = _mlp(), torch.randn(16, 64)
     float_model = _mlp()
-    _fake_runtime(monkeypatch, lambda gm, a, k: float_model(*a, **k))  # the float model: more accurate than bf16
-    r = _compile(m, (x,), BF16, runtime="auto", runtime_candidates=["onnxruntime"], latency_repeats=3)
+    # halfway past the float model: more accurate than fxopt's graph, 1.5x its error away from it
+    _fake_runtime(monkeypatch, lambda gm, a, k: (lambda g, f: g + 1.5 * (f - g))(gm(*a, **k), float_model(*a, **k)))
+    r = _compile(m, (x,), BF16, runtime="onnxruntime")
     rec = r.fxopt_history.runtime
     assert isinstance(r, RuntimeModule) and select._is_low_precision(r.graph_module)
     assert rec["low_precision"] and not rec["quantized"] and rec["quant_err"][0] > 1e-3
-    assert "refused" not in rec["candidates"]["onnxruntime"], rec["candidates"]["onnxruntime"]
-    assert rec["tolerance"] >= select.QUANT_TOLERANCE
     assert "bf16/fp16 rounding error" in select.describe(rec)
+    # the quantized graphs' rule (half the error, the median within one) would refuse the same runtime
+    monkeypatch.setattr(select, "LOW_PRECISION_RULE", select.QUANT_RULE)
+    with pytest.raises(fxopt.RuntimeUnavailable, match="differ|arithmetic"):
+        _compile(m, (x,), BF16, runtime="onnxruntime")
+    monkeypatch.undo()
     # something else is still refused: outputs 5% off
     _fake_runtime(monkeypatch, lambda gm, a, k: gm(*a, **k) * 1.05)
     r = _compile(m, (x,), BF16, runtime="auto", runtime_candidates=["onnxruntime"], latency_repeats=3)
@@ -128,6 +132,14 @@ def test_a_bf16_graph_is_judged_by_its_own_rounding_error(monkeypatch):
     assert "differ" in refused or "accurate" in refused
     with pytest.raises(fxopt.RuntimeUnavailable):
         _compile(m, (x,), BF16, runtime="onnxruntime")
+
+
+def test_low_precision_is_read_from_values_weights_and_casts():
+    m = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 8)).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    c = _compile(m, (ids,), BF16)
+    assert select._is_low_precision(c)  # integer inputs: its casts go back to float32 only
+    assert not select._is_low_precision(_compile(m, (ids,), "default"))
 
 
 @pytest.mark.skipif(not RUNTIMES["openvino"].available, reason="openvino not installed")
