@@ -15,7 +15,7 @@ whose rank, dtype or fixed sizes differ from the example inputs.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -73,7 +73,10 @@ def _describe(t: Any) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _check_like(i: int, args: tuple, kwargs: dict, example: tuple[tuple, dict] | None) -> None:
+def _check_like(i: int, args: tuple, kwargs: dict, example: tuple[tuple, dict] | None,
+                takes: Callable[[tuple, dict], bool] | None = None) -> None:
+    """NaN/Inf, and the example's structure, ranks, dtypes and shapes beyond the batch dim; where the graph
+    takes other sizes (``takes``: a graph captured with a symbolic sequence length), those pass too."""
     flat = torch.utils._pytree.tree_leaves((args, kwargs))
     for t in flat:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
@@ -91,15 +94,18 @@ def _check_like(i: int, args: tuple, kwargs: dict, example: tuple[tuple, dict] |
             if not isinstance(got, torch.Tensor) or got.dim() != want.dim() or got.dtype != want.dtype:
                 raise CalibrationError(f"calibration batch {i}: an input is {_describe(got)}, the example input is "
                                        f"{_describe(want)} (rank and dtype must match)")
-            if got.shape[1:] != want.shape[1:] and got.dim() > 1:
+            if got.shape[1:] != want.shape[1:] and got.dim() > 1 and not (takes is not None and takes(args, kwargs)):
                 raise CalibrationError(f"calibration batch {i}: input of shape {tuple(got.shape)} does not match the "
-                                       f"example's {tuple(want.shape)} beyond the batch dimension")
+                                       f"example's {tuple(want.shape)} beyond the batch dimension, and the graph "
+                                       "takes only those sizes (compile with dynamic=... to make a dim symbolic)")
 
 
 def iter_calibration(data: Iterable, *, inputs: Any = None, example: tuple[tuple, dict] | None = None,
                      max_batches: int | None = None, progress: bool | None = None,
-                     desc: str = "fxopt: calibrate") -> Iterator[tuple[int, tuple, dict]]:
-    """Validated ``(index, args, kwargs)`` per calibration item, with a progress bar."""
+                     desc: str = "fxopt: calibrate",
+                     takes: Callable[[tuple, dict], bool] | None = None) -> Iterator[tuple[int, tuple, dict]]:
+    """Validated ``(index, args, kwargs)`` per calibration item, with a progress bar. ``takes(args, kwargs)``:
+    does the graph accept a batch whose shapes differ from the example's beyond the batch dim?"""
     import sys
 
     from tqdm.auto import tqdm
@@ -117,7 +123,7 @@ def iter_calibration(data: Iterable, *, inputs: Any = None, example: tuple[tuple
             if max_batches and i >= max_batches:
                 break
             args, kwargs = normalize_item(item, inputs)
-            _check_like(i, args, kwargs, example)
+            _check_like(i, args, kwargs, example, takes)
             yield i, args, kwargs
             seen += 1
             bar.update(1)
@@ -156,6 +162,19 @@ class _Tap:
             raise CalibrationError(f"{e} (at node '{self.name}')") from None
 
 
+def graph_takes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+    """Does the captured graph accept this call (its symbolic dims may take other sizes than the example's)?"""
+    from fxopt.errors import InputError
+    from fxopt.ir.input_guard import check_call
+    if getattr(gm, "_in_spec", None) is None:
+        return False  # nothing captured to check against: keep the example's shapes
+    try:
+        check_call(gm, args, kwargs)
+    except InputError:
+        return False
+    return True
+
+
 def observe(gm: fx.GraphModule, observers: dict[fx.Node, Observer], data: Iterable, *, inputs: Any = None,
             example: tuple[tuple, dict] | None = None, max_batches: int | None = None,
             progress: bool | None = None) -> int:
@@ -174,7 +193,7 @@ def observe(gm: fx.GraphModule, observers: dict[fx.Node, Observer], data: Iterab
     try:
         with torch.no_grad(), preserved_state(gm):
             for i, args, kwargs in iter_calibration(data, inputs=inputs, example=example, max_batches=max_batches,
-                                                    progress=progress):
+                                                    progress=progress, takes=lambda a, k: graph_takes(gm, a, k)):
                 try:
                     gm(*args, **kwargs)
                 except CalibrationError:

@@ -191,3 +191,24 @@ def test_rebatch_is_public_and_takes_a_batch_size():
     assert info["batches"] == 5 and info["sentences"] == 24
     with pytest.raises(ValueError, match="batch_size"):
         rebatch_by_length(_batches(n=1), batch_size=0)
+
+
+def test_calibration_takes_other_sequence_lengths_where_the_graph_does():
+    """Calibration batches regrouped by length (other widths than the example's) calibrate a graph whose
+    sequence length is symbolic; a graph captured with fixed shapes refuses them, saying how to compile."""
+    import warnings
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    data = _batches()
+    regrouped, info = rebatch_by_length(data)
+    assert {b["input_ids"].shape[1] for b in regrouped} != {24}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = fxopt.compile(model, kwargs=data[0], recipe="int8", calibration=regrouped, progress=False)
+        assert any(str(n.target).startswith("fxopt.") for n in out.graph.nodes)
+        for b in regrouped[:2]:
+            got, want = out(**b), model(**b)
+            assert float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), 0)) > 0.99
+        with pytest.raises(fxopt.CalibrationError, match="dynamic="):
+            fxopt.compile(model, kwargs=data[0], recipe="int8", calibration=regrouped, dynamic=False,
+                          progress=False, strict=True)
