@@ -254,6 +254,10 @@ def build_row(row: str, spec: dict, tmp: str):
         timed = {k: v["ms"] for k, v in (rec.get("candidates") or {}).items() if "ms" in v}
         note = f"ran on {chosen}" + (f" (auto timed {', '.join(f'{k} {v:.0f}' for k, v in timed.items())} ms)"
                                      if len(timed) > 1 else "") + (f"; {kernels}" if kernels else "")
+        if rec.get("quant_err") and len(timed) > 1:  # how far each runtime is from fxopt's graph and the float model
+            note += f"; error vs float: fxopt {rec['quant_err'][0]:.3g}, " + ", ".join(
+                f"{k} {v['err_vs_float'][0]:.3g} ({v['max_rel_err']:.2g} from fxopt)"
+                for k, v in rec["candidates"].items() if k != "torch" and "err_vs_float" in v)
         refused = {k: v["refused"] for k, v in (rec.get("candidates") or {}).items() if "refused" in v}
         if refused and runtime == "auto":
             note += "; refused: " + "; ".join(f"{k} ({v[:70]})" for k, v in refused.items())

@@ -89,15 +89,19 @@ def _check_like(i: int, args: tuple, kwargs: dict, example: tuple[tuple, dict] |
                                f"the example inputs have {len(ex_args)} / {sorted(ex_kwargs)}. For (inputs, target) "
                                "pairs pass inputs=0")
     pairs = list(zip(args, ex_args)) + [(kwargs[k], ex_kwargs[k]) for k in ex_kwargs]
+    other = None  # the first input whose sizes beyond the batch dim differ from the example's
     for got, want in pairs:
         if isinstance(want, torch.Tensor):
             if not isinstance(got, torch.Tensor) or got.dim() != want.dim() or got.dtype != want.dtype:
                 raise CalibrationError(f"calibration batch {i}: an input is {_describe(got)}, the example input is "
                                        f"{_describe(want)} (rank and dtype must match)")
-            if got.shape[1:] != want.shape[1:] and got.dim() > 1 and not (takes is not None and takes(args, kwargs)):
-                raise CalibrationError(f"calibration batch {i}: input of shape {tuple(got.shape)} does not match the "
-                                       f"example's {tuple(want.shape)} beyond the batch dimension, and the graph "
-                                       "takes only those sizes (compile with dynamic=... to make a dim symbolic)")
+            if other is None and got.shape[1:] != want.shape[1:] and got.dim() > 1:
+                other = (got, want)
+    if other is not None and not (takes is not None and takes(args, kwargs)):
+        got, want = other
+        raise CalibrationError(f"calibration batch {i}: input of shape {tuple(got.shape)} does not match the "
+                               f"example's {tuple(want.shape)} beyond the batch dimension, and the graph "
+                               "takes only those sizes (compile with dynamic=... to make a dim symbolic)")
 
 
 def iter_calibration(data: Iterable, *, inputs: Any = None, example: tuple[tuple, dict] | None = None,

@@ -148,10 +148,10 @@ def _build_onnxruntime(gm: fx.GraphModule, args: tuple, kwargs: dict, *, threads
 
 #: OpenVINO's CPU plugin lowers precision on its own twice: bf16 activations by default on CPUs with AMX or
 #: AVX-512 BF16, and, even at f32, per-group int8 activations ("dynamic quantization", groups of 32) for
-#: layers whose weights are int8/int4 constants: fxopt's weight-only layers (int8-weight, int4-weight) then
-#: compute something else, measured on MiniLM's int8-weight graph (AVX-512 VNNI EPYC): 0.108 of the output
-#: off fxopt's graph and less accurate than it against the float model (0.548 vs 0.520 worst element).
-#: Both are switched off: the runtime computes what fxopt's graph computes (3e-5 there).
+#: layers whose weights are int8/int4 constants (on CPUs with int8 dot products): fxopt's weight-only layers
+#: (int8-weight, int4-weight) then compute something else, less accurately, and ``runtime="auto"`` refused
+#: OpenVINO for them. Both are switched off: the runtime computes what fxopt's graph computes
+#: (tests/runtime/test_runtimes.py::test_openvino_keeps_weight_only_layers_on_float_activations).
 OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
                    "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
 

@@ -46,11 +46,11 @@ QUANT_TOLERANCE = 1e-2
 #: a bf16/fp16 graph (the ``cast`` pass): (accuracy margin against the float model, worst and median distance
 #: from fxopt's graph in units of fxopt's own error). Unlike a quantized graph, whose codes two faithful
 #: implementations share, each bf16 implementation rounds on its own (accumulation order, which elementwise
-#: ops it keeps wider), so two of them lie about sqrt(2) times either's error apart. Measured on MiniLM's bf16
-#: graph, 8x128, OpenVINO (AVX-512 BF16 EPYC), over both outputs: against the float model 0.041 worst /
-#: 0.0019 median vs fxopt's 0.035 / 0.0016 (1.16x / 1.23x); from fxopt's graph 0.018 / 0.0024 (0.5x / 1.5x
-#: fxopt's error), and 0.024 worst in a fresh process, where ``cast`` had timed other layers faster in bf16.
-#: A runtime computing something else is far outside (a scale 5% off: ~30x the median).
+#: ops it keeps wider), so two of them lie about sqrt(2) times either's error apart. ``python bench/cpu.py
+#: --models minilm --rows "fxopt bf16"`` prints the figures (AVX-512 BF16 EPYC): against the float model
+#: fxopt's bf16 graph 0.017 of the output, OpenVINO 0.013; the two 0.024 apart (1.4x fxopt's error). The
+#: graph itself changes from process to process (``cast`` keeps a layer in float32 where it timed slower).
+#: A runtime computing something else lies outside (tests: a stand-in with outputs 5% off is refused).
 LOW_PRECISION_RULE = (1.5, 2.0, 2.0)
 #: the same bounds for a quantized graph (see the module docstring)
 QUANT_RULE = (1.1, 0.5, 1.0)

@@ -33,8 +33,8 @@ sensitivity)``, removing at least as many parameters; ``"uniform"``: the same ra
 batches is regrouped by sentence length, :func:`fxopt.train.batching.rebatch_by_length`, so that
 training spends its time on real tokens rather than padding, 50% -> 1% of positions on
 ``bench/recover.py``'s corpus; the compressed graph is run on the narrowest and the smallest regrouped
-batch first, and a graph that takes only the batches' own shapes keeps them; QAT and PTQ calibrate on
-batches shaped like the example, so they get the batches as given; ``True`` insists, an error says why
+batch first, and a graph that takes only the batches' own shapes keeps them; QAT and PTQ get the
+batches as given (regrouped QAT is not measured yet); ``True`` insists, an error says why
 it cannot; ``False`` trains on the batches as given), and
 any :func:`fxopt.finetune` option (``lr``, ``optimizer``, ``alpha``, ``temperature``,
 ``features``, ...). The defaults: SGD with Nesterov momentum 0.9 at lr 0.05 on a cosine schedule,
@@ -274,7 +274,7 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     if rebatch is True:   # insisted on: why it cannot be done comes before any work
         if not any(getattr(s, "compresses", False) for s in _flat_steps(_split(Pipeline(_flat_steps(recipe)))[0])):
             raise InputError("recover['rebatch']=True regroups the batches of the distillation after compressing; "
-                             "this recipe does not compress (QAT calibrates on batches shaped like the example)")
+                             "this recipe does not compress (QAT trains on the batches as given)")
         _rebatched(data, rebatch)
     if mode == "hidden" and _token_batches(data):   # a transformer encoder: its measured defaults
         opts.update({k: v for k, v in TOKEN_DEFAULTS.items() if k not in recover})
@@ -303,8 +303,8 @@ def compile_and_recover(model: torch.nn.Module, args: Any, kwargs: dict | None, 
     if len(compress):
         current = fxopt_compile(model, args, kwargs, recipe=compress, metric=metric, **compile_kwargs)
         # regrouped by length where the compressed graph takes the regrouped shapes: the data-aware prune and
-        # the distillation read them; quantization calibrates on batches shaped like the example, so QAT
-        # and PTQ keep the batches as given
+        # the distillation read them; QAT and PTQ keep the batches as given (calibration would take regrouped
+        # batches where the graph's sequence length is symbolic; regrouped QAT is not measured yet)
         fit_data, batching = _rebatched(data, rebatch, current)
         aware, changed = _data_aware(compress, allocation) if reconstruct else (None, False)
         if changed:

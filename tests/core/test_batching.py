@@ -156,8 +156,8 @@ def test_regrouped_batches_keep_the_datas_batch_sizes():
 
 
 def test_quantization_after_the_regrouped_distillation_calibrates_on_the_batches_as_given():
-    """QAT calibrates on batches shaped like the example: it gets the user's batches, the distillation before
-    it the regrouped ones; rebatch=True on a recipe that does not compress says so before any work."""
+    """QAT gets the user's batches (regrouped QAT is not measured yet), the distillation before it the
+    regrouped ones; rebatch=True on a recipe that does not compress says so before any work."""
     torch.manual_seed(0)
     model = _Encoder().eval()
     data = _batches(n=2)
