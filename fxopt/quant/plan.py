@@ -202,14 +202,57 @@ def _needs_output(t: QuantTarget) -> bool:
     return t.kind == "conv" and t.activation is not None and not t.activation.dynamic
 
 
-def _observed(targets: list[QuantTarget]) -> dict[fx.Node, QSpec]:
+def _observed(targets: list[QuantTarget], residuals: bool = False) -> dict[fx.Node, QSpec]:
     watch: dict[fx.Node, QSpec] = {}
     for t in targets:
         if t.activation is not None and not t.activation.dynamic and isinstance(t.node.args[0], fx.Node):
             watch.setdefault(t.node.args[0], t.activation)
             if _needs_output(t):
                 watch.setdefault(_output_node(t), output_spec(t))
+    if residuals:
+        for out, spec in residual_outputs(targets).items():
+            watch.setdefault(out, spec)
     return watch
+
+
+def _add_output(n: fx.Node) -> fx.Node:
+    """An add's value as the next op reads it: after its ReLU when the ReLU is its only user."""
+    users = list(n.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in RELU_OPS:
+        return users[0]
+    return n
+
+
+def residual_outputs(targets: list[QuantTarget]) -> dict[fx.Node, QSpec]:
+    """Residual adds (of the float graph) that read both operands quantized and whose output no static
+    layer reads: their output (after a ReLU) -> the grid it is quantized to under ``residuals``.
+
+    An add of a quantized conv output and a tensor quantized for a layer reads both quantized
+    (:func:`_quantize_residuals`). Where the sum then feeds a quantized layer (the next ResNet block)
+    it is quantized already; where it does not (the last block, before the pooling and the head) it
+    was left in float, and a runtime ran the add, its ReLU and the layout change back in fp32. Quantized,
+    the runtime fuses it into an int8 add (ONNX Runtime's ``QLinearAdd``, OpenVINO likewise), as its own
+    static quantizer writes the model.
+    """
+    static = [t for t in targets if t.activation is not None and not t.activation.dynamic
+              and isinstance(t.node.args[0], fx.Node)]
+    outs = {_output_node(t): t for t in static if _needs_output(t)}
+    inputs = {t.node.args[0] for t in static}
+    if not outs:
+        return {}
+    graph = next(iter(outs)).graph
+    found: dict[fx.Node, QSpec] = {}
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target not in _ADDS or len(n.args) < 2 or n.kwargs.get("alpha", 1) != 1:
+            continue
+        a, b = n.args[0], n.args[1]
+        if not (a in outs or b in outs) or not all(x in outs or x in inputs for x in (a, b)):
+            continue
+        out = _add_output(n)
+        if out in inputs:
+            continue
+        found[out] = output_spec(outs[a] if a in outs else outs[b])
+    return found
 
 
 #: ops whose output values are a subset of their input values: a quantization grid passes through them
@@ -247,13 +290,13 @@ def share_groups(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
 
 
 def collect_qparams(gm: fx.GraphModule, targets: list[QuantTarget], ctx: PassContext,
-                    percentile: float = 99.99) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    percentile: float = 99.99, residuals: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Calibrate the static activations the targets need; node name -> (scale, zero_point).
 
     Tensors in one :func:`share_groups` group get one observer, fed by every watched
-    member, and the same parameters.
+    member, and the same parameters. ``residuals``: the outputs of :func:`residual_outputs` too.
     """
-    watch = _observed(targets)
+    watch = _observed(targets, residuals)
     if not watch:
         return {}
     if ctx.calibration is None:
@@ -333,6 +376,7 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
     (:func:`fxopt.quant.gptq.collect_hessians`); a ``gptq`` weight without one is quantized as ``mse``.
     """
     counts = {"weights": 0, "activations": 0, "dynamic": 0, "outputs": 0, "residuals": 0}
+    sums = residual_outputs(targets) if residuals else {}
     weights: dict[tuple, tuple] = {}
     acts: dict[fx.Node, fx.Node] = {}
     static: dict[fx.Node, fx.Node] = {}  # float tensor -> its static dq(q(.)) form
@@ -412,6 +456,22 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
             counts["outputs"] += 1
     if residuals:
         counts["residuals"] = _quantize_residuals(gm, static)
+        for out, spec in sums.items():
+            add = out.args[0] if out.target in RELU_OPS else out
+            if out.name not in qparams or not all(_static_dq(x) for x in add.args[:2]):
+                continue  # (a layer kept in float: the add reads a float operand)
+            scale, zp = qparams[out.name]
+            users, nxt = list(out.users), out.next
+            s = _buffer(gm, "", f"{out.name}_scale", scale, nxt)
+            z = _buffer(gm, "", f"{out.name}_zp", zp, nxt)
+            with g.inserting_before(nxt):
+                q = g.call_function(fxq.quantize.default, (out, s, z, spec.qmin, spec.qmax, 0))
+                dq = g.call_function(fxq.dequantize.default, (q, s, z, 0))
+            for n in (q, dq):
+                copy_meta(n, out)
+            for u in users:
+                u.replace_input_with(out, dq)
+            counts["residual_outputs"] = counts.get("residual_outputs", 0) + 1
     erase_dead(gm)
     propagate_meta(gm)
     return counts

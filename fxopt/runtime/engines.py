@@ -15,7 +15,10 @@ threads as ``torch.get_num_threads()``, worker threads that sleep instead of spi
 (ONNX Runtime's ``allow_spinning=0``; spinning threads measured 4x slower PyTorch calls on 2 cores),
 fp32 arithmetic where the runtime would silently lower it (ONNX Runtime's int8-activation
 ``MatMulNBits`` for weight-only layers, OpenVINO's bf16 default on CPUs with AMX or AVX-512 bf16 and its
-int8 "dynamic quantization" of the activations of layers with int8/int4 weights).
+int8 "dynamic quantization" of the activations of layers with int8/int4 weights). ONNX Runtime's int8 conv
+is slower than its float conv over a few input channels (a CNN's first conv): such convs are timed both
+ways in the whole model and run as float convs on the same dequantized values where that is faster
+(:func:`tune_onnxruntime`; ``runtime_info["float_convs"]``).
 
 :class:`RuntimeModule` is what ``fxopt.compile(..., runtime=...)`` returns for a runtime other than
 ``torch``: it is called exactly like the original model (positional or keyword inputs, the same output
@@ -127,12 +130,75 @@ def _ort_session(data: bytes, threads: int) -> Any:
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
+def _median_ms(sess: Any, feeds: dict, calls: int) -> float:
+    import time
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+#: a float conv is kept only where the whole model measured at least this much faster with it
+FLOAT_CONV_GAIN = 1.03
+
+
+def tune_onnxruntime(data: bytes, feeds: dict, threads: int, calls: int = 15) -> tuple[bytes, dict]:
+    """Run as float convs the small int8 convs that ONNX Runtime runs slower than float, measured.
+
+    ONNX Runtime's int8 conv is slower than its float conv on the same values for convs over a few
+    input channels (a digits CNN's first conv, 1 channel: 0.4x; see
+    :data:`~fxopt.runtime.onnx_prepare.SMALL_CONV_REDUCTION`), while OpenVINO's is not. Each candidate
+    (:func:`~fxopt.runtime.onnx_prepare.small_int8_convs`) is tried in turn: the whole model is timed
+    on ``feeds`` with it read through float arithmetic (:func:`~fxopt.runtime.onnx_prepare.float_convs`)
+    and kept where that is at least :data:`FLOAT_CONV_GAIN` faster (the layout changes around a conv
+    count too, so the model is timed, not the conv). Returns the model ONNX Runtime runs and what was
+    timed (``{"float_convs": {name: [int8 ms, float ms]}, "int8_convs_kept": ...}``, the model's ms with
+    the conv in int8 and in float; empty where there was nothing to try).
+    """
+    import onnx
+    from fxopt.runtime.onnx_prepare import float_convs, small_int8_convs
+    proto = onnx.load_from_string(data)
+    todo = small_int8_convs(proto)
+    if not todo:
+        return data, {}
+    best_data, best_sess, kept, timed = data, _warm(_ort_session(data, threads), feeds), [], {}
+    for name in todo:
+        trial = float_convs(proto, kept + [name]).SerializeToString()
+        sess = _warm(_ort_session(trial, threads), feeds)
+        # rounds alternate between the two, each side's best median counts: a slow spell of the machine
+        # (measured: the same file 2.6 and 3.8 ms a second apart) then hits both or neither
+        base = ms = float("inf")
+        for _ in range(3):
+            base = min(base, _median_ms(best_sess, feeds, calls))
+            ms = min(ms, _median_ms(sess, feeds, calls))
+        timed[name] = [round(base, 3), round(ms, 3)]
+        if ms * FLOAT_CONV_GAIN <= base:
+            best_data, best_sess, kept = trial, sess, kept + [name]
+    return best_data, {"float_convs": {k: v for k, v in timed.items() if k in kept},
+                       "int8_convs_kept": {k: v for k, v in timed.items() if k not in kept}}
+
+
+def _warm(sess: Any, feeds: dict) -> Any:
+    for _ in range(3):
+        sess.run(None, feeds)
+    return sess
+
+
 def _build_onnxruntime(gm: fx.GraphModule, args: tuple, kwargs: dict, *, threads: int,
                        onnx: bytes | None = None, **_: Any) -> Built:
     from fxopt.runtime.onnx_export import onnx_bytes
     data = onnx if onnx is not None else onnx_bytes(gm, (args, kwargs), portable=False)
     sess = _ort_session(data, threads)
     names = [i.name for i in sess.get_inputs()]
+    info: dict = {}
+    flat = _flat_inputs(gm, args, kwargs)
+    if len(flat) == len(names):
+        data, info = tune_onnxruntime(data, {n: _numpy(t) for n, t in zip(names, flat)}, threads)
+        if info.get("float_convs"):
+            sess = _ort_session(data, threads)
     lock = threading.Lock()  # one run at a time per session: ORT sessions are thread-safe, numpy views are not shared
 
     def run(a: tuple, k: dict) -> Any:
@@ -143,7 +209,7 @@ def _build_onnxruntime(gm: fx.GraphModule, args: tuple, kwargs: dict, *, threads
         with lock:
             outs = sess.run(None, {n: _numpy(t) for n, t in zip(names, flat)})
         return _unflatten(gm, [torch.from_numpy(o) for o in outs])
-    return Built(run, data, {"inputs": names, "outputs": [o.name for o in sess.get_outputs()]})
+    return Built(run, data, {"inputs": names, "outputs": [o.name for o in sess.get_outputs()], **info})
 
 
 #: OpenVINO's CPU plugin lowers precision on its own twice: bf16 activations by default on CPUs with AMX or

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 __all__ = ["prepare", "eight_bit_products", "keep_float_layers_float", "exact_on", "exact_here", "EXACT_KEY",
-           "U8_WEIGHTS"]
+           "U8_WEIGHTS", "small_int8_convs", "float_convs", "SMALL_CONV_REDUCTION"]
 
 #: engine argument the exporter gives an int8 layer whose weights it stores as uint8 on zero point 128
 U8_WEIGHTS = "u8-weights"
@@ -132,6 +132,36 @@ def prepare(gm: fx.GraphModule, portable: bool = True) -> tuple[fx.GraphModule, 
     return gm, exact_on
 
 
+def _initializer_dims(g: Any) -> dict[str, list[int]]:
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    dims.update({n.output[0]: list(a.t.dims) for n in g.node if n.op_type == "Constant" for a in n.attribute
+                 if a.name == "value"})
+    return dims
+
+
+def _read_through_float(g: Any, node: Any, dq: Any, done: dict) -> None:
+    """Let ``node`` read the output of ``dq`` (a ``DequantizeLinear``) through the same dequantization
+    written as float ops, ``(float(q) - zero_point) * scale``: the same values, and no
+    ``DequantizeLinear`` for a runtime's QDQ fusion to match."""
+    from onnx import TensorProto, helper
+    if dq.output[0] not in done:
+        base = f"{dq.output[0]}_float_dq"
+        q, scale = dq.input[0], dq.input[1]
+        nodes = [helper.make_node("Cast", [q], [f"{base}_q"], to=TensorProto.FLOAT, name=f"{base}_cast")]
+        codes = f"{base}_q"
+        if len(dq.input) > 2 and dq.input[2]:
+            nodes.append(helper.make_node("Cast", [dq.input[2]], [f"{base}_zp"], to=TensorProto.FLOAT,
+                                          name=f"{base}_cast_zp"))
+            nodes.append(helper.make_node("Sub", [codes, f"{base}_zp"], [f"{base}_c"], name=f"{base}_sub"))
+            codes = f"{base}_c"
+        nodes.append(helper.make_node("Mul", [codes, scale], [base], name=f"{base}_mul"))
+        at = list(g.node).index(node)
+        for i, n in enumerate(nodes):
+            g.node.insert(at + i, n)
+        done[dq.output[0]] = base
+    node.input[0] = done[dq.output[0]]
+
+
 def keep_float_layers_float(proto: Any) -> int:
     """Keep ONNX Runtime from quantizing the float layers of a quantized graph on its own.
 
@@ -143,13 +173,11 @@ def keep_float_layers_float(proto: Any) -> int:
     input through the same dequantization written as float ops, ``(float(q) - zero_point) * scale``:
     the same values (``DequantizeLinear``'s own arithmetic), with no ``DequantizeLinear`` to match.
     Returns how many inputs it rewrote."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
     g = proto.graph
     producer = {o: n for n in g.node for o in n.output}
     floats = {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
-    dims = {t.name: list(t.dims) for t in g.initializer}
-    dims.update({n.output[0]: list(a.t.dims) for n in g.node if n.op_type == "Constant" for a in n.attribute
-                 if a.name == "value"})
+    dims = _initializer_dims(g)
     rewired, done = 0, {}
     for node in list(g.node):
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 2:
@@ -159,24 +187,59 @@ def keep_float_layers_float(proto: Any) -> int:
             continue
         if any(d != 1 for d in dims.get(dq.input[1], [0])):  # per-tensor scales only: a per-axis one ORT leaves
             continue
-        if dq.output[0] not in done:
-            base = f"{dq.output[0]}_float_dq"
-            q, scale = dq.input[0], dq.input[1]
-            nodes = [helper.make_node("Cast", [q], [f"{base}_q"], to=TensorProto.FLOAT, name=f"{base}_cast")]
-            codes = f"{base}_q"
-            if len(dq.input) > 2 and dq.input[2]:
-                nodes.append(helper.make_node("Cast", [dq.input[2]], [f"{base}_zp"], to=TensorProto.FLOAT,
-                                              name=f"{base}_cast_zp"))
-                nodes.append(helper.make_node("Sub", [codes, f"{base}_zp"], [f"{base}_c"], name=f"{base}_sub"))
-                codes = f"{base}_c"
-            nodes.append(helper.make_node("Mul", [codes, scale], [base], name=f"{base}_mul"))
-            at = list(g.node).index(node)
-            for i, n in enumerate(nodes):
-                g.node.insert(at + i, n)
-            done[dq.output[0]] = base
-        node.input[0] = done[dq.output[0]]
+        _read_through_float(g, node, dq, done)
         rewired += 1
     return rewired
+
+
+#: the widest reduction (input channels x kernel area) of an int8 conv whose float form is timed against
+#: it for ONNX Runtime: measured on this project's 2-core Zen 4 (scratch, QDQ conv vs the float conv on
+#: the same dequantized values), ORT's int8 conv ran 0.25-0.9x its float form at 1-6 input channels
+#: (reductions of 9-54; 1.6x at 4 channels, so no rule of thumb holds), 1.75-2.3x from 8 channels
+SMALL_CONV_REDUCTION = 64
+
+
+def small_int8_convs(proto: Any) -> list[str]:
+    """Names of the ``Conv`` nodes of a QDQ model that ONNX Runtime would fuse into an int8 conv (input from a
+    per-tensor ``DequantizeLinear``, weight from a ``DequantizeLinear`` of constant codes) whose reduction
+    per output is at most :data:`SMALL_CONV_REDUCTION`: where its int8 conv can be slower than float."""
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    dims = _initializer_dims(g)
+    out = []
+    for node in g.node:
+        if node.op_type != "Conv" or len(node.input) < 2:
+            continue
+        dq, wdq = producer.get(node.input[0]), producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or wdq is None or wdq.op_type != "DequantizeLinear":
+            continue
+        if any(d != 1 for d in dims.get(dq.input[1], [0])):
+            continue
+        w = dims.get(wdq.input[0])
+        if w is None or len(w) < 3:
+            continue
+        reduction = 1
+        for d in w[1:]:
+            reduction *= d
+        if reduction <= SMALL_CONV_REDUCTION:
+            out.append(node.name)
+    return out
+
+
+def float_convs(proto: Any, names: list[str]) -> Any:
+    """A copy of ``proto`` whose convs ``names`` read their quantized input through float arithmetic
+    (:func:`_read_through_float`): ONNX Runtime then runs them as float convs on the same dequantized
+    codes and weights. The same values in, the same sum up to float32 rounding (a relative 1e-6 or so
+    over at most :data:`SMALL_CONV_REDUCTION` products, against the int8 kernel's exact integer sum), the
+    output quantized as before: a code can move by one where the sum lies at a rounding tie."""
+    import copy as _copy
+    p = _copy.deepcopy(proto)
+    g = p.graph
+    producer = {o: n for n in g.node for o in n.output}
+    done: dict = {}
+    for node in [n for n in g.node if n.name in set(names)]:
+        _read_through_float(g, node, producer[node.input[0]], done)
+    return p
 
 
 def exact_on(data: bytes) -> str:

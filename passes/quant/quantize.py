@@ -52,7 +52,10 @@ block's identity) can read that tensor's quantized form too (``residuals``; PyTo
 quantization and NNCF quantize both inputs of such an add): a runtime given the graph then
 fuses the add into the int8 conv instead of running it, its ReLU and the next quantization in
 fp32 (``python bench/openvino_int8.py``: ResNet-50 8x224 on OpenVINO 170 -> 105 ms, NNCF's int8
-101 ms). fxopt's own kernels pay a pass over each
+101 ms). With it, a residual sum that no quantized layer reads (the last block's, before the pooling and
+the head) is quantized after its ReLU (``residual_outputs`` in the record), as ONNX Runtime's and NNCF's
+quantizers write it: the runtime runs that add in int8 too (ONNX Runtime's ``QLinearAdd``) instead of
+changing layouts, adding and applying the ReLU in fp32. fxopt's own kernels pay a pass over each
 identity for it, so ``residuals=auto`` (the default) turns it on when ``compile``'s ``runtime=``
 is an ONNX runtime (or ``auto`` with one installed) and off for torch; ``true``/``false`` force it.
 
@@ -191,11 +194,11 @@ class InsertQDQPass(Pass):
             why = "; ".join(f"{k}: {', '.join(v[:4])}{' ...' if len(v) > 4 else ''}" for k, v in skipped.items())
             return PassResult(False, info={"quantized": 0, "why": why or f"no {'/'.join(config.ops)} layer "
                                            "with a floating-point weight in the graph"})
-        qparams = collect_qparams(gm, targets, ctx, self.config.percentile)
-        info: dict[str, Any] = {}
         residuals = self.config.residuals
         if residuals == "auto":  # (compile folds its runtime= in: see with_options)
             residuals = residuals_for(ctx.options.get("runtime"), ctx.options.get("runtime_candidates"))
+        qparams = collect_qparams(gm, targets, ctx, self.config.percentile, residuals)
+        info: dict[str, Any] = {}
         if self.config.budget > 0 or ctx.options.get("budget_metric") is not None:
             keep = self._budget(gm, targets, qparams, ctx, info, residuals)
             targets = [t for t in targets if t.label not in keep]

@@ -414,6 +414,13 @@ def test_residual_adds_read_the_quantized_identity(residuals, switched):
     # with it, every add reads two dequantized operands; without it the second block's add reads one float
     both = [all(a.target is fxq.dequantize.default for a in n.args[:2]) for n in _adds(sim)]
     assert both == ([True, True] if switched else [True, False])
+    # and the last add, which no quantized layer reads (the mean and the head follow), is quantized after its
+    # ReLU: the form a runtime runs as an int8 add (the first add's sum is the second block's quantized input)
+    last = _adds(sim)[-1]
+    relu = next(iter(last.users))
+    after = [u.target for u in relu.users]
+    assert rec.info.get("residual_outputs", 0) == switched
+    assert (after == [fxq.quantize.default]) == bool(switched), after
     assert _cos(sim(x), model(x)) > 0.999
 
 
@@ -435,14 +442,15 @@ def test_residuals_auto_follows_the_runtime(monkeypatch):
         fxopt.compile(MLP(), (torch.randn(2, 16),), recipe="insert-qdq(residuals=maybe)")
 
 
-def test_the_lone_quantized_identity_lowers_to_one_fused_op_equal_to_the_simulation():
+def test_the_quantized_identity_and_last_sum_lower_to_fused_ops_equal_to_the_simulation():
     torch.manual_seed(0)
     model, x = TwoBlocks().eval(), torch.rand(2, 3, 10, 10)
     calib = [torch.rand(2, 3, 10, 10) for _ in range(3)]
     recipe = "insert-qdq(residuals=true),lower-quant"
     q = _compile(model, x, recipe, calibration=calib)
     lowered = next(r for r in q.fxopt_history.records if r.name == "lower-quant").info["lowered"]
-    assert lowered.get("quantize_dequantize") == 1 and lowered.get("conv2d_int8_relu")
+    # the second block's identity, and the last block's sum (quantized for a runtime's int8 add)
+    assert lowered.get("quantize_dequantize") == 2 and lowered.get("conv2d_int8_relu")
     t = _targets(q)
     assert fxq.quantize_dequantize.default in t and fxq.quantize.default not in t
     sim = fxopt.compile(model, (x,), recipe=recipe, calibration=calib, disable=["lower-quant"])

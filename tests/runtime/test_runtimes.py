@@ -405,3 +405,106 @@ def test_a_file_claiming_to_be_exact_everywhere_is_not_taken_at_its_word(tmp_pat
     signed = {t.name for t in onnx.load_from_string(loaded.artifact).graph.initializer
               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2}
     assert not signed & {str(n.args[1].target) for n in eight_bit_products(loaded.graph_module)[0]}
+
+
+# ---------------------------------------------------------------- ONNX Runtime: small int8 convs, int8 adds
+def _demo_int8(width=16, runtime="torch"):
+    torch.manual_seed(0)
+    m = DemoNet(width=width).eval()
+    calib = [demo_inputs(16) for _ in range(4)]
+    return m, _compile(m, (demo_inputs(16),), "int8", calibration=calib, runtime=runtime)
+
+
+def _ort_run(data, x):
+    from fxopt.runtime.engines import _ort_session
+    sess = _ort_session(data, 2)
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+
+
+def test_small_int8_convs_run_as_float_convs_on_the_same_values():
+    import onnx
+    from fxopt.runtime.onnx_prepare import float_convs, small_int8_convs
+    _, q = _demo_int8()
+    proto = onnx.load_from_string(onnx_export.onnx_bytes(q, portable=False))
+    # DemoNet's stem reads 1 channel (3x3: 9 products per output), its block convs 16 (144): only the stem
+    found = small_int8_convs(proto)
+    assert len(found) == 1
+    stem = next(n for n in proto.graph.node if n.name == found[0])
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    assert producer[stem.input[0]].op_type == "DequantizeLinear"
+    swapped = float_convs(proto, found)
+    conv = next(n for n in swapped.graph.node if n.name == found[0])
+    assert {o: n for n in swapped.graph.node for o in n.output}[conv.input[0]].op_type == "Mul"
+    assert small_int8_convs(swapped) == []  # done once: a saved, tuned file is not tuned again
+    as_int8, as_float = proto.SerializeToString(), swapped.SerializeToString()
+    # every input, not the example only: the same codes in, the same sum, one output code at a tie at most
+    for x in (demo_inputs(16), demo_inputs(3) * 40, -demo_inputs(5), torch.zeros(2, 1, 8, 8),
+              torch.full((2, 1, 8, 8), 1e4)):
+        with torch.no_grad():
+            want = q(x)
+        a, b = _ort_run(as_int8, x), _ort_run(as_float, x)
+        scale = float(want.abs().max()) + 1e-6
+        assert float((b - a).abs().max()) <= 0.02 * scale, x.abs().max()
+        assert float((b - want).abs().max()) <= 0.02 * scale
+
+
+def test_onnxruntime_keeps_a_float_conv_only_where_the_model_measures_faster(monkeypatch):
+    import onnx
+    from fxopt.runtime import engines
+    _, q = _demo_int8()
+    data = onnx_export.onnx_bytes(q, portable=False)
+    real = engines._ort_session
+    for float_ms, kept in ((1.0, True), (1.99, False)):
+        # a stand-in clock: the file with the float conv takes float_ms, the int8 one 2 ms
+        monkeypatch.setattr(engines, "_ort_session", lambda d, t: (real(d, t), b"_float_dq" in d))
+        monkeypatch.setattr(engines, "_warm", lambda s, feeds: s)
+        monkeypatch.setattr(engines, "_median_ms", lambda s, feeds, calls: float_ms if s[1] else 2.0)
+        out, info = engines.tune_onnxruntime(data, {"x": demo_inputs(16).numpy()}, 2)
+        assert (b"_float_dq" in out) is kept and (out == data) is not kept
+        (name, ms), = (info["float_convs"] if kept else info["int8_convs_kept"]).items()
+        assert ms == [2.0, float_ms]
+    monkeypatch.undo()
+    # a real build: the record says what was timed, and the session runs what the graph computes
+    r = _compile(DemoNet(width=16).eval(), (demo_inputs(16),), "int8", calibration=[demo_inputs(16)],
+                 runtime="onnxruntime")
+    timed = {**r.runtime_info.get("float_convs", {}), **r.runtime_info.get("int8_convs_kept", {})}
+    assert len(timed) == 1 and all(len(v) == 2 for v in timed.values())
+    x = demo_inputs(7)
+    assert select.agreement(r.graph_module(x), r(x))[0] < 2e-2
+
+
+def test_onnxruntime_runs_the_last_residual_sum_as_an_int8_add(tmp_path):
+    from models import TwoBlocks
+    import onnxruntime as ort
+    torch.manual_seed(0)
+    m, x = TwoBlocks().eval(), torch.rand(2, 3, 10, 10)
+    for runtime, fused in (("onnxruntime", True), ("torch", False)):  # residuals=auto follows the runtime
+        q = _compile(m, (x,), "int8", calibration=[torch.rand(2, 3, 10, 10) for _ in range(3)], runtime=runtime)
+        path = str(tmp_path / f"{runtime}.onnx")
+        fxopt.export_onnx(getattr(q, "graph_module", q), path, portable=False)
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{runtime}.opt.onnx")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        import onnx
+        ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+        # both adds int8 (QLinearAdd) where the identity and the last sum are quantized; in float otherwise
+        assert (ops.count("QLinearAdd") == 2) is fused, ops
+        if fused:
+            assert ops.count("Add") <= 1, ops  # (the head's bias add may remain)
+
+
+def test_auto_times_each_runtime_in_steady_state_not_right_after_another():
+    import time
+    last = []
+
+    def make(name, own_s, switch_s):
+        def call():
+            time.sleep(own_s + (switch_s if last and last[-1] != name else 0.0))
+            last.append(name)
+        return call
+    # "b" pays 15 ms on the first call after "a" ran (threads waking, caches refilled), 2 ms after that;
+    # "a" takes 4 ms every call: b is the faster model to call again and again
+    ms = select._interleaved_ms({"a": make("a", 0.004, 0.0), "b": make("b", 0.002, 0.015)}, repeats=4)
+    assert ms["b"] < ms["a"] < 10, ms
+    assert 1.5 < ms["b"] < 8 and ms["a"] >= 3.5, ms
