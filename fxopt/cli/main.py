@@ -238,7 +238,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
         from fxopt.runtime.engines import build_runtime
         from fxopt.runtime.select import agreement
         import torch
-        built = build_runtime("onnxruntime", model, loaded.args, loaded.kwargs, onnx=open(ns.onnx, "rb").read())
+        built = build_runtime("onnxruntime", model, loaded.args, loaded.kwargs, onnx=open(ns.onnx, "rb").read(),
+                              tune=False)  # the file as written
         with torch.no_grad():
             worst, median = agreement(model(*loaded.args, **loaded.kwargs), built.run(loaded.args, loaded.kwargs))
         print(f"checked in ONNX Runtime on the example inputs: inputs {', '.join(built.info['inputs'])}; outputs "

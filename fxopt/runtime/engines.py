@@ -165,6 +165,8 @@ def tune_onnxruntime(data: bytes, feeds: dict, threads: int, calls: int = 15) ->
     if not todo:
         return data, {}
     best_data, best_sess, kept, timed = data, _warm(_ort_session(data, threads), feeds), [], {}
+    # about half a second per side and round: 15 calls of a small CNN, 3 of a 150 ms model
+    calls = max(3, min(calls, int(500 / max(_median_ms(best_sess, feeds, 3), 1e-3))))
     for name in todo:
         trial = float_convs(proto, kept + [name]).SerializeToString()
         sess = _warm(_ort_session(trial, threads), feeds)
@@ -188,14 +190,14 @@ def _warm(sess: Any, feeds: dict) -> Any:
 
 
 def _build_onnxruntime(gm: fx.GraphModule, args: tuple, kwargs: dict, *, threads: int,
-                       onnx: bytes | None = None, **_: Any) -> Built:
+                       onnx: bytes | None = None, tune: bool = True, **_: Any) -> Built:
     from fxopt.runtime.onnx_export import onnx_bytes
     data = onnx if onnx is not None else onnx_bytes(gm, (args, kwargs), portable=False)
     sess = _ort_session(data, threads)
     names = [i.name for i in sess.get_inputs()]
     info: dict = {}
     flat = _flat_inputs(gm, args, kwargs)
-    if len(flat) == len(names):
+    if tune and len(flat) == len(names):
         data, info = tune_onnxruntime(data, {n: _numpy(t) for n, t in zip(names, flat)}, threads)
         if info.get("float_convs"):
             sess = _ort_session(data, threads)
@@ -269,14 +271,15 @@ def list_runtimes() -> dict[str, str | None]:
 
 
 def build_runtime(name: str, gm: fx.GraphModule, args: tuple, kwargs: dict, *, threads: int | None = None,
-                  onnx: bytes | None = None) -> Built:
-    """Hand ``gm`` to runtime ``name``; raises RuntimeUnavailable when it is missing or cannot take the graph."""
+                  onnx: bytes | None = None, tune: bool = True) -> Built:
+    """Hand ``gm`` to runtime ``name``; raises RuntimeUnavailable when it is missing or cannot take the graph.
+    ``tune=False``: run the ONNX file exactly as given (no :func:`tune_onnxruntime`)."""
     rt = get_runtime(name)
     why = rt.why_unavailable()
     if why:
         raise RuntimeUnavailable(why)
     try:
-        return rt.build(gm, args, kwargs, threads=threads or torch.get_num_threads(), onnx=onnx)
+        return rt.build(gm, args, kwargs, threads=threads or torch.get_num_threads(), onnx=onnx, tune=tune)
     except (RuntimeUnavailable, InputError):
         raise
     except Exception as e:

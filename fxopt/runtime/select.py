@@ -226,6 +226,8 @@ def choose_runtime(gm: fx.GraphModule, args: tuple, kwargs: dict, runtime: str, 
         try:
             b = build_runtime(name, gm, args, kwargs, threads=threads, onnx=onnx_data)
             entry["build_s"] = round(time.perf_counter() - t0, 2)
+            # per-layer choices the runtime measured (ONNX Runtime's small convs, int8 or float)
+            entry.update({k: b.info[k] for k in ("float_convs", "int8_convs_kept") if b.info.get(k)})
             with torch.no_grad():
                 outs = [b.run(a, k) for a, k in inputs]
             errs = [agreement(r, o) for r, o in zip(refs, outs)]
@@ -317,6 +319,10 @@ def describe(record: dict) -> str:
             err, med = e.get("max_rel_err"), e.get("median_rel_err")
             lines.append(f"  {name}: {ms}, rel err max {err:.2g} median {med:.2g} (tolerance {record.get('tolerance'):.3g})"
                          + (f", built in {e['build_s']:.1f} s" if e.get("build_s") else ""))
+            for key, what in (("float_convs", "run as float convs (faster than their int8 form, model ms int8 -> "
+                                              "float)"), ("int8_convs_kept", "kept int8 (float no faster)")):
+                if e.get(key):
+                    lines.append(f"    {what}: " + ", ".join(f"{c} {a:.3g} -> {b:.3g}" for c, (a, b) in e[key].items()))
     return "\n".join(lines)
 
 

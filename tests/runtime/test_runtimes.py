@@ -469,6 +469,10 @@ def test_onnxruntime_keeps_a_float_conv_only_where_the_model_measures_faster(mon
                  runtime="onnxruntime")
     timed = {**r.runtime_info.get("float_convs", {}), **r.runtime_info.get("int8_convs_kept", {})}
     assert len(timed) == 1 and all(len(v) == 2 for v in timed.values())
+    # the history says which way each was run, with the times
+    entry = r.fxopt_history.runtime["candidates"]["onnxruntime"]
+    assert {**entry.get("float_convs", {}), **entry.get("int8_convs_kept", {})} == timed
+    assert next(iter(timed)) in str(r.fxopt_history)
     x = demo_inputs(7)
     assert select.agreement(r.graph_module(x), r(x))[0] < 2e-2
 
