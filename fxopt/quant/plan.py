@@ -249,8 +249,8 @@ def residual_outputs(targets: list[QuantTarget]) -> dict[fx.Node, QSpec]:
         if not (a in outs or b in outs) or not all(x in outs or x in inputs for x in (a, b)):
             continue
         out = _add_output(n)
-        if out in inputs:
-            continue
+        if out in inputs or any(u.op == "output" for u in out.users):
+            continue  # quantized already, or the model's own output (no int8 add to gain, only its error)
         found[out] = output_spec(outs[a] if a in outs else outs[b])
     return found
 

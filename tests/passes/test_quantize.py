@@ -521,3 +521,22 @@ def test_a_declined_static_conv_runs_in_float_with_its_relu(monkeypatch):
     assert _cos(q(x), model(x)) > 0.99
     with pytest.raises(Exception, match="decline"):
         fxopt.compile(MLP(), (torch.randn(2, 16),), recipe="insert-qdq,lower-quant(decline=sometimes)")
+
+
+def test_a_residual_sum_that_is_the_model_output_is_not_quantized():
+    class Tail(torch.nn.Module):  # a feature extractor ending in a residual block: its sum is the output
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return torch.relu(h + self.b(h))
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    sim = _compile(Tail().eval(), x, "insert-qdq(residuals=true)", calibration=[torch.rand(2, 3, 8, 8)])
+    rec = next(r for r in sim.fxopt_history.records if r.name == "insert-qdq")
+    add, = _adds(sim)
+    assert all(a.target is fxq.dequantize.default for a in add.args[:2])  # an int8 add's operands
+    assert not rec.info.get("residual_outputs")
+    assert not any(u.target is fxq.quantize.default for u in next(iter(add.users)).users)
