@@ -1,7 +1,7 @@
 """Recovering accuracy after compression: distillation, QAT and the one recovery call, on real data.
 
     python bench/recover.py [--only digits|minilm|minilm-prune|minilm-prune-layers|minilm-prune-sens|minilm-int4|llama]
-                            [--minilm-epochs 6] [--qat-epochs 2] [--sens-epochs 3] [--extra-text 4000] [--sens-lr LR] [--sens-loss LOSS]
+                            [--minilm-epochs 6] [--qat-epochs 2] [--sens-epochs 3] [--extra-text 4000] [--sens-lr LR]
                             [--int4-group-sizes 128,32] [--repeats 20] [--teacher-epochs 8] [--llama-epochs 2]
 
 (a) digits CNN: DemoNet(width=32) trained 8 epochs on scikit-learn's ``load_digits`` (1,400 training
@@ -117,7 +117,7 @@ def digits_section(repeats: int) -> list[dict]:
 # ---------------------------------------------------------------- (b) MiniLM
 def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layers", "sens", "int4"),
                    group_sizes: tuple = (128, 32), sens_epochs: int = 3, sens_lr: float | None = None,
-                   extra_text: int = 4000, sens_loss: str | None = None) -> list[dict]:
+                   extra_text: int = 4000) -> list[dict]:
     from transformers import AutoModel, AutoTokenizer
     from quant import sentences
     from common import minilm_path
@@ -203,9 +203,9 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
         # teacher labels any text; sentences of the standard library's docstrings (none of the corpus') join them
         docs = stdlib_docstring_sentences(sents)[:extra_text]
         more = train + [enc(docs[i:i + 16]) for i in range(0, len(docs), 16)]
-        extra = ({} if sens_lr is None else {"lr": sens_lr}) | ({} if sens_loss is None else {"hidden_loss": sens_loss})
+        extra = {} if sens_lr is None else {"lr": sens_lr}
         run(f"prune-50, recover={{data{f' + {len(docs)} docstring sentences' if docs else ''}, epochs: {sens_epochs}"
-            f"{', lr: %g' % sens_lr if sens_lr else ''}{', hidden_loss: ' + sens_loss if sens_loss else ''}}}",
+            f"{', lr: %g' % sens_lr if sens_lr else ''}}}",
             lambda: fxopt.compile(model, kwargs=kw, recipe="prune-50", progress=False,
                                   recover={"data": more, "epochs": sens_epochs, **extra}))
     for gs in group_sizes if "int4" in parts else ():
@@ -333,7 +333,6 @@ def main() -> None:
     ap.add_argument("--extra-text", type=int, default=4000, metavar="N",
                     help="standard library docstring sentences added to that row's training text (default 4000)")
     ap.add_argument("--sens-lr", type=float, default=None, help="its learning rate (default: the call's own, 5e-4)")
-    ap.add_argument("--sens-loss", default=None, help="its hidden_loss (default: the call's own)")
     a = ap.parse_args()
     print(f"CPU: {_cpu()}; torch {torch.__version__}")
     if a.only in (None, "digits"):
@@ -348,7 +347,7 @@ def main() -> None:
                      a.only, ("prune", "layers", "sens", "int4"))
         sizes = tuple(int(g) for g in a.int4_group_sizes.split(","))
         print(table(minilm_section(a.minilm_epochs, a.qat_epochs, parts, sizes, a.sens_epochs, a.sens_lr,
-                                    a.extra_text, a.sens_loss)))
+                                    a.extra_text)))
     if a.only in (None, "llama"):
         print("\n(c) Minitron-style width prune + distillation of a Llama-architecture decoder (GQA 6 query / 2 kv "
               "heads) on the pydoc_data sentences (400 held out; the corpus' own vocabulary; 64-token blocks)")

@@ -8,9 +8,7 @@
   module paths such as ``"encoder.layer.3"``; default: the model's output itself, which for an
   encoder is its last hidden state). ``hidden_loss="mse"`` (mean squared error divided by the
   teacher feature's mean square, so that it is scale-free), ``"cosine"`` (1 - cosine along the
-  feature dimension) or ``"mse+cosine"``; ``+pooled`` adds, for ``[batch, seq, width]`` features, 1 -
-  the cosine of each sequence's mean over its real tokens (what a mean-pooling sentence encoder
-  outputs: every sentence weighs alike, where per token a short one weighs less);
+  feature dimension) or ``"mse+cosine"``;
   in a Hugging Face style batch (a dict with a ``[batch, seq]`` integer ``attention_mask``) the
   ``[batch, seq, width]`` features are compared at real tokens only: nothing reads the padding
   positions, and on short sentences padded to the longest of their batch they can be half of all
@@ -45,9 +43,7 @@ from fxopt.ir.torch_compat import torch_internals
 __all__ = ["Distiller", "cache_budget", "resolve_teacher", "DISTILL_MODES", "HIDDEN_LOSSES"]
 
 DISTILL_MODES = ("logits", "hidden", "both")
-#: the terms a hidden loss adds up, joined by "+" ("mse+cosine", "mse+cosine+pooled")
-HIDDEN_TERMS = ("mse", "cosine", "pooled")
-HIDDEN_LOSSES = ("mse", "cosine", "mse+cosine", "mse+cosine+pooled", "cosine+pooled", "mse+pooled")
+HIDDEN_LOSSES = ("mse", "cosine", "mse+cosine")
 OUTPUT = "<output>"  # the model's output as a feature
 
 
@@ -286,11 +282,8 @@ class Distiller:
                  cache_bytes: int = 0):
         if mode not in DISTILL_MODES:
             raise InputError(f"distill must be one of {', '.join(DISTILL_MODES)}, got {mode!r}")
-        terms = hidden_loss.split("+") if isinstance(hidden_loss, str) else []
-        if not terms or any(t not in HIDDEN_TERMS for t in terms) or len(set(terms)) != len(terms) \
-                or terms == ["pooled"]:
-            raise InputError(f"hidden_loss is one of {', '.join(HIDDEN_LOSSES)} (terms {', '.join(HIDDEN_TERMS)} "
-                             f"joined by '+'; pooled only beside a per-token term), got {hidden_loss!r}")
+        if hidden_loss not in HIDDEN_LOSSES:
+            raise InputError(f"hidden_loss must be one of {', '.join(HIDDEN_LOSSES)}, got {hidden_loss!r}")
         if not temperature > 0:
             raise InputError(f"temperature must be > 0, got {temperature}")
         if not 0 <= alpha <= 1:
@@ -422,12 +415,10 @@ class Distiller:
     def _feature_loss(self, key: str, s: torch.Tensor, t: torch.Tensor,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
         s, t = s.float(), t.float()
-        seq = None  # each token row's sequence, for the pooled term
         if mask is not None and s.dim() == 3 and t.dim() == 3 and s.shape[:2] == mask.shape == t.shape[:2] \
                 and bool(mask.any()):
             # padding positions: nothing reads them (attention masks them out, pooling skips them), and
             # matching the teacher's arbitrary values there costs the student capacity it needs elsewhere
-            seq = torch.arange(s.shape[0], device=s.device).repeat_interleave(mask.sum(1))
             s, t = s[mask], t[mask]
         dim = _width_dim(s.shape, t.shape)
         if dim is not None:
@@ -445,18 +436,6 @@ class Distiller:
             out = out + torch.nn.functional.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
         if "cosine" in self.hidden_loss:
             out = out + (1 - torch.nn.functional.cosine_similarity(s, t, dim=fd, eps=1e-8)).mean()
-        if "pooled" in self.hidden_loss and (seq is not None or (s.dim() == 3 and fd == -1)):
-            # each sequence's mean over its real tokens (a mean-pooling encoder's sentence embedding), one
-            # cosine per sequence: a short sentence weighs as much as a long one (per token, it weighs less)
-            if seq is not None:
-                n = int(mask.shape[0])
-                ps = s.new_zeros(n, s.shape[-1]).index_add(0, seq, s)
-                pt = t.new_zeros(n, t.shape[-1]).index_add(0, seq, t)
-                real = mask.any(1)
-                ps, pt = ps[real], pt[real]
-            else:
-                ps, pt = s.sum(1), t.sum(1)
-            out = out + (1 - torch.nn.functional.cosine_similarity(ps, pt, dim=-1, eps=1e-8)).mean()
         return out
 
     def remove(self) -> None:

@@ -564,29 +564,3 @@ def test_the_recovery_call_prunes_both_ways_and_keeps_the_closer_one(digits, tra
                           recover={"data": train[:4], "epochs": 1, "reconstruct": False})
     assert "pruning" not in plain.fxopt_history.stages[0]
     assert "reconstructed" not in next(r for r in plain.fxopt_history.records if r.name == "prune").info
-
-
-def test_the_pooled_hidden_term_is_one_cosine_per_sentence_over_its_real_tokens():
-    from fxopt.train.distill import Distiller
-    torch.manual_seed(0)
-    s, t = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
-    plain = Distiller.__new__(Distiller)
-    plain.hidden_loss, plain.projections = "cosine", {}
-    pooled = Distiller.__new__(Distiller)
-    pooled.hidden_loss, pooled.projections = "cosine+pooled", {}
-    want = torch.stack([1 - nn.functional.cosine_similarity(s[i][mask[i]].mean(0), t[i][mask[i]].mean(0), dim=0)
-                        for i in range(3)]).mean()
-    got = pooled._feature_loss("out", s, t, mask) - plain._feature_loss("out", s, t, mask)
-    torch.testing.assert_close(got, want)
-    # padding positions move nothing; without a mask every position is a token
-    noisy = s.clone()
-    noisy[~mask] = 1e3
-    torch.testing.assert_close(pooled._feature_loss("out", noisy, t, mask), pooled._feature_loss("out", s, t, mask))
-    whole = 1 - nn.functional.cosine_similarity(s.mean(1), t.mean(1), dim=-1).mean()
-    torch.testing.assert_close(pooled._feature_loss("out", s, t) - plain._feature_loss("out", s, t), whole)
-    for bad in ("pooled", "mse+mse", "cos", "mse+cosine+pooled+kl"):
-        with pytest.raises(fxopt.InputError, match="hidden_loss"):
-            fxopt.finetune(_Tokens(), [{"input_ids": torch.ones(2, 3, dtype=torch.long),
-                                        "attention_mask": torch.ones(2, 3, dtype=torch.long)}],
-                           teacher=_Tokens(), distill="hidden", hidden_loss=bad, epochs=1, progress=False)
