@@ -143,6 +143,8 @@ def _median_ms(sess: Any, feeds: dict, calls: int) -> float:
 
 #: a float conv is kept only where the whole model measured at least this much faster with it
 FLOAT_CONV_GAIN = 1.03
+#: the file's metadata key holding :func:`tune_onnxruntime`'s decision (JSON), so it is made once
+TUNED_KEY = "fxopt.onnxruntime_convs"
 
 
 def tune_onnxruntime(data: bytes, feeds: dict, threads: int, calls: int = 15) -> tuple[bytes, dict]:
@@ -156,20 +158,33 @@ def tune_onnxruntime(data: bytes, feeds: dict, threads: int, calls: int = 15) ->
     and kept where that is at least :data:`FLOAT_CONV_GAIN` faster (the layout changes around a conv
     count too, so the model is timed, not the conv). Returns the model ONNX Runtime runs and what was
     timed (``{"float_convs": {name: [int8 ms, float ms]}, "int8_convs_kept": ...}``, the model's ms with
-    the conv in int8 and in float; empty where there was nothing to try).
+    the conv in int8 and in float; empty where there was nothing to try). The decision is written into
+    the returned file (:data:`TUNED_KEY`): a saved or copied model's file is not timed again.
     """
+    import json
     import onnx
     from fxopt.runtime.onnx_prepare import float_convs, small_int8_convs
     proto = onnx.load_from_string(data)
+    props = {p.key: p.value for p in proto.metadata_props}
+    if TUNED_KEY in props:  # tuned when it was made (a saved model's file, a copy's): not timed again
+        try:
+            done = json.loads(props[TUNED_KEY])
+        except ValueError:
+            done = None
+        if isinstance(done, dict):
+            return data, done
     todo = small_int8_convs(proto)
     if not todo:
         return data, {}
-    best_data, best_sess, kept, timed = data, _warm(_ort_session(data, threads), feeds), [], {}
+    best_sess, kept, timed, failed = _warm(_ort_session(data, threads), feeds), [], {}, {}
     # about half a second per side and round: 15 calls of a small CNN, 3 of a 150 ms model
     calls = max(3, min(calls, int(500 / max(_median_ms(best_sess, feeds, 3), 1e-3))))
     for name in todo:
-        trial = float_convs(proto, kept + [name]).SerializeToString()
-        sess = _warm(_ort_session(trial, threads), feeds)
+        try:
+            sess = _warm(_ort_session(float_convs(proto, kept + [name]).SerializeToString(), threads), feeds)
+        except Exception as e:  # the file as exported still runs: keep the conv int8, say why
+            failed[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            continue
         # rounds alternate between the two, each side's best median counts: a slow spell of the machine
         # (measured: the same file 2.6 and 3.8 ms a second apart) then hits both or neither
         base = ms = float("inf")
@@ -178,9 +193,15 @@ def tune_onnxruntime(data: bytes, feeds: dict, threads: int, calls: int = 15) ->
             ms = min(ms, _median_ms(sess, feeds, calls))
         timed[name] = [round(base, 3), round(ms, 3)]
         if ms * FLOAT_CONV_GAIN <= base:
-            best_data, best_sess, kept = trial, sess, kept + [name]
-    return best_data, {"float_convs": {k: v for k, v in timed.items() if k in kept},
-                       "int8_convs_kept": {k: v for k, v in timed.items() if k not in kept}}
+            best_sess, kept = sess, kept + [name]
+    info = {"float_convs": {k: v for k, v in timed.items() if k in kept},
+            "int8_convs_kept": {k: v for k, v in timed.items() if k not in kept}}
+    if failed:
+        info["float_convs_failed"] = failed
+    out = float_convs(proto, kept)
+    entry = out.metadata_props.add()
+    entry.key, entry.value = TUNED_KEY, json.dumps(info)
+    return out.SerializeToString(), info
 
 
 def _warm(sess: Any, feeds: dict) -> Any:

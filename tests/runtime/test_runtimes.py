@@ -460,9 +460,19 @@ def test_onnxruntime_keeps_a_float_conv_only_where_the_model_measures_faster(mon
         monkeypatch.setattr(engines, "_warm", lambda s, feeds: s)
         monkeypatch.setattr(engines, "_median_ms", lambda s, feeds, calls: float_ms if s[1] else 2.0)
         out, info = engines.tune_onnxruntime(data, {"x": demo_inputs(16).numpy()}, 2)
-        assert (b"_float_dq" in out) is kept and (out == data) is not kept
+        assert (b"_float_dq" in out) is kept
         (name, ms), = (info["float_convs"] if kept else info["int8_convs_kept"]).items()
         assert ms == [2.0, float_ms]
+        # the decision travels in the file: a saved or copied model's file is not timed again
+        monkeypatch.setattr(engines, "_median_ms", lambda *a: pytest.fail("a tuned file was timed again"))
+        again, info2 = engines.tune_onnxruntime(out, {"x": demo_inputs(16).numpy()}, 2)
+        assert again == out and info2 == info
+    # a trial ONNX Runtime cannot load keeps the conv int8 and says why; the file still runs
+    monkeypatch.setattr(engines, "_median_ms", lambda s, feeds, calls: 2.0)
+    monkeypatch.setattr(engines, "_ort_session", lambda d, t: (_ for _ in ()).throw(RuntimeError("no kernel"))
+                        if b"_float_dq" in d else (real(d, t), False))
+    out, info = engines.tune_onnxruntime(data, {"x": demo_inputs(16).numpy()}, 2)
+    assert b"_float_dq" not in out and "no kernel" in next(iter(info["float_convs_failed"].values()))
     monkeypatch.undo()
     # a real build: the record says what was timed, and the session runs what the graph computes
     r = _compile(DemoNet(width=16).eval(), (demo_inputs(16),), "int8", calibration=[demo_inputs(16)],
@@ -475,6 +485,15 @@ def test_onnxruntime_keeps_a_float_conv_only_where_the_model_measures_faster(mon
     assert next(iter(timed)) in str(r.fxopt_history)
     x = demo_inputs(7)
     assert select.agreement(r.graph_module(x), r(x))[0] < 2e-2
+    import copy
+    import fxopt.runtime.engines as engines
+    orig = engines._median_ms
+    try:  # a copy (and a loaded model) rebuilds its session from the tuned file without timing it again
+        engines._median_ms = lambda *a: pytest.fail("a tuned file was timed again")
+        twin = copy.deepcopy(r)
+    finally:
+        engines._median_ms = orig
+    assert twin.artifact == r.artifact and twin.runtime_info.get("float_convs") == r.runtime_info.get("float_convs")
 
 
 def test_onnxruntime_runs_the_last_residual_sum_as_an_int8_add(tmp_path):
