@@ -53,3 +53,23 @@ def test_the_forms_fxopt_exports_are_exact_in_every_installed_runtime_on_this_cp
             assert all(probe.conv_error(run, form, cin) <= 0.5 for cin in (1, 3, 16)), (name, form)
         if cpu_isa.dot_products_exact():  # VNNI/AMX: even the signed 8-bit form is exact
             assert probe.matmul_error(run, probe.FORMS[0]) == 0, name
+
+
+def test_cpu_bench_goal_lines_say_when_a_ratio_is_within_the_noise():
+    sys.path.insert(0, BENCH)
+    try:
+        import cpu
+    finally:
+        sys.path.remove(BENCH)
+
+    def row(name, *ms):
+        return {"row": name, "ms": sorted(ms)[len(ms) // 2], "all_ms": sorted(ms), "accuracy": 99.0}
+    eager = row("eager fp32 (first)", 18.0)
+    one = cpu.goals("resnet50", [row("openvino int8 (nncf)", 94.8), row("fxopt int8 [auto]", 78.0)], 500)[0]
+    assert "1.22x" in one and "one round" in one
+    overlap = cpu.goals("digits", [eager, row("openvino int8 (nncf)", 2.2, 2.2, 2.5),
+                                   row("fxopt int8 [auto]", 2.2, 2.2, 2.9)], 18.0)[0]
+    assert "overlap" in overlap
+    apart = cpu.goals("digits", [eager, row("openvino int8 (nncf)", 3.0, 3.1, 3.2),
+                                 row("fxopt int8 [auto]", 2.2, 2.3, 2.4)], 18.0)[0]
+    assert "overlap" not in apart and "one round" not in apart and "1.35x" in apart
