@@ -4,13 +4,16 @@
 
 ``bench/cpu.py`` times every row in its own process, which on a shared machine whose speed drifts
 between processes (eager ResNet-50 measured 596 and 837 ms minutes apart) blurs a 10-30% gap. Here the
-three models run on one OpenVINO (f32 inference precision hint left at its default, 2 threads, latency
-hint) and are timed round-robin, so drift hits each alike:
+models run on one OpenVINO (inference precision hint left at its default: bf16 on CPUs with AMX or
+AVX-512 BF16, f32 elsewhere; 2 threads, latency hint) and are timed round-robin, so drift hits each alike:
 
 * NNCF int8: ``nncf.quantize`` of the fp32 ONNX export (calibrated on the same 4 batches);
-* fxopt ``int8`` exported with ``fxopt.export_onnx``, residual identities quantized
-  (``insert-qdq(residuals=true)``, what ``runtime="openvino"``/``"auto"`` builds);
-* the same without them (``residuals=false``, what fxopt exported before).
+* fxopt ``int8`` exported with ``fxopt.export_onnx(portable=False)``, residual identities quantized
+  (``insert-qdq(residuals=true)``): the file ``runtime="openvino"``/``"auto"`` builds;
+* the same without them (``residuals=false``, what fxopt exported before);
+* the first as the default, portable file: on a CPU with VNNI, whose plan multiplies 8-bit codes by
+  8-bit weights, it stores those weights as uint8 on zero point 128 (exact on every CPU; see
+  ``fxopt.export_onnx``), which OpenVINO runs far slower.
 
 Accuracy: min cosine of the logits against eager fp32 on 4 held-out batches. Needs
 ``pip install -e ".[bench]"`` (OpenVINO, NNCF).
@@ -54,12 +57,18 @@ def main() -> None:
         torch.onnx.export(model, (evals[0],), fp32, dynamo=True, verbose=False)
         q = nncf.quantize(core.read_model(fp32), nncf.Dataset([c.numpy() for c in calib]))
         compiled["NNCF int8"] = core.compile_model(q, "CPU", cfg)
-        for label, res in (("fxopt int8 (residuals quantized)", "true"), ("fxopt int8 (residuals float)", "false")):
+        for res in ("true", "false"):
             recipe = pipeline.replace("insert-qdq(", f"insert-qdq(residuals={res},")
             m = fxopt.compile(model, (evals[0],), recipe=recipe, calibration=calib, progress=False)
-            path = os.path.join(tmp, f"{res}.onnx")
-            fxopt.export_onnx(m, path)
-            compiled[label] = core.compile_model(core.read_model(path), "CPU", cfg)
+            # portable=False: the file runtime="openvino" builds (signed 8-bit weights where this CPU's runtimes
+            # sum 8-bit products exactly); the default portable file keeps such weights as uint8 on zero
+            # point 128, exact on every CPU
+            forms = ((False, f"fxopt int8 (residuals {'quantized' if res == 'true' else 'float'})"),) + (
+                ((True, "fxopt int8, residuals quantized, portable file"),) if res == "true" else ())
+            for portable, label in forms:
+                path = os.path.join(tmp, f"{res}-{portable}.onnx")
+                fxopt.export_onnx(m, path, portable=portable)
+                compiled[label] = core.compile_model(core.read_model(path), "CPU", cfg)
     x = evals[0].numpy()
     ms = interleaved_ms({k: (lambda c=c: c(x)) for k, c in compiled.items()}, ns.repeats)
     with torch.no_grad():

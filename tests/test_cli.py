@@ -290,3 +290,25 @@ def test_export_and_runtime_from_the_command_line(tmp_path, capsys):
     assert ".onnx" in capsys.readouterr().err
     assert main(["runtimes"]) == 0
     assert "onnxruntime" in capsys.readouterr().out
+
+
+def test_export_says_when_the_portable_file_is_slower_on_this_cpu(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import fxopt
+    from fxopt.kernels import cpu_isa
+    saved = tmp_path / "tiny.fxopt"
+    with cpu_isa.forced("vnni"):  # 8-bit codes on 8-bit weights, on any machine
+        assert main(["compile", f"{TINY}:build", "--input-shape", "4x3x8x8", "--recipe", "int8-dynamic",
+                     "--out", str(saved)]) == 0
+    from fxopt.runtime.onnx_prepare import eight_bit_products
+    assert sum(len(x) for x in eight_bit_products(fxopt.load(str(saved)))) > 0
+    capsys.readouterr()
+    onnx_file = str(tmp_path / "tiny.onnx")
+    for exact_here, args, note in ((True, [], True), (True, ["--this-cpu"], False), (False, [], False)):
+        # a VNNI CPU: the portable file's uint8 weights are the slow form here, --this-cpu is the fast one;
+        # a CPU without VNNI: the portable file is the only exact one, nothing to say
+        monkeypatch.setattr(cpu_isa, "dot_products_exact", lambda v=exact_here: v)
+        assert main(["export", str(saved), "--onnx", onnx_file, *args]) == 0
+        out = capsys.readouterr().out
+        assert ("--this-cpu" in out and "slower" in out) is note, out

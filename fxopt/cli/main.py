@@ -231,8 +231,17 @@ def cmd_export(ns: argparse.Namespace) -> int:
     import os
     from fxopt.runtime.onnx_export import exact_on
     where = {"any": "every CPU", "int32-dot-products": "CPUs with VNNI/AMX or Arm only (--this-cpu)"}
+    data = open(ns.onnx, "rb").read()
     print(f"wrote {ns.onnx} ({os.path.getsize(ns.onnx):,} bytes); integer arithmetic exact on "
-          f"{where[exact_on(open(ns.onnx, 'rb').read())]}")
+          f"{where[exact_on(data)]}")
+    from fxopt.runtime.onnx_prepare import eight_bit_products
+    from fxopt.kernels import cpu_isa
+    widened = sum(len(x) for x in eight_bit_products(model)) if not ns.this_cpu else 0
+    if widened and cpu_isa.dot_products_exact():
+        print(f"note: {widened} layer(s) multiply 8-bit codes by 8-bit weights, stored as uint8 so that the file is "
+              "exact on CPUs without VNNI too; ONNX Runtime and OpenVINO run that form far slower on this CPU "
+              "(ResNet-50 int8 on OpenVINO: 4.3x, python bench/openvino_int8.py). Where the file runs on "
+              "VNNI/AMX/Arm CPUs only, export with --this-cpu")
     from fxopt.runtime.engines import RUNTIMES
     if RUNTIMES["onnxruntime"].available:
         from fxopt.runtime.engines import build_runtime
