@@ -363,6 +363,22 @@ def _quantize_residuals(gm: fx.GraphModule, static: dict[fx.Node, fx.Node]) -> i
     return switched
 
 
+def _quantize_output(gm: fx.GraphModule, out: fx.Node, spec: QSpec, qparams: dict, meta_from: fx.Node) -> None:
+    """Every user of ``out`` reads it quantized (``dq(q(out))`` on its calibrated grid, inserted right after it)."""
+    g = gm.graph
+    scale, zp = qparams[out.name]
+    users, nxt = list(out.users), out.next
+    s = _buffer(gm, "", f"{out.name}_scale", scale, nxt)
+    z = _buffer(gm, "", f"{out.name}_zp", zp, nxt)
+    with g.inserting_before(nxt):
+        q = g.call_function(fxq.quantize.default, (out, s, z, spec.qmin, spec.qmax, 0))
+        dq = g.call_function(fxq.dequantize.default, (q, s, z, 0))
+    for n in (q, dq):
+        copy_meta(n, meta_from)
+    for u in users:
+        u.replace_input_with(out, dq)
+
+
 def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
                 qparams: dict[str, tuple[torch.Tensor, torch.Tensor]], residuals: bool = False,
                 hessians: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
@@ -439,20 +455,7 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
                 copy_meta(n, node)
         node.replace_input_with(x, acts[x])
         if _needs_output(t):
-            out = _output_node(t)
-            scale, zp = qparams[out.name]
-            users = list(out.users)
-            nxt = out.next
-            s = _buffer(gm, "", f"{out.name}_scale", scale, nxt)
-            z = _buffer(gm, "", f"{out.name}_zp", zp, nxt)
-            with g.inserting_before(nxt):
-                o = output_spec(t)
-                q = g.call_function(fxq.quantize.default, (out, s, z, o.qmin, o.qmax, 0))
-                dq = g.call_function(fxq.dequantize.default, (q, s, z, 0))
-            for n in (q, dq):
-                copy_meta(n, node)
-            for u in users:
-                u.replace_input_with(out, dq)
+            _quantize_output(gm, _output_node(t), output_spec(t), qparams, node)
             counts["outputs"] += 1
     if residuals:
         counts["residuals"] = _quantize_residuals(gm, static)
@@ -460,17 +463,7 @@ def materialize(gm: fx.GraphModule, targets: list[QuantTarget],
             add = out.args[0] if out.target in RELU_OPS else out
             if out.name not in qparams or not all(_static_dq(x) for x in add.args[:2]):
                 continue  # (a layer kept in float: the add reads a float operand)
-            scale, zp = qparams[out.name]
-            users, nxt = list(out.users), out.next
-            s = _buffer(gm, "", f"{out.name}_scale", scale, nxt)
-            z = _buffer(gm, "", f"{out.name}_zp", zp, nxt)
-            with g.inserting_before(nxt):
-                q = g.call_function(fxq.quantize.default, (out, s, z, spec.qmin, spec.qmax, 0))
-                dq = g.call_function(fxq.dequantize.default, (q, s, z, 0))
-            for n in (q, dq):
-                copy_meta(n, out)
-            for u in users:
-                u.replace_input_with(out, dq)
+            _quantize_output(gm, out, spec, qparams, out)
             counts["residual_outputs"] = counts.get("residual_outputs", 0) + 1
     erase_dead(gm)
     propagate_meta(gm)
