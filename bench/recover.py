@@ -1,7 +1,7 @@
 """Recovering accuracy after compression: distillation, QAT and the one recovery call, on real data.
 
     python bench/recover.py [--only digits|minilm|minilm-prune|minilm-prune-layers|minilm-prune-sens|minilm-int4|llama]
-                            [--minilm-epochs 6] [--qat-epochs 2] [--sens-epochs 3] [--extra-text 4000] [--sens-lr LR]
+                            [--minilm-epochs 6] [--qat-epochs 2] [--sens-epochs 3] [--extra-text 4000] [--sens-lr LR] [--qat-text N]
                             [--int4-group-sizes 128,32] [--repeats 20] [--teacher-epochs 8] [--llama-epochs 2]
 
 (a) digits CNN: DemoNet(width=32) trained 8 epochs on scikit-learn's ``load_digits`` (1,400 training
@@ -117,7 +117,7 @@ def digits_section(repeats: int) -> list[dict]:
 # ---------------------------------------------------------------- (b) MiniLM
 def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layers", "sens", "int4"),
                    group_sizes: tuple = (128, 32), sens_epochs: int = 3, sens_lr: float | None = None,
-                   extra_text: int = 4000) -> list[dict]:
+                   extra_text: int = 4000, qat_text: int = 0) -> list[dict]:
     from transformers import AutoModel, AutoTokenizer
     from quant import sentences
     from common import minilm_path
@@ -217,8 +217,13 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
         run(f"int4-weight PTQ{tag}, GPTQ on 32 batches",
             lambda: fxopt.compile(model, kwargs=kw, recipe="int4-weight", group_size=gs, calibration=train[:32],
                                   progress=False), model)
-        run(f"int4-weight QAT{tag}, hidden distillation ({qat_epochs} epochs)",
-            lambda: fxopt.qat(model, (), train, kwargs=kw, recipe="int4-weight", epochs=qat_epochs, distill="hidden",
+        qat_data, text_tag = train, ""
+        if qat_text:  # unlabeled text the teacher labels, as the prune row's --extra-text
+            docs = stdlib_docstring_sentences(sents)[:qat_text]
+            qat_data = train + [enc(docs[i:i + 16]) for i in range(0, len(docs), 16)]
+            text_tag = f" + {len(docs)} docstring sentences"
+        run(f"int4-weight QAT{tag}, hidden distillation ({qat_epochs} epochs{text_tag})",
+            lambda: fxopt.qat(model, (), qat_data, kwargs=kw, recipe="int4-weight", epochs=qat_epochs, distill="hidden",
                               hidden_loss="mse+cosine", optimizer="adamw", lr=1e-4, progress=False,
                               compile_options={"group_size": gs}), model)
     base_p, base_b = _params(model), model_bytes(model)
@@ -333,6 +338,8 @@ def main() -> None:
     ap.add_argument("--extra-text", type=int, default=4000, metavar="N",
                     help="standard library docstring sentences added to that row's training text (default 4000)")
     ap.add_argument("--sens-lr", type=float, default=None, help="its learning rate (default: the call's own, 5e-4)")
+    ap.add_argument("--qat-text", type=int, default=0, metavar="N",
+                    help="standard-library docstring sentences added to the int4 QAT rows' training text (default 0)")
     a = ap.parse_args()
     print(f"CPU: {_cpu()}; torch {torch.__version__}")
     if a.only in (None, "digits"):
@@ -347,7 +354,7 @@ def main() -> None:
                      a.only, ("prune", "layers", "sens", "int4"))
         sizes = tuple(int(g) for g in a.int4_group_sizes.split(","))
         print(table(minilm_section(a.minilm_epochs, a.qat_epochs, parts, sizes, a.sens_epochs, a.sens_lr,
-                                    a.extra_text)))
+                                    a.extra_text, a.qat_text)))
     if a.only in (None, "llama"):
         print("\n(c) Minitron-style width prune + distillation of a Llama-architecture decoder (GQA 6 query / 2 kv "
               "heads) on the pydoc_data sentences (400 held out; the corpus' own vocabulary; 64-token blocks)")

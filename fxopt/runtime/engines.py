@@ -171,7 +171,7 @@ def tune_onnxruntime(data: bytes, feeds: dict, threads: int, calls: int = 15) ->
             done = json.loads(props[TUNED_KEY])
         except ValueError:
             done = None
-        if isinstance(done, dict):
+        if _valid_tuning(done):
             return data, done
     todo = small_int8_convs(proto)
     if not todo:
@@ -199,9 +199,24 @@ def tune_onnxruntime(data: bytes, feeds: dict, threads: int, calls: int = 15) ->
     if failed:
         info["float_convs_failed"] = failed
     out = float_convs(proto, kept)
+    for old in [p for p in out.metadata_props if p.key == TUNED_KEY]:  # a malformed one read above
+        out.metadata_props.remove(old)
     entry = out.metadata_props.add()
     entry.key, entry.value = TUNED_KEY, json.dumps(info)
     return out.SerializeToString(), info
+
+
+def _valid_tuning(done: Any) -> bool:
+    """Is ``done`` a decision :func:`tune_onnxruntime` writes (a file's metadata is data from anywhere: a
+    malformed one is timed again instead of reaching the history)?"""
+    def timings(v: Any) -> bool:
+        return isinstance(v, dict) and all(
+            isinstance(k, str) and isinstance(t, list) and len(t) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in t) for k, t in v.items())
+    return (isinstance(done, dict) and set(done) <= {"float_convs", "int8_convs_kept", "float_convs_failed"}
+            and timings(done.get("float_convs", {})) and timings(done.get("int8_convs_kept", {}))
+            and isinstance(done.get("float_convs_failed", {}), dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in done.get("float_convs_failed", {}).items()))
 
 
 def _warm(sess: Any, feeds: dict) -> Any:

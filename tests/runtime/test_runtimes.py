@@ -467,6 +467,15 @@ def test_onnxruntime_keeps_a_float_conv_only_where_the_model_measures_faster(mon
         monkeypatch.setattr(engines, "_median_ms", lambda *a: pytest.fail("a tuned file was timed again"))
         again, info2 = engines.tune_onnxruntime(out, {"x": demo_inputs(16).numpy()}, 2)
         assert again == out and info2 == info
+    # a file whose decision is malformed (crafted) is timed again, its text never reaches the history
+    import onnx
+    for bad in ('{"float_convs": {"c": ["x", 1]}}', '[1, 2]', '{"run": "this"}', 'not json'):
+        p = onnx.load_from_string(data)
+        entry = p.metadata_props.add()
+        entry.key, entry.value = engines.TUNED_KEY, bad
+        monkeypatch.setattr(engines, "_median_ms", lambda s, feeds, calls: 1.0 if s[1] else 2.0)
+        _, info3 = engines.tune_onnxruntime(p.SerializeToString(), {"x": demo_inputs(16).numpy()}, 2)
+        assert list(info3["float_convs"].values()) == [[2.0, 1.0]], bad
     # a trial ONNX Runtime cannot load keeps the conv int8 and says why; the file still runs
     monkeypatch.setattr(engines, "_median_ms", lambda s, feeds, calls: 2.0)
     monkeypatch.setattr(engines, "_ort_session", lambda d, t: (_ for _ in ()).throw(RuntimeError("no kernel"))
