@@ -1,6 +1,6 @@
 """fxopt's int8 graph against NNCF's on the same runtime (OpenVINO), ResNet-50 8x224, one process.
 
-    python bench/openvino_int8.py [--repeats 15]
+    python bench/openvino_int8.py [--repeats 15] [--profile]
 
 ``bench/cpu.py`` times every row in its own process, which on a shared machine whose speed drifts
 between processes (eager ResNet-50 measured 596 and 837 ms minutes apart) blurs a 10-30% gap. Here the
@@ -34,6 +34,8 @@ warnings.filterwarnings("ignore")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each model's OpenVINO per-layer profile, summed by kernel (PERF_COUNT)")
     ns = ap.parse_args()
     import nncf
     import openvino as ov
@@ -51,12 +53,13 @@ def main() -> None:
     pipeline = fxopt.recipes["int8"].pipeline
     core = ov.Core()
     cfg = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    prof = {"PERF_COUNT": True} if ns.profile else {}
     compiled = {}
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = os.path.join(tmp, "fp32.onnx")
         torch.onnx.export(model, (evals[0],), fp32, dynamo=True, verbose=False)
         q = nncf.quantize(core.read_model(fp32), nncf.Dataset([c.numpy() for c in calib]))
-        compiled["NNCF int8"] = core.compile_model(q, "CPU", cfg)
+        compiled["NNCF int8"] = core.compile_model(q, "CPU", cfg | prof)
         for res in ("true", "false"):
             recipe = pipeline.replace("insert-qdq(", f"insert-qdq(residuals={res},")
             m = fxopt.compile(model, (evals[0],), recipe=recipe, calibration=calib, progress=False)
@@ -68,7 +71,7 @@ def main() -> None:
             for portable, label in forms:
                 path = os.path.join(tmp, f"{res}-{portable}.onnx")
                 fxopt.export_onnx(m, path, portable=portable)
-                compiled[label] = core.compile_model(core.read_model(path), "CPU", cfg)
+                compiled[label] = core.compile_model(core.read_model(path), "CPU", cfg | prof)
     x = evals[0].numpy()
     ms = interleaved_ms({k: (lambda c=c: c(x)) for k, c in compiled.items()}, ns.repeats)
     with torch.no_grad():
@@ -83,6 +86,18 @@ def main() -> None:
           f"OpenVINO {ov.__version__}, NNCF {nncf.__version__}; ResNet-50 (random init) 8x224, interleaved, "
           f"median of {ns.repeats}")
     print(table(rows))
+    if ns.profile:  # where each model's time goes, by OpenVINO kernel (one request each, after 5 warm calls)
+        import collections
+        for k, c in compiled.items():
+            req = c.create_infer_request()
+            for _ in range(5):
+                req.infer({0: x})
+            by = collections.Counter()
+            for info in req.profiling_info:
+                by[f"{info.node_type} {info.exec_type}"] += info.real_time.total_seconds() * 1e3
+            total = sum(by.values())
+            print(f"{k}: {total:.1f} ms profiled; " + ", ".join(f"{kind} {ms:.1f} ms ({ms / total:.0%})"
+                                                               for kind, ms in by.most_common(3)))
 
 
 if __name__ == "__main__":

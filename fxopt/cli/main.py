@@ -240,14 +240,14 @@ def cmd_export(ns: argparse.Namespace) -> int:
     if widened and cpu_isa.dot_products_exact():
         print(f"note: {widened} layer(s) multiply 8-bit codes by 8-bit weights, stored as uint8 so that the file is "
               "exact on CPUs without VNNI too; ONNX Runtime and OpenVINO run that form far slower on this CPU "
-              "(ResNet-50 int8 on OpenVINO: 4.3x, python bench/openvino_int8.py). Where the file runs on "
+              "(ResNet-50 int8 on OpenVINO: about 4x, python bench/openvino_int8.py). Where the file runs on "
               "VNNI/AMX/Arm CPUs only, export with --this-cpu")
     from fxopt.runtime.engines import RUNTIMES
     if RUNTIMES["onnxruntime"].available:
         from fxopt.runtime.engines import build_runtime
         from fxopt.runtime.select import agreement
         import torch
-        built = build_runtime("onnxruntime", model, loaded.args, loaded.kwargs, onnx=open(ns.onnx, "rb").read(),
+        built = build_runtime("onnxruntime", model, loaded.args, loaded.kwargs, onnx=data,
                               tune=False)  # the file as written
         with torch.no_grad():
             worst, median = agreement(model(*loaded.args, **loaded.kwargs), built.run(loaded.args, loaded.kwargs))

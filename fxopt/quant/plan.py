@@ -183,12 +183,17 @@ def fit_int8_plan(gm: fx.GraphModule, targets: list[QuantTarget], reduce_range: 
     return targets
 
 
-def _output_node(t: QuantTarget) -> fx.Node:
-    """A static conv's quantized output: after its ReLU when the ReLU is its only user."""
-    users = list(t.node.users)
+def _after_relu(n: fx.Node) -> fx.Node:
+    """``n``'s value as the next op reads it: after its ReLU when the ReLU is its only user."""
+    users = list(n.users)
     if len(users) == 1 and users[0].op == "call_function" and users[0].target in RELU_OPS:
         return users[0]
-    return t.node
+    return n
+
+
+def _output_node(t: QuantTarget) -> fx.Node:
+    """A static conv's quantized output: after its ReLU when the ReLU is its only user."""
+    return _after_relu(t.node)
 
 
 def output_spec(t: QuantTarget) -> QSpec:
@@ -213,14 +218,6 @@ def _observed(targets: list[QuantTarget], residuals: bool = False) -> dict[fx.No
         for out, spec in residual_outputs(targets).items():
             watch.setdefault(out, spec)
     return watch
-
-
-def _add_output(n: fx.Node) -> fx.Node:
-    """An add's value as the next op reads it: after its ReLU when the ReLU is its only user."""
-    users = list(n.users)
-    if len(users) == 1 and users[0].op == "call_function" and users[0].target in RELU_OPS:
-        return users[0]
-    return n
 
 
 def residual_outputs(targets: list[QuantTarget]) -> dict[fx.Node, QSpec]:
@@ -248,7 +245,7 @@ def residual_outputs(targets: list[QuantTarget]) -> dict[fx.Node, QSpec]:
         a, b = n.args[0], n.args[1]
         if not (a in outs or b in outs) or not all(x in outs or x in inputs for x in (a, b)):
             continue
-        out = _add_output(n)
+        out = _after_relu(n)
         if out in inputs or any(u.op == "output" for u in out.users):
             continue  # quantized already, or the model's own output (no int8 add to gain, only its error)
         found[out] = output_spec(outs[a] if a in outs else outs[b])

@@ -150,9 +150,9 @@ TUNED_KEY = "fxopt.onnxruntime_convs"
 def tune_onnxruntime(data: bytes, feeds: dict, threads: int, calls: int = 15) -> tuple[bytes, dict]:
     """Run as float convs the small int8 convs that ONNX Runtime runs slower than float, measured.
 
-    ONNX Runtime's int8 conv is slower than its float conv on the same values for convs over a few
-    input channels (a digits CNN's first conv, 1 channel: 0.4x; see
-    :data:`~fxopt.runtime.onnx_prepare.SMALL_CONV_REDUCTION`), while OpenVINO's is not. Each candidate
+    ONNX Runtime's int8 conv can be slower than its float conv on the same values for convs over a few
+    input channels (a digits CNN's first conv reads one; see
+    :data:`~fxopt.runtime.onnx_prepare.SMALL_CONV_REDUCTION`). Each candidate
     (:func:`~fxopt.runtime.onnx_prepare.small_int8_convs`) is tried in turn: the whole model is timed
     on ``feeds`` with it read through float arithmetic (:func:`~fxopt.runtime.onnx_prepare.float_convs`)
     and kept where that is at least :data:`FLOAT_CONV_GAIN` faster (the layout changes around a conv

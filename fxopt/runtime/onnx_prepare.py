@@ -193,9 +193,9 @@ def keep_float_layers_float(proto: Any) -> int:
 
 
 #: the widest reduction (input channels x kernel area) of an int8 conv whose float form is timed against
-#: it for ONNX Runtime: measured on this project's 2-core Zen 4 (scratch, QDQ conv vs the float conv on
-#: the same dequantized values), ORT's int8 conv ran 0.25-0.9x its float form at 1-6 input channels
-#: (reductions of 9-54; 1.6x at 4 channels, so no rule of thumb holds), 1.75-2.3x from 8 channels
+#: it for ONNX Runtime (:func:`fxopt.runtime.engines.tune_onnxruntime`): ORT's int8 conv can be slower than its
+#: float conv over a few input channels, not monotonically in the channel count, so each conv up to this
+#: bound is measured in its model rather than decided by a rule; wider ones are left int8 untried
 SMALL_CONV_REDUCTION = 64
 
 

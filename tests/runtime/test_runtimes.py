@@ -421,11 +421,16 @@ def _ort_run(data, x):
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
-def test_small_int8_convs_run_as_float_convs_on_the_same_values():
+@pytest.mark.parametrize("plan, portable", [("vnni", True), ("avx2", False)])
+def test_small_int8_convs_run_as_float_convs_on_the_same_values(plan, portable):
+    """Both CPU plans on any machine: 8-bit codes on 8-bit weights (the portable file stores those weights
+    as uint8 on zero point 128) and 7-bit weights kept int8."""
     import onnx
+    from fxopt.kernels import cpu_isa
     from fxopt.runtime.onnx_prepare import float_convs, small_int8_convs
-    _, q = _demo_int8()
-    proto = onnx.load_from_string(onnx_export.onnx_bytes(q, portable=False))
+    with cpu_isa.forced(plan):
+        _, q = _demo_int8()
+    proto = onnx.load_from_string(onnx_export.onnx_bytes(q, portable=portable))
     # DemoNet's stem reads 1 channel (3x3: 9 products per output), its block convs 16 (144): only the stem
     found = small_int8_convs(proto)
     assert len(found) == 1
