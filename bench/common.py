@@ -94,6 +94,26 @@ def stdlib_docstring_sentences(exclude: Iterable[str] = ()) -> list[str]:
     return sents
 
 
+def short_sentences(n: int, exclude: Iterable[str] = (), skip: int = 4000) -> list[str]:
+    """``n`` short sentences (3-10 words, letters only) cut from the standard library's docstring sentences at
+    commas, semicolons, colons and brackets, first letter raised and a full stop added ("The record is
+    formatted."), from the docstring sentences after the first ``skip`` (those :func:`stdlib_docstring_sentences`
+    gives the recovery rows as whole sentences), deduplicated and shuffled with seed 0. The held-out sentences
+    whose distillation recovers least are the short ones; this is short unlabeled text for the teacher to label."""
+    import random
+    import re
+    out: set[str] = set()
+    for t in stdlib_docstring_sentences(exclude)[skip:]:
+        for part in re.split(r"[,;:()]\s*", t.rstrip(".")):
+            w = part.split()
+            if 3 <= len(w) <= 10 and all(c.isalpha() or c in "'-" for c in "".join(w)):
+                s = " ".join(w)
+                out.add(s[0].upper() + s[1:] + ".")
+    frags = sorted(out)
+    random.Random(0).shuffle(frags)
+    return frags[:n]
+
+
 def model_bytes(m: torch.nn.Module) -> int:
     """Bytes of a model's parameters and buffers as stored (int8 codes 1 byte, packed int4 half a byte each)."""
     seen, total = set(), 0

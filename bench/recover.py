@@ -47,7 +47,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fxopt  # noqa: E402
-from common import interleaved_ms, model_bytes, pydoc_sentences, stdlib_docstring_sentences, table  # noqa: E402
+from common import (interleaved_ms, model_bytes, pydoc_sentences, short_sentences,  # noqa: E402
+                    stdlib_docstring_sentences, table)
 from prune import digits as digits_data  # noqa: E402  (the same split bench/prune.py trains on)
 from fxopt.models import DemoNet  # noqa: E402
 from fxopt.train.training import _evaluate  # noqa: E402
@@ -117,7 +118,7 @@ def digits_section(repeats: int) -> list[dict]:
 # ---------------------------------------------------------------- (b) MiniLM
 def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layers", "sens", "int4"),
                    group_sizes: tuple = (128, 32), sens_epochs: int = 3, sens_lr: float | None = None,
-                   extra_text: int = 4000, qat_text: int = 0) -> list[dict]:
+                   extra_text: int = 4000, qat_text: int = 0, short_text: int = 0) -> list[dict]:
     from transformers import AutoModel, AutoTokenizer
     from quant import sentences
     from common import minilm_path
@@ -203,8 +204,11 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
         # teacher labels any text; sentences of the standard library's docstrings (none of the corpus') join them
         docs = stdlib_docstring_sentences(sents)[:extra_text]
         more = train + [enc(docs[i:i + 16]) for i in range(0, len(docs), 16)]
+        shorts = short_sentences(short_text, sents, skip=extra_text) if short_text else []
+        more += [enc(shorts[i:i + 16]) for i in range(0, len(shorts), 16)]
         extra = {} if sens_lr is None else {"lr": sens_lr}
-        run(f"prune-50, recover={{data{f' + {len(docs)} docstring sentences' if docs else ''}, epochs: {sens_epochs}"
+        run(f"prune-50, recover={{data{f' + {len(docs)} docstring sentences' if docs else ''}"
+            f"{f' + {len(shorts)} short ones' if shorts else ''}, epochs: {sens_epochs}"
             f"{', lr: %g' % sens_lr if sens_lr else ''}}}",
             lambda: fxopt.compile(model, kwargs=kw, recipe="prune-50", progress=False,
                                   recover={"data": more, "epochs": sens_epochs, **extra}))
@@ -335,6 +339,9 @@ def main() -> None:
     ap.add_argument("--minilm-epochs", type=int, default=6)
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--sens-epochs", type=int, default=3, help="epochs of the plain recovery row (default 3)")
+    ap.add_argument("--short-text", type=int, default=0, metavar="N",
+                    help="short sentences (3-10 words, cut from further docstring sentences at commas and "
+                         "brackets) added to that row's training text (default 0)")
     ap.add_argument("--extra-text", type=int, default=4000, metavar="N",
                     help="standard library docstring sentences added to that row's training text (default 4000)")
     ap.add_argument("--sens-lr", type=float, default=None, help="its learning rate (default: the call's own, 5e-4)")
@@ -354,7 +361,7 @@ def main() -> None:
                      a.only, ("prune", "layers", "sens", "int4"))
         sizes = tuple(int(g) for g in a.int4_group_sizes.split(","))
         print(table(minilm_section(a.minilm_epochs, a.qat_epochs, parts, sizes, a.sens_epochs, a.sens_lr,
-                                    a.extra_text, a.qat_text)))
+                                    a.extra_text, a.qat_text, a.short_text)))
     if a.only in (None, "llama"):
         print("\n(c) Minitron-style width prune + distillation of a Llama-architecture decoder (GQA 6 query / 2 kv "
               "heads) on the pydoc_data sentences (400 held out; the corpus' own vocabulary; 64-token blocks)")

@@ -312,3 +312,23 @@ def test_export_says_when_the_portable_file_is_slower_on_this_cpu(tmp_path, caps
         assert main(["export", str(saved), "--onnx", onnx_file, *args]) == 0
         out = capsys.readouterr().out
         assert ("--this-cpu" in out and "slower" in out) is note, out
+
+
+def test_export_fails_when_the_file_disagrees_with_the_graph(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fxopt.runtime import select
+    onnx_file = tmp_path / "tiny.onnx"
+    base = ["export", f"{TINY}:build", "--input-shape", "2x3x8x8", "--onnx", str(onnx_file)]
+    assert main(base) == 0   # the real check passes: a float graph within 1e-4
+    capsys.readouterr()
+    for worst, recipe in ((2e-4, "default"), (float("nan"), "default"), (0.05, "int8-dynamic")):
+        # a runtime that computed something else (a stand-in for an exporter or runtime bug)
+        monkeypatch.setattr(select, "agreement", lambda ref, out, w=worst: (w, w))
+        assert main([*base, "--recipe", recipe]) == 1
+        err = capsys.readouterr().err
+        assert "disagrees with fxopt's graph" in err and "kept for inspection" in err, err
+        assert onnx_file.stat().st_size > 0
+    # a quantized graph within integer rounding (1e-2) still passes
+    monkeypatch.setattr(select, "agreement", lambda ref, out: (5e-3, 1e-4))
+    assert main([*base, "--recipe", "int8-dynamic"]) == 0
