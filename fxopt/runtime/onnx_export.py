@@ -52,7 +52,7 @@ import torch.utils._pytree as pytree
 
 from fxopt.errors import ExportError, InputError
 from fxopt.runtime.onnx_prepare import (EXACT_KEY, U8_WEIGHTS, exact_here, exact_on, keep_float_layers_float,
-                                        prepare)
+                                        pool_spatial_means, prepare)
 
 __all__ = ["export_onnx", "onnx_bytes", "output_names", "OPSET", "translation_table", "register_translation",
            "exact_on", "exact_here", "EXACT_KEY", "U8_WEIGHTS"]
@@ -380,6 +380,7 @@ def onnx_bytes(module: fx.GraphModule, example_inputs: Any = None, *, dynamic: A
                             "each stage (fxopt.compile(..., stop_after=N))") from e
     proto = prog.model_proto
     keep_float_layers_float(proto)
+    pool_spatial_means(proto)
     entry = proto.metadata_props.add()
     entry.key, entry.value = EXACT_KEY, exact
     return proto.SerializeToString()

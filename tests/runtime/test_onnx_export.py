@@ -351,3 +351,51 @@ def test_a_layer_kept_in_float_stays_float_in_onnx_runtime(recipe):
     (out,) = _run(data, x=x)
     tol = 1e-5 if "skip" in recipe else 2e-2  # int8: its requantized convs may move a code one step
     assert _rel(out, c(x)) <= tol
+
+
+class _Means(nn.Module):
+    """Three means of one conv output: a global average pool, the same as x.mean((2, 3)) (axes dropped),
+    and a mean over channels, which is no pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.head = nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.head(self.pool(h).flatten(1)) + self.head(h.mean((2, 3))) + h.mean(1).sum((1, 2))[:, None]
+
+
+@pytest.mark.parametrize("recipe", ["default", "int8"])
+def test_a_global_mean_over_a_fixed_image_exports_as_an_average_pool(recipe, monkeypatch):
+    from fxopt.runtime import onnx_export
+    torch.manual_seed(0)
+    m = _Means().eval()
+    calib = [torch.randn(4, 3, 10, 10) for _ in range(3)]
+    c = _compile(m, (calib[0],), recipe, calibration=calib if recipe == "int8" else None)
+    data = onnx_bytes(c)
+    ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
+    # both spatial means are pools (the one that dropped its axes squeezes them); the channel mean is not
+    assert ops.count("AveragePool") == 2 and ops.count("Squeeze") >= 1 and ops.count("ReduceMean") == 1, ops
+    monkeypatch.setattr(onnx_export, "pool_spatial_means", lambda proto: 0)
+    before = onnx_bytes(c)
+    assert _ops(before) >= {"ReduceMean"} and "AveragePool" not in _ops(before)
+    for b in (1, 4, 5):   # the batch stays dynamic; extreme inputs too
+        for x in (torch.randn(b, 3, 10, 10), torch.randn(b, 3, 10, 10) * 1e3, torch.zeros(b, 3, 10, 10)):
+            (new,), (old,) = _run(data, x=x), _run(before, x=x)
+            # the same mean: float summation order aside (a requantized code of the int8 head's input
+            # could move one step at a rounding tie)
+            assert _rel(new, torch.as_tensor(old)) <= (1e-5 if recipe == "default" else 1e-2), (b, recipe)
+            assert _rel(new, c(x)) <= (1e-5 if recipe == "default" else 1e-2), (b, recipe)
+
+
+def test_a_mean_over_an_image_of_varying_size_stays_a_mean():
+    from fxopt.runtime.onnx_prepare import pool_spatial_means
+    m = _Means().eval()
+    c = _compile(m, (torch.randn(2, 3, 10, 10),), "default", dynamic=True)
+    data = onnx_bytes(c)
+    assert "AveragePool" not in _ops(data) and "ReduceMean" in _ops(data)   # H, W unknown: no kernel size
+    for size in (7, 12):
+        x = torch.randn(3, 3, size, size)
+        assert _rel(_run(data, x=x)[0], c(x)) <= 1e-5
+    assert pool_spatial_means(onnx.load_from_string(data)) == 0
