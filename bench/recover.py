@@ -118,7 +118,8 @@ def digits_section(repeats: int) -> list[dict]:
 # ---------------------------------------------------------------- (b) MiniLM
 def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layers", "sens", "int4"),
                    group_sizes: tuple = (128, 32), sens_epochs: int = 3, sens_lr: float | None = None,
-                   extra_text: int = 4000, qat_text: int = 0, short_text: int = 0, qat_short: int = 0) -> list[dict]:
+                   extra_text: int = 4000, qat_text: int = 0, short_text: int = 0, qat_short: int = 0,
+                   qat_learn_scales: bool = False) -> list[dict]:
     from transformers import AutoModel, AutoTokenizer
     from quant import sentences
     from common import minilm_path
@@ -230,8 +231,11 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
             shorts = short_sentences(qat_short, sents, skip=qat_text)
             qat_data = qat_data + [enc(shorts[i:i + 16]) for i in range(0, len(shorts), 16)]
             text_tag += f" + {len(shorts)} short ones"
+        if qat_learn_scales:
+            text_tag += ", learned scales"
         run(f"int4-weight QAT{tag}, hidden distillation ({qat_epochs} epochs{text_tag})",
             lambda: fxopt.qat(model, (), qat_data, kwargs=kw, recipe="int4-weight", epochs=qat_epochs, distill="hidden",
+                              learn_scales=qat_learn_scales,
                               hidden_loss="mse+cosine", optimizer="adamw", lr=1e-4, progress=False,
                               compile_options={"group_size": gs}), model)
     base_p, base_b = _params(model), model_bytes(model)
@@ -343,6 +347,8 @@ def main() -> None:
     ap.add_argument("--minilm-epochs", type=int, default=6)
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--sens-epochs", type=int, default=3, help="epochs of the plain recovery row (default 3)")
+    ap.add_argument("--qat-learn-scales", action="store_true",
+                    help="the int4 QAT rows train their scales too (fxopt.qat(learn_scales=True), LSQ)")
     ap.add_argument("--qat-short", type=int, default=0, metavar="N",
                     help="short sentences added to the int4 QAT rows' training text (default 0)")
     ap.add_argument("--short-text", type=int, default=0, metavar="N",
@@ -367,7 +373,7 @@ def main() -> None:
                      a.only, ("prune", "layers", "sens", "int4"))
         sizes = tuple(int(g) for g in a.int4_group_sizes.split(","))
         print(table(minilm_section(a.minilm_epochs, a.qat_epochs, parts, sizes, a.sens_epochs, a.sens_lr,
-                                    a.extra_text, a.qat_text, a.short_text, a.qat_short)))
+                                    a.extra_text, a.qat_text, a.short_text, a.qat_short, a.qat_learn_scales)))
     if a.only in (None, "llama"):
         print("\n(c) Minitron-style width prune + distillation of a Llama-architecture decoder (GQA 6 query / 2 kv "
               "heads) on the pydoc_data sentences (400 held out; the corpus' own vocabulary; 64-token blocks)")

@@ -220,11 +220,17 @@ def pool_spatial_means(proto: Any) -> int:
     means it rewrote."""
     from onnx import TensorProto, helper, shape_inference
     g = proto.graph
-    try:
-        typed = shape_inference.infer_shapes(proto).graph
-    except Exception:   # shapes unknown: nothing is rewritten
+    means = [n for n in g.node if n.op_type == "ReduceMean" and n.input]
+    if not means:
         return 0
-    info = {v.name: v.type.tensor_type for v in [*typed.value_info, *typed.input, *typed.output]}
+    # the exporter writes each value's type and shape; ONNX's shape inference fills in what it left out
+    info = {v.name: v.type.tensor_type for v in [*g.value_info, *g.input, *g.output]}
+    if any(n.input[0] not in info for n in means):
+        try:
+            typed = shape_inference.infer_shapes(proto).graph
+            info.update({v.name: v.type.tensor_type for v in typed.value_info if v.name not in info})
+        except Exception:   # shapes unknown: the means without them stay means
+            pass
     taken = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
     done = 0
     for at, node in reversed(list(enumerate(g.node))):

@@ -399,3 +399,33 @@ def test_a_mean_over_an_image_of_varying_size_stays_a_mean():
         x = torch.randn(3, 3, size, size)
         assert _rel(_run(data, x=x)[0], c(x)) <= 1e-5
     assert pool_spatial_means(onnx.load_from_string(data)) == 0
+
+
+def test_pool_rewrite_on_hand_written_models():
+    from onnx import TensorProto, helper
+    from fxopt.runtime.onnx_prepare import pool_spatial_means
+
+    def model(keepdims, axes_from_input=False, dims=(2, 3, 5, 7)):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", *dims[1:]])
+        inputs = [x]
+        if axes_from_input:   # axes computed at run time: not known to be the spatial ones
+            inputs.append(helper.make_tensor_value_info("axes", TensorProto.INT64, [2]))
+            inits = []
+        else:
+            inits = [helper.make_tensor("axes", TensorProto.INT64, [2], [-2, -1])]
+        node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=keepdims)
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+        g = helper.make_graph([node], "g", inputs, [y], initializer=inits)   # no value_info at all
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+    x = np.random.default_rng(0).standard_normal((3, 3, 5, 7)).astype(np.float32) * 1e4
+    for keep in (0, 1):
+        m = model(keep)
+        assert pool_spatial_means(m) == 1
+        assert {n.op_type for n in m.graph.node} == ({"AveragePool"} if keep else {"AveragePool", "Squeeze"})
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        (y,) = s.run(None, {"x": x})
+        want = x.mean((2, 3), keepdims=bool(keep))
+        assert y.shape == want.shape and np.allclose(y, want, rtol=1e-5, atol=1e-2)
+    m = model(1, axes_from_input=True)
+    assert pool_spatial_means(m) == 0 and m.graph.node[0].op_type == "ReduceMean"
