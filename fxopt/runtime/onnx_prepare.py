@@ -256,6 +256,9 @@ def pool_spatial_means(proto: Any) -> int:
                                 kernel_shape=[h.dim_value, w.dim_value])]
         if not keep:
             axes_name = f"{pooled}__axes"
+            while axes_name in taken:
+                axes_name += "_"
+            taken.add(axes_name)
             g.initializer.append(helper.make_tensor(axes_name, TensorProto.INT64, [2], [2, 3]))
             new.append(helper.make_node("Squeeze", [pooled, axes_name], [node.output[0]],
                                         name=f"{node.name or 'mean'}__squeeze"))
