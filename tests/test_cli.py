@@ -332,3 +332,19 @@ def test_export_fails_when_the_file_disagrees_with_the_graph(tmp_path, capsys, m
     # a quantized graph within integer rounding (1e-2) still passes
     monkeypatch.setattr(select, "agreement", lambda ref, out: (5e-3, 1e-4))
     assert main([*base, "--recipe", "int8-dynamic"]) == 0
+
+
+def test_export_of_a_file_onnx_runtime_cannot_run_says_it_is_not_checked(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fxopt.errors import RuntimeUnavailable
+    from fxopt.runtime import engines
+
+    def refuse(*a, **k):   # as ONNX Runtime 1.32 refuses bf16 convs on CPU
+        raise RuntimeUnavailable("runtime 'onnxruntime' cannot run this graph: InvalidGraph: bfloat16 Conv")
+    monkeypatch.setattr(engines, "build_runtime", refuse)
+    onnx_file = tmp_path / "tiny.onnx"
+    assert main(["export", f"{TINY}:build", "--input-shape", "2x3x8x8", "--recipe", "bf16",
+                 "--onnx", str(onnx_file)]) == 0
+    out = capsys.readouterr().out
+    assert "not checked" in out and "bfloat16" in out and onnx_file.stat().st_size > 0
