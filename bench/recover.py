@@ -1,7 +1,8 @@
 """Recovering accuracy after compression: distillation, QAT and the one recovery call, on real data.
 
     python bench/recover.py [--only digits|minilm|minilm-prune|minilm-prune-layers|minilm-prune-sens|minilm-int4|llama]
-                            [--minilm-epochs 6] [--qat-epochs 2] [--sens-epochs 3] [--extra-text 4000] [--sens-lr LR] [--qat-text N]
+                            [--minilm-epochs 6] [--qat-epochs 2] [--sens-epochs 3] [--extra-text 4000] [--short-text N]
+                            [--sens-lr LR] [--qat-text N] [--qat-short N] [--qat-learn-scales]
                             [--int4-group-sizes 128,32] [--repeats 20] [--teacher-epochs 8] [--llama-epochs 2]
 
 (a) digits CNN: DemoNet(width=32) trained 8 epochs on scikit-learn's ``load_digits`` (1,400 training
