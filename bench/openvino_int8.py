@@ -125,8 +125,9 @@ def main() -> None:
             for info in req.profiling_info:
                 by[f"{info.node_type} {info.exec_type}"] += info.real_time.total_seconds() * 1e3
             total = sum(by.values())
-            print(f"{k}: {total:.1f} ms profiled; " + ", ".join(f"{kind} {ms:.1f} ms ({ms / total:.0%})"
-                                                               for kind, ms in by.most_common(3)))
+            d = 2 if total < 10 else 1   # a small model's pool or reduction shows in hundredths
+            print(f"{k}: {total:.{d}f} ms profiled; " + ", ".join(f"{kind} {ms:.{d}f} ms ({ms / total:.0%})"
+                                                                  for kind, ms in by.most_common(3)))
 
 
 @contextlib.contextmanager

@@ -133,7 +133,9 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
     def enc(texts, length=64):
         e = tok(texts, padding=True, max_length=length, truncation=True, return_tensors="pt")
         return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
-    train = [enc(tr[i:i + 16]) for i in range(0, len(tr), 16)]
+    def batches(texts):   # 16 sentences a batch, padded to the longest
+        return [enc(texts[i:i + 16]) for i in range(0, len(texts), 16)]
+    train = batches(tr)
     evals = {"held-out": [enc(held[i:i + 50]) for i in range(0, len(held), 50)],
              "quant.py 64": [enc(sentences(8, 8 * i), 128) for i in range(8)]}
 
@@ -145,12 +147,17 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
     with torch.no_grad():
         refs = {k: [embed(model, b) for b in v] for k, v in evals.items()}
 
-    def cosines(m):
+    def cosines(m, name=""):
         out = {}
         with torch.no_grad():
-            for k, batches in evals.items():
-                c = torch.cat([nn.functional.cosine_similarity(embed(m, b), r) for b, r in zip(batches, refs[k])])
+            for k, bs in evals.items():
+                c = torch.cat([nn.functional.cosine_similarity(embed(m, b), r) for b, r in zip(bs, refs[k])])
                 out[k] = (float(c.mean()), float(c.min()))
+                if k == "held-out" and m is not model:   # where the minimum comes from: the weakest sentences
+                    order = c.argsort()[:3].tolist()
+                    print(f"  {name}: held-out below 0.90: {int((c < 0.90).sum())}, below 0.93: "
+                          f"{int((c < 0.93).sum())} of {len(c)}; weakest: "
+                          + "; ".join(f"{float(c[i]):.3f} {held[i][:60]!r}" for i in order), file=sys.stderr)
         return out
     kw = train[0]
     runs = {"fp32": (model, 0.0, 0.0)}
@@ -205,9 +212,8 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
         # more unlabeled text: the student fits the 1,773 corpus sentences far better than the 400 held out, and the
         # teacher labels any text; sentences of the standard library's docstrings (none of the corpus') join them
         docs = stdlib_docstring_sentences(sents)[:extra_text]
-        more = train + [enc(docs[i:i + 16]) for i in range(0, len(docs), 16)]
         shorts = short_sentences(short_text, sents, skip=extra_text) if short_text else []
-        more += [enc(shorts[i:i + 16]) for i in range(0, len(shorts), 16)]
+        more = train + batches(docs) + batches(shorts)
         extra = {} if sens_lr is None else {"lr": sens_lr}
         run(f"prune-50, recover={{data{f' + {len(docs)} docstring sentences' if docs else ''}"
             f"{f' + {len(shorts)} short ones' if shorts else ''}, epochs: {sens_epochs}"
@@ -226,11 +232,11 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
         qat_data, text_tag = train, ""
         if qat_text:  # unlabeled text the teacher labels, as the prune row's --extra-text
             docs = stdlib_docstring_sentences(sents)[:qat_text]
-            qat_data = train + [enc(docs[i:i + 16]) for i in range(0, len(docs), 16)]
+            qat_data = train + batches(docs)
             text_tag = f" + {len(docs)} docstring sentences"
         if qat_short:  # short sentences, as the prune row's --short-text
             shorts = short_sentences(qat_short, sents, skip=qat_text)
-            qat_data = qat_data + [enc(shorts[i:i + 16]) for i in range(0, len(shorts), 16)]
+            qat_data = qat_data + batches(shorts)
             text_tag += f" + {len(shorts)} short ones"
         if qat_learn_scales:
             text_tag += ", learned scales"
@@ -242,7 +248,7 @@ def minilm_section(epochs: int, qat_epochs: int, parts: tuple = ("prune", "layer
     base_p, base_b = _params(model), model_bytes(model)
     rows = []
     for name, (m, cpu_s, wall_s) in runs.items():
-        c = cosines(m)
+        c = cosines(m, name)
         rows.append({"MiniLM": name, "held-out mean cos": f"{c['held-out'][0]:.4f}",
                      "held-out min cos": f"{c['held-out'][1]:.4f}", "64-sentence min cos": f"{c['quant.py 64'][1]:.4f}",
                      "params": f"{sizes[name] / base_p:.2f}x", "bytes": f"{model_bytes(m) / base_b:.3f}x",

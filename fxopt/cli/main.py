@@ -245,8 +245,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from fxopt.runtime.engines import RUNTIMES
     if RUNTIMES["onnxruntime"].available:
         from fxopt.runtime.engines import build_runtime
-        from fxopt.runtime.select import (FLOAT_TOLERANCE, QUANT_TOLERANCE, _is_low_precision, _is_quantized,
-                                          agreement)
+        from fxopt.runtime.select import agreement, tolerance_floor
         import math
         import torch
         from fxopt.errors import RuntimeUnavailable
@@ -262,13 +261,12 @@ def cmd_export(ns: argparse.Namespace) -> int:
         print(f"checked in ONNX Runtime on the example inputs: inputs {', '.join(built.info['inputs'])}; outputs "
               f"{', '.join(built.info['outputs'])}; max |difference| {worst:.2g} of the output magnitude "
               f"(median {median:.2g}) against fxopt's graph")
-        # the bounds runtime= holds a runtime to (a float graph: 1e-4 of the output magnitude; a quantized or
-        # cast one: integer rounding, 1e-2): a file beyond them is kept for inspection, and the command fails
-        rough = _is_quantized(model) or _is_low_precision(model)
-        tol = QUANT_TOLERANCE if rough else FLOAT_TOLERANCE
+        # the least bound runtime= holds a runtime to (a float graph: 1e-4 of the output magnitude; a quantized
+        # or cast one: integer rounding, 1e-2): a file beyond it is kept for inspection, and the command fails
+        tol = tolerance_floor(model)
         if not (math.isfinite(worst) and worst <= tol):
             print(f"error: {ns.onnx} disagrees with fxopt's graph in ONNX Runtime (max |difference| {worst:.2g} of "
-                  f"the output magnitude, allowed {tol:g} for a {'quantized or cast' if rough else 'float'} graph). "
+                  f"the output magnitude, allowed {tol:g} for this graph). "
                   "The file is kept for inspection; do not deploy it. Please report this with the model "
                   "(fxopt inspect MODEL shows the graph)", file=sys.stderr)
             return 1

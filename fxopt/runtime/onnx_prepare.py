@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["prepare", "eight_bit_products", "keep_float_layers_float", "pool_spatial_means", "exact_on", "exact_here", "EXACT_KEY",
-           "U8_WEIGHTS", "small_int8_convs", "float_convs", "SMALL_CONV_REDUCTION"]
+__all__ = ["prepare", "eight_bit_products", "keep_float_layers_float", "pool_spatial_means", "exact_on", "exact_here",
+           "EXACT_KEY", "U8_WEIGHTS", "small_int8_convs", "float_convs", "SMALL_CONV_REDUCTION"]
 
 #: engine argument the exporter gives an int8 layer whose weights it stores as uint8 on zero point 128
 U8_WEIGHTS = "u8-weights"
@@ -207,6 +207,14 @@ def _constant_ints(g: Any, name: str) -> list[int] | None:
     return None
 
 
+def _fresh(name: str, taken: set[str]) -> str:
+    """``name``, with underscores added until no value in ``taken`` has it; then taken."""
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
+
+
 def pool_spatial_means(proto: Any) -> int:
     """Write each ``ReduceMean`` over both spatial axes of a float ``[N, C, H, W]`` value whose ``H`` and ``W``
     are fixed (a global average pool: ``AdaptiveAvgPool2d(1)``, ``x.mean((2, 3))``) as the ``AveragePool``
@@ -220,12 +228,12 @@ def pool_spatial_means(proto: Any) -> int:
     means it rewrote."""
     from onnx import TensorProto, helper, shape_inference
     g = proto.graph
-    means = [n for n in g.node if n.op_type == "ReduceMean" and n.input]
+    means = [(at, n) for at, n in enumerate(g.node) if n.op_type == "ReduceMean" and n.input]
     if not means:
         return 0
     # the exporter writes each value's type and shape; ONNX's shape inference fills in what it left out
     info = {v.name: v.type.tensor_type for v in [*g.value_info, *g.input, *g.output]}
-    if any(n.input[0] not in info for n in means):
+    if any(n.input[0] not in info for _, n in means):
         try:
             typed = shape_inference.infer_shapes(proto).graph
             info.update({v.name: v.type.tensor_type for v in typed.value_info if v.name not in info})
@@ -233,9 +241,7 @@ def pool_spatial_means(proto: Any) -> int:
             pass
     taken = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
     done = 0
-    for at, node in reversed(list(enumerate(g.node))):
-        if node.op_type != "ReduceMean" or not node.input:
-            continue
+    for at, node in reversed(means):   # from the last: each rewrite leaves the earlier indices in place
         t = info.get(node.input[0])
         if t is None or t.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or len(t.shape.dim) != 4:
             continue
@@ -248,24 +254,19 @@ def pool_spatial_means(proto: Any) -> int:
             axes = list(attrs["axes"].ints)
         if axes is None or sorted(a % 4 for a in axes) != [2, 3]:
             continue
-        keep = attrs["keepdims"].i if "keepdims" in attrs else 1
-        pooled = node.output[0] if keep else f"{node.output[0]}__pooled"
-        while pooled in taken and not keep:
-            pooled += "_"
-        new = [helper.make_node("AveragePool", [node.input[0]], [pooled], name=f"{node.name or 'mean'}__pool",
-                                kernel_shape=[h.dim_value, w.dim_value])]
-        if not keep:
-            axes_name = f"{pooled}__axes"
-            while axes_name in taken:
-                axes_name += "_"
-            taken.add(axes_name)
+        pool = dict(name=f"{node.name or 'mean'}__pool", kernel_shape=[h.dim_value, w.dim_value])
+        if attrs["keepdims"].i if "keepdims" in attrs else 1:
+            new = [helper.make_node("AveragePool", [node.input[0]], [node.output[0]], **pool)]
+        else:   # the pool keeps the axes; a Squeeze drops them into the mean's own output
+            pooled = _fresh(f"{node.output[0]}__pooled", taken)
+            axes_name = _fresh(f"{pooled}__axes", taken)
             g.initializer.append(helper.make_tensor(axes_name, TensorProto.INT64, [2], [2, 3]))
-            new.append(helper.make_node("Squeeze", [pooled, axes_name], [node.output[0]],
-                                        name=f"{node.name or 'mean'}__squeeze"))
+            new = [helper.make_node("AveragePool", [node.input[0]], [pooled], **pool),
+                   helper.make_node("Squeeze", [pooled, axes_name], [node.output[0]],
+                                    name=f"{node.name or 'mean'}__squeeze")]
         g.node.remove(node)
         for i, n in enumerate(new):
             g.node.insert(at + i, n)
-        taken.add(pooled)
         done += 1
     return done
 

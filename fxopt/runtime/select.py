@@ -37,7 +37,7 @@ from fxopt.errors import InputError, RuntimeUnavailable
 from fxopt.runtime.engines import RUNTIMES, Built, RuntimeModule, build_runtime, get_runtime
 
 __all__ = ["choose_runtime", "AUTO_CANDIDATES", "FLOAT_TOLERANCE", "QUANT_TOLERANCE", "QUANT_RULE",
-           "LOW_PRECISION_RULE", "agreement"]
+           "LOW_PRECISION_RULE", "agreement", "tolerance_floor"]
 
 #: what ``runtime="auto"`` tries, in order, when installed; Inductor only when named in
 #: ``runtime_candidates=``: its cold compile takes tens of seconds to minutes on a 2-core CPU
@@ -55,6 +55,13 @@ QUANT_TOLERANCE = 1e-2
 LOW_PRECISION_RULE = (1.5, 2.0, 2.0)
 #: the same bounds for a quantized graph (see the module docstring)
 QUANT_RULE = (1.1, 0.5, 1.0)
+
+
+def tolerance_floor(gm: fx.GraphModule) -> float:
+    """The least worst-case distance (relative to the output magnitude) a runtime of ``gm`` is allowed from
+    fxopt's graph: integer rounding for a quantized or cast graph, float rounding otherwise.
+    :func:`choose_runtime` widens it by the graph's own error where it knows the float model's outputs."""
+    return QUANT_TOLERANCE if _is_quantized(gm) or _is_low_precision(gm) else FLOAT_TOLERANCE
 
 
 def _is_quantized(gm: fx.GraphModule) -> bool:
