@@ -222,7 +222,7 @@ def pool_spatial_means(proto: Any) -> int:
 
     The same mean of the same values (no padding; float summation order aside). OpenVINO runs a
     ``ReduceMean`` over the spatial axes of a channels-last int8 tensor with a generic reduction kernel
-    and the pool with its pooling kernel: on the digits CNN's 397 x 32 x 8 x 8 codes 0.35 ms against 0.02,
+    and the pool with its pooling kernel: on the digits CNN's 397 x 32 x 8 x 8 codes 0.38 ms against 0.02,
     a sixth of the whole int8 model (``python bench/openvino_int8.py --model digits --profile``). Dims
     that vary (a symbolic image size), other axes or non-float inputs are left as they are. Returns how many
     means it rewrote."""
